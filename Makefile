@@ -1,0 +1,26 @@
+# The two commands of the README. Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export XLA_FLAGS := --xla_force_host_platform_device_count=8
+export JAX_PLATFORMS := cpu
+
+.PHONY: test demo install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x tests
+
+demo: $(STAMP)
+	$(BIN)/python -m pdserve_jax.cli.demo
+
+clean:
+	rm -rf $(VENV)

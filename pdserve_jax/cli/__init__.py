@@ -1,0 +1,1 @@
+"""absl apps: serve, simulate, plan, profile, demo."""

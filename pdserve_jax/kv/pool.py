@@ -1,0 +1,86 @@
+"""The paged KV pool on one mesh, and moving pages in and out of it.
+
+`PagePool` holds K and V as `[layers, kv_heads, pages, page_size, head_dim]` arrays
+(the per-layer slice is the `[kv_heads, pages, page_size, head_dim]` layout the
+attention kernels read), with KV heads sharded over the mesh's `tp` axis. Layers
+stay stacked so one gather moves a request's pages for every layer at once.
+`gather_pages` / `scatter_pages` are jitted per mesh (the pool donated to the
+scatter); `transfer_pages` is the in-process move between meshes with
+`jax.device_put`, resharding from the source `tp` to the destination's. Which pages
+belong to whom is the host-side `PageAllocator`'s business, not this module's.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from pdserve_jax.model import sharding
+from pdserve_jax.model.config import ModelConfig
+
+Pool = Dict[str, jax.Array]  # {"k": ..., "v": ...}
+POOL_AXES = P("layers", "kv_heads", "pages", "page_slot", "head_dim")
+SCRATCH_PAGE = 0  # padded slots write here; the allocator never hands it out
+
+
+class PagePool:
+  """Device arrays of one instance's KV pages plus their jitted movers."""
+
+  def __init__(self, cfg: ModelConfig, mesh: Mesh, num_pages: int, page_size: int,
+               dtype=jnp.float32):
+    self.cfg, self.mesh = cfg, mesh
+    self.num_pages, self.page_size, self.dtype = num_pages, page_size, jnp.dtype(dtype)
+    self.shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+    self.sharding = sharding.logical_sharding(mesh, POOL_AXES, self.shape)
+    self.buffer_sharding = self.sharding  # a gathered buffer has the same layout
+    zeros = jax.jit(lambda: jnp.zeros(self.shape, self.dtype), out_shardings=self.sharding)
+    self.arrays: Pool = {"k": zeros(), "v": zeros()}
+    self._gather = jax.jit(_gather, out_shardings=self.sharding)
+    self._scatter = jax.jit(_scatter, out_shardings=self.sharding, donate_argnums=(0,))
+
+  @property
+  def pool_shardings(self):
+    return {"k": self.sharding, "v": self.sharding}
+
+  @property
+  def bytes(self) -> int:
+    return 2 * int(np.prod(self.shape)) * self.dtype.itemsize
+
+  def gather(self, page_ids: np.ndarray) -> Pool:
+    """Copies the listed pages (all layers) into a contiguous buffer on this mesh."""
+    return self._gather(self.arrays, np.asarray(page_ids, np.int32))
+
+  def scatter(self, buffer: Pool, page_ids: np.ndarray) -> None:
+    """Writes `buffer` (as made by `gather`) into the listed pages, in place."""
+    self.arrays = self._scatter(self.arrays, buffer, np.asarray(page_ids, np.int32))
+
+  def read_pages(self, page_ids) -> Dict[str, np.ndarray]:
+    """Host copy of some pages, for tests and debugging."""
+    buf = self.gather(np.asarray(page_ids, np.int32))
+    return {k: np.asarray(v) for k, v in buf.items()}
+
+
+def _gather(pool: Pool, page_ids):
+  return {k: jnp.take(a, page_ids, axis=2) for k, a in pool.items()}
+
+
+def _scatter(pool: Pool, buffer: Pool, page_ids):
+  return {k: a.at[:, :, page_ids].set(buffer[k]) for k, a in pool.items()}
+
+
+def transfer_pages(src: PagePool, src_pages, dst: PagePool, dst_pages) -> None:
+  """Moves pages from `src`'s pool to `dst`'s, across meshes, bit for bit.
+
+  Both page lists have the same (bucketed) length; padding entries point at the
+  scratch page on both sides.
+  """
+  if len(src_pages) != len(dst_pages):
+    raise ValueError(f"page lists differ in length: {len(src_pages)} vs {len(dst_pages)}")
+  buf = src.gather(src_pages)
+  moved = jax.device_put(buf, dst.pool_shardings)
+  dst.scatter(moved, dst_pages)

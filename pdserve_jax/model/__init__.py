@@ -1,0 +1,1 @@
+"""Llama-family model: config, parameters, forward pass, checkpoint I/O."""

@@ -1,0 +1,197 @@
+"""The Llama-family transformer as functions over a params pytree.
+
+Parameters are defined once with Flax NNX (`LlamaWeights`), which carries each
+array's logical axes; programs see them as a plain nested dict (`init_params`,
+`logical_axes`). Layers are stacked on a leading axis so `lax.scan` runs them and a
+model compiles once per shape, not once per layer. The per-layer pieces
+(`qkv`, `attention_out`, `mlp_block`) are shared by the cache-less reference
+`forward` and by the paged programs in `runtime/`; attention itself is passed in,
+so this module knows nothing of KV caches.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import pallas_kernels
+from pdserve_jax.model.config import ModelConfig
+
+Params = Dict[str, Any]
+
+
+def _param(rngs, shape, axes, dtype, std):
+  if std == 0.0:
+    value = jnp.ones(shape, dtype)  # norm weights
+  else:
+    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class LayerWeights(nnx.Module):
+  """All decoder layers, stacked on a leading "layers" axis."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype, std: float):
+    L, H, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    nq, nkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    p = lambda shape, axes, s=std: _param(rngs, shape, axes, dtype, s)
+    self.attn_norm = p((L, H), ("layers", "embed"), 0.0)
+    self.wq = p((L, H, nq, D), ("layers", "embed", "q_heads", "head_dim"))
+    self.wk = p((L, H, nkv, D), ("layers", "embed", "kv_heads", "head_dim"))
+    self.wv = p((L, H, nkv, D), ("layers", "embed", "kv_heads", "head_dim"))
+    if cfg.attention_bias:
+      self.bq = p((L, nq, D), ("layers", "q_heads", "head_dim"))
+      self.bk = p((L, nkv, D), ("layers", "kv_heads", "head_dim"))
+      self.bv = p((L, nkv, D), ("layers", "kv_heads", "head_dim"))
+    self.wo = p((L, nq, D, H), ("layers", "q_heads", "head_dim", "embed"))
+    self.mlp_norm = p((L, H), ("layers", "embed"), 0.0)
+    self.w_gate = p((L, H, F), ("layers", "embed", "mlp"))
+    self.w_up = p((L, H, F), ("layers", "embed", "mlp"))
+    self.w_down = p((L, F, H), ("layers", "mlp", "embed"))
+
+
+class LlamaWeights(nnx.Module):
+  """Every parameter of a Llama-family model with its logical axes."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype=jnp.float32, std: float = 0.02):
+    if not cfg.executable:
+      raise ValueError(f"{cfg.name}: architecture {cfg.arch!r} has shapes only; "
+                       "the engine runs 'llama' configs")
+    V, H = cfg.vocab_size, cfg.hidden_size
+    self.embed = _param(rngs, (V, H), ("vocab_in", "embed"), dtype, std)
+    self.layers = LayerWeights(cfg, rngs, dtype, std)
+    self.final_norm = _param(rngs, (H,), ("embed",), dtype, 0.0)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _param(rngs, (H, V), ("embed", "vocab"), dtype, std)
+
+
+def init_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, std: float = 0.02) -> Params:
+  """Random weights (normal with `std`, norms at 1) as a plain nested dict."""
+  state = nnx.state(LlamaWeights(cfg, nnx.Rngs(seed), dtype, std))
+  return nnx.to_pure_dict(state)
+
+
+def param_shapes(cfg: ModelConfig, dtype=jnp.float32) -> Params:
+  """ShapeDtypeStructs of every parameter; allocates nothing."""
+  state = nnx.state(nnx.eval_shape(lambda: LlamaWeights(cfg, nnx.Rngs(0), dtype)))
+  return nnx.to_pure_dict(state)
+
+
+def logical_axes(cfg: ModelConfig) -> Params:
+  """PartitionSpecs of logical axis names, same tree as the params."""
+  state = nnx.state(nnx.eval_shape(lambda: LlamaWeights(cfg, nnx.Rngs(0))))
+  return nnx.to_pure_dict(nnx.get_partition_spec(state))
+
+
+# ---------------------------------------------------------------------------
+# Pieces of the forward pass.
+
+
+def rms_norm(x, weight, eps):
+  # HF normalises in float32 and casts back before the weight multiply.
+  xf = x.astype(jnp.float32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return weight * xf.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """Inverse RoPE frequencies [head_dim // 2], with Llama 3 scaling when configured."""
+  D = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, D, 2, dtype=np.float64) / D))
+  s = cfg.rope_scaling
+  if s is None:
+    return inv.astype(np.float32)
+  # Llama 3 (HF `_compute_llama3_parameters`): long wavelengths divided by `factor`,
+  # short ones kept, a smooth blend in between.
+  low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+  high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+  wavelen = 2 * math.pi / inv
+  scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+  smooth = ((s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+            / (s.high_freq_factor - s.low_freq_factor))
+  blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
+  """x [B, T, N, D], positions int [B, T]; rotate-half convention (HF Llama)."""
+  freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+  cos = jnp.cos(freqs)[:, :, None, :].astype(x.dtype)
+  sin = jnp.sin(freqs)[:, :, None, :].astype(x.dtype)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def qkv(cfg: ModelConfig, lp: Params, x, positions):
+  """Pre-attention norm, projections and RoPE: x [B, T, H] -> q [B,T,Nq,D], k, v [B,T,Nkv,D]."""
+  h = rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+  q = jnp.einsum("bth,hnd->btnd", h, lp["wq"])
+  k = jnp.einsum("bth,hnd->btnd", h, lp["wk"])
+  v = jnp.einsum("bth,hnd->btnd", h, lp["wv"])
+  if cfg.attention_bias:
+    q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+  inv_freq = jnp.asarray(rope_inv_freq(cfg))
+  return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+
+def attention_out(lp: Params, x, o):
+  return x + jnp.einsum("btnd,ndh->bth", o, lp["wo"])
+
+
+def mlp_block(cfg: ModelConfig, lp: Params, x):
+  h = rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+  gate = jnp.einsum("bth,hf->btf", h, lp["w_gate"])
+  up = jnp.einsum("bth,hf->btf", h, lp["w_up"])
+  return x + jnp.einsum("btf,fh->bth", jax.nn.silu(gate) * up, lp["w_down"])
+
+
+def embed(params: Params, tokens):
+  return jnp.take(params["embed"], tokens, axis=0)
+
+
+def lm_logits(cfg: ModelConfig, params: Params, x):
+  """Final norm and LM head: x [..., H] -> float32 logits [..., V]."""
+  h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+  w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+  return jnp.einsum("...h,hv->...v", h, w, preferred_element_type=jnp.float32)
+
+
+def decoder_layers(cfg: ModelConfig, params: Params, x, positions,
+                   attend: Callable, carry: Any = None):
+  """Runs every layer under `lax.scan`.
+
+  `attend(carry, layer_index, q, k, v) -> (carry, o)` computes attention (and may
+  write K/V into a cache held in `carry`). Returns (x, carry).
+  """
+
+  def body(state, layer):
+    x, carry = state
+    lp, i = layer
+    q, k, v = qkv(cfg, lp, x, positions)
+    carry, o = attend(carry, i, q, k, v)
+    x = mlp_block(cfg, lp, attention_out(lp, x, o))
+    return (x, carry), None
+
+  (x, carry), _ = jax.lax.scan(
+      body, (x, carry), (params["layers"], jnp.arange(cfg.num_layers, dtype=jnp.int32)))
+  return x, carry
+
+
+def forward_logits(cfg: ModelConfig, params: Params, tokens, attn_impl: str = "auto"):
+  """Full-sequence logits with no cache: int32 [B, T] -> float32 [B, T, V]."""
+  B, T = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  zeros = jnp.zeros((B,), jnp.int32)
+  full = jnp.full((B,), T, jnp.int32)
+
+  def attend(carry, i, q, k, v):
+    return carry, pallas_kernels.prefill_attention(q, k, v, zeros, full, impl=attn_impl)
+
+  x, _ = decoder_layers(cfg, params, embed(params, tokens), positions, attend)
+  return lm_logits(cfg, params, x)

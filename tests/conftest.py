@@ -1,0 +1,25 @@
+"""Test set-up: 8 virtual CPU devices, set before jax is imported anywhere."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in flags:
+  os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+  """Path of ../shared/data; skips the test when the folder is absent."""
+  if not os.path.isdir(SHARED_DATA):
+    pytest.skip(f"shared data folder not found at {os.path.abspath(SHARED_DATA)}")
+  return os.path.abspath(SHARED_DATA)
+
+
+def pytest_report_header(config):
+  return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
