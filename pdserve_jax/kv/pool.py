@@ -73,14 +73,16 @@ def _scatter(pool: Pool, buffer: Pool, page_ids):
   return {k: a.at[:, :, page_ids].set(buffer[k]) for k, a in pool.items()}
 
 
-def transfer_pages(src: PagePool, src_pages, dst: PagePool, dst_pages) -> None:
-  """Moves pages from `src`'s pool to `dst`'s, across meshes, bit for bit.
+def transfer_pages(src: PagePool, src_pages, dst: PagePool, dst_pages) -> Pool:
+  """Copies pages from `src`'s pool into `dst`'s, across meshes, bit for bit.
 
   Both page lists have the same (bucketed) length; padding entries point at the
-  scratch page on both sides.
+  scratch page on both sides. Returns at once (async dispatch) with the buffer as it
+  landed on `dst`'s mesh: once it `is_ready()`, the source pages may be reused.
   """
   if len(src_pages) != len(dst_pages):
     raise ValueError(f"page lists differ in length: {len(src_pages)} vs {len(dst_pages)}")
   buf = src.gather(src_pages)
   moved = jax.device_put(buf, dst.pool_shardings)
   dst.scatter(moved, dst_pages)
+  return moved

@@ -97,7 +97,8 @@ class RunnerShape:
   max_prefill_batch: int = 8
   max_prefill_len: int = 256  # longest chunk one prefill row carries
   max_seq_len: int = 512  # prompt + output, bounds the page-table width
-  min_prefill_len: int = 16
+  min_prefill_len: int = 16  # smallest chunk bucket
+  min_table_width: int = 1  # smallest page-table bucket (pages); raise it for fewer shapes
 
   def __post_init__(self):
     if self.max_seq_len % self.page_size:
@@ -119,7 +120,8 @@ class RunnerShape:
 
   @property
   def table_widths(self):
-    return bk.powers_of_two(1, self.max_seq_len // self.page_size)
+    widest = self.max_seq_len // self.page_size
+    return bk.powers_of_two(min(self.min_table_width, widest), widest)
 
 
 def _write_positions(page_tables, positions, valid, page_size):
