@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -x tests
 
 demo: $(STAMP)
-	$(BIN)/python -m pdserve_jax.cli.demo
+	$(BIN)/python -m pdserve_jax.cli.serve --config=configs/serve_demo.py
 
 clean:
 	rm -rf $(VENV)

@@ -112,3 +112,25 @@ def test_config_errors(model):
                                        num_decode=2, decode_tp=2))
   with pytest.raises(ValueError, match="shapes only|cannot be served"):
     pdj.Engine(pdj.Model(pdj.get_preset("opt-13b"), {}), pdj.EngineConfig())
+
+
+@pytest.mark.parametrize("violated", ["ttft", "tpot"])
+def test_semi_pd_partitioner_moves_share_toward_violated_phase(model, violated):
+  slos = dict(ttft_slo=1e-4, tpot_slo=100.0) if violated == "ttft" else \
+      dict(ttft_slo=100.0, tpot_slo=1e-5)
+  cfg = pdj.EngineConfig(**BASE, **MODES["semi_pd_tp4"], partition_window=4,
+                         partition_step=0.1, min_share=0.2, max_share=0.8, **slos)
+  rng = np.random.default_rng(0)
+  burst = [Request(i, int(rng.integers(8, 40)), 6, 0.0) for i in range(28)]
+  with pdj.Engine(model, cfg) as engine:
+    report = engine.run_workload(burst, timeout=600)
+  shares = [s for _, s in report.share_history]
+  moves = np.diff(shares)
+  assert len(moves) >= 2, shares
+  assert np.allclose(np.abs(moves), 0.1), shares  # bounded, equal steps
+  if violated == "ttft":
+    assert (moves > 0).all() and max(shares) <= 0.8 + 1e-9, shares
+  else:
+    assert (moves < 0).all() and min(shares) >= 0.2 - 1e-9, shares
+  times = [t for t, _ in report.share_history]
+  assert times == sorted(times)

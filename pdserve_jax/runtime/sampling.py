@@ -14,6 +14,14 @@ import jax.numpy as jnp
 def sample(logits, temperature, top_k, top_p, seeds, token_index):
   """logits f32 [B, V]; temperature, top_p f32 [B]; top_k, seeds, token_index int32 [B]."""
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  # Sorting the vocabulary costs more than the argmax; all-greedy batches skip it.
+  return jax.lax.cond(jnp.any(temperature > 0),
+                      lambda: _sample(logits, temperature, top_k, top_p, seeds, token_index,
+                                      greedy),
+                      lambda: greedy)
+
+
+def _sample(logits, temperature, top_k, top_p, seeds, token_index, greedy):
   V = logits.shape[-1]
   scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
   order = jnp.argsort(-scaled, axis=-1)  # descending

@@ -1,0 +1,122 @@
+"""Pure-jnp attention references: the ground truth and the CPU implementation.
+
+Both functions materialise the full score matrix in float32, so memory grows
+with batch * heads * q_len * kv_len; they are meant for CPU engines and tests,
+not for long contexts on accelerators. Positions past a sequence's length are
+masked out of both the scores and the values, so stale or non-finite data in
+unused cache slots cannot leak into the output.
+"""
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from pallas_kernels import validation
+
+
+def _precision(dtype):
+  # XLA on GPU would otherwise run float32 matmuls in TF32; the reference must
+  # stay exact in float32.
+  return lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def _masked_softmax_weights(s, mask):
+  """Unnormalised exp-weights and their row sums; fully masked rows give 0."""
+  s = jnp.where(mask, s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  # A fully masked row has m = -inf; shifting by 0 keeps exp(-inf) = 0 there
+  # instead of exp(nan).
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(s - m)
+  return p, jnp.sum(p, axis=-1, keepdims=True)
+
+
+def _normalise(o, l):
+  return jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0)
+
+
+@jax.named_call
+def paged_decode_attention_ref(q, k_pages, v_pages, lengths, page_tables, *,
+                               scale=None):
+  """One-token attention against a paged KV cache.
+
+  Args:
+    q: [B, Hq, D] queries of the token being decoded.
+    k_pages, v_pages: [Hkv, P, S, D] one layer of the page pool.
+    lengths: int32 [B] valid tokens per sequence (the current one included);
+      0 marks an empty slot whose output is 0. Clamped to max_pages * S.
+    page_tables: int32 [B, max_pages] page ids in sequence order.
+    scale: softmax scale, default D**-0.5.
+
+  Returns:
+    [B, Hq, D] in q.dtype.
+  """
+  validation.check_decode_args(q, k_pages, v_pages, lengths, page_tables)
+  batch, num_q_heads, head_dim = q.shape
+  num_kv_heads, _, page_size, _ = k_pages.shape
+  group = num_q_heads // num_kv_heads
+  max_tokens = page_tables.shape[1] * page_size
+  scale = validation.default_scale(scale, head_dim)
+  prec = _precision(q.dtype)
+
+  # One gather per operand for the whole batch: [Hkv, B, max_pages, S, D].
+  k = jnp.take(k_pages, page_tables, axis=1, mode="clip")
+  v = jnp.take(v_pages, page_tables, axis=1, mode="clip")
+  k = k.reshape(num_kv_heads, batch, max_tokens, head_dim)
+  v = v.reshape(num_kv_heads, batch, max_tokens, head_dim)
+
+  valid = jnp.arange(max_tokens)[None, :] < lengths[:, None]  # [B, T]
+  v = jnp.where(valid[None, :, :, None], v, jnp.zeros((), v.dtype))
+
+  qg = q.reshape(batch, num_kv_heads, group, head_dim)
+  s = jnp.einsum("bhgd,hbtd->bhgt", qg, k, precision=prec,
+                 preferred_element_type=jnp.float32) * scale
+  p, l = _masked_softmax_weights(s, valid[:, None, None, :])
+  o = jnp.einsum("bhgt,hbtd->bhgd", p, v.astype(jnp.float32),
+                 precision=lax.Precision.HIGHEST,
+                 preferred_element_type=jnp.float32)
+  o = _normalise(o, l)
+  return o.reshape(batch, num_q_heads, head_dim).astype(q.dtype)
+
+
+@jax.named_call
+def prefill_attention_ref(q, k, v, q_offsets, kv_lengths, *, scale=None):
+  """Causal attention of a block of queries against (possibly cached) keys.
+
+  Query row i of batch b sits at absolute position q_offsets[b] + i and key j
+  at position j; row i may attend key j iff j < kv_lengths[b] and
+  j <= q_offsets[b] + i. Rows with no admissible key return 0.
+
+  Args:
+    q: [B, T, Hq, D].
+    k, v: [B, Tk, Hkv, D].
+    q_offsets: int32 [B] absolute position of query row 0.
+    kv_lengths: int32 [B] valid keys per sequence.
+    scale: softmax scale, default D**-0.5.
+
+  Returns:
+    [B, T, Hq, D] in q.dtype.
+  """
+  validation.check_prefill_args(q, k, v, q_offsets, kv_lengths)
+  batch, q_len, num_q_heads, head_dim = q.shape
+  _, kv_len, num_kv_heads, _ = k.shape
+  group = num_q_heads // num_kv_heads
+  scale = validation.default_scale(scale, head_dim)
+  prec = _precision(q.dtype)
+
+  q_pos = q_offsets[:, None] + jnp.arange(q_len)[None, :]  # [B, T]
+  k_pos = jnp.arange(kv_len)
+  key_valid = k_pos[None, :] < kv_lengths[:, None]  # [B, Tk]
+  mask = key_valid[:, None, :] & (k_pos[None, None, :] <= q_pos[:, :, None])
+  v = jnp.where(key_valid[:, :, None, None], v, jnp.zeros((), v.dtype))
+
+  qg = q.reshape(batch, q_len, num_kv_heads, group, head_dim)
+  s = jnp.einsum("bthgd,bshd->bhgts", qg, k, precision=prec,
+                 preferred_element_type=jnp.float32) * scale
+  p, l = _masked_softmax_weights(s, mask[:, None, None, :, :])
+  o = jnp.einsum("bhgts,bshd->bhgtd", p, v.astype(jnp.float32),
+                 precision=lax.Precision.HIGHEST,
+                 preferred_element_type=jnp.float32)
+  o = _normalise(o, l)  # [B, Hkv, G, T, D]
+  o = jnp.transpose(o, (0, 3, 1, 2, 4))
+  return o.reshape(batch, q_len, num_q_heads, head_dim).astype(q.dtype)
