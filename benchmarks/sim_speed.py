@@ -1,0 +1,61 @@
+"""Simulator and planner speed.
+
+1. 10,000 requests of the conversation trace (recorded arrivals) through 1 prefill
+   + 1 decode OPT-13B instance on A100-80GB: target under 1 s.
+2. The full planner search for OPT-13B on one 8-GPU node (as
+   benchmarks/plan_splitwise.py): target under 10 s.
+For reference, DistServe's simulator takes about 2.6 ms per request and 160 s for
+a 9-config search. Prints wall and CPU seconds (the CPU figure is what the code
+costs on a shared machine). Needs `../shared/data/traces/splitwise_conv.csv`.
+
+Usage: python benchmarks/sim_speed.py
+"""
+
+import importlib.util
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if importlib.util.find_spec("pdserve_jax") is None:
+  sys.path.insert(0, ROOT)
+
+from pdserve_jax import workloads
+from pdserve_jax.model.config import get_preset
+from pdserve_jax.sim import hardware, latency, planner, simulator
+
+TRACE = os.path.join(ROOT, "..", "shared", "data", "traces", "splitwise_conv.csv")
+
+
+def _timed(fn):
+  wall, cpu = time.perf_counter(), time.process_time()
+  out = fn()
+  return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main():
+  if not os.path.exists(TRACE):
+    print(f"trace not found at {TRACE}; nothing to time")
+    return
+  model, hw = get_preset("opt-13b"), hardware.get_hardware("a100-80gb")
+  setup = simulator.Setup(model, hw, latency.latency_source("distserve", model, hw))
+  trace = workloads.load_csv_trace(TRACE)
+  reqs = trace.requests(n=10_000)
+  res, wall, cpu = _timed(lambda: simulator.simulate(reqs, setup, simulator.Disaggregated()))
+  tokens = sum(r.num_output for r in res.requests)
+  print(f"simulate 10,000 requests ({tokens:,} output tokens), 1 prefill + 1 decode: "
+        f"{wall:.2f} s wall, {cpu:.2f} s CPU ({1e3 * wall / len(reqs):.3f} ms per request; "
+        "DistServe's simulator: ~2.6 ms)")
+  fits = trace.filter(model.max_position_embeddings)
+  spec = planner.PlanSpec(
+      setup, lambda rate: fits.requests(n=500, rate=rate, sample=True, seed=0),
+      ttft_slo=0.25, tpot_slo=0.1, tp_options=(1, 2, 4), pp_options=(1, 2, 4, 8),
+      semi_pd_shares=(0.5, 0.6, 0.7, 0.8, 0.9))
+  plan, wall, cpu = _timed(lambda: planner.plan(spec))
+  simulated = sum(c.goodput is not None for c in plan.candidates)
+  print(f"planner, OPT-13B on 8 GPUs ({len(plan.candidates)} placements, {simulated} "
+        f"bisected): {wall:.1f} s wall, {cpu:.1f} s CPU (DistServe: ~160 s for 9 configs)")
+
+
+if __name__ == "__main__":
+  main()

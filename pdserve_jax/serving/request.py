@@ -1,0 +1,96 @@
+"""One serving request: its shape, its progress, and the times of its tokens.
+
+A `Request` is the unit every scheduler, executor and metric works on. It is mutable
+(the scheduler advances it step by step) and hashes by identity, so it can key the
+page allocator. It holds no arrays: executor data (token ids, sampling parameters)
+travels opaquely in `payload`, which no scheduler reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class Request:
+  """A request and its progress.
+
+  Attributes:
+    request_id: caller's id; not used for hashing.
+    prompt_len: prompt tokens.
+    max_tokens: output tokens to produce, the first (sampled by prefill) included.
+    arrival_time: seconds on the executor's clock.
+    payload: executor data; schedulers never read it.
+    num_prefilled: prompt tokens whose KV is cached.
+    num_output: output tokens produced so far.
+    token_times: executor clock time of each output token.
+    stopped: an executor sampled a stop token.
+    finish_time: when the last token was produced; None while running.
+  """
+  request_id: int
+  prompt_len: int
+  max_tokens: int
+  arrival_time: float = 0.0
+  payload: Any = None
+  num_prefilled: int = 0
+  num_output: int = 0
+  token_times: list[float] = dataclasses.field(default_factory=list)
+  stopped: bool = False
+  finish_time: float | None = None
+
+  def __post_init__(self):
+    if self.prompt_len < 1:
+      raise ValueError(f"request {self.request_id}: prompt_len must be >= 1, "
+                       f"got {self.prompt_len}")
+    if self.max_tokens < 1:
+      raise ValueError(f"request {self.request_id}: max_tokens must be >= 1, "
+                       f"got {self.max_tokens}")
+
+  @property
+  def done(self) -> bool:
+    return self.stopped or self.num_output >= self.max_tokens
+
+  @property
+  def prefill_done(self) -> bool:
+    return self.num_prefilled >= self.prompt_len
+
+  @property
+  def kv_len(self) -> int:
+    """Tokens whose KV is cached now: the prefilled prompt plus every output token
+    already fed back. The newest output token is not fed yet, so a decode step
+    writes one more entry and attends over `kv_len + 1` tokens."""
+    return self.num_prefilled + max(self.num_output - 1, 0)
+
+  @property
+  def lifetime_tokens(self) -> int:
+    """Tokens of KV this request may need over its whole life; schedulers reserve
+    pages for this many at admission (one more than strictly needed, since the
+    last output token is never fed back, which keeps the bound obvious)."""
+    return self.prompt_len + self.max_tokens
+
+  @property
+  def ttft(self) -> float | None:
+    if not self.token_times:
+      return None
+    return self.token_times[0] - self.arrival_time
+
+  @property
+  def tpot(self) -> float | None:
+    """Mean time between output tokens; None with fewer than two tokens."""
+    n = len(self.token_times)
+    if n < 2:
+      return None
+    return (self.token_times[-1] - self.token_times[0]) / (n - 1)
+
+  @property
+  def latency(self) -> float | None:
+    """End-to-end latency: finish time minus arrival."""
+    if self.finish_time is None:
+      return None
+    return self.finish_time - self.arrival_time
+
+  def fresh(self) -> Request:
+    """A copy with the same shape, arrival and payload and no progress."""
+    return Request(self.request_id, self.prompt_len, self.max_tokens,
+                   self.arrival_time, self.payload)

@@ -1,0 +1,410 @@
+"""Placement planner: goodput per device for each serving mode under SLOs.
+
+Goodput is the highest arrival rate whose SLO attainment (both P90-style SLOs met by
+`target` of requests) stays at or above the target, found by bisection on simulated
+runs, divided by the devices used. The planner searches:
+
+  * disaggregated, DistServe's Algorithm 1 (high node affinity): each phase alone
+    over tensor x pipeline configs that fit in memory, the best goodput per device
+    for each, then replicas of each in the ratio that balances them (or to a
+    target rate), checked end to end;
+  * disaggregated, DistServe's Algorithm 2 (low node affinity): a prefill and a
+    decode instance whose matching pipeline stages share a node (KV moves over the
+    node link), pipeline stages across nodes, checked end to end;
+  * semi-PD: the best fixed prefill share on a grid, then the online partitioner
+    starting from it;
+  * colocated, prefill-first and chunked prefill: the baseline.
+
+Each mode's search keeps only what can win. Configs go in order of a capacity
+estimated from the latency model at mean lengths (prompt batches at the token
+budget; the largest decode batch whose step meets the TPOT SLO). Each config's
+capacity is then measured, as its throughput with the whole sample queued at once,
+and a config is simulated at the best goodput per device found so far and bisected
+only if it meets the SLOs there. Bisection never goes above the measured capacity:
+a finite sample can meet the SLOs at rates no steady state sustains (TPOT in
+particular hides queueing for a decode slot, spread over every output token).
+Limits: the workload is a fixed-size sample; the ranking gives exact goodput only
+for configs that were the best of their mode when tried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from pdserve_jax.serving.metrics import check_slos
+from pdserve_jax.serving.request import Request
+from pdserve_jax.sim import simulator as sim
+
+Workload = Callable[[float], Sequence[Request]]
+# Estimates use mean lengths and ideal batches; measured capacities have come within
+# 0.3x to 1.1x of them, so only candidates estimated far below the best are dropped.
+_ESTIMATE_SLACK = 1.5
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanSpec:
+  """What to plan for.
+
+  Attributes:
+    setup: model, hardware and latency source.
+    workload: rate (requests/s) -> requests, the same lengths at every rate.
+    ttft_slo, tpot_slo: seconds.
+    num_nodes: nodes of `setup.hardware.devices_per_node` devices.
+    tp_options, pp_options: parallel degrees to try; tp stays within a node.
+    max_batch: batch cap of every instance.
+    max_prefill_tokens: prompt-token budget of prefill steps.
+    chunk_tokens: token budget of chunked-prefill steps.
+    target: attainment to keep.
+    tol: relative precision of each goodput.
+    target_rate: if set, Algorithm 1 replicates each phase to carry it; otherwise
+      to the ratio that maximises goodput per device within the cluster.
+    semi_pd_shares: fixed prefill shares to try.
+    semi_pd_concurrent: model semi-PD as SM partitioning instead of time slicing.
+    partitioner: SloPartitioner settings for the dynamic semi-PD candidate.
+  """
+  setup: sim.Setup
+  workload: Workload
+  ttft_slo: float
+  tpot_slo: float
+  num_nodes: int = 1
+  tp_options: tuple[int, ...] = (1, 2, 4, 8)
+  pp_options: tuple[int, ...] = (1, 2, 4, 8)
+  max_batch: int = 256
+  max_prefill_tokens: int = 4096
+  chunk_tokens: int = 512
+  target: float = 0.9
+  tol: float = 0.03
+  target_rate: Optional[float] = None
+  semi_pd_shares: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
+  semi_pd_concurrent: bool = False
+  partitioner: dict = dataclasses.field(
+      default_factory=lambda: dict(window=32, step=0.05, min_share=0.1, max_share=0.9,
+                                   hysteresis=0.1))
+
+  @property
+  def devices_per_node(self) -> int:
+    return self.setup.hardware.devices_per_node
+
+  @property
+  def num_devices(self) -> int:
+    return self.num_nodes * self.devices_per_node
+
+
+@dataclasses.dataclass
+class Candidate:
+  """One placement and its goodput (requests/s, whole placement). `goodput` is None
+  when the search showed it cannot beat the best of its mode (see `note`).
+  `capacity` is its throughput at saturation when `measured`, else an estimate."""
+  mode: str
+  algorithm: str
+  deployment: Any
+  num_devices: int
+  goodput: Optional[float]
+  capacity: float
+  note: str = ""
+  measured: bool = False
+
+  @property
+  def per_device(self) -> Optional[float]:
+    return None if self.goodput is None else self.goodput / self.num_devices
+
+  def describe(self) -> str:
+    d = self.deployment
+    inst = lambda s: f"tp{s.tp}pp{s.pp}"
+    if isinstance(d, sim.Disaggregated):
+      return (f"{d.num_prefill}x prefill {inst(d.prefill)} + {d.num_decode}x decode "
+              f"{inst(d.decode)}" + ("" if d.same_node else ", KV over network"))
+    if isinstance(d, sim.SemiPD):
+      mode = "dynamic from" if d.partitioner else "share"
+      return f"{d.replicas}x {inst(d.instance)} {mode} x={d.prefill_share:.2f}"
+    if isinstance(d, sim.Colocated):
+      return f"{d.replicas}x {inst(d.instance)} {d.policy}"
+    return repr(d)
+
+  def to_dict(self) -> dict:
+    return {"mode": self.mode, "algorithm": self.algorithm, "placement": self.describe(),
+            "num_devices": self.num_devices, "goodput_rps": self.goodput,
+            "goodput_per_device": self.per_device, "capacity_rps": self.capacity,
+            "capacity_measured": self.measured, "note": self.note}
+
+
+@dataclasses.dataclass
+class Plan:
+  candidates: list[Candidate]  # ranked: evaluated by goodput per device, then pruned
+  phase_goodput: dict          # {"prefill"|"decode": {"tpXppY": req/s}}
+  skipped: dict                # {"tpXppY": reason}
+
+  def best(self, mode: str) -> Optional[Candidate]:
+    return next((c for c in self.candidates if c.mode == mode and c.goodput is not None),
+                None)
+
+  def to_dict(self) -> dict:
+    return {"candidates": [c.to_dict() for c in self.candidates],
+            "best": {m: (c.to_dict() if (c := self.best(m)) else None)
+                     for m in ("disaggregated", "semi_pd", "colocated")},
+            "phase_goodput_rps": self.phase_goodput, "skipped_configs": self.skipped}
+
+  def table(self) -> str:
+    rows = [f"{'mode':<14}{'algorithm':<20}{'placement':<46}{'devices':>8}"
+            f"{'goodput':>10}{'per device':>12}"]
+    for c in self.candidates:
+      g = "pruned" if c.goodput is None else f"{c.goodput:.2f}"
+      p = f"<{c.capacity / c.num_devices:.2f}" if c.goodput is None else f"{c.per_device:.2f}"
+      rows.append(f"{c.mode:<14}{c.algorithm:<20}{c.describe():<46}{c.num_devices:>8}"
+                  f"{g:>10}{p:>12}")
+    return "\n".join(rows)
+
+
+class _Planner:
+
+  def __init__(self, spec: PlanSpec):
+    check_slos(spec.ttft_slo, spec.tpot_slo)
+    if spec.num_nodes < 1:
+      raise ValueError(f"num_nodes must be >= 1, got {spec.num_nodes}")
+    self.spec = spec
+    sample = list(spec.workload(1.0))
+    if not sample:
+      raise ValueError("the workload produced no requests")
+    p = np.array([r.prompt_len for r in sample], dtype=np.float64)
+    o = np.array([r.max_tokens for r in sample], dtype=np.float64)
+    self.mean_prompt, self.mean_sq_prompt, self.mean_out = p.mean(), (p * p).mean(), o.mean()
+    self.longest = max(sample, key=lambda r: r.lifetime_tokens)
+    self.skipped = {}
+    self.configs = self._configs()
+    self.phase = {"prefill": {}, "decode": {}}
+    self._estimates = {}
+
+  # --- configs and estimates -----------------------------------------------------------
+
+  def _configs(self) -> list[tuple[int, int]]:
+    spec, model = self.spec, self.spec.setup.model
+    out = []
+    for tp in spec.tp_options:
+      for pp in spec.pp_options:
+        name = f"tp{tp}pp{pp}"
+        if tp * pp > spec.num_devices or tp > spec.devices_per_node:
+          continue
+        if model.num_layers % pp or model.num_kv_heads % tp:
+          self.skipped[name] = "does not divide the model's layers or heads"
+          continue
+        try:
+          cap = sim.kv_capacity_tokens(spec.setup, tp, pp)
+          spec.setup.latency(tp, pp)
+        except ValueError as e:
+          self.skipped[name] = str(e)
+          continue
+        if cap < self.longest.lifetime_tokens:
+          self.skipped[name] = (f"KV capacity {cap} tokens < longest request "
+                                f"{self.longest.lifetime_tokens}")
+          continue
+        out.append((tp, pp))
+    if not out:
+      raise sim.DoesNotFit(f"no tp x pp config of {spec.setup.model.name} fits "
+                           f"{spec.num_devices} {spec.setup.hardware.name}: {self.skipped}")
+    return out
+
+  def _instance(self, tp, pp, chunked=False):
+    s = self.spec
+    budget = s.chunk_tokens if chunked else s.max_prefill_tokens
+    return sim.InstanceSpec(tp, pp, min(s.max_batch, budget - 1) if chunked else s.max_batch,
+                            budget)
+
+  def _estimate(self, phase, tp, pp) -> float:
+    """Capacity of one instance for `phase` alone (requests/s) at mean lengths. A
+    pipeline completes a batch per stage time; pp batches are in flight, each
+    over 1/pp of the KV pool."""
+    key = (phase, tp, pp)
+    if key in self._estimates:
+      return self._estimates[key]
+    model = self.spec.setup.latency(tp, pp)
+    if phase == "prefill":
+      k = max(1, int(self.spec.max_prefill_tokens // self.mean_prompt))
+      est = k / model.prefill_totals(k, k * self.mean_prompt, k * self.mean_sq_prompt)
+    else:
+      ctx = self.mean_prompt + self.mean_out / 2
+      cap = sim.kv_capacity_tokens(self.spec.setup, tp, pp) / pp
+      most = max(1, min(self.spec.max_batch, int(cap // (self.mean_prompt + self.mean_out))))
+      best = 0.0
+      for b in range(1, most + 1):
+        stage = model.decode_totals(b, int(b * ctx))
+        if stage * pp > self.spec.tpot_slo:  # a token crosses every stage
+          break
+        best = b / stage
+      est = best / max(self.mean_out - 1, 1)
+    self._estimates[key] = est
+    return est
+
+  def _attains(self, deployment, rate) -> bool:
+    s = self.spec
+    res = sim.simulate(s.workload(rate), s.setup, deployment, s.ttft_slo, s.tpot_slo)
+    return res.attainment(s.ttft_slo, s.tpot_slo) >= s.target
+
+  def _capacity(self, deployment) -> float:
+    s = self.spec
+    return sim.saturation_throughput(s.workload(sim.BURST_RATE), s.setup, deployment)
+
+  def _goodput(self, deployment, capacity, floor=0.0) -> float:
+    return sim.goodput(self.spec.workload, self.spec.setup, deployment, self.spec.ttft_slo,
+                       self.spec.tpot_slo, self.spec.target, lo=floor, hi=capacity,
+                       tol=self.spec.tol)
+
+  def _search(self, cands: list[Candidate], best: float = 0.0) -> list[Candidate]:
+    """Finds the candidate with the best goodput per device.
+
+    Candidates go best estimate per device first. One whose estimate is well below
+    the best found so far is dropped unsimulated; the others get their capacity
+    measured, and one whose capacity cannot beat the best is dropped. The rest are
+    simulated at the best goodput per device so far (scaled to their devices) and
+    bisected, between that rate and their capacity, only if they meet the SLOs
+    there; otherwise they cannot win and keep no goodput. `best` starts the search
+    at a goodput per device already found.
+    """
+    cands.sort(key=lambda c: -c.capacity / c.num_devices)
+    for c in cands:
+      floor = best * c.num_devices
+      if c.capacity * _ESTIMATE_SLACK <= floor:
+        c.note = "estimated capacity below the best"
+        continue
+      c.capacity = self._capacity(c.deployment)
+      c.measured = True
+      if c.capacity <= floor:
+        c.note = "capacity below the best"
+      elif floor > 0 and not self._attains(c.deployment, floor):
+        c.note = "misses the SLOs at the best rate"
+      else:
+        c.goodput = self._goodput(c.deployment, c.capacity, floor)
+        best = max(best, c.per_device)
+    return cands
+
+  def _phase_winners(self, phase, max_devices) -> list[tuple[float, int, int]]:
+    """(goodput, tp, pp) of each config of at most `max_devices` that improved on the
+    best goodput per device of `phase` alone, best last."""
+    cands = [Candidate(phase, "alone", sim.PhaseOnly(phase, self._instance(tp, pp)), tp * pp,
+                       None, self._estimate(phase, tp, pp))
+             for tp, pp in self.configs if tp * pp <= max_devices]
+    self._search(cands)
+    wins = [c for c in cands if c.goodput is not None and c.goodput > 0]
+    for c in wins:
+      self.phase[phase][(c.deployment.instance.tp, c.deployment.instance.pp)] = c.goodput
+    return [(c.goodput, c.deployment.instance.tp, c.deployment.instance.pp) for c in wins]
+
+  def _replicas(self, gp, dp, gd, dd) -> Optional[tuple[int, int]]:
+    """Prefill and decode instance counts: enough for the target rate, or else the
+    ratio with the best goodput per device that fits the cluster (None if none)."""
+    s = self.spec
+    if s.target_rate is not None:
+      return (max(1, math.ceil(s.target_rate / gp)), max(1, math.ceil(s.target_rate / gd)))
+    best, pick = -1.0, None
+    for n in range(1, s.num_devices // dp + 1):
+      for m in range(1, (s.num_devices - n * dp) // dd + 1):
+        v = min(n * gp, m * gd) / (n * dp + m * dd)
+        if v > best + 1e-12:
+          best, pick = v, (n, m)
+    return pick
+
+  # --- modes ---------------------------------------------------------------------------
+
+  def disaggregated_alg1(self) -> list[Candidate]:
+    s = self.spec
+    cands = []
+    # Each phase leaves at least one device to the other.
+    decode_wins = self._phase_winners("decode", s.num_devices - 1)
+    for gp, ptp, ppp in self._phase_winners("prefill", s.num_devices - 1):
+      for gd, dtp, dpp in decode_wins:
+        counts = self._replicas(gp, ptp * ppp, gd, dtp * dpp)
+        if counts is None:
+          continue
+        n, m = counts
+        devices = n * ptp * ppp + m * dtp * dpp
+        dep = sim.Disaggregated(self._instance(ptp, ppp), self._instance(dtp, dpp), n, m,
+                                same_node=devices <= s.devices_per_node)
+        cands.append(Candidate("disaggregated", "alg1-high-affinity", dep, devices, None,
+                               min(n * gp, m * gd)))
+    return self._search(cands)
+
+  def disaggregated_alg2(self) -> list[Candidate]:
+    s = self.spec
+    cands = []
+    for pp in s.pp_options:
+      if pp > s.num_nodes:
+        continue
+      for ptp in s.tp_options:
+        for dtp in s.tp_options:
+          if (ptp + dtp > s.devices_per_node
+              or (ptp, pp) not in self.configs or (dtp, pp) not in self.configs):
+            continue
+          est = min(self._estimate("prefill", ptp, pp), self._estimate("decode", dtp, pp))
+          dep = sim.Disaggregated(self._instance(ptp, pp), self._instance(dtp, pp), 1, 1,
+                                  same_node=True)
+          cands.append(Candidate("disaggregated", "alg2-low-affinity", dep,
+                                 (ptp + dtp) * pp, None, est))
+    return self._search(cands)
+
+  def _combined(self, mode, algorithm, make, configs) -> list[Candidate]:
+    # Both phases spend the same devices' time, so their capacities combine
+    # harmonically: a request costs 1/prefill + 1/decode of a second.
+    def shared(tp, pp):
+      p, d = self._estimate("prefill", tp, pp), self._estimate("decode", tp, pp)
+      return p * d / (p + d) if p > 0 and d > 0 else 0.0
+
+    return [Candidate(mode, algorithm, make(tp, pp), tp * pp, None, shared(tp, pp))
+            for tp, pp in configs]
+
+  def colocated(self) -> list[Candidate]:
+    cands = []
+    for policy in ("prefill_first", "chunked"):
+      cands += self._combined("colocated", policy, lambda tp, pp: sim.Colocated(
+          self._instance(tp, pp, chunked=policy == "chunked"), 1, policy), self.configs)
+    return self._search(cands)
+
+  def semi_pd(self) -> list[Candidate]:
+    """Configs at the grid's middle share, then every share on the best config,
+    then the online partitioner from the best share."""
+    s = self.spec
+    configs = [(tp, pp) for tp, pp in self.configs if pp == 1]
+    mid = s.semi_pd_shares[len(s.semi_pd_shares) // 2]
+    make = lambda x: (lambda tp, pp: sim.SemiPD(self._instance(tp, pp), 1, x,
+                                                concurrent=s.semi_pd_concurrent))
+    cands = self._search(self._combined("semi_pd", "fixed-share", make(mid), configs))
+    top = max((c for c in cands if c.goodput is not None), key=lambda c: c.per_device,
+              default=None)
+    if top is None:
+      return cands
+    inst = top.deployment.instance
+    shares = [Candidate("semi_pd", "fixed-share",
+                        dataclasses.replace(top.deployment, prefill_share=x),
+                        top.num_devices, None, top.capacity)
+              for x in s.semi_pd_shares if x != mid]
+    cands += self._search(shares, top.per_device)
+    top = max((c for c in cands if c.goodput is not None), key=lambda c: c.per_device)
+    dyn = dataclasses.replace(top.deployment, partitioner=dict(s.partitioner))
+    cands.append(Candidate("semi_pd", "dynamic", dyn, top.num_devices,
+                           self._goodput(dyn, top.capacity, top.goodput / 2), top.capacity,
+                           f"SloPartitioner online, {inst.tp}x tp"))
+    return cands
+
+
+def plan(spec: PlanSpec, modes: Sequence[str] = ("disaggregated", "semi_pd",
+                                                 "colocated")) -> Plan:
+  """Searches placements for `modes`; returns them ranked by goodput per device."""
+  known = ("disaggregated", "semi_pd", "colocated")
+  bad = [m for m in modes if m not in known]
+  if bad:
+    raise ValueError(f"unknown mode(s) {bad}; known: {known}")
+  p = _Planner(spec)
+  cands = []
+  if "disaggregated" in modes:
+    cands += p.disaggregated_alg1() + p.disaggregated_alg2()
+  if "semi_pd" in modes:
+    cands += p.semi_pd()
+  if "colocated" in modes:
+    cands += p.colocated()
+  cands.sort(key=lambda c: (c.goodput is None, -(c.per_device or 0.0),
+                            -c.capacity / c.num_devices))
+  phase = {ph: {f"tp{tp}pp{pp}": g for (tp, pp), g in sorted(v.items())}
+           for ph, v in p.phase.items()}
+  return Plan(cands, phase, p.skipped)

@@ -1,0 +1,161 @@
+"""Tests of the discrete-event simulator on DistServe's A100 latency figures."""
+
+import os
+import time
+
+import pytest
+
+from pdserve_jax import workloads as W
+from pdserve_jax.model.config import get_preset
+from pdserve_jax.serving.request import Request
+from pdserve_jax.sim import hardware as H
+from pdserve_jax.sim import latency as L
+from pdserve_jax.sim import simulator as sim
+
+CONV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "traces",
+                    "splitwise_conv.csv")
+SETUP = sim.Setup(get_preset("opt-13b"), H.get_hardware("a100-80gb"),
+                  lambda tp, pp: L.distserve_a100("opt-13b", tp, pp))
+MODEL = L.distserve_a100("opt-13b", 1)
+
+
+def _one(prompt=512, out=4):
+  return [Request(0, prompt, out, arrival_time=1.0)]
+
+
+def test_single_request_timings_colocated_and_disaggregated():
+  pre, dec = MODEL.prefill_time([512]), MODEL.decode_time([513])
+  for policy in ("prefill_first", "chunked"):
+    r = sim.simulate(_one(), SETUP, sim.Colocated(policy=policy)).requests[0]
+    assert r.ttft == pytest.approx(pre) and r.num_output == 4
+    assert r.token_times[1] - r.token_times[0] == pytest.approx(dec)
+  res = sim.simulate(_one(), SETUP, sim.Disaggregated())
+  r = res.requests[0]
+  kv = 512 * get_preset("opt-13b").kv_bytes_per_token()
+  copy = kv / H.get_hardware("a100-80gb").intra_node_bw
+  assert r.ttft == pytest.approx(pre)
+  assert r.token_times[1] - r.token_times[0] == pytest.approx(copy + dec)
+  far = sim.simulate(_one(), SETUP, sim.Disaggregated(same_node=False)).requests[0]
+  assert far.tpot > r.tpot  # the network is slower than NVLink
+  assert set(res.utilization) == {"prefill0", "decode0"}
+
+
+def test_runs_are_fresh_and_deterministic():
+  reqs = W.synthetic(200, 3.0, W.Uniform(100, 900), W.Uniform(1, 80), seed=1)
+  a = sim.simulate(reqs, SETUP, sim.Disaggregated(num_prefill=2))
+  b = sim.simulate(reqs, SETUP, sim.Disaggregated(num_prefill=2))
+  assert all(r.num_output == 0 for r in reqs)  # inputs untouched
+  assert [r.token_times for r in a.requests] == [r.token_times for r in b.requests]
+  assert all(r.done and len(r.token_times) == r.max_tokens for r in a.requests)
+  s = a.summary(0.4, 0.04)
+  assert s["num_finished"] == 200 and 0 <= s["attainment"] <= 1 and s["num_devices"] == 3
+
+
+@pytest.mark.parametrize("dep", [
+    sim.Colocated(replicas=2), sim.Colocated(sim.InstanceSpec(max_tokens=512), policy="chunked"),
+    sim.Disaggregated(num_prefill=2, num_decode=2),
+    sim.SemiPD(), sim.SemiPD(concurrent=True, decode_scaling=L.ShareScaling(0.3, 0.7)),
+    sim.PhaseOnly("prefill"), sim.PhaseOnly("decode"),
+])
+def test_every_mode_finishes_everything(dep):
+  reqs = W.synthetic(150, 4.0, W.Uniform(16, 1500), W.Uniform(1, 100), seed=2)
+  res = sim.simulate(reqs, SETUP, dep, ttft_slo=0.4, tpot_slo=0.04)
+  assert all(r.finish_time is not None for r in res.requests)
+  assert all(0 <= u <= 1 + 1e-9 for u in res.utilization.values())
+
+
+def test_decode_memory_limits_the_batch():
+  # Requests as long as a fifth of the decode pool: at most 5 decode together.
+  cap = sim.kv_capacity_tokens(SETUP, 1, 1)
+  reqs = [Request(i, cap // 5 - 100, 50, arrival_time=0.0) for i in range(20)]
+  res = sim.simulate(reqs, SETUP, sim.PhaseOnly("decode"))
+  times = sorted(t for r in res.requests for t in r.token_times[1:2])
+  assert times[4] < times[5]  # the sixth waits for pages
+  big = [Request(0, cap, 64)]
+  with pytest.raises(sim.DoesNotFit, match="request 0"):
+    sim.simulate(big, SETUP, sim.Colocated())
+
+
+def test_weights_that_do_not_fit():
+  setup = sim.Setup(get_preset("opt-175b"), H.get_hardware("a100-40gb"),
+                    lambda tp, pp: MODEL)
+  with pytest.raises(sim.DoesNotFit, match=r"opt-175b .* does not fit tp=1 x pp=1"):
+    sim.simulate(_one(), setup, sim.Colocated())
+  with pytest.raises(ValueError, match="no requests"):
+    sim.simulate([], SETUP, sim.Colocated())
+  with pytest.raises(ValueError, match="policy"):
+    sim.simulate(_one(), SETUP, sim.Colocated(policy="fcfs"))
+
+
+def test_semi_pd_sharing():
+  pre = MODEL.prefill_time([512])
+  # Concurrent SM partitioning: a prefill given half the device takes twice as long.
+  dep = sim.SemiPD(prefill_share=0.5, concurrent=True)
+  r = sim.simulate(_one(), SETUP, dep).requests[0]
+  assert r.ttft == pytest.approx(2 * pre)
+  # Time slicing: a lone request has the whole device.
+  r = sim.simulate(_one(), SETUP, sim.SemiPD(prefill_share=0.2)).requests[0]
+  assert r.ttft == pytest.approx(pre)
+  with pytest.raises(ValueError, match="partitioner needs"):
+    sim.simulate(_one(), SETUP, sim.SemiPD(partitioner={}))
+
+
+def test_semi_pd_partitioner_moves_share_toward_prefill_under_ttft_pressure():
+  # Long prompts, short outputs and a tight TTFT: prefill is the bottleneck.
+  reqs = W.synthetic(600, 9.0, W.Fixed(1024), W.Fixed(8), seed=3)
+  dep = sim.SemiPD(prefill_share=0.3, partitioner=dict(window=50, step=0.1, max_share=0.9))
+  res = sim.simulate(reqs, SETUP, dep, ttft_slo=0.3, tpot_slo=1.0)
+  hist = res.share_history["semi_pd0"]
+  assert hist[0][1] == 0.3 and hist[-1][1] > 0.3
+  assert all(b[0] >= a[0] and abs(b[1] - a[1]) <= 0.1 + 1e-9 for a, b in zip(hist, hist[1:]))
+  fixed = sim.simulate(reqs, SETUP, sim.SemiPD(prefill_share=0.3))
+  assert res.attainment(0.3, 1.0) >= fixed.attainment(0.3, 1.0)
+
+
+def test_distserve_figure1_disaggregation_beats_colocation():
+  """DistServe's Figure 1: OPT-13B, 512 in / 64 out, P90 TTFT <= 0.4 s and TPOT <=
+  0.04 s. Paper: 1.6 (colocated, 1 GPU) and 3.3 (2 prefill + 1 decode) req/s/GPU.
+
+  Ours come from DistServe's own latency fits, which leave out the serving system's
+  per-step overheads (scheduling, sampling, detokenisation, Python) that the
+  paper's measured systems pay, so ours are higher; we accept up to 3x the paper's
+  figure per GPU, and require disaggregation to win by at least 1.3x (paper: 2.1x).
+  """
+  make = lambda rate: W.synthetic(400, rate, W.Fixed(512), W.Fixed(64), seed=0)
+  colo = sim.goodput(make, SETUP, sim.Colocated(), 0.4, 0.04)
+  dis = sim.goodput(make, SETUP, sim.Disaggregated(num_prefill=2, num_decode=1), 0.4, 0.04) / 3
+  assert dis > 1.3 * colo
+  assert 1.6 <= colo <= 3 * 1.6
+  assert 3.3 <= dis <= 3 * 3.3
+
+
+def test_simulator_speed_on_conversation_trace():
+  if not os.path.exists(CONV):
+    pytest.skip(f"shared trace not found at {CONV}")
+  reqs = W.load_csv_trace(CONV).requests(n=10_000)
+  t0 = time.process_time()
+  res = sim.simulate(reqs, SETUP, sim.Disaggregated())
+  cpu = time.process_time() - t0
+  assert all(r.done for r in res.requests)
+  assert cpu < 2.0, f"10,000 requests took {cpu:.2f} s of CPU"  # ~0.6 s when idle
+
+
+def test_pipeline_stages():
+  # A lone request crosses both stages: the full prefill time, not half of it.
+  r = sim.simulate(_one(), SETUP, sim.Colocated(sim.InstanceSpec(pp=2))).requests[0]
+  assert r.ttft == pytest.approx(MODEL.prefill_time([512]))
+  # Two engines keep two steps in flight, one stage apart.
+  spec = sim.InstanceSpec(pp=2, max_tokens=512)
+  two = [Request(i, 512, 1, arrival_time=0.0) for i in range(2)]
+  a, b = sorted(sim.simulate(two, SETUP, sim.PhaseOnly("prefill", spec)).requests,
+                key=lambda r: r.ttft)
+  full = MODEL.prefill_time([512])
+  assert a.ttft == pytest.approx(full) and b.ttft == pytest.approx(1.5 * full)
+  # A short step behind a long one leaves the pipe one of its stages after it.
+  staged = L.distserve_a100("opt-13b", 1, pp=2)
+  mixed = [Request(0, 2000, 1, arrival_time=0.0), Request(1, 100, 1, arrival_time=0.001)]
+  long, short = sim.simulate(mixed, SETUP, sim.PhaseOnly("prefill", spec)).requests
+  assert short.token_times[0] == pytest.approx(long.token_times[0]
+                                               + staged.prefill_time([100]))
+  with pytest.raises(ValueError, match="semi-PD"):
+    sim.simulate(_one(), SETUP, sim.SemiPD(sim.InstanceSpec(pp=2)))
