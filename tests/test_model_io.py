@@ -25,9 +25,9 @@ def test_orbax_round_trip_on_tp_mesh(tmp_path):
   assert loaded.config == CFG
   wq = loaded.params["layers"]["wq"]
   assert wq.sharding.mesh.shape["tp"] == 4
-  assert wq.sharding.spec[2] == "tp", wq.sharding  # q heads split over tp
+  assert wq.sharding.spec[1] == "tp", wq.sharding  # q heads split over tp
   assert len(wq.addressable_shards) == 4
-  assert wq.addressable_shards[0].data.shape[2] == CFG.num_heads // 4
+  assert wq.addressable_shards[0].data.shape[1] == CFG.num_heads // 4
   # Restored weights are bit-identical, so the same mesh gives bit-identical logits.
   jax.tree.map(np.testing.assert_array_equal, loaded.params, model.params)
   got = np.asarray(pdj.forward(loaded, tokens))

@@ -111,6 +111,8 @@ PRESETS = {c.name: c for c in [
     _llama("tiny", 256, 64, 128, 2, 4, 2, max_position_embeddings=512),
     _llama("tiny-mha", 256, 64, 128, 2, 4, 4, max_position_embeddings=512),
     _llama("small", 512, 256, 512, 4, 8, 4, max_position_embeddings=2048),
+    # Weights (~130 MB in float32) well beyond CPU caches, for timing studies on CPU.
+    _llama("llama-30m", 8192, 512, 1408, 8, 8, 4, max_position_embeddings=2048),
     # ~100M parameters in float32 for the decode-step benchmark.
     _llama("llama-100m", 32000, 768, 2048, 12, 12, 4, max_position_embeddings=2048),
     _llama("llama2-7b", 32000, 4096, 11008, 32, 32, 32),

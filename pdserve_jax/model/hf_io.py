@@ -156,14 +156,14 @@ def load_hf(path: str, dtype: Optional[str] = None) -> Model:
 
   layers = {
       "attn_norm": stack("input_layernorm.weight", (H,), lambda w: w),
-      "wq": stack("self_attn.q_proj.weight", (nq * D, H), lambda w: w.T.reshape(H, nq, D)),
-      "wk": stack("self_attn.k_proj.weight", (nkv * D, H), lambda w: w.T.reshape(H, nkv, D)),
-      "wv": stack("self_attn.v_proj.weight", (nkv * D, H), lambda w: w.T.reshape(H, nkv, D)),
-      "wo": stack("self_attn.o_proj.weight", (H, nq * D), lambda w: w.T.reshape(nq, D, H)),
+      "wq": stack("self_attn.q_proj.weight", (nq * D, H), lambda w: w.reshape(nq, D, H)),
+      "wk": stack("self_attn.k_proj.weight", (nkv * D, H), lambda w: w.reshape(nkv, D, H)),
+      "wv": stack("self_attn.v_proj.weight", (nkv * D, H), lambda w: w.reshape(nkv, D, H)),
+      "wo": stack("self_attn.o_proj.weight", (H, nq * D), lambda w: w.reshape(H, nq, D)),
       "mlp_norm": stack("post_attention_layernorm.weight", (H,), lambda w: w),
-      "w_gate": stack("mlp.gate_proj.weight", (F, H), lambda w: w.T),
-      "w_up": stack("mlp.up_proj.weight", (F, H), lambda w: w.T),
-      "w_down": stack("mlp.down_proj.weight", (H, F), lambda w: w.T),
+      "w_gate": stack("mlp.gate_proj.weight", (F, H), lambda w: w),
+      "w_up": stack("mlp.up_proj.weight", (F, H), lambda w: w),
+      "w_down": stack("mlp.down_proj.weight", (H, F), lambda w: w),
   }
   if cfg.attention_bias:
     for ours, theirs, n in (("bq", "q", nq), ("bk", "k", nkv), ("bv", "v", nkv)):
@@ -171,5 +171,5 @@ def load_hf(path: str, dtype: Optional[str] = None) -> Model:
   params = {"embed": get("model.embed_tokens.weight", (V, H)), "layers": layers,
             "final_norm": get("model.norm.weight", (H,))}
   if not cfg.tie_word_embeddings:
-    params["lm_head"] = get("lm_head.weight", (V, H)).T
+    params["lm_head"] = get("lm_head.weight", (V, H))
   return Model(cfg, jax.tree.map(lambda a: jnp.asarray(a, dtype), params))

@@ -115,6 +115,10 @@ class PolynomialLatencyModel(LatencyModel):
   decode_large: tuple[float, float, float]
   large_batch_threshold: int = 1 << 30
   pp: int = 1
+  # True when a mixed step runs the decodes as a program of their own (this
+  # library's engine), paying decode's fixed cost too; False when they ride in the
+  # prefill's forward pass (Sarathi-Serve).
+  separate_mixed: bool = False
 
   def __post_init__(self):
     for f in ("prefill", "decode_small", "decode_large"):
@@ -134,7 +138,9 @@ class PolynomialLatencyModel(LatencyModel):
     # The decodes ride on the prefill's pass over the weights: add only their
     # per-token and per-context terms, not a second fixed cost.
     a, b, c = self.decode_small if batch < self.large_batch_threshold else self.decode_large
-    return self.prefill_totals(num_seqs, tokens, sq_tokens) + (b * context + c * batch) / self.pp
+    fixed = a if self.separate_mixed else 0.0
+    return (self.prefill_totals(num_seqs, tokens, sq_tokens)
+            + (fixed + b * context + c * batch) / self.pp)
 
   def with_pp(self, pp: int) -> PolynomialLatencyModel:
     return dataclasses.replace(self, pp=pp)
@@ -144,7 +150,7 @@ class PolynomialLatencyModel(LatencyModel):
                        "decode_small": list(self.decode_small),
                        "decode_large": list(self.decode_large),
                        "large_batch_threshold": self.large_batch_threshold,
-                       "pp": self.pp}, indent=1)
+                       "pp": self.pp, "separate_mixed": self.separate_mixed}, indent=1)
 
   @classmethod
   def from_json(cls, text: str) -> PolynomialLatencyModel:
@@ -153,7 +159,8 @@ class PolynomialLatencyModel(LatencyModel):
       raise ValueError("not a polynomial latency model in seconds: kind="
                        f"{d.get('kind')!r}, unit={d.get('unit')!r}")
     return cls(d["prefill"], d["decode_small"], d["decode_large"],
-               int(d["large_batch_threshold"]), int(d.get("pp", 1)))
+               int(d["large_batch_threshold"]), int(d.get("pp", 1)),
+               bool(d.get("separate_mixed", False)))
 
   def save(self, path: str) -> None:
     with open(path, "w") as f:

@@ -10,6 +10,7 @@ tokens costs what its bucket costs, which the fit averages over.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from typing import Sequence, Tuple
@@ -21,8 +22,11 @@ from pdserve_jax.runtime.programs import InstanceRunner, SamplingRows
 from pdserve_jax.sim.latency import PolynomialLatencyModel, fit_polynomial
 
 
-def _median_time(fn, reps: int) -> float:
-  fn()  # compiles the bucket, if needed, outside the timing
+def _median_time(fn, reps: int, warm: int = 3) -> float:
+  # The first calls of a shape (its compilation, then cold caches and allocations)
+  # run slower than the steady state a serving loop sees: keep them out.
+  for _ in range(warm):
+    fn()
   times = []
   for _ in range(reps):
     t = time.perf_counter()
@@ -68,7 +72,9 @@ def grid(batches: Sequence[int], lengths: Sequence[int], max_tokens: int):
 
 def profile(runner: InstanceRunner, prefill_batches, prefill_lens, decode_batches,
             decode_contexts, max_tokens: int, reps: int = 5) -> PolynomialLatencyModel:
+  prefill_lens = [l for l in prefill_lens if l <= runner.shape.max_prefill_len]
   pre, dec = profile_runner(runner, grid(prefill_batches, prefill_lens, max_tokens),
-                            grid(decode_batches, decode_contexts, runner.shape.num_pages
+                            grid(decode_batches, decode_contexts, (runner.shape.num_pages - 1)
                                  * runner.shape.page_size), reps)
-  return fit_polynomial(pre, dec)
+  # The engine runs a chunked step's decodes as a program of their own.
+  return dataclasses.replace(fit_polynomial(pre, dec), separate_mixed=True)

@@ -59,6 +59,9 @@ class Setup:
   page_size: int = 16
   memory_utilization: float = 0.9
   dtype_bytes: int = 2
+  # KV tokens per instance, overriding the HBM estimate: an engine's actual pool
+  # (`num_pages` of `page_size`), when simulating that engine.
+  kv_tokens: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +137,8 @@ class PhaseOnly:
 
 def kv_capacity_tokens(setup: Setup, tp: int, pp: int) -> int:
   """Tokens of KV one instance of `tp` x `pp` devices holds beside its weights."""
+  if setup.kv_tokens is not None:
+    return setup.kv_tokens
   n = tp * pp
   usable = n * setup.hardware.hbm_bytes * setup.memory_utilization
   weights = setup.model.num_params() * setup.dtype_bytes
