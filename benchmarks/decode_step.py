@@ -9,8 +9,6 @@ measured in the same run by timing a jitted, donated copy of a 256 MiB array.
   python benchmarks/decode_step.py [--context=256] [--steps=20]
 """
 
-import time
-
 from absl import app, flags
 import jax
 import jax.numpy as jnp
@@ -20,21 +18,12 @@ import pdserve_jax as pdj
 from pdserve_jax.kv.allocator import PageAllocator
 from pdserve_jax.model import sharding
 from pdserve_jax.runtime.programs import InstanceRunner, RunnerShape, SamplingRows
+from pdserve_jax.sim.profiler import median_time
 
 flags.DEFINE_integer("context", 256, "tokens of context per request")
 flags.DEFINE_integer("steps", 20, "timed steps per batch size")
 flags.DEFINE_multi_integer("batch", [1, 8, 32], "batch sizes")
 FLAGS = flags.FLAGS
-
-
-def median_seconds(fn, reps):
-  fn()
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
 
 
 def copy_bandwidth(nbytes=256 << 20):
@@ -46,7 +35,7 @@ def copy_bandwidth(nbytes=256 << 20):
     x[0] = copy(x[0])
     x[0].block_until_ready()
 
-  return 2 * nbytes / median_seconds(run, 10)  # read + write
+  return 2 * nbytes / median_time(run, 10)  # read + write
 
 
 def main(_):
@@ -69,7 +58,7 @@ def main(_):
   for b in FLAGS.batch:
     rows = SamplingRows.greedy(b)
     step = lambda: np.asarray(runner.decode([1] * b, [ctx] * b, tables[:b], rows))
-    t = median_seconds(step, FLAGS.steps)
+    t = median_time(step, FLAGS.steps)
     kv_bytes = b * (ctx + 1) * cfg.kv_bytes_per_token(4)
     roof = (weight_bytes + kv_bytes) / bw
     print(f"{b:>5} {t * 1e3:>9.2f} {roof * 1e3:>12.2f} {roof / t:>11.0%} {b / t:>9.0f}")

@@ -228,7 +228,7 @@ class _Disaggregated:
       runner = InstanceRunner(model, mesh, shape, cfg.attn_impl)
       alloc = PageAllocator(cfg.num_pages, cfg.page_size, reserved=1)
       if i < cfg.num_prefill:
-        sched = PrefillScheduler(alloc, cfg.max_prefill_batch, cfg.max_prefill_tokens)
+        sched = PrefillScheduler(alloc, cfg.max_batch, cfg.max_prefill_tokens)
         self.prefills.append(StepRunner(f"prefill{i}", runner, sched, clock))
       else:
         sched = DecodeScheduler(alloc, cfg.max_batch)
@@ -319,7 +319,7 @@ class _SemiPD:
     runner = InstanceRunner(model, mesh, cfg.runner_shape(), cfg.attn_impl)
     alloc = PageAllocator(cfg.num_pages, cfg.page_size, reserved=1)
     self.prefill = StepRunner("prefill", runner, PrefillScheduler(
-        alloc, cfg.max_prefill_batch, cfg.max_prefill_tokens, reserve_lifetime=True), clock)
+        alloc, cfg.max_batch, cfg.max_prefill_tokens, reserve_lifetime=True), clock)
     self.decode = StepRunner("decode", runner, DecodeScheduler(alloc, cfg.max_batch), clock)
     self.runners = [self.prefill, self.decode]
     self.controller = ShareController(cfg.prefill_share)

@@ -177,6 +177,33 @@ class _Scheduler:
     return len(self._waiting)
 
 
+def _add_prompt(sched, req: Request, reserve: int, where: str) -> None:
+  """Queues a request whose whole prompt one prefill step will compute."""
+  _check_fresh(req)
+  check_fits(sched.allocator, req, reserve, where)
+  if req.prompt_len > sched.max_prefill_tokens:
+    raise ValueError(f"request {req.request_id}: prompt of {req.prompt_len} tokens "
+                     f"exceeds max_prefill_tokens={sched.max_prefill_tokens}")
+  sched._waiting.append(req)
+
+
+def _admit_prompts(sched, room: int, reservation) -> list[PrefillChunk]:
+  """Admits waiting requests FCFS, whole prompts, while the batch has `room`, the
+  prompt-token budget holds and `reservation(req)` tokens of pages are free."""
+  chunks, tokens = [], 0
+  waiting, alloc = sched._waiting, sched.allocator
+  while waiting and len(chunks) < room:
+    req = waiting[0]
+    need = reservation(req)
+    if tokens + req.prompt_len > sched.max_prefill_tokens or not alloc.can_fit(req, need):
+      break
+    alloc.ensure(req, need)
+    waiting.popleft()
+    chunks.append(PrefillChunk(req, 0, req.prompt_len))
+    tokens += req.prompt_len
+  return chunks
+
+
 class PrefillFirstScheduler(_Scheduler):
   """vLLM's classic colocated policy.
 
@@ -195,28 +222,12 @@ class PrefillFirstScheduler(_Scheduler):
     self._running: list[Request] = []
 
   def add(self, req: Request) -> None:
-    _check_fresh(req)
-    check_fits(self.allocator, req, req.lifetime_tokens)
-    if req.prompt_len > self.max_prefill_tokens:
-      raise ValueError(f"request {req.request_id}: prompt of {req.prompt_len} tokens "
-                       f"exceeds max_prefill_tokens={self.max_prefill_tokens}")
-    self._waiting.append(req)
+    _add_prompt(self, req, req.lifetime_tokens, "")
 
   def schedule(self) -> Optional[Step]:
     self._check_schedulable()
-    chunks = []
-    tokens = 0
-    waiting, alloc = self._waiting, self.allocator
-    while waiting and len(self._running) + len(chunks) < self.max_batch:
-      req = waiting[0]
-      if tokens + req.prompt_len > self.max_prefill_tokens:
-        break
-      if not alloc.can_fit(req, req.lifetime_tokens):
-        break
-      alloc.ensure(req, req.lifetime_tokens)
-      waiting.popleft()
-      chunks.append(PrefillChunk(req, 0, req.prompt_len))
-      tokens += req.prompt_len
+    chunks = _admit_prompts(self, self.max_batch - len(self._running),
+                            lambda r: r.lifetime_tokens)
     if chunks:
       self._running = self._running + [c.request for c in chunks]
       return self._begin(Step(chunks, []))
@@ -350,27 +361,11 @@ class PrefillScheduler(_Scheduler):
     return req.lifetime_tokens if self.reserve_lifetime else req.prompt_len
 
   def add(self, req: Request) -> None:
-    _check_fresh(req)
-    check_fits(self.allocator, req, self._reservation(req), "prefill")
-    if req.prompt_len > self.max_prefill_tokens:
-      raise ValueError(f"request {req.request_id}: prompt of {req.prompt_len} tokens "
-                       f"exceeds max_prefill_tokens={self.max_prefill_tokens}")
-    self._waiting.append(req)
+    _add_prompt(self, req, self._reservation(req), "prefill")
 
   def schedule(self) -> Optional[Step]:
     self._check_schedulable()
-    chunks = []
-    tokens = 0
-    waiting, alloc = self._waiting, self.allocator
-    while waiting and len(chunks) < self.max_batch:
-      req = waiting[0]
-      need = self._reservation(req)
-      if tokens + req.prompt_len > self.max_prefill_tokens or not alloc.can_fit(req, need):
-        break
-      alloc.ensure(req, need)
-      waiting.popleft()
-      chunks.append(PrefillChunk(req, 0, req.prompt_len))
-      tokens += req.prompt_len
+    chunks = _admit_prompts(self, self.max_batch, self._reservation)
     if not chunks:
       return None
     self._running = [c.request for c in chunks]

@@ -22,7 +22,8 @@ from pdserve_jax.runtime.programs import InstanceRunner, SamplingRows
 from pdserve_jax.sim.latency import PolynomialLatencyModel, fit_polynomial
 
 
-def _median_time(fn, reps: int, warm: int = 3) -> float:
+def median_time(fn, reps: int, warm: int = 3) -> float:
+  """Median seconds of `reps` calls of `fn`, after `warm` untimed ones."""
   # The first calls of a shape (its compilation, then cold caches and allocations)
   # run slower than the steady state a serving loop sees: keep them out.
   for _ in range(warm):
@@ -49,14 +50,14 @@ def profile_runner(runner: InstanceRunner, prefill_grid: Sequence[Tuple[int, int
     tables = [alloc.ensure(i, length) for i in range(batch)]
     prompts = [rng.integers(0, vocab, length).tolist() for _ in range(batch)]
     rows = SamplingRows.greedy(batch)
-    t = _median_time(lambda: np.asarray(runner.prefill(prompts, [0] * batch, tables, rows)), reps)
+    t = median_time(lambda: np.asarray(runner.prefill(prompts, [0] * batch, tables, rows)), reps)
     prefill.append(([length] * batch, t))
     for i in range(batch):
       alloc.free(i)
   for batch, context in decode_grid:
     tables = [alloc.ensure(i, context) for i in range(batch)]
     rows = SamplingRows.greedy(batch)
-    t = _median_time(lambda: np.asarray(
+    t = median_time(lambda: np.asarray(
         runner.decode([1] * batch, [context - 1] * batch, tables, rows)), reps)
     decode.append(([context] * batch, t))
     for i in range(batch):
@@ -70,11 +71,18 @@ def grid(batches: Sequence[int], lengths: Sequence[int], max_tokens: int):
   return [(b, l) for b, l in itertools.product(batches, lengths) if b * l <= max_tokens]
 
 
+def fit(prefill_samples, decode_samples) -> PolynomialLatencyModel:
+  """DistServe's form fitted to profiles of this engine, whose chunked steps run
+  their decodes as a program of their own."""
+  return dataclasses.replace(fit_polynomial(prefill_samples, decode_samples),
+                             separate_mixed=True)
+
+
 def profile(runner: InstanceRunner, prefill_batches, prefill_lens, decode_batches,
             decode_contexts, max_tokens: int, reps: int = 5) -> PolynomialLatencyModel:
+  """Profiles `runner` over the grids and fits the model."""
   prefill_lens = [l for l in prefill_lens if l <= runner.shape.max_prefill_len]
   pre, dec = profile_runner(runner, grid(prefill_batches, prefill_lens, max_tokens),
                             grid(decode_batches, decode_contexts, (runner.shape.num_pages - 1)
                                  * runner.shape.page_size), reps)
-  # The engine runs a chunked step's decodes as a program of their own.
-  return dataclasses.replace(fit_polynomial(pre, dec), separate_mixed=True)
+  return fit(pre, dec)

@@ -1,0 +1,107 @@
+"""Simulator vs engine: one Poisson workload through the real engine on this machine
+and through the simulator with a latency model profiled here, per serving mode.
+
+The engine's instances are profiled with `sim.profiler` (the same programs, the
+same buckets), the fit becomes the simulator's latency model, the simulator gets
+the engine's pool size and batch limits, and both serve the same requests. Prints
+median TTFT and TPOT side by side and their relative differences.
+
+Run it with each virtual CPU device single-threaded, as `make`'s targets do not:
+the simulator treats devices as independent processors, which virtual CPU devices
+are only when each runs on its own core (on 2 cores, two at a time):
+
+  XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=false \
+      intra_op_parallelism_threads=1" python benchmarks/sim_vs_engine.py [--json=out.json]
+"""
+
+import json
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+
+from absl import app, flags  # noqa: E402
+import numpy as np  # noqa: E402
+
+import pdserve_jax as pdj  # noqa: E402
+from pdserve_jax import workloads  # noqa: E402
+from pdserve_jax.sim import hardware, profiler, simulator as sim  # noqa: E402
+
+flags.DEFINE_string("model", "llama-30m", "model preset")
+flags.DEFINE_list("modes", ["prefill_first", "chunked", "disaggregated", "semi_pd"], "modes")
+flags.DEFINE_integer("requests", 40, "requests in the workload")
+flags.DEFINE_float("rate", 2.0, "Poisson arrival rate (req/s)")
+flags.DEFINE_string("json", "", "write the figures here")
+FLAGS = flags.FLAGS
+
+ENGINE = dict(page_size=16, num_pages=128, max_batch=16, max_prefill_batch=4,
+              max_prefill_tokens=256, token_budget=64, max_seq_len=256, min_prefill_bucket=32,
+              min_pages_bucket=2, warmup=True, ttft_slo=1.0, tpot_slo=0.1,
+              partition_window=16, partition_step=0.1, min_share=0.1, max_share=0.9,
+              hysteresis=0.1)
+MODES = {
+    "prefill_first": dict(mode="colocated", tp=1, policy="prefill_first"),
+    "chunked": dict(mode="colocated", tp=1, policy="chunked"),
+    "disaggregated": dict(mode="disaggregated", num_prefill=1, prefill_tp=1, num_decode=1,
+                          decode_tp=1),
+    "semi_pd": dict(mode="semi_pd", tp=1),
+}
+GRID = dict(prefill_batches=(1, 2, 3, 4), prefill_lens=(16, 24, 40, 56, 72, 96, 112, 128),
+            decode_batches=(1, 2, 3, 4, 6, 8, 12, 16),
+            decode_contexts=(24, 40, 56, 72, 100, 128, 160, 200, 256), max_tokens=512)
+
+
+def deployment(mode: str, e: dict):
+  inst = sim.InstanceSpec(1, 1, e["max_batch"], e["max_prefill_tokens"])
+  if mode == "prefill_first":
+    return sim.Colocated(inst, 1, "prefill_first")
+  if mode == "chunked":
+    return sim.Colocated(sim.InstanceSpec(1, 1, e["max_batch"], e["token_budget"]), 1, "chunked")
+  if mode == "disaggregated":
+    return sim.Disaggregated(inst, inst)
+  return sim.SemiPD(inst, 1, 0.5, partitioner=dict(
+      window=e["partition_window"], step=e["partition_step"], min_share=e["min_share"],
+      max_share=e["max_share"], hysteresis=e["hysteresis"]))
+
+
+def compare(model, mode, reqs, engine_fields=ENGINE):
+  """Serves `reqs` in `mode` and simulates them; returns the two summaries."""
+  cfg = pdj.EngineConfig(**engine_fields, **MODES[mode])
+  with pdj.Engine(model, cfg) as engine:
+    latency = profiler.profile(engine._mode.runners[0].runner, **GRID, reps=3)
+    report = engine.run_workload([r.fresh() for r in reqs])
+  # The host is no accelerator: only the pool size and the link matter here, and the
+  # link is a memory copy (its bandwidth does not matter at these sizes).
+  host = hardware.HardwareSpec("host-cpu", 1e12, 1e10, 1e10, 1e10, 1e10, 8)
+  setup = sim.Setup(model.config, host, lambda tp, pp: latency, page_size=cfg.page_size,
+                    kv_tokens=(cfg.num_pages - 1) * cfg.page_size)
+  simulated = sim.simulate(reqs, setup, deployment(mode, engine_fields), cfg.ttft_slo,
+                           cfg.tpot_slo)
+  return report.summary, simulated.summary()
+
+
+def main(_):
+  model = pdj.random_model(pdj.get_preset(FLAGS.model), seed=0, std=0.1)
+  reqs = workloads.synthetic(FLAGS.requests, FLAGS.rate, workloads.Uniform(16, 128),
+                             workloads.Uniform(8, 48), seed=3)
+  print(f"model={FLAGS.model} requests={FLAGS.requests} Poisson {FLAGS.rate}/s")
+  print(f"{'mode':<14} {'TTFT engine':>11} {'sim':>7} {'diff':>6}   {'TPOT engine':>11} "
+        f"{'sim':>7} {'diff':>6}   (medians, ms)")
+  out = {}
+  for mode in FLAGS.modes:
+    eng, simd = compare(model, mode, reqs)
+    row = {}
+    for k in ("ttft_s", "tpot_s"):
+      row[k] = dict(engine=eng[k]["p50"], sim=simd[k]["p50"],
+                    rel_diff=simd[k]["p50"] / eng[k]["p50"] - 1)
+    out[mode] = row
+    t, p = row["ttft_s"], row["tpot_s"]
+    print(f"{mode:<14} {t['engine'] * 1e3:>11.1f} {t['sim'] * 1e3:>7.1f} {t['rel_diff']:>+6.0%}   "
+          f"{p['engine'] * 1e3:>11.2f} {p['sim'] * 1e3:>7.2f} {p['rel_diff']:>+6.0%}", flush=True)
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
+      json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
