@@ -185,6 +185,7 @@ class WorkloadReport:
 
 
 class _Colocated:
+  transfers = ()  # KV copies in flight (disaggregated only)
 
   def __init__(self, cfg: EngineConfig, model: Model, clock):
     mesh = sharding.split_devices([cfg.tp])[0]
@@ -313,6 +314,7 @@ class _Disaggregated:
 
 
 class _SemiPD:
+  transfers = ()
 
   def __init__(self, cfg: EngineConfig, model: Model, clock):
     mesh = sharding.split_devices([cfg.tp])[0]
@@ -530,7 +532,7 @@ class Engine:
                      key=lambda l: l.started, default=None)
         if oldest is not None:
           oldest.wait()
-        elif self._live and not getattr(self._mode, "transfers", None):
+        elif self._live and not self._mode.transfers:
           raise RuntimeError(f"{len(self._live)} requests are stuck: nothing can be scheduled")
         else:
           self._drain(block=True)

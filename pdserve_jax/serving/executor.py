@@ -64,7 +64,6 @@ def _groups(items, size):
 @dataclasses.dataclass
 class Launched:
   step: Step
-  phase: str
   started: float
   prefill_outs: list  # (chunks, device tokens)
   decode_outs: list  # (requests, device tokens)
@@ -88,7 +87,7 @@ class StepRunner:
   def allocator(self):
     return self.scheduler.allocator
 
-  def launch(self, step: Step, phase: str = "") -> Launched:
+  def launch(self, step: Step) -> Launched:
     runner, pages = self.runner, self.allocator.pages
     prefill_outs, decode_outs = [], []
     for group in _groups(step.prefills, runner.shape.max_prefill_batch):
@@ -102,7 +101,7 @@ class StepRunner:
                           [pages(r) for r in group],
                           _sampling_rows(group, [r.num_output for r in group]))
       decode_outs.append((group, out))
-    self.inflight = Launched(step, phase, self.clock(), prefill_outs, decode_outs)
+    self.inflight = Launched(step, self.clock(), prefill_outs, decode_outs)
     return self.inflight
 
   def try_launch(self) -> bool:
