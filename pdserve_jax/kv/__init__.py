@@ -1,1 +1,1 @@
-"""kv package."""
+"""The paged KV cache: host-side page allocator, device-side pool, page transfer."""

@@ -1,1 +1,2 @@
-"""runtime package."""
+"""Jitted prefill and decode programs bound to one mesh, their shape buckets and
+in-program sampling."""

@@ -1,1 +1,2 @@
-"""sim package."""
+"""Hardware specs, latency models, the profiler, the discrete-event simulator and
+the goodput planner. The simulator drives `serving.scheduler`'s policies."""
