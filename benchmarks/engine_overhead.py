@@ -31,6 +31,8 @@ flags.DEFINE_integer("tokens", 96, "output tokens per request")
 flags.DEFINE_integer("rounds", 3, "engine / bare-loop rounds per mode (medians reported)")
 flags.DEFINE_integer("poisson_requests", 200, "requests in the compile-count run")
 flags.DEFINE_float("rate", 20.0, "Poisson arrival rate of the compile-count run")
+flags.DEFINE_list("modes", ["colocated_prefill_first", "colocated_chunked",
+                            "disaggregated_1p2_1d2", "semi_pd_tp2"], "modes to measure")
 FLAGS = flags.FLAGS
 
 COMMON = dict(page_size=16, num_pages=192, max_batch=16, max_prefill_batch=4,
@@ -83,7 +85,8 @@ def main(_):
         f"rounds={FLAGS.rounds}")
   print(f"{'mode':<24} {'engine tok/s':>12} {'bare tok/s':>11} {'ratio':>6} "
         f"{'compiles after warm-up (200 Poisson reqs)':>42}")
-  for name, fields in MODES.items():
+  for name in FLAGS.modes:
+    fields = MODES[name]
     cfg = pdj.EngineConfig(**COMMON, **fields, warmup=True)
     engine_rates, bare_rates = [], []
     with pdj.Engine(model, cfg) as engine:
