@@ -68,7 +68,7 @@ def compare(model, mode, reqs, engine_fields=ENGINE):
   """Serves `reqs` in `mode` and simulates them; returns the two summaries."""
   cfg = pdj.EngineConfig(**engine_fields, **MODES[mode])
   with pdj.Engine(model, cfg) as engine:
-    latency = profiler.profile(engine._mode.runners[0].runner, **GRID, reps=3)
+    latency, _, _ = profiler.profile(engine._mode.runners[0].runner, **GRID, reps=3)
     report = engine.run_workload([r.fresh() for r in reqs])
   # The host is no accelerator: only the pool size and the link matter here, and the
   # link is a memory copy (its bandwidth does not matter at these sizes).

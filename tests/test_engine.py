@@ -134,3 +134,11 @@ def test_semi_pd_partitioner_moves_share_toward_violated_phase(model, violated):
     assert (moves < 0).all() and min(shares) >= 0.2 - 1e-9, shares
   times = [t for t, _ in report.share_history]
   assert times == sorted(times)
+
+
+def test_request_too_big_for_the_pool_is_rejected_at_submit(model):
+  small_pool = dict(BASE, num_pages=5)  # 4 usable pages of 8 tokens
+  with pdj.Engine(model, pdj.EngineConfig(**small_pool, **MODES["disagg_2p1_1d2"])) as eng:
+    with pytest.raises(ValueError, match="needs 5 pages of 8 tokens.*holds only 4 pages"):
+      eng.submit([1] * 30, pdj.SamplingParams(max_tokens=10))
+    assert eng.pages_in_use() == 0

@@ -36,11 +36,9 @@ def runner_from_config(c) -> InstanceRunner:
 def main(_):
   c = flags.FLAGS.config
   runner = runner_from_config(c)
-  pre, dec = profiler.profile_runner(
-      runner, profiler.grid(c.prefill_batches, c.prefill_lens, c.max_prefill_tokens),
-      profiler.grid(c.decode_batches, c.decode_contexts, (c.num_pages - 1) * c.page_size),
-      c.reps)
-  fit = profiler.fit(pre, dec)
+  fit, pre, dec = profiler.profile(runner, c.prefill_batches, c.prefill_lens,
+                                   c.decode_batches, c.decode_contexts,
+                                   c.max_prefill_tokens, c.reps)
   print(f"backend={jax.default_backend()} model={c.model} tp={c.tp}: "
         f"{len(pre)} prefill and {len(dec)} decode points")
   print(f"prefill s = {fit.prefill[0]:.3e} + {fit.prefill[1]:.3e}*S + {fit.prefill[2]:.3e}*S2")

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import jax
 import numpy as np
 
-from pdserve_jax.kv.allocator import PageAllocator, pages_for
+from pdserve_jax.kv.allocator import PageAllocator
 from pdserve_jax.kv.pool import SCRATCH_PAGE, transfer_pages
 from pdserve_jax.model import sharding
 from pdserve_jax.model.model import Model
@@ -44,7 +44,8 @@ from pdserve_jax.serving.request import Request
 from pdserve_jax.serving.scheduler import (DECODE, PREFILL, ChunkedPrefillScheduler,
                                            DecodeScheduler, PrefillFirstScheduler,
                                            PrefillScheduler, ShareController,
-                                           SloPartitioner, least_loaded, move_handoffs)
+                                           SloPartitioner, check_fits, least_loaded,
+                                           move_handoffs)
 
 MODES = ("colocated", "disaggregated", "semi_pd")
 POLICIES = ("prefill_first", "chunked")
@@ -408,7 +409,9 @@ class Engine:
     req = Request(next(self._ids), len(prompt), sampling.max_tokens,
                   self.clock() if arrival_time is None else arrival_time,
                   payload=Job(prompt, sampling))
-    self._check_fits(req)
+    # Every instance's pool has `num_pages`; capacity never changes, so reading it
+    # from this thread is safe.
+    check_fits(self._mode.allocators()[0], req, req.lifetime_tokens)
     self._inbox.put(req)
     return RequestHandle(req)
 
@@ -430,13 +433,6 @@ class Engine:
       raise ValueError(f"prompt ({len(ids)}) + max_tokens ({sampling.max_tokens}) exceeds "
                        f"max_seq_len={cfg.max_seq_len}")
     return ids
-
-  def _check_fits(self, req: Request) -> None:
-    cfg = self.config
-    need = pages_for(req.lifetime_tokens, cfg.page_size)
-    if need > cfg.num_pages - 1:
-      raise ValueError(f"request needs {need} pages of {cfg.page_size} tokens but an "
-                       f"instance's pool holds {cfg.num_pages - 1}")
 
   def generate(self, prompts: Sequence[Sequence[int]],
                sampling: Union[SamplingParams, Sequence[SamplingParams], None] = None,
@@ -462,7 +458,8 @@ class Engine:
     plan = []
     for r in sorted(requests, key=lambda r: r.arrival_time):
       prompt = r.payload if r.payload is not None else rng.integers(0, vocab, r.prompt_len)
-      plan.append((r.arrival_time, list(prompt), dataclasses.replace(base, max_tokens=r.max_tokens)))
+      params = dataclasses.replace(base, max_tokens=r.max_tokens)
+      plan.append((r.arrival_time, list(prompt), params))
     start = self.clock()
     handles = []
     for offset, prompt, params in plan:

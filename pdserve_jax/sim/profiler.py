@@ -79,10 +79,11 @@ def fit(prefill_samples, decode_samples) -> PolynomialLatencyModel:
 
 
 def profile(runner: InstanceRunner, prefill_batches, prefill_lens, decode_batches,
-            decode_contexts, max_tokens: int, reps: int = 5) -> PolynomialLatencyModel:
-  """Profiles `runner` over the grids and fits the model."""
+            decode_contexts, max_tokens: int, reps: int = 5):
+  """Profiles `runner` over the grids (points that do not fit its shapes are left
+  out); returns the fitted model and the prefill and decode samples."""
   prefill_lens = [l for l in prefill_lens if l <= runner.shape.max_prefill_len]
   pre, dec = profile_runner(runner, grid(prefill_batches, prefill_lens, max_tokens),
                             grid(decode_batches, decode_contexts, (runner.shape.num_pages - 1)
                                  * runner.shape.page_size), reps)
-  return fit(pre, dec)
+  return fit(pre, dec), pre, dec
