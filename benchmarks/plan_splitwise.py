@@ -9,6 +9,7 @@ Usage: python benchmarks/plan_splitwise.py [--requests N] [--output_json PATH]
 """
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -24,6 +25,11 @@ from pdserve_jax.model.config import get_preset
 from pdserve_jax.sim import hardware, latency, planner, simulator
 
 TRACE = os.path.join(ROOT, "..", "shared", "data", "traces", "splitwise_conv.csv")
+
+
+def _devices(config: str) -> int:
+  tp, pp = config[2:].split("pp")
+  return int(tp) * int(pp)
 
 
 def main():
@@ -54,6 +60,16 @@ def main():
       continue
     print(f"{mode:<15}{c.describe():<46}{c.num_devices:>5}{c.goodput:>8.2f}"
           f"{c.per_device:>11.2f}")
+  # vLLM, DistServe's colocated baseline, had no pipeline parallelism.
+  no_pp = planner.plan(dataclasses.replace(spec, pp_options=(1,)), modes=("colocated",))
+  c = no_pp.best("colocated")
+  print(f"{'colocated pp=1':<15}{c.describe():<46}{c.num_devices:>5}{c.goodput:>8.2f}"
+        f"{c.per_device:>11.2f}")
+  # Why the ranking comes out as it does: each phase alone, per device.
+  print("\neach phase alone (req/s per device, at its SLO alone):")
+  for phase, by_config in plan.phase_goodput.items():
+    print(f"  {phase:<8}" + "  ".join(
+        f"{k} {g / _devices(k):.2f}" for k, g in by_config.items()))
   print(f"\nsearch: {seconds:.1f} s\n")
   print(plan.table())
   if args.output_json:

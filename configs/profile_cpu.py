@@ -5,6 +5,7 @@ import ml_collections
 
 def get_config():
   c = ml_collections.ConfigDict()
+  c.kind = "polynomial"  # or "shapes": time every compiled shape instead of fitting
   c.model = "small"
   c.init_std = 0.1
   c.tp = 1

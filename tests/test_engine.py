@@ -48,10 +48,11 @@ def workload(model):
 @pytest.mark.parametrize("name", sorted(MODES))
 def test_greedy_tokens_match_reference(model, workload, name):
   reqs, want = workload
-  with pdj.Engine(model, pdj.EngineConfig(**BASE, **MODES[name])) as engine:
+  with pdj.Engine(model, pdj.EngineConfig(**BASE, **MODES[name], log_steps=True)) as engine:
     report = engine.run_workload([r.fresh() for r in reqs], timeout=600)
     got = [res.token_ids for res in report.results]
     assert got == want
+    _check_step_log(engine, reqs)
     for res, r in zip(report.results, reqs):
       assert len(res.token_times) == r.max_tokens and res.finish_reason == "length"
       assert res.ttft >= 0 and all(np.diff(res.token_times) >= 0)
@@ -61,6 +62,23 @@ def test_greedy_tokens_match_reference(model, workload, name):
     assert engine.pages_in_use() == 0
     for alloc in engine.allocators():
       alloc.check()
+
+
+def _check_step_log(engine, reqs):
+  """One step at a time per instance, every call in a compiled shape, and decode
+  rows that account for every token after the first (padding at most doubles them)."""
+  shape = engine._mode.runners[0].runner.shape
+  log = engine.step_log
+  assert log
+  for name in {r.instance for r in log}:
+    mine = [r for r in log if r.instance == name]
+    assert all(a.finished <= b.started for a, b in zip(mine, mine[1:])), name
+    assert all(r.started <= r.finished for r in mine)
+  assert {c for r in log for c in r.prefill_calls} <= set(shape.compiled_prefill_shapes())
+  assert {c for r in log for c in r.decode_calls} <= set(shape.compiled_decode_shapes())
+  rows = sum(r.max_tokens - 1 for r in reqs)
+  padded = sum(c[0] for r in log for c in r.decode_calls)
+  assert rows <= padded < 2 * rows
 
 
 @pytest.mark.parametrize("name", ["colocated_chunked", "disagg_2p1_1d2", "semi_pd_tp4"])

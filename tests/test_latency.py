@@ -123,3 +123,42 @@ def test_share_scaling_and_transfer():
   assert L.transfer_time(1e9, 25e9) == pytest.approx(0.04)
   with pytest.raises(ValueError):
     L.transfer_time(1.0, 0.0)
+
+
+def test_shape_table_rounds_steps_as_the_runner_does(tmp_path):
+  from pdserve_jax.runtime.buckets import RunnerShape
+  shape = RunnerShape(page_size=4, num_pages=64, max_decode_batch=4, max_prefill_batch=2,
+                      max_prefill_len=16, max_seq_len=32, min_prefill_len=4)
+  # Every measured time names its own shape, so a sum shows which shapes were used.
+  pre = {(b, t, w): b * 1e4 + t * 1e2 + w for b, t, w in shape.compiled_prefill_shapes()}
+  dec = {(b, w): b * 1e6 + w * 1e3 for b, w in shape.compiled_decode_shapes()}
+  m = L.ShapeTableLatencyModel(shape, pre, dec)
+  reqs = [Request(i, 10 + i, 8) for i in range(3)]
+  # Three chunks go in calls of two and one: batch 2, chunk bucket 16 (longest 11), 4
+  # pages from the lengths alone; then batch 1, bucket 8 (5 tokens), 4 pages (ends at 12).
+  step = Step([PrefillChunk(reqs[0], 0, 10), PrefillChunk(reqs[1], 0, 11),
+               PrefillChunk(reqs[2], 7, 12)], [])
+  assert m.step_time(step) == pre[2, 16, 4] + pre[1, 8, 4]
+  # With the pages each request holds (lifetime reservation), the tables widen.
+  held = {0: 5, 1: 5, 2: 7}
+  pages = lambda r: [0] * held[r.request_id]
+  assert m.step_time(step, pages) == pre[2, 16, 8] + pre[1, 8, 8]
+  # Decodes: 3 rows pad to batch 4; contexts 11..13 need 3 and 4 pages -> width 4.
+  for r in reqs:
+    r.num_prefilled, r.num_output = r.prompt_len, 1
+  assert m.step_time(Step([], reqs)) == dec[4, 4]
+  assert m.step_time(Step([PrefillChunk(reqs[0], 0, 10)], reqs[1:]), pages) == (
+      pre[1, 16, 8] + dec[2, 8])
+  assert m.decode_totals(3, 36) == dec[4, 4] and m.prefill_totals(2, 20, 200) == pre[2, 16, 4]
+  path = tmp_path / "table.json"
+  m.save(path)
+  assert L.latency_source(str(path), get_preset("tiny"), H.get_hardware("a100-80gb"))(1, 1) == m
+  with pytest.raises(ValueError, match="pp=2"):
+    L.latency_source(str(path), get_preset("tiny"), H.get_hardware("a100-80gb"))(1, 2)
+  with pytest.raises(ValueError, match=r"no measured decode program of shape \(8, 4\)"):
+    L.ShapeTableLatencyModel(shape, pre, {}).calls_time(decode_calls=[(8, 4)])
+  # Five decodes over the batch cap of 4 run as two calls, as the executor groups them.
+  five = [Request(i, 4, 4, num_prefilled=4, num_output=1) for i in range(5)]
+  assert m.step_time(Step([], five)) == dec[4, 2] + dec[1, 2]
+  with pytest.raises(ValueError, match="page-table width 9 exceeds"):
+    m.step_time(Step([], five), lambda r: [0] * 9)

@@ -91,9 +91,18 @@ def test_plan_splitwise_disaggregated_vs_colocated():
   best = {m: plan.best(m) for m in ("disaggregated", "semi_pd", "colocated")}
   assert all(c is not None and c.per_device > 0 for c in best.values())
   assert all(c.num_devices <= 8 for c in plan.candidates)
-  # On this trace, with DistServe's A100 figures, memory-bound decode gains more from
-  # pooling every GPU's HBM (colocated, semi-PD) than from isolating the phases: the
-  # disaggregated placement stays within a factor of two of colocation, below it.
+  # The issue expected disaggregation to win here; with DistServe's A100 figures it
+  # cannot. Decode alone at TPOT 0.1 s is bound by KV capacity and leaves compute
+  # idle, which colocation fills with prefills while the loose TPOT absorbs the
+  # interference. Even with ideal replica ratios, disaggregation's goodput per
+  # device is the harmonic combination of the phases' own, and that bound is below
+  # what a colocated instance serves.
+  def per_device(phase):
+    return max(g / (int(k[2:].split("pp")[0]) * int(k.split("pp")[1]))
+               for k, g in plan.phase_goodput[phase].items())
+  bound = 1 / (1 / per_device("prefill") + 1 / per_device("decode"))
+  assert best["disaggregated"].per_device <= bound * 1.05
+  assert bound < best["colocated"].per_device
   ratio = best["disaggregated"].per_device / best["colocated"].per_device
   assert 0.5 < ratio < 1.0
 

@@ -1,10 +1,12 @@
-"""absl app: time this library's prefill and decode programs and fit a latency model.
+"""absl app: time this library's prefill and decode programs into a latency model.
 
   python -m pdserve_jax.cli.profile --config=configs/profile_cpu.py \
-      --output_json=latency_cpu.json
+      --output_json=latency_cpu.json [--config.kind=shapes]
 
-Writes the fitted `PolynomialLatencyModel` (seconds) that `sim` and the planner read
-(`PolynomialLatencyModel.load`), with the raw samples beside it.
+Writes what `sim` and the planner read (`latency_source` with the JSON's path):
+with `kind=polynomial`, the fitted `PolynomialLatencyModel` (seconds) with the raw
+samples beside it; with `kind=shapes`, the `ShapeTableLatencyModel` of every
+compiled program shape of that instance.
 """
 
 import json
@@ -36,6 +38,15 @@ def runner_from_config(c) -> InstanceRunner:
 def main(_):
   c = flags.FLAGS.config
   runner = runner_from_config(c)
+  if c.kind == "shapes":
+    table = profiler.profile_shapes(runner, c.reps)
+    table.save(flags.FLAGS.output_json)
+    print(f"backend={jax.default_backend()} model={c.model} tp={c.tp}: {len(table.prefill)} "
+          f"prefill and {len(table.decode)} decode shapes timed")
+    print(f"wrote {os.path.abspath(flags.FLAGS.output_json)}")
+    return
+  if c.kind != "polynomial":
+    raise app.UsageError(f"kind must be 'polynomial' or 'shapes', got {c.kind!r}")
   fit, pre, dec = profiler.profile(runner, c.prefill_batches, c.prefill_lens,
                                    c.decode_batches, c.decode_contexts,
                                    c.max_prefill_tokens, c.reps)

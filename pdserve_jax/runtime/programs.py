@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import threading
 from typing import List, Optional, Sequence
 
@@ -30,7 +29,7 @@ import pallas_kernels
 from pdserve_jax.kv.pool import PagePool, SCRATCH_PAGE
 from pdserve_jax.model import llama, sharding
 from pdserve_jax.model.model import Model
-from pdserve_jax.runtime import buckets as bk
+from pdserve_jax.runtime.buckets import RunnerShape
 from pdserve_jax.runtime.sampling import sample
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -86,42 +85,6 @@ class SamplingRows:
 
   def arrays(self):
     return (self.temperature, self.top_k, self.top_p, self.seed, self.token_index)
-
-
-@dataclasses.dataclass(frozen=True)
-class RunnerShape:
-  """Sizes that fix an instance's buckets."""
-  page_size: int = 16
-  num_pages: int = 256
-  max_decode_batch: int = 32
-  max_prefill_batch: int = 8
-  max_prefill_len: int = 256  # longest chunk one prefill row carries
-  max_seq_len: int = 512  # prompt + output, bounds the page-table width
-  min_prefill_len: int = 16  # smallest chunk bucket
-  min_table_width: int = 1  # smallest page-table bucket (pages); raise it for fewer shapes
-
-  def __post_init__(self):
-    if self.max_seq_len % self.page_size:
-      raise ValueError(f"max_seq_len={self.max_seq_len} must be a multiple of "
-                       f"page_size={self.page_size}")
-
-  @property
-  def decode_batches(self):
-    return bk.powers_of_two(1, self.max_decode_batch)
-
-  @property
-  def prefill_batches(self):
-    return bk.powers_of_two(1, self.max_prefill_batch)
-
-  @property
-  def prefill_lens(self):
-    return bk.powers_of_two(min(self.min_prefill_len, self.max_prefill_len),
-                            self.max_prefill_len)
-
-  @property
-  def table_widths(self):
-    widest = self.max_seq_len // self.page_size
-    return bk.powers_of_two(min(self.min_table_width, widest), widest)
 
 
 def _write_positions(page_tables, positions, valid, page_size):
@@ -206,9 +169,7 @@ class InstanceRunner:
 
   # -- host-level calls ------------------------------------------------------
 
-  def _table(self, tables: Sequence[Sequence[int]], rows: int) -> np.ndarray:
-    need = max((len(t) for t in tables), default=1)
-    width = bk.bucket(max(need, 1), self.shape.table_widths, "page-table width")
+  def _table(self, tables: Sequence[Sequence[int]], rows: int, width: int) -> np.ndarray:
     out = np.full((rows, width), SCRATCH_PAGE, np.int32)
     for r, t in enumerate(tables):
       out[r, :len(t)] = t
@@ -220,16 +181,14 @@ class InstanceRunner:
     are the tokens sampled at each chunk's end (slice it on the host, after
     `np.asarray`: slicing on device would compile). Row r holds tokens at positions
     starts[r] .. starts[r] + len(chunks[r]) - 1 and its pages cover them."""
-    n = len(chunks)
-    B = bk.bucket(n, self.shape.prefill_batches, "prefill batch")
-    T = bk.bucket(max(len(c) for c in chunks), self.shape.prefill_lens, "prefill chunk length")
+    B, T, W = self.shape.prefill_shape([len(c) for c in chunks], [len(t) for t in page_tables])
     tokens = np.zeros((B, T), np.int32)
     lengths = np.zeros(B, np.int32)
     st = np.zeros(B, np.int32)
     for r, c in enumerate(chunks):
       tokens[r, :len(c)] = c
       lengths[r], st[r] = len(c), starts[r]
-    tables = self._table(page_tables, B)
+    tables = self._table(page_tables, B, W)
     self.pool.arrays, out = self._prefill(self.params, self.pool.arrays, tokens, st, lengths,
                                           tables, *sampling.padded(B).arrays())
     return out
@@ -239,26 +198,21 @@ class InstanceRunner:
     """One decode step; row r feeds `tokens[r]` at `positions[r]`. Returns a device
     array whose first `len(tokens)` entries are the next tokens."""
     n = len(tokens)
-    B = bk.bucket(n, self.shape.decode_batches, "decode batch")
+    B, W = self.shape.decode_shape([len(t) for t in page_tables])
     tok = np.zeros(B, np.int32)
     pos = np.zeros(B, np.int32)
     active = np.zeros(B, bool)
     tok[:n], pos[:n], active[:n] = tokens, positions, True
-    tables = self._table(page_tables, B)
+    tables = self._table(page_tables, B, W)
     self.pool.arrays, out = self._decode(self.params, self.pool.arrays, tok, pos, active,
                                          tables, *sampling.padded(B).arrays())
     return out
 
   def warmup(self, prefill: bool = True, decode: bool = True) -> int:
     """Compiles every bucket by running it on scratch data; returns how many shapes."""
-    s, count = self.shape, 0
-    widths = s.table_widths
+    count = 0
     if prefill:
-      lens = s.prefill_lens
-      for B, (j, T), W in itertools.product(s.prefill_batches, enumerate(lens), widths):
-        shortest = lens[j - 1] + 1 if j else 1  # the shortest chunk padded to T
-        if shortest > W * s.page_size:
-          continue  # no chunk of this bucket fits in W pages
+      for B, T, W in self.shape.compiled_prefill_shapes():
         z = np.zeros((B, T), np.int32)
         zb = np.zeros(B, np.int32)
         self.pool.arrays, out = self._prefill(
@@ -266,7 +220,7 @@ class InstanceRunner:
             *SamplingRows.greedy(B).arrays())
         count += 1
     if decode:
-      for B, W in itertools.product(s.decode_batches, widths):
+      for B, W in self.shape.compiled_decode_shapes():
         zb = np.zeros(B, np.int32)
         self.pool.arrays, out = self._decode(
             self.params, self.pool.arrays, zb, zb, np.zeros(B, bool),

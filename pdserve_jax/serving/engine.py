@@ -13,7 +13,8 @@
 
 One engine thread owns every scheduler and allocator. It launches steps on every
 mesh before waiting on any (JAX dispatch is asynchronous, so meshes and transfers
-overlap), then folds finished steps back into the schedulers. Callers talk to it
+overlap), sleeps on its inbox until a submission arrives or a `Watcher` rings that
+some step or KV copy finished, then folds finished work back into the schedulers. Callers talk to it
 through a queue: `submit` (streaming handle), `generate` (batch), `run_workload`
 (arrivals replayed on the wall clock). Bad requests are rejected at `submit` with a
 ValueError and never reach the engine thread.
@@ -38,7 +39,7 @@ from pdserve_jax.model.model import Model
 from pdserve_jax.runtime import buckets as bk
 from pdserve_jax.runtime.programs import InstanceRunner, RunnerShape
 from pdserve_jax.serving import metrics
-from pdserve_jax.serving.executor import Job, StepRunner, wall_clock
+from pdserve_jax.serving.executor import Job, StepRecord, StepRunner, Watcher, wall_clock
 from pdserve_jax.serving.params import SamplingParams
 from pdserve_jax.serving.request import Request
 from pdserve_jax.serving.scheduler import (DECODE, PREFILL, ChunkedPrefillScheduler,
@@ -78,6 +79,7 @@ class EngineConfig:
   hysteresis: float = 0.1
   attn_impl: str = "auto"
   warmup: bool = True
+  log_steps: bool = False  # keep a `StepRecord` of every step (`Engine.step_log`)
   # Smallest shape buckets: raising them trades padding for fewer compiled shapes.
   min_prefill_bucket: int = 16
   min_pages_bucket: int = 1
@@ -188,7 +190,7 @@ class WorkloadReport:
 class _Colocated:
   transfers = ()  # KV copies in flight (disaggregated only)
 
-  def __init__(self, cfg: EngineConfig, model: Model, clock):
+  def __init__(self, cfg: EngineConfig, model: Model, clock, watcher):
     mesh = sharding.split_devices([cfg.tp])[0]
     runner = InstanceRunner(model, mesh, cfg.runner_shape(), cfg.attn_impl)
     alloc = PageAllocator(cfg.num_pages, cfg.page_size, reserved=1)
@@ -196,7 +198,7 @@ class _Colocated:
       sched = ChunkedPrefillScheduler(alloc, cfg.max_batch, cfg.token_budget)
     else:
       sched = PrefillFirstScheduler(alloc, cfg.max_batch, cfg.max_prefill_tokens)
-    self.runners = [StepRunner("colocated", runner, sched, clock)]
+    self.runners = [StepRunner("colocated", runner, sched, clock, watcher("colocated"))]
 
   def add(self, req: Request) -> None:
     self.runners[0].scheduler.add(req)
@@ -221,7 +223,7 @@ class _Colocated:
 
 class _Disaggregated:
 
-  def __init__(self, cfg: EngineConfig, model: Model, clock):
+  def __init__(self, cfg: EngineConfig, model: Model, clock, watcher):
     sizes = [cfg.prefill_tp] * cfg.num_prefill + [cfg.decode_tp] * cfg.num_decode
     meshes = sharding.split_devices(sizes)
     shape = cfg.runner_shape()
@@ -231,11 +233,15 @@ class _Disaggregated:
       alloc = PageAllocator(cfg.num_pages, cfg.page_size, reserved=1)
       if i < cfg.num_prefill:
         sched = PrefillScheduler(alloc, cfg.max_batch, cfg.max_prefill_tokens)
-        self.prefills.append(StepRunner(f"prefill{i}", runner, sched, clock))
+        name = f"prefill{i}"
+        self.prefills.append(StepRunner(name, runner, sched, clock, watcher(name)))
       else:
         sched = DecodeScheduler(alloc, cfg.max_batch)
-        self.decodes.append(StepRunner(f"decode{i - cfg.num_prefill}", runner, sched, clock))
+        name = f"decode{i - cfg.num_prefill}"
+        self.decodes.append(StepRunner(name, runner, sched, clock, watcher(name)))
     self.runners = self.prefills + self.decodes
+    # Copies into one decode pool finish in the order they were issued.
+    self.copy_watchers = {sr: watcher(f"{sr.name}-copies") for sr in self.decodes}
     self.page_buckets = bk.powers_of_two(1, cfg.max_seq_len // cfg.page_size)
     self.transfers = []  # (request, prefill StepRunner, decode StepRunner, moved buffer)
 
@@ -268,7 +274,9 @@ class _Disaggregated:
       dst = decode_scheds[dst_sched]
       src.scheduler.take_handoff()
       dst_sched.reserve(req)
-      self.transfers.append((req, src, dst, self._transfer(req, src, dst)))
+      moved = self._transfer(req, src, dst)
+      self.copy_watchers[dst].watch(moved)
+      self.transfers.append((req, src, dst, moved))
       started = True
 
   def _finish_transfers(self) -> bool:
@@ -317,13 +325,15 @@ class _Disaggregated:
 class _SemiPD:
   transfers = ()
 
-  def __init__(self, cfg: EngineConfig, model: Model, clock):
+  def __init__(self, cfg: EngineConfig, model: Model, clock, watcher):
     mesh = sharding.split_devices([cfg.tp])[0]
     runner = InstanceRunner(model, mesh, cfg.runner_shape(), cfg.attn_impl)
     alloc = PageAllocator(cfg.num_pages, cfg.page_size, reserved=1)
+    steps = watcher("semi_pd")  # one step in flight at a time, either phase
     self.prefill = StepRunner("prefill", runner, PrefillScheduler(
-        alloc, cfg.max_batch, cfg.max_prefill_tokens, reserve_lifetime=True), clock)
-    self.decode = StepRunner("decode", runner, DecodeScheduler(alloc, cfg.max_batch), clock)
+        alloc, cfg.max_batch, cfg.max_prefill_tokens, reserve_lifetime=True), clock, steps)
+    self.decode = StepRunner("decode", runner, DecodeScheduler(alloc, cfg.max_batch), clock,
+                             steps)
     self.runners = [self.prefill, self.decode]
     self.controller = ShareController(cfg.prefill_share)
     self.partitioner = SloPartitioner(
@@ -369,6 +379,7 @@ class _SemiPD:
     return self.partitioner.history
 
 
+_WAKE = object()  # a watcher's ring: some step or copy finished
 _MODES = {"colocated": _Colocated, "disaggregated": _Disaggregated, "semi_pd": _SemiPD}
 
 
@@ -385,11 +396,16 @@ class Engine:
     self.model, self.config = model, config
     self._epoch = time.perf_counter()
     self.clock = wall_clock(self._epoch)
-    self._mode = _MODES[config.mode](config, model, self.clock)
+    self._inbox: "queue.Queue" = queue.Queue()
+    self._watchers: List[Watcher] = []
+    self._mode = _MODES[config.mode](config, model, self.clock, self._watcher)
     if config.warmup:
       self._mode.warmup()
+    self.step_log: List[StepRecord] = []
+    if config.log_steps:
+      for sr in self._mode.runners:
+        sr.log = self.step_log
     self._ids = itertools.count()
-    self._inbox: "queue.Queue" = queue.Queue()
     self._live: Dict[int, Request] = {}
     self._closing = False
     self._error: Optional[BaseException] = None
@@ -488,6 +504,8 @@ class Engine:
     self._closing = True
     self._inbox.put(None)
     self._thread.join()
+    for w in self._watchers:
+      w.close()
 
   def __enter__(self):
     return self
@@ -496,6 +514,11 @@ class Engine:
     self.close()
 
   # -- the engine thread -----------------------------------------------------
+
+  def _watcher(self, name: str) -> Watcher:
+    w = Watcher(lambda: self._inbox.put(_WAKE), f"pdserve-watch-{name}")
+    self._watchers.append(w)
+    return w
 
   def _accept(self, req: Request) -> None:
     try:
@@ -507,9 +530,10 @@ class Engine:
 
   def _drain(self, block: bool) -> None:
     try:
-      item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
+      # The timeout only bounds the cost of a lost wake-up.
+      item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
       while True:
-        if item is not None:
+        if isinstance(item, Request):
           self._accept(item)
         item = self._inbox.get_nowait()
     except queue.Empty:
@@ -525,14 +549,10 @@ class Engine:
           r.payload.end()
         if progress:
           continue
-        oldest = min((sr.inflight for sr in self._mode.runners if sr.inflight is not None),
-                     key=lambda l: l.started, default=None)
-        if oldest is not None:
-          oldest.wait()
-        elif self._live and not self._mode.transfers:
+        busy = any(sr.inflight is not None for sr in self._mode.runners)
+        if self._live and not busy and not self._mode.transfers:
           raise RuntimeError(f"{len(self._live)} requests are stuck: nothing can be scheduled")
-        else:
-          self._drain(block=True)
+        self._drain(block=True)  # until a submission, or a watcher's ring
     except BaseException as e:  # a failing program must not leave callers hanging
       self._error = e
       for r in self._live.values():

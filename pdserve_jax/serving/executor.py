@@ -6,6 +6,11 @@ asynchronously), so the engine loop can launch work on every mesh before waiting
 on any; `poll` turns finished device results into tokens, marks stop tokens, and
 hands the step back to the scheduler with the wall-clock time it was seen done.
 
+Each `StepRunner` has a `Watcher`, a thread that blocks until its step's results
+are ready and then rings the engine's doorbell, so the one engine thread can sleep
+until any instance (or KV copy) finishes instead of waiting on one of them while
+another has finished.
+
 The scheduler decides; this module only translates a `Step` into program rows
 (prompt slices, positions, page tables, sampling rows) and tokens back into
 request state. Request payloads are `Job`s.
@@ -19,8 +24,10 @@ import threading
 import time
 from typing import List, Optional
 
+import jax
 import numpy as np
 
+from pdserve_jax.runtime.buckets import groups
 from pdserve_jax.runtime.programs import InstanceRunner, SamplingRows
 from pdserve_jax.serving.params import SamplingParams
 from pdserve_jax.serving.request import Request
@@ -57,8 +64,41 @@ def _sampling_rows(reqs: List[Request], token_index: List[int]) -> SamplingRows:
       np.array(token_index, np.int32))
 
 
-def _groups(items, size):
-  return [items[i:i + size] for i in range(0, len(items), size)]
+class Watcher:
+  """A daemon thread that waits for device arrays, in the order given, and calls
+  `ring()` as each set is ready."""
+
+  def __init__(self, ring, name: str):
+    self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
+    self._ring = ring
+    threading.Thread(target=self._run, name=name, daemon=True).start()
+
+  def watch(self, arrays) -> None:
+    self._queue.put(arrays)
+
+  def close(self) -> None:
+    self._queue.put(None)
+
+  def _run(self) -> None:
+    while (arrays := self._queue.get()) is not None:
+      try:
+        jax.block_until_ready(arrays)
+      except Exception:  # noqa: BLE001 - the engine thread meets the error when it reads
+        pass
+      self._ring()
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+  """One finished step as it ran: which instance, when (engine clock, seconds; the
+  end is when the engine saw it done), and the shape bucket of each program call,
+  (batch, chunk length, table width) for prefill and (batch, table width) for
+  decode."""
+  instance: str
+  started: float
+  finished: float
+  prefill_calls: tuple
+  decode_calls: tuple
 
 
 @dataclasses.dataclass
@@ -67,6 +107,7 @@ class Launched:
   started: float
   prefill_outs: list  # (chunks, device tokens)
   decode_outs: list  # (requests, device tokens)
+  calls: tuple = ((), ())  # program shapes, when the runner keeps a log
 
   def ready(self) -> bool:
     return all(out.is_ready() for _, out in self.prefill_outs + self.decode_outs)
@@ -79,9 +120,12 @@ class Launched:
 class StepRunner:
   """One scheduler driving one instance's programs, one step in flight at a time."""
 
-  def __init__(self, name: str, runner: InstanceRunner, scheduler, clock):
+  def __init__(self, name: str, runner: InstanceRunner, scheduler, clock,
+               watcher: Optional[Watcher] = None):
     self.name, self.runner, self.scheduler, self.clock = name, runner, scheduler, clock
+    self.watcher = watcher
     self.inflight: Optional[Launched] = None
+    self.log: Optional[List[StepRecord]] = None  # a list to append records to, if any
 
   @property
   def allocator(self):
@@ -89,19 +133,29 @@ class StepRunner:
 
   def launch(self, step: Step) -> Launched:
     runner, pages = self.runner, self.allocator.pages
+    started = self.clock()  # the host's share of a step counts: it is serving time too
     prefill_outs, decode_outs = [], []
-    for group in _groups(step.prefills, runner.shape.max_prefill_batch):
+    for group in groups(step.prefills, runner.shape.max_prefill_batch):
       reqs = [c.request for c in group]
       out = runner.prefill([r.payload.prompt[c.start:c.end] for r, c in zip(reqs, group)],
                            [c.start for c in group], [pages(r) for r in reqs],
                            _sampling_rows(reqs, [0] * len(reqs)))
       prefill_outs.append((group, out))
-    for group in _groups(step.decodes, runner.shape.max_decode_batch):
+    for group in groups(step.decodes, runner.shape.max_decode_batch):
       out = runner.decode([r.payload.tokens[-1] for r in group], [r.kv_len for r in group],
                           [pages(r) for r in group],
                           _sampling_rows(group, [r.num_output for r in group]))
       decode_outs.append((group, out))
-    self.inflight = Launched(step, self.clock(), prefill_outs, decode_outs)
+    self.inflight = Launched(step, started, prefill_outs, decode_outs)
+    if self.log is not None:
+      shape = runner.shape
+      self.inflight.calls = (
+          tuple(shape.prefill_shape([c.end - c.start for c in g], [len(pages(c.request))
+                                                                  for c in g])
+                for g, _ in prefill_outs),
+          tuple(shape.decode_shape([len(pages(r)) for r in g]) for g, _ in decode_outs))
+    if self.watcher is not None:
+      self.watcher.watch([out for _, out in prefill_outs + decode_outs])
     return self.inflight
 
   def try_launch(self) -> bool:
@@ -132,6 +186,8 @@ class StepRunner:
         _take(r, int(toks[i]))
     self.inflight = None
     self.last_step_seconds = now - launched.started
+    if self.log is not None:
+      self.log.append(StepRecord(self.name, launched.started, now, *launched.calls))
     return self.scheduler.complete(launched.step, now)
 
 

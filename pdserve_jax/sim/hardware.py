@@ -27,6 +27,9 @@ class HardwareSpec:
   intra_node_bw: float    # bytes/s per direction
   inter_node_bw: float    # bytes/s per direction
   devices_per_node: int
+  # Fixed seconds per KV copy beside its bytes / bandwidth (launching the copy and
+  # the programs around it); 0 in the datasheet specs, profiled for a host.
+  link_latency_s: float = 0.0
 
   def link_bandwidth(self, same_node: bool) -> float:
     return self.intra_node_bw if same_node else self.inter_node_bw

@@ -11,6 +11,10 @@ Three families behind one interface (`LatencyModel`):
     batch's context tokens and B its size, one coefficient set below a batch-size
     threshold and one at or above it. Loadable from DistServe's JSON, fitted by
     `fit_polynomial` from profiles, saved as JSON.
+  * `ShapeTableLatencyModel`: this library's engine as measured, one time per
+    compiled program shape, a step costing the calls the runner makes for it
+    (same groups, same buckets). Exact for the instance it was profiled on, and
+    for nothing else: it knows no other model, tp or pp.
   * `ShareScaling`: semi-PD's slowdown of a phase given a share s of the device's
     compute, t_100 * (alpha / s + beta).
 
@@ -28,7 +32,9 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from pdserve_jax.kv.allocator import pages_for
 from pdserve_jax.model.config import ModelConfig
+from pdserve_jax.runtime.buckets import RunnerShape, groups
 from pdserve_jax.serving.scheduler import Step
 from pdserve_jax.sim.hardware import HardwareSpec
 
@@ -78,8 +84,9 @@ class LatencyModel:
     attends over (its cached KV plus the token being fed)."""
     return self.decode_totals(len(context_lens), sum(context_lens))
 
-  def step_time(self, step: Step) -> float:
-    """Seconds for a scheduler `Step`."""
+  def step_time(self, step: Step, pages=None) -> float:
+    """Seconds for a scheduler `Step`. `pages(request)` lists a request's KV pages
+    (its allocator's `pages`), for models that see page-table widths."""
     if not step.prefills:
       return self.decode_totals(len(step.decodes), step.decode_context)
     s = s2 = 0
@@ -90,6 +97,87 @@ class LatencyModel:
       return self.prefill_totals(len(step.prefills), s, s2)
     return self.mixed_totals(len(step.prefills), s, s2, len(step.decodes),
                              step.decode_context)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeTableLatencyModel(LatencyModel):
+  """Measured seconds per compiled program shape of one engine instance.
+
+  A step costs the program calls `serving.executor` makes for it: prompt chunks in
+  groups of `max_prefill_batch`, decodes in groups of `max_decode_batch`, each call
+  at the (batch, length, page-table width) bucket the runner pads it to. Page-table
+  widths count the pages a request holds (`pages` in `step_time`), which with
+  lifetime reservation exceed what its context needs; without `pages`, and in the
+  `*_totals` methods (equal rows assumed), only the context's pages are counted.
+  """
+  shape: RunnerShape
+  prefill: dict  # (batch, chunk length, table width) -> s
+  decode: dict  # (batch, table width) -> s
+
+  def _lookup(self, table, key, what):
+    try:
+      return table[key]
+    except KeyError:
+      raise ValueError(f"no measured {what} program of shape {key}; measured: "
+                       f"{sorted(table)}") from None
+
+  def calls_time(self, prefill_calls=(), decode_calls=()) -> float:
+    """Seconds for these program calls, given by shape (as `StepRecord`s hold them)."""
+    return (sum(self._lookup(self.prefill, tuple(k), "prefill") for k in prefill_calls)
+            + sum(self._lookup(self.decode, tuple(k), "decode") for k in decode_calls))
+
+  def _prefill_calls(self, chunk_lens, page_counts) -> float:
+    n = self.shape.max_prefill_batch
+    return self.calls_time(prefill_calls=[
+        self.shape.prefill_shape(l, w) for l, w in zip(groups(chunk_lens, n),
+                                                        groups(page_counts, n))])
+
+  def _decode_calls(self, page_counts) -> float:
+    return self.calls_time(decode_calls=[
+        self.shape.decode_shape(w) for w in groups(page_counts, self.shape.max_decode_batch)])
+
+  def step_time(self, step: Step, pages=None) -> float:
+    size = self.shape.page_size
+    count = (lambda r, tokens: len(pages(r))) if pages else (
+        lambda r, tokens: pages_for(tokens, size))
+    t = 0.0
+    if step.prefills:
+      t += self._prefill_calls([c.end - c.start for c in step.prefills],
+                               [count(c.request, c.end) for c in step.prefills])
+    if step.decodes:
+      t += self._decode_calls([count(r, r.num_prefilled + r.num_output) for r in step.decodes])
+    return t
+
+  def prefill_totals(self, num_seqs, tokens, sq_tokens):
+    # Equal chunks starting at 0 (sq_tokens is implied by them).
+    l = max(1, tokens // num_seqs)
+    return self._prefill_calls([l] * num_seqs, [pages_for(l, self.shape.page_size)] * num_seqs)
+
+  def decode_totals(self, batch, context):
+    w = pages_for(max(1, context // batch), self.shape.page_size)
+    return self._decode_calls([w] * batch)
+
+  def mixed_totals(self, num_seqs, tokens, sq_tokens, batch, context):
+    return self.prefill_totals(num_seqs, tokens, sq_tokens) + self.decode_totals(batch, context)
+
+  def to_json(self) -> str:
+    return json.dumps({"kind": "shape_table", "unit": "s",
+                       "shape": dataclasses.asdict(self.shape),
+                       "prefill": [[*k, v] for k, v in sorted(self.prefill.items())],
+                       "decode": [[*k, v] for k, v in sorted(self.decode.items())]}, indent=1)
+
+  @classmethod
+  def from_json(cls, text: str) -> ShapeTableLatencyModel:
+    d = json.loads(text)
+    if d.get("kind") != "shape_table" or d.get("unit") != "s":
+      raise ValueError("not a shape-table latency model in seconds: kind="
+                       f"{d.get('kind')!r}, unit={d.get('unit')!r}")
+    return cls(RunnerShape(**d["shape"]), {tuple(r[:3]): float(r[3]) for r in d["prefill"]},
+               {tuple(r[:2]): float(r[2]) for r in d["decode"]})
+
+  def save(self, path: str) -> None:
+    with open(path, "w") as f:
+      f.write(self.to_json())
 
 
 def _triple(x) -> tuple[float, float, float]:
@@ -405,10 +493,11 @@ def latency_source(kind: str, model: ModelConfig, hardware: HardwareSpec,
 
   Args:
     kind: "distserve" (DistServe's A100-80GB figures, OPT-13B/66B only),
-      "roofline" (analytic, any model and hardware), or the path of a fitted
-      polynomial JSON (`PolynomialLatencyModel.save`); a fitted model describes the
-      tp it was profiled at and is returned for every tp, so plan with that tp
-      alone; pp divides its times DistServe's way.
+      "roofline" (analytic, any model and hardware), or the path of a profiled
+      JSON: a polynomial (`PolynomialLatencyModel.save`), which describes the tp it
+      was profiled at and is returned for every tp (so plan with that tp alone), pp
+      dividing its times DistServe's way; or a shape table
+      (`ShapeTableLatencyModel.save`), for the one instance it measured (pp = 1).
     model, hardware: what runs.
     roofline_kw: efficiency factors of `RooflineLatencyModel`.
   """
@@ -420,5 +509,15 @@ def latency_source(kind: str, model: ModelConfig, hardware: HardwareSpec,
     return lambda tp, pp: distserve_a100(model.name, tp, pp)
   if kind == "roofline":
     return lambda tp, pp: RooflineLatencyModel(model, hardware, tp, pp, **roofline_kw)
-  fitted = PolynomialLatencyModel.load(kind)
+  with open(kind) as f:
+    text = f.read()
+  if json.loads(text).get("kind") == "shape_table":
+    table = ShapeTableLatencyModel.from_json(text)
+
+    def measured(tp, pp):
+      if pp != 1:
+        raise ValueError(f"{kind} measured one instance without pipeline stages; pp={pp}")
+      return table
+    return measured
+  fitted = PolynomialLatencyModel.from_json(text)
   return lambda tp, pp: fitted.with_pp(pp)

@@ -1,11 +1,17 @@
-"""Profiles this library's real prefill and decode programs and fits a latency model.
+"""Profiles this library's real prefill and decode programs into latency models.
 
-Runs an `InstanceRunner`'s programs on the current backend over a grid of batch
-sizes and lengths, timing each call end to end (host padding, dispatch, the program,
-reading tokens back: what a serving step costs), and fits DistServe's polynomial
-form to the medians. The result is the latency model the simulator uses to predict
-this machine's engine. Timings inherit the runner's shape buckets: a prompt of 40
-tokens costs what its bucket costs, which the fit averages over.
+Times an `InstanceRunner`'s calls on the current backend end to end (host padding,
+dispatch, the program, reading tokens back: what a serving step costs), two ways:
+
+  * `profile`: over a grid of batch sizes and lengths, fitting DistServe's
+    polynomial form to the medians. Portable across batch shapes and, with pp,
+    across pipelines, but it averages the runner's bucket padding away.
+  * `profile_shapes`: every compiled program shape once, into a
+    `ShapeTableLatencyModel` that reproduces the runner's padding exactly. This is
+    what predicts this machine's engine (`benchmarks/sim_vs_engine.py`).
+
+`profile_transfers` times KV copies between two pools (a disaggregated engine's
+hand-off) and fits a fixed cost and a bandwidth.
 """
 
 from __future__ import annotations
@@ -15,11 +21,14 @@ import itertools
 import time
 from typing import Sequence, Tuple
 
+import jax
 import numpy as np
 
 from pdserve_jax.kv.allocator import PageAllocator
+from pdserve_jax.kv.pool import PagePool, transfer_pages
 from pdserve_jax.runtime.programs import InstanceRunner, SamplingRows
-from pdserve_jax.sim.latency import PolynomialLatencyModel, fit_polynomial
+from pdserve_jax.sim.latency import (PolynomialLatencyModel, ShapeTableLatencyModel,
+                                     fit_polynomial)
 
 
 def median_time(fn, reps: int, warm: int = 3) -> float:
@@ -87,3 +96,44 @@ def profile(runner: InstanceRunner, prefill_batches, prefill_lens, decode_batche
                             grid(decode_batches, decode_contexts, (runner.shape.num_pages - 1)
                                  * runner.shape.page_size), reps)
   return fit(pre, dec), pre, dec
+
+
+def profile_shapes(runner: InstanceRunner, reps: int = 5, prefill: bool = True,
+                   decode: bool = True) -> ShapeTableLatencyModel:
+  """Times every compiled prefill and decode shape of `runner` (either phase may
+  be left out, as for one side of a disaggregated pair)."""
+  shape = runner.shape
+  usable, size = shape.num_pages - 1, shape.page_size
+
+  def tables(batch, width):
+    # Any pages do: a call reads and writes whole tables whatever they hold.
+    return [[1 + (r * width + j) % usable for j in range(width)] for r in range(batch)]
+
+  pre, dec = {}, {}
+  for B, T, W in (shape.compiled_prefill_shapes() if prefill else []):
+    # The longest chunk of bucket T that fits W pages still lands in bucket T.
+    chunks = [[1] * min(T, W * size)] * B
+    rows, tab = SamplingRows.greedy(B), tables(B, W)
+    pre[B, T, W] = median_time(
+        lambda: np.asarray(runner.prefill(chunks, [0] * B, tab, rows)), reps)
+  for B, W in (shape.compiled_decode_shapes() if decode else []):
+    rows, tab = SamplingRows.greedy(B), tables(B, W)
+    dec[B, W] = median_time(
+        lambda: np.asarray(runner.decode([1] * B, [W * size - 1] * B, tab, rows)), reps)
+  return ShapeTableLatencyModel(shape, pre, dec)
+
+
+def profile_transfers(src: PagePool, dst: PagePool, page_counts: Sequence[int],
+                      reps: int = 5) -> Tuple[float, float]:
+  """Times `transfer_pages` from `src` to `dst` for each page count (copies land
+  in the scratch page); returns (fixed seconds, bytes/s) fitted by least squares."""
+  page_bytes = src.bytes / src.num_pages
+  xs, ts = [], []
+  for n in page_counts:
+    pages = np.zeros(n, np.int32)
+    ts.append(median_time(lambda: jax.block_until_ready(transfer_pages(src, pages, dst, pages)),
+                          reps))
+    xs.append(n * page_bytes)
+  slope, fixed = np.polyfit(xs, ts, 1) if len(set(xs)) > 1 else (0.0, ts[0])
+  # A flat or negative slope means the bytes cost nothing measurable here.
+  return max(float(fixed), 0.0), (1.0 / slope if slope > 0 else float("inf"))

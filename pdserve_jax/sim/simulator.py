@@ -245,7 +245,7 @@ class _Engine:
     step = self.sched.schedule()
     if step is None:
       return
-    stage = self.model.step_time(step)
+    stage = self.model.step_time(step, self.sched.allocator.pages)
     if self.factor is not None:
       stage *= self.factor()
     pipe.free_at = now + stage
@@ -297,7 +297,7 @@ class _TimeShared:
         break
     else:
       return
-    dur = self.model.step_time(step)
+    dur = self.model.step_time(step, sched.allocator.pages)
     self.ctrl.record(phase, dur)
     self.step = step
     self.busy_time += dur
@@ -427,6 +427,7 @@ def _disaggregated(reqs, setup, dep, sim, ttft_slo, tpot_slo):
   # Each device pair moves its shard of the KV at once.
   bw = setup.hardware.link_bandwidth(dep.same_node) * min(pspec.num_devices,
                                                           dspec.num_devices)
+  link_latency = setup.hardware.link_latency_s
   budget = _budget(pspec, reqs)
   prefills, decodes, pipes = [], [], []
 
@@ -441,7 +442,8 @@ def _disaggregated(reqs, setup, dep, sim, ttft_slo, tpot_slo):
           break
         d.sched.reserve(head)
         sched.take_handoff()
-        sim.at(now + transfer_time(head.prompt_len * kv_bytes, bw), copied, (head, p, d))
+        sim.at(now + transfer_time(head.prompt_len * kv_bytes, bw, link_latency),
+               copied, (head, p, d))
 
   def copied(now, arg):
     req, p, d = arg

@@ -1,0 +1,76 @@
+"""The profiler on real programs: the profile CLI's two latency models and KV copy
+timing, read back by the simulator."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import pdserve_jax as pdj
+from pdserve_jax.model import sharding
+from pdserve_jax.runtime.programs import InstanceRunner, RunnerShape, SamplingRows
+from pdserve_jax.sim import hardware as H
+from pdserve_jax.sim import latency as L
+from pdserve_jax.sim import profiler
+from pdserve_jax.sim import simulator as sim
+from pdserve_jax import workloads as W
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+SMALL_GRID = ["--config.model=tiny", "--config.reps=2", "--config.num_pages=32",
+              "--config.max_batch=4", "--config.max_prefill_batch=2", "--config.max_seq_len=64",
+              "--config.prefill_batches=(1, 2)", "--config.prefill_lens=(16, 24, 40, 48)",
+              "--config.max_prefill_tokens=96", "--config.decode_batches=(1, 2, 3, 4)",
+              "--config.decode_contexts=(8, 24, 40, 64)"]
+
+
+@pytest.mark.parametrize("kind", ["polynomial", "shapes"])
+def test_profile_cli_writes_what_the_simulator_reads(tmp_path, kind):
+  out = tmp_path / f"{kind}.json"
+  proc = subprocess.run([sys.executable, "-m", "pdserve_jax.cli.profile",
+                         "--config=configs/profile_cpu.py", f"--config.kind={kind}",
+                         f"--output_json={out}", *SMALL_GRID],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  d = json.loads(out.read_text())
+  assert d["kind"] == ("polynomial" if kind == "polynomial" else "shape_table")
+  model = pdj.get_preset("tiny")
+  latency = L.latency_source(str(out), model, H.get_hardware("a100-80gb"))
+  if kind == "polynomial":
+    assert len(d["prefill_samples"]) == 8 and len(d["decode_samples"]) == 16
+    assert "median relative error" in proc.stdout
+  else:
+    table = latency(1, 1)
+    assert set(table.decode) == set(table.shape.compiled_decode_shapes())
+    assert all(t > 0 for t in list(table.prefill.values()) + list(table.decode.values()))
+  setup = sim.Setup(model, H.get_hardware("a100-80gb"), latency, kv_tokens=31 * 16)
+  reqs = W.synthetic(20, 5.0, W.Uniform(8, 40), W.Uniform(2, 20), seed=0)
+  res = sim.simulate(reqs, setup, sim.Colocated(sim.InstanceSpec(1, 1, 4, 96)))
+  assert all(r.finish_time is not None for r in res.requests)
+
+
+def test_shape_table_predicts_a_call_it_did_not_time():
+  model = pdj.random_model(pdj.get_preset("tiny"), seed=0)
+  shape = RunnerShape(page_size=8, num_pages=40, max_decode_batch=4, max_prefill_batch=2,
+                      max_prefill_len=32, max_seq_len=64, min_prefill_len=16)
+  runner = InstanceRunner(model, sharding.split_devices([1])[0], shape)
+  runner.warmup()
+  table = profiler.profile_shapes(runner, reps=5)
+  assert set(table.prefill) == set(shape.compiled_prefill_shapes())
+  # Three decode rows with ragged tables run as the (4, 4) bucket: one median away.
+  tables = [[1, 2], [3, 4, 5], [6, 7, 8, 9]]
+  t = profiler.median_time(lambda: np.asarray(runner.decode(
+      [1, 2, 3], [10, 20, 30], tables, SamplingRows.greedy(3))), reps=9)
+  assert 0.5 < t / table.decode[4, 4] < 2.0
+
+
+def test_profile_transfers_between_meshes():
+  model = pdj.random_model(pdj.get_preset("tiny"), seed=0)
+  a, b = sharding.split_devices([1, 2])
+  shape = RunnerShape(page_size=8, num_pages=40, max_seq_len=64)
+  src, dst = InstanceRunner(model, a, shape), InstanceRunner(model, b, shape)
+  fixed, bandwidth = profiler.profile_transfers(src.pool, dst.pool, (1, 2, 4, 8), reps=3)
+  assert 0 <= fixed < 1.0 and bandwidth > 0
+  assert L.transfer_time(8 * src.pool.bytes / 40, bandwidth, fixed) > 0
