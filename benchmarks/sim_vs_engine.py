@@ -2,8 +2,9 @@
 and through the simulator with a latency model profiled here, per serving mode.
 
 The engine's instances are profiled with `sim.profiler.profile_shapes` (every
-compiled program shape of the same runners, right before they serve), that table
-is the simulator's latency model, the simulator gets the engine's pool size and
+compiled program shape of the same runners, right before they serve) and the
+loop's host time per step is read from a closed batch of other requests
+(`profiler.step_overhead`); that is the simulator's latency model, the simulator gets the engine's pool size and
 batch limits, and both serve the same requests. Prints median TTFT and TPOT side
 by side and their relative differences.
 
@@ -53,6 +54,9 @@ MODES = {
 }
 
 
+CALIBRATION_PROMPTS = [[7] * n for n in range(16, 129, 8)]
+
+
 def deployment(mode: str, e: dict):
   inst = sim.InstanceSpec(1, 1, e["max_batch"], e["max_prefill_tokens"])
   if mode == "prefill_first":
@@ -69,6 +73,7 @@ def deployment(mode: str, e: dict):
 def step_model_error(records, latency) -> float:
   """Median of measured / predicted step time over the engine's steps, minus one:
   how far this run's machine strayed from the profile (noise, other tenants)."""
+  # A record spans a step's calls, not the loop's time between steps.
   ratios = [(r.finished - r.started) / latency.calls_time(r.prefill_calls, r.decode_calls)
             for r in records]
   return float(np.median(ratios)) - 1
@@ -80,28 +85,38 @@ def compare(model, mode, reqs, engine_fields=ENGINE):
   cfg = pdj.EngineConfig(**engine_fields, **MODES[mode], log_steps=True)
   with pdj.Engine(model, cfg) as engine:
     runners = engine._mode.runners
-    copy_s, copy_bw = 0.0, float("inf")
+    copy_s, copy_bw, overlap = 0.0, float("inf"), 1.0
     if mode == "disaggregated":  # one table from both sides, each timed on its own mesh
       pre = profiler.profile_shapes(runners[0].runner, decode=False)
       dec = profiler.profile_shapes(runners[1].runner, prefill=False)
       latency = dataclasses.replace(pre, decode=dec.decode)
       copy_s, copy_bw = profiler.profile_transfers(
           runners[0].runner.pool, runners[1].runner.pool, engine._mode.page_buckets)
+      # Two virtual devices on two cores slow each other (and the engine thread).
+      overlap = profiler.profile_overlap(runners[0].runner, runners[1].runner)
     else:
       latency = profiler.profile_shapes(runners[0].runner)
+    # The loop's host time between steps, from a closed batch of other requests.
+    engine.generate(CALIBRATION_PROMPTS, pdj.SamplingParams(max_tokens=24))
+    one_device = (lambda r: 0) if mode == "semi_pd" else (lambda r: r.instance)
+    latency = dataclasses.replace(
+        latency, step_overhead_s=profiler.step_overhead(engine.step_log, one_device))
+    engine.step_log.clear()
     report = engine.run_workload([r.fresh() for r in reqs])
     records = list(engine.step_log)
   # The host is no accelerator: the simulator reads only its link (a KV hand-off
   # between two virtual devices, as profiled) and is given the engine's pool size.
   host = hardware.HardwareSpec("host-cpu", 1e12, 1e10, 1e10, copy_bw, copy_bw, 8, copy_s)
   setup = sim.Setup(model.config, host, lambda tp, pp: latency, page_size=cfg.page_size,
-                    kv_tokens=(cfg.num_pages - 1) * cfg.page_size)
+                    kv_tokens=(cfg.num_pages - 1) * cfg.page_size, overlap_slowdown=overlap)
   simulated = sim.simulate(reqs, setup, deployment(mode, engine_fields), cfg.ttft_slo,
                            cfg.tpot_slo).summary()
   row = {k: dict(engine=report.summary[k]["p50"], sim=simulated[k]["p50"],
                  rel_diff=simulated[k]["p50"] / report.summary[k]["p50"] - 1)
          for k in ("ttft_s", "tpot_s")}
   row["step_model_error"] = step_model_error(records, latency)
+  row["step_overhead_s"] = latency.step_overhead_s
+  row["overlap_slowdown"] = overlap
   return row
 
 
@@ -111,7 +126,7 @@ def main(_):
                              workloads.Uniform(8, 48), seed=3)
   print(f"model={FLAGS.model} requests={FLAGS.requests} Poisson {FLAGS.rate}/s")
   print(f"{'mode':<14} {'TTFT engine':>11} {'sim':>7} {'diff':>6}   {'TPOT engine':>11} "
-        f"{'sim':>7} {'diff':>6}   {'steps vs profile':>16}  (medians, ms)")
+        f"{'sim':>7} {'diff':>6}   {'steps vs profile':>16}   host/step  (medians, ms)")
   out = {}
   for mode in FLAGS.modes:
     out[mode] = []
@@ -121,7 +136,8 @@ def main(_):
       t, p = row["ttft_s"], row["tpot_s"]
       print(f"{mode:<14} {t['engine'] * 1e3:>11.1f} {t['sim'] * 1e3:>7.1f} "
             f"{t['rel_diff']:>+6.0%}   {p['engine'] * 1e3:>11.2f} {p['sim'] * 1e3:>7.2f} "
-            f"{p['rel_diff']:>+6.0%}   {row['step_model_error']:>+16.0%}", flush=True)
+            f"{p['rel_diff']:>+6.0%}   {row['step_model_error']:>+16.0%}   "
+            f"{row['step_overhead_s'] * 1e3:.2f}", flush=True)
       if abs(row["step_model_error"]) <= FLAGS.max_step_error:
         break
       print(f"{'':<14} steps ran {row['step_model_error']:+.0%} off their profile "

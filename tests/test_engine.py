@@ -1,7 +1,5 @@
 """The three serving modes against the cache-less reference, on 8 virtual devices."""
 
-import threading
-
 import numpy as np
 import pytest
 

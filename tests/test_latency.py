@@ -162,3 +162,29 @@ def test_shape_table_rounds_steps_as_the_runner_does(tmp_path):
   assert m.step_time(Step([], five)) == dec[4, 2] + dec[1, 2]
   with pytest.raises(ValueError, match="page-table width 9 exceeds"):
     m.step_time(Step([], five), lambda r: [0] * 9)
+
+
+def test_step_overhead_reads_gaps_between_steps(tmp_path):
+  from pdserve_jax.runtime.buckets import RunnerShape
+  from pdserve_jax.serving.executor import StepRecord
+  from pdserve_jax.sim.profiler import step_overhead
+  rec = lambda name, a, b: StepRecord(name, a, b, (), ((1, 1),))
+  log = [rec("prefill", 0.0, 1.0), rec("decode", 1.25, 2.0), rec("prefill", 1.5, 3.0),
+         rec("decode", 2.5, 3.0), rec("decode", 3.5, 4.0)]
+  # Per instance: prefill gap 0.5; decode gaps 0.5, 0.5.
+  assert step_overhead(log) == 0.5
+  # Semi-PD's phases share one device: gaps run across them.
+  seq = [rec("prefill", 0.0, 1.0), rec("decode", 1.1, 2.0), rec("decode", 2.3, 3.0)]
+  assert step_overhead(seq, lambda r: 0) == pytest.approx(0.2)
+  with pytest.raises(ValueError, match="no consecutive steps"):
+    step_overhead([rec("decode", 0.0, 1.0)])
+  shape = RunnerShape(page_size=4, num_pages=16, max_decode_batch=2, max_prefill_batch=1,
+                      max_prefill_len=8, max_seq_len=16, min_prefill_len=8)
+  m = L.ShapeTableLatencyModel(shape, {k: 1.0 for k in shape.compiled_prefill_shapes()},
+                               {k: 2.0 for k in shape.compiled_decode_shapes()}, 0.25)
+  d = Request(0, 4, 4, num_prefilled=4, num_output=1)
+  assert m.step_time(Step([], [d])) == 2.25
+  assert m.step_time(Step([PrefillChunk(Request(1, 6, 2), 0, 6)], [d])) == 3.25
+  assert m.mixed_totals(1, 6, 36, 1, 5) == 3.25
+  m.save(tmp_path / "t.json")
+  assert L.ShapeTableLatencyModel.from_json((tmp_path / "t.json").read_text()) == m

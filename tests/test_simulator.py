@@ -1,5 +1,6 @@
 """Tests of the discrete-event simulator on DistServe's A100 latency figures."""
 
+import dataclasses
 import os
 import time
 
@@ -159,3 +160,22 @@ def test_pipeline_stages():
                                                + staged.prefill_time([100]))
   with pytest.raises(ValueError, match="semi-PD"):
     sim.simulate(_one(), SETUP, sim.SemiPD(sim.InstanceSpec(pp=2)))
+
+
+def test_link_latency_and_overlap_slowdown():
+  hw = dataclasses.replace(H.get_hardware("a100-80gb"), link_latency_s=0.01)
+  setup = dataclasses.replace(SETUP, hardware=hw, overlap_slowdown=2.0)
+  pre, d1, d2 = MODEL.prefill_time([512]), MODEL.decode_time([513]), MODEL.decode_time([514])
+  copy = 0.01 + 512 * get_preset("opt-13b").kv_bytes_per_token() / hw.intra_node_bw
+  # Alone, nothing contends: only the copy's fixed cost shows.
+  r = sim.simulate(_one(out=3), setup, sim.Disaggregated()).requests[0]
+  assert r.ttft == pytest.approx(pre) and r.token_times[1] - r.token_times[0] == pytest.approx(
+      copy + d1)
+  # A second prompt arrives halfway through the first's first decode step: it runs at
+  # half speed until that step ends, and the next decode step, wholly beside it, at
+  # half speed throughout.
+  start = 1.0 + pre + copy
+  reqs = [Request(0, 512, 3, arrival_time=1.0), Request(1, 512, 1, arrival_time=start + d1 / 2)]
+  a, b = sim.simulate(reqs, setup, sim.Disaggregated()).requests
+  assert b.ttft == pytest.approx(d1 / 2 + pre - d1 / 4)
+  assert a.token_times[2] - a.token_times[1] == pytest.approx(2 * d2)

@@ -12,7 +12,6 @@ belong to whom is the host-side `PageAllocator`'s business, not this module's.
 
 from __future__ import annotations
 
-import functools
 from typing import Dict
 
 import jax

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -109,10 +109,13 @@ class ShapeTableLatencyModel(LatencyModel):
   widths count the pages a request holds (`pages` in `step_time`), which with
   lifetime reservation exceed what its context needs; without `pages`, and in the
   `*_totals` methods (equal rows assumed), only the context's pages are counted.
+  `step_overhead_s` is the serving loop's host work between one step and the next
+  (finishing the last, scheduling this one), added once per step.
   """
   shape: RunnerShape
   prefill: dict  # (batch, chunk length, table width) -> s
   decode: dict  # (batch, table width) -> s
+  step_overhead_s: float = 0.0
 
   def _lookup(self, table, key, what):
     try:
@@ -140,7 +143,7 @@ class ShapeTableLatencyModel(LatencyModel):
     size = self.shape.page_size
     count = (lambda r, tokens: len(pages(r))) if pages else (
         lambda r, tokens: pages_for(tokens, size))
-    t = 0.0
+    t = self.step_overhead_s
     if step.prefills:
       t += self._prefill_calls([c.end - c.start for c in step.prefills],
                                [count(c.request, c.end) for c in step.prefills])
@@ -151,20 +154,23 @@ class ShapeTableLatencyModel(LatencyModel):
   def prefill_totals(self, num_seqs, tokens, sq_tokens):
     # Equal chunks starting at 0 (sq_tokens is implied by them).
     l = max(1, tokens // num_seqs)
-    return self._prefill_calls([l] * num_seqs, [pages_for(l, self.shape.page_size)] * num_seqs)
+    return self.step_overhead_s + self._prefill_calls(
+        [l] * num_seqs, [pages_for(l, self.shape.page_size)] * num_seqs)
 
   def decode_totals(self, batch, context):
     w = pages_for(max(1, context // batch), self.shape.page_size)
-    return self._decode_calls([w] * batch)
+    return self.step_overhead_s + self._decode_calls([w] * batch)
 
   def mixed_totals(self, num_seqs, tokens, sq_tokens, batch, context):
-    return self.prefill_totals(num_seqs, tokens, sq_tokens) + self.decode_totals(batch, context)
+    return (self.prefill_totals(num_seqs, tokens, sq_tokens)
+            + self.decode_totals(batch, context) - self.step_overhead_s)
 
   def to_json(self) -> str:
     return json.dumps({"kind": "shape_table", "unit": "s",
                        "shape": dataclasses.asdict(self.shape),
                        "prefill": [[*k, v] for k, v in sorted(self.prefill.items())],
-                       "decode": [[*k, v] for k, v in sorted(self.decode.items())]}, indent=1)
+                       "decode": [[*k, v] for k, v in sorted(self.decode.items())],
+                       "step_overhead_s": self.step_overhead_s}, indent=1)
 
   @classmethod
   def from_json(cls, text: str) -> ShapeTableLatencyModel:
@@ -173,7 +179,8 @@ class ShapeTableLatencyModel(LatencyModel):
       raise ValueError("not a shape-table latency model in seconds: kind="
                        f"{d.get('kind')!r}, unit={d.get('unit')!r}")
     return cls(RunnerShape(**d["shape"]), {tuple(r[:3]): float(r[3]) for r in d["prefill"]},
-               {tuple(r[:2]): float(r[2]) for r in d["decode"]})
+               {tuple(r[:2]): float(r[2]) for r in d["decode"]},
+               float(d.get("step_overhead_s", 0.0)))
 
   def save(self, path: str) -> None:
     with open(path, "w") as f:

@@ -11,7 +11,10 @@ dispatch, the program, reading tokens back: what a serving step costs), two ways
     what predicts this machine's engine (`benchmarks/sim_vs_engine.py`).
 
 `profile_transfers` times KV copies between two pools (a disaggregated engine's
-hand-off) and fits a fixed cost and a bandwidth.
+hand-off) and fits a fixed cost and a bandwidth. `profile_overlap` measures how
+much one instance slows another beside it on shared host cores (virtual CPU
+devices; 1 on separate accelerators). `step_overhead` reads the host
+time between back-to-back steps from an engine's step log (`StepRecord`s).
 """
 
 from __future__ import annotations
@@ -137,3 +140,41 @@ def profile_transfers(src: PagePool, dst: PagePool, page_counts: Sequence[int],
   slope, fixed = np.polyfit(xs, ts, 1) if len(set(xs)) > 1 else (0.0, ts[0])
   # A flat or negative slope means the bytes cost nothing measurable here.
   return max(float(fixed), 0.0), (1.0 / slope if slope > 0 else float("inf"))
+
+
+def step_overhead(records, device=lambda r: r.instance) -> float:
+  """Median seconds between one step's end and the next one's start on a device,
+  from a step log of back-to-back work (a closed batch): the serving loop's host
+  time per step. `device(record)` names the device a step ran on (semi-PD's two
+  phases share one)."""
+  runs = {}
+  for r in sorted(records, key=lambda r: r.started):
+    runs.setdefault(device(r), []).append(r)
+  gaps = [b.started - a.finished for rs in runs.values() for a, b in zip(rs, rs[1:])]
+  if not gaps:
+    raise ValueError("no consecutive steps in the log to measure")
+  return float(np.median(gaps))
+
+
+def profile_overlap(busy: InstanceRunner, timed: InstanceRunner, reps: int = 9) -> float:
+  """How many times slower a mid-sized decode call of `timed` runs while `busy`
+  runs its largest prefill back to back beside it (>= 1)."""
+  B, T, W = max(busy.shape.compiled_prefill_shapes())
+  usable = busy.shape.num_pages - 1
+  tables = [[1 + (r * W + j) % usable for j in range(W)] for r in range(B)]
+  chunks, rows = [[1] * min(T, W * busy.shape.page_size)] * B, SamplingRows.greedy(B)
+  prefill = lambda: busy.prefill(chunks, [0] * B, tables, rows)
+  shapes = timed.shape.compiled_decode_shapes()
+  b, w = shapes[len(shapes) // 2]
+  usable = timed.shape.num_pages - 1
+  dtables = [[1 + (r * w + j) % usable for j in range(w)] for r in range(b)]
+  drows = SamplingRows.greedy(b)
+  decode = lambda: np.asarray(timed.decode([1] * b, [w * timed.shape.page_size - 1] * b,
+                                           dtables, drows))
+  alone = median_time(decode, reps)
+  one_prefill = median_time(lambda: np.asarray(prefill()), 3)
+  # Queue (asynchronously) enough prefills to outlast the timed decodes twice over.
+  outs = [prefill() for _ in range(2 + int(2 * alone * (reps + 3) / one_prefill))]
+  beside = median_time(decode, reps)
+  jax.block_until_ready(outs)
+  return max(1.0, beside / alone)

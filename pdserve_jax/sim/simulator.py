@@ -62,6 +62,10 @@ class Setup:
   # KV tokens per instance, overriding the HBM estimate: an engine's actual pool
   # (`num_pages` of `page_size`), when simulating that engine.
   kv_tokens: Optional[int] = None
+  # How many times slower a step runs while another instance's step runs beside it:
+  # 1 for separate accelerators; above 1 where instances share a host's cores, as
+  # virtual CPU devices do (`profiler.profile_overlap` measures it).
+  overlap_slowdown: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,12 +222,14 @@ class _Pipe:
 
 class _Engine:
   """One scheduler on a pipe: runs its steps on the virtual clock."""
-  __slots__ = ("name", "sched", "model", "sim", "pipe", "step", "queued", "factor", "on_done")
+  __slots__ = ("name", "sched", "model", "sim", "pipe", "step", "queued", "stretch", "on_done")
 
-  def __init__(self, name, sched, model, sim, pipe, on_done, factor=None):
+  def __init__(self, name, sched, model, sim, pipe, on_done, stretch=None):
     self.name, self.sched, self.model, self.sim, self.pipe = name, sched, model, sim, pipe
     self.on_done = on_done  # (engine, finished, now) -> None
-    self.factor = factor    # () -> slowdown, for semi-PD's concurrent sharing
+    # (now, stage seconds) -> seconds it takes: semi-PD's SM sharing, or instances
+    # contending for a host's cores.
+    self.stretch = stretch
     self.step = None
     self.queued = False
 
@@ -246,8 +252,8 @@ class _Engine:
     if step is None:
       return
     stage = self.model.step_time(step, self.sched.allocator.pages)
-    if self.factor is not None:
-      stage *= self.factor()
+    if self.stretch is not None:
+      stage = self.stretch(now, stage)
     pipe.free_at = now + stage
     pipe.busy_time += stage
     done = max(now + stage * pipe.pp, pipe.last_done + stage)
@@ -364,17 +370,34 @@ def simulate(requests: Sequence[Request], setup: Setup, deployment,
   return SimResult(reqs, span, deployment.num_devices, util, histories)
 
 
-def _engines(name, spec, setup, sim, make_sched, on_done):
-  """An instance: its pipe and its pp engines, each with 1/pp of the KV pool."""
+def _engines(name, spec, setup, sim, make_sched, on_done, pipes):
+  """An instance: its pipe and its pp engines, each with 1/pp of the KV pool. The
+  pipe joins `pipes`, the instances that contend when `setup.overlap_slowdown` > 1."""
   model = setup.latency(spec.tp, spec.pp)
   tokens = kv_capacity_tokens(setup, spec.tp, spec.pp) // spec.pp
   pipe = _Pipe(name, spec.pp, sim)
+  stretch = None if setup.overlap_slowdown == 1.0 else _overlap(
+      setup.overlap_slowdown, pipe, pipes)
+  pipes.append(pipe)
   engines = []
   for v in range(spec.pp):
     alloc = PageAllocator(max(1, tokens // setup.page_size), setup.page_size)
     engines.append(_Engine(name if spec.pp == 1 else f"{name}.{v}", make_sched(alloc), model,
-                           sim, pipe, on_done))
+                           sim, pipe, on_done, stretch))
   return pipe, engines
+
+
+def _overlap(slowdown, me, pipes):
+  """A step runs `slowdown` times slower while another pipe is busy. Only the work
+  already in flight elsewhere counts (later steps there stretch themselves)."""
+  def stretch(now, stage):
+    busy = max((p.free_at for p in pipes if p is not me), default=now) - now
+    if busy <= 0:
+      return stage
+    if stage * slowdown <= busy:
+      return stage * slowdown
+    return busy + stage - busy / slowdown
+  return stretch
 
 
 def _check_fit(reqs, allocator, what, whole_life=True):
@@ -413,8 +436,7 @@ def _colocated(reqs, setup, dep, sim, ttft_slo, tpot_slo):
                      "'chunked'")
   pipes, engines = [], []
   for k in range(dep.replicas):
-    pipe, es = _engines(f"colocated{k}", spec, setup, sim, make, None)
-    pipes.append(pipe)
+    pipe, es = _engines(f"colocated{k}", spec, setup, sim, make, None, pipes)
     engines += es
   _check_fit(reqs, engines[0].sched.allocator, "colocated")
   sim.run(reqs, _dispatch(engines))
@@ -461,13 +483,12 @@ def _disaggregated(reqs, setup, dep, sim, ttft_slo, tpot_slo):
 
   for k in range(dep.num_prefill):
     pipe, es = _engines(f"prefill{k}", pspec, setup, sim,
-                        lambda a: S.PrefillScheduler(a, pspec.max_batch, budget), prefill_done)
-    pipes.append(pipe)
+                        lambda a: S.PrefillScheduler(a, pspec.max_batch, budget), prefill_done,
+                        pipes)
     prefills += es
   for k in range(dep.num_decode):
     pipe, es = _engines(f"decode{k}", dspec, setup, sim,
-                        lambda a: S.DecodeScheduler(a, dspec.max_batch), decode_done)
-    pipes.append(pipe)
+                        lambda a: S.DecodeScheduler(a, dspec.max_batch), decode_done, pipes)
     decodes += es
   _check_fit(reqs, prefills[0].sched.allocator, "prefill", whole_life=False)
   _check_fit(reqs, decodes[0].sched.allocator, "decode")
@@ -552,9 +573,9 @@ def _concurrent_unit(name, pre, dec, model, sim, dep, part, busy):
 
   ppipe, dpipe = _Pipe(f"{name}.prefill", 1, sim), _Pipe(f"{name}.decode", 1, sim)
   pengine = _Engine(ppipe.name, pre, model, sim, ppipe, prefill_done,
-                    lambda: dep.prefill_scaling.factor(share[0]))
+                    lambda now, t: t * dep.prefill_scaling.factor(share[0]))
   dengine = _Engine(dpipe.name, dec, model, sim, dpipe, decode_done,
-                    lambda: dep.decode_scaling.factor(1.0 - share[0]))
+                    lambda now, t: t * dep.decode_scaling.factor(1.0 - share[0]))
   busy[ppipe.name] = lambda: ppipe.busy_time
   busy[dpipe.name] = lambda: dpipe.busy_time
   return _Unit(pre, dec, lambda now: (pengine.kick(now), dengine.kick(now)))
@@ -574,8 +595,8 @@ def _phase_only(reqs, setup, dep, sim, ttft_slo, tpot_slo):
 
     for k in range(dep.replicas):
       pipe, es = _engines(f"prefill{k}", spec, setup, sim,
-                          lambda a: S.PrefillScheduler(a, spec.max_batch, budget), drained)
-      pipes.append(pipe)
+                          lambda a: S.PrefillScheduler(a, spec.max_batch, budget), drained,
+                          pipes)
       engines += es
     _check_fit(reqs, engines[0].sched.allocator, "prefill", whole_life=False)
     sim.run(reqs, _dispatch(engines))
@@ -603,8 +624,7 @@ def _phase_only(reqs, setup, dep, sim, ttft_slo, tpot_slo):
 
   for k in range(dep.replicas):
     pipe, es = _engines(f"decode{k}", spec, setup, sim,
-                        lambda a: S.DecodeScheduler(a, spec.max_batch), decode_done)
-    pipes.append(pipe)
+                        lambda a: S.DecodeScheduler(a, spec.max_batch), decode_done, pipes)
     engines += es
   _check_fit(reqs, engines[0].sched.allocator, "decode")
   for r in reqs:
