@@ -64,6 +64,10 @@ def test_shape_table_predicts_a_call_it_did_not_time():
   t = profiler.median_time(lambda: np.asarray(runner.decode(
       [1, 2, 3], [10, 20, 30], tables, SamplingRows.greedy(3))), reps=9)
   assert 0.5 < t / table.decode[4, 4] < 2.0
+  # Two prompts of 20 and 9 tokens over 3 and 2 pages run as the (2, 32, 4) bucket.
+  t = profiler.median_time(lambda: np.asarray(runner.prefill(
+      [[1] * 20, [2] * 9], [0, 0], [[10, 11, 12], [13, 14]], SamplingRows.greedy(2))), reps=9)
+  assert 0.5 < t / table.prefill[2, 32, 4] < 2.0
 
 
 def test_profile_transfers_and_overlap_between_meshes():

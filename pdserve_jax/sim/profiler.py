@@ -106,24 +106,37 @@ def profile_shapes(runner: InstanceRunner, reps: int = 5, prefill: bool = True,
   """Times every compiled prefill and decode shape of `runner` (either phase may
   be left out, as for one side of a disaggregated pair)."""
   shape = runner.shape
-  usable, size = shape.num_pages - 1, shape.page_size
-
-  def tables(batch, width):
-    # Any pages do: a call reads and writes whole tables whatever they hold.
-    return [[1 + (r * width + j) % usable for j in range(width)] for r in range(batch)]
-
-  pre, dec = {}, {}
-  for B, T, W in (shape.compiled_prefill_shapes() if prefill else []):
-    # The longest chunk of bucket T that fits W pages still lands in bucket T.
-    chunks = [[1] * min(T, W * size)] * B
-    rows, tab = SamplingRows.greedy(B), tables(B, W)
-    pre[B, T, W] = median_time(
-        lambda: np.asarray(runner.prefill(chunks, [0] * B, tab, rows)), reps)
-  for B, W in (shape.compiled_decode_shapes() if decode else []):
-    rows, tab = SamplingRows.greedy(B), tables(B, W)
-    dec[B, W] = median_time(
-        lambda: np.asarray(runner.decode([1] * B, [W * size - 1] * B, tab, rows)), reps)
+  pre = {key: median_time(_read_back(_prefill_call(runner, *key)), reps)
+         for key in (shape.compiled_prefill_shapes() if prefill else [])}
+  dec = {key: median_time(_decode_call(runner, *key), reps)
+         for key in (shape.compiled_decode_shapes() if decode else [])}
   return ShapeTableLatencyModel(shape, pre, dec)
+
+
+def _read_back(call):
+  return lambda: np.asarray(call())
+
+
+def _tables(runner: InstanceRunner, batch: int, width: int):
+  # Any pages do: a call reads and writes whole tables whatever they hold.
+  usable = runner.shape.num_pages - 1
+  return [[1 + (r * width + j) % usable for j in range(width)] for r in range(batch)]
+
+
+def _prefill_call(runner: InstanceRunner, B: int, T: int, W: int):
+  """A prefill call landing in shape (B, T, W); returns its device tokens at once
+  (asynchronous dispatch)."""
+  # The longest chunk of bucket T that fits W pages still lands in bucket T.
+  chunks = [[1] * min(T, W * runner.shape.page_size)] * B
+  tables, rows = _tables(runner, B, W), SamplingRows.greedy(B)
+  return lambda: runner.prefill(chunks, [0] * B, tables, rows)
+
+
+def _decode_call(runner: InstanceRunner, B: int, W: int):
+  """A decode call landing in shape (B, W), read back to the host."""
+  tables, rows = _tables(runner, B, W), SamplingRows.greedy(B)
+  last = W * runner.shape.page_size - 1  # attends over every page of its table
+  return lambda: np.asarray(runner.decode([1] * B, [last] * B, tables, rows))
 
 
 def profile_transfers(src: PagePool, dst: PagePool, page_counts: Sequence[int],
@@ -159,20 +172,11 @@ def step_overhead(records, device=lambda r: r.instance) -> float:
 def profile_overlap(busy: InstanceRunner, timed: InstanceRunner, reps: int = 9) -> float:
   """How many times slower a mid-sized decode call of `timed` runs while `busy`
   runs its largest prefill back to back beside it (>= 1)."""
-  B, T, W = max(busy.shape.compiled_prefill_shapes())
-  usable = busy.shape.num_pages - 1
-  tables = [[1 + (r * W + j) % usable for j in range(W)] for r in range(B)]
-  chunks, rows = [[1] * min(T, W * busy.shape.page_size)] * B, SamplingRows.greedy(B)
-  prefill = lambda: busy.prefill(chunks, [0] * B, tables, rows)
+  prefill = _prefill_call(busy, *max(busy.shape.compiled_prefill_shapes()))
   shapes = timed.shape.compiled_decode_shapes()
-  b, w = shapes[len(shapes) // 2]
-  usable = timed.shape.num_pages - 1
-  dtables = [[1 + (r * w + j) % usable for j in range(w)] for r in range(b)]
-  drows = SamplingRows.greedy(b)
-  decode = lambda: np.asarray(timed.decode([1] * b, [w * timed.shape.page_size - 1] * b,
-                                           dtables, drows))
+  decode = _decode_call(timed, *shapes[len(shapes) // 2])
   alone = median_time(decode, reps)
-  one_prefill = median_time(lambda: np.asarray(prefill()), 3)
+  one_prefill = median_time(_read_back(prefill), 3)
   # Queue (asynchronously) enough prefills to outlast the timed decodes twice over.
   outs = [prefill() for _ in range(2 + int(2 * alone * (reps + 3) / one_prefill))]
   beside = median_time(decode, reps)
