@@ -1,16 +1,22 @@
 """Simulator vs engine: one Poisson workload through the real engine on this machine
 and through the simulator with a latency model profiled here, per serving mode.
 
-The engine's instances are profiled with `sim.profiler.profile_shapes` (every
-compiled program shape of the same runners, right before they serve) and the
-loop's host time per step is read from a closed batch of other requests
-(`profiler.step_overhead`); that is the simulator's latency model, the simulator gets the engine's pool size and
-batch limits, and both serve the same requests. Prints median TTFT and TPOT side
-by side and their relative differences.
+The engine's instances are profiled just before they serve: every compiled
+program shape of the same runners (`sim.profiler.profile_shapes`), the loop's host
+time per step from a closed batch of other requests (`profiler.step_overhead`),
+and for disaggregated mode the KV hand-off (`profile_transfers`) and how much the
+two instances slow each other on shared cores (`profile_overlap`). That is the
+simulator's latency model; it also gets the engine's pool size and batch limits,
+and both serve the same requests. Prints median TTFT and TPOT side by side and
+their relative differences, and how far the engine's own steps ran from their
+profiled times in that run (its step log): on a shared machine that drifts by tens
+of percent from minute to minute, and a run whose steps strayed more than
+`--max_step_error` is repeated, up to `--attempts` times; every attempt is printed.
 
-Run it with each virtual CPU device single-threaded, as `make`'s targets do not:
-the simulator treats devices as independent processors, which virtual CPU devices
-are only when each runs on its own core (on 2 cores, two at a time):
+Run it with each virtual CPU device single-threaded, as `make`'s targets do not, so
+that a device's program is one core's work and two devices on two cores slow each
+other only as much as `profile_overlap` measures (the script sets these flags when
+XLA_FLAGS is unset):
 
   XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_cpu_multi_thread_eigen=false \
       intra_op_parallelism_threads=1" python benchmarks/sim_vs_engine.py [--json=out.json]

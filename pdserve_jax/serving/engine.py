@@ -14,10 +14,10 @@
 One engine thread owns every scheduler and allocator. It launches steps on every
 mesh before waiting on any (JAX dispatch is asynchronous, so meshes and transfers
 overlap), sleeps on its inbox until a submission arrives or a `Watcher` rings that
-some step or KV copy finished, then folds finished work back into the schedulers. Callers talk to it
-through a queue: `submit` (streaming handle), `generate` (batch), `run_workload`
-(arrivals replayed on the wall clock). Bad requests are rejected at `submit` with a
-ValueError and never reach the engine thread.
+some step or KV copy finished, then folds finished work back into the schedulers.
+Callers talk to it through a queue: `submit` (streaming handle), `generate`
+(batch), `run_workload` (arrivals replayed on the wall clock). Bad requests are
+rejected at `submit` with a ValueError and never reach the engine thread.
 """
 
 from __future__ import annotations
