@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 import time
 from typing import Sequence, Tuple
 
@@ -176,9 +177,21 @@ def profile_overlap(busy: InstanceRunner, timed: InstanceRunner, reps: int = 9) 
   shapes = timed.shape.compiled_decode_shapes()
   decode = _decode_call(timed, *shapes[len(shapes) // 2])
   alone = median_time(decode, reps)
-  one_prefill = median_time(_read_back(prefill), 3)
-  # Queue (asynchronously) enough prefills to outlast the timed decodes twice over.
-  outs = [prefill() for _ in range(2 + int(2 * alone * (reps + 3) / one_prefill))]
-  beside = median_time(decode, reps)
-  jax.block_until_ready(outs)
+  # Prefills back to back from a thread of their own: a backend may run a cheap
+  # program inline in the dispatching thread, so queueing them here would not
+  # keep `busy` running.
+  stop, read = threading.Event(), _read_back(prefill)
+  read()  # compiled and warm before the clock starts
+
+  def keep_busy():
+    while not stop.is_set():
+      read()
+
+  worker = threading.Thread(target=keep_busy, daemon=True)
+  worker.start()
+  try:
+    beside = median_time(decode, reps)
+  finally:
+    stop.set()
+    worker.join()
   return max(1.0, beside / alone)
