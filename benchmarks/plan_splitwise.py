@@ -27,11 +27,6 @@ from pdserve_jax.sim import hardware, latency, planner, simulator
 TRACE = os.path.join(ROOT, "..", "shared", "data", "traces", "splitwise_conv.csv")
 
 
-def _devices(config: str) -> int:
-  tp, pp = config[2:].split("pp")
-  return int(tp) * int(pp)
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--requests", type=int, default=500)
@@ -67,9 +62,9 @@ def main():
         f"{c.per_device:>11.2f}")
   # Why the ranking comes out as it does: each phase alone, per device.
   print("\neach phase alone (req/s per device, at its SLO alone):")
-  for phase, by_config in plan.phase_goodput.items():
+  for phase in plan.phase_goodput:
     print(f"  {phase:<8}" + "  ".join(
-        f"{k} {g / _devices(k):.2f}" for k, g in by_config.items()))
+        f"{k} {g:.2f}" for k, g in plan.phase_per_device(phase).items()))
   print(f"\nsearch: {seconds:.1f} s\n")
   print(plan.table())
   if args.output_json:

@@ -134,26 +134,27 @@ class StepRunner:
   def launch(self, step: Step) -> Launched:
     runner, pages = self.runner, self.allocator.pages
     started = self.clock()  # the host's share of a step counts: it is serving time too
-    prefill_outs, decode_outs = [], []
-    for group in groups(step.prefills, runner.shape.max_prefill_batch):
+    shape, logging = runner.shape, self.log is not None
+    prefill_outs, decode_outs, prefill_calls, decode_calls = [], [], [], []
+    for group in groups(step.prefills, shape.max_prefill_batch):
       reqs = [c.request for c in group]
+      tables = [pages(r) for r in reqs]
       out = runner.prefill([r.payload.prompt[c.start:c.end] for r, c in zip(reqs, group)],
-                           [c.start for c in group], [pages(r) for r in reqs],
+                           [c.start for c in group], tables,
                            _sampling_rows(reqs, [0] * len(reqs)))
       prefill_outs.append((group, out))
-    for group in groups(step.decodes, runner.shape.max_decode_batch):
+      if logging:
+        prefill_calls.append(shape.prefill_shape([c.end - c.start for c in group],
+                                                 [len(t) for t in tables]))
+    for group in groups(step.decodes, shape.max_decode_batch):
+      tables = [pages(r) for r in group]
       out = runner.decode([r.payload.tokens[-1] for r in group], [r.kv_len for r in group],
-                          [pages(r) for r in group],
-                          _sampling_rows(group, [r.num_output for r in group]))
+                          tables, _sampling_rows(group, [r.num_output for r in group]))
       decode_outs.append((group, out))
-    self.inflight = Launched(step, started, prefill_outs, decode_outs)
-    if self.log is not None:
-      shape = runner.shape
-      self.inflight.calls = (
-          tuple(shape.prefill_shape([c.end - c.start for c in g], [len(pages(c.request))
-                                                                  for c in g])
-                for g, _ in prefill_outs),
-          tuple(shape.decode_shape([len(pages(r)) for r in g]) for g, _ in decode_outs))
+      if logging:
+        decode_calls.append(shape.decode_shape([len(t) for t in tables]))
+    self.inflight = Launched(step, started, prefill_outs, decode_outs,
+                             (tuple(prefill_calls), tuple(decode_calls)))
     if self.watcher is not None:
       self.watcher.watch([out for _, out in prefill_outs + decode_outs])
     return self.inflight

@@ -84,6 +84,11 @@ class LatencyModel:
     attends over (its cached KV plus the token being fed)."""
     return self.decode_totals(len(context_lens), sum(context_lens))
 
+  def save(self, path: str) -> None:
+    """Writes `to_json()` (the fitted and measured models have one)."""
+    with open(path, "w") as f:
+      f.write(self.to_json())
+
   def step_time(self, step: Step, pages=None) -> float:
     """Seconds for a scheduler `Step`. `pages(request)` lists a request's KV pages
     (its allocator's `pages`), for models that see page-table widths."""
@@ -97,6 +102,15 @@ class LatencyModel:
       return self.prefill_totals(len(step.prefills), s, s2)
     return self.mixed_totals(len(step.prefills), s, s2, len(step.decodes),
                              step.decode_context)
+
+
+def _latency_json(text: str, kind: str) -> dict:
+  """A latency model's JSON, checked to be of `kind` and in seconds."""
+  d = json.loads(text)
+  if d.get("kind") != kind or d.get("unit") != "s":
+    raise ValueError(f"not a {kind} latency model in seconds: kind={d.get('kind')!r}, "
+                     f"unit={d.get('unit')!r}")
+  return d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,17 +188,10 @@ class ShapeTableLatencyModel(LatencyModel):
 
   @classmethod
   def from_json(cls, text: str) -> ShapeTableLatencyModel:
-    d = json.loads(text)
-    if d.get("kind") != "shape_table" or d.get("unit") != "s":
-      raise ValueError("not a shape-table latency model in seconds: kind="
-                       f"{d.get('kind')!r}, unit={d.get('unit')!r}")
+    d = _latency_json(text, "shape_table")
     return cls(RunnerShape(**d["shape"]), {tuple(r[:3]): float(r[3]) for r in d["prefill"]},
                {tuple(r[:2]): float(r[2]) for r in d["decode"]},
                float(d.get("step_overhead_s", 0.0)))
-
-  def save(self, path: str) -> None:
-    with open(path, "w") as f:
-      f.write(self.to_json())
 
 
 def _triple(x) -> tuple[float, float, float]:
@@ -249,17 +256,10 @@ class PolynomialLatencyModel(LatencyModel):
 
   @classmethod
   def from_json(cls, text: str) -> PolynomialLatencyModel:
-    d = json.loads(text)
-    if d.get("kind") != "polynomial" or d.get("unit") != "s":
-      raise ValueError("not a polynomial latency model in seconds: kind="
-                       f"{d.get('kind')!r}, unit={d.get('unit')!r}")
+    d = _latency_json(text, "polynomial")
     return cls(d["prefill"], d["decode_small"], d["decode_large"],
                int(d["large_batch_threshold"]), int(d.get("pp", 1)),
                bool(d.get("separate_mixed", False)))
-
-  def save(self, path: str) -> None:
-    with open(path, "w") as f:
-      f.write(self.to_json())
 
   @classmethod
   def load(cls, path: str) -> PolynomialLatencyModel:

@@ -137,6 +137,11 @@ class Plan:
   candidates: list[Candidate]  # ranked: evaluated by goodput per device, then pruned
   phase_goodput: dict          # {"prefill"|"decode": {"tpXppY": req/s}}
   skipped: dict                # {"tpXppY": reason}
+  config_devices: dict         # {"tpXppY": devices}
+
+  def phase_per_device(self, phase: str) -> dict:
+    """{"tpXppY": req/s per device} of `phase` alone."""
+    return {k: g / self.config_devices[k] for k, g in self.phase_goodput[phase].items()}
 
   def best(self, mode: str) -> Optional[Candidate]:
     return next((c for c in self.candidates if c.mode == mode and c.goodput is not None),
@@ -407,4 +412,5 @@ def plan(spec: PlanSpec, modes: Sequence[str] = ("disaggregated", "semi_pd",
                             -c.capacity / c.num_devices))
   phase = {ph: {f"tp{tp}pp{pp}": g for (tp, pp), g in sorted(v.items())}
            for ph, v in p.phase.items()}
-  return Plan(cands, phase, p.skipped)
+  devices = {f"tp{tp}pp{pp}": tp * pp for tp, pp in p.configs}
+  return Plan(cands, phase, p.skipped, devices)

@@ -107,15 +107,11 @@ def profile_shapes(runner: InstanceRunner, reps: int = 5, prefill: bool = True,
   """Times every compiled prefill and decode shape of `runner` (either phase may
   be left out, as for one side of a disaggregated pair)."""
   shape = runner.shape
-  pre = {key: median_time(_read_back(_prefill_call(runner, *key)), reps)
+  pre = {key: median_time(_prefill_call(runner, *key), reps)
          for key in (shape.compiled_prefill_shapes() if prefill else [])}
   dec = {key: median_time(_decode_call(runner, *key), reps)
          for key in (shape.compiled_decode_shapes() if decode else [])}
   return ShapeTableLatencyModel(shape, pre, dec)
-
-
-def _read_back(call):
-  return lambda: np.asarray(call())
 
 
 def _tables(runner: InstanceRunner, batch: int, width: int):
@@ -125,12 +121,11 @@ def _tables(runner: InstanceRunner, batch: int, width: int):
 
 
 def _prefill_call(runner: InstanceRunner, B: int, T: int, W: int):
-  """A prefill call landing in shape (B, T, W); returns its device tokens at once
-  (asynchronous dispatch)."""
+  """A prefill call landing in shape (B, T, W), read back to the host."""
   # The longest chunk of bucket T that fits W pages still lands in bucket T.
   chunks = [[1] * min(T, W * runner.shape.page_size)] * B
   tables, rows = _tables(runner, B, W), SamplingRows.greedy(B)
-  return lambda: runner.prefill(chunks, [0] * B, tables, rows)
+  return lambda: np.asarray(runner.prefill(chunks, [0] * B, tables, rows))
 
 
 def _decode_call(runner: InstanceRunner, B: int, W: int):
@@ -180,12 +175,12 @@ def profile_overlap(busy: InstanceRunner, timed: InstanceRunner, reps: int = 9) 
   # Prefills back to back from a thread of their own: a backend may run a cheap
   # program inline in the dispatching thread, so queueing them here would not
   # keep `busy` running.
-  stop, read = threading.Event(), _read_back(prefill)
-  read()  # compiled and warm before the clock starts
+  stop = threading.Event()
+  prefill()  # compiled and warm before the clock starts
 
   def keep_busy():
     while not stop.is_set():
-      read()
+      prefill()
 
   worker = threading.Thread(target=keep_busy, daemon=True)
   worker.start()

@@ -371,8 +371,8 @@ def simulate(requests: Sequence[Request], setup: Setup, deployment,
 
 
 def _engines(name, spec, setup, sim, make_sched, on_done, pipes):
-  """An instance: its pipe and its pp engines, each with 1/pp of the KV pool. The
-  pipe joins `pipes`, the instances that contend when `setup.overlap_slowdown` > 1."""
+  """An instance's pp engines, each with 1/pp of the KV pool, on one pipe that joins
+  `pipes` (the instances that contend when `setup.overlap_slowdown` > 1)."""
   model = setup.latency(spec.tp, spec.pp)
   tokens = kv_capacity_tokens(setup, spec.tp, spec.pp) // spec.pp
   pipe = _Pipe(name, spec.pp, sim)
@@ -384,7 +384,7 @@ def _engines(name, spec, setup, sim, make_sched, on_done, pipes):
     alloc = PageAllocator(max(1, tokens // setup.page_size), setup.page_size)
     engines.append(_Engine(name if spec.pp == 1 else f"{name}.{v}", make_sched(alloc), model,
                            sim, pipe, on_done, stretch))
-  return pipe, engines
+  return engines
 
 
 def _overlap(slowdown, me, pipes):
@@ -436,8 +436,7 @@ def _colocated(reqs, setup, dep, sim, ttft_slo, tpot_slo):
                      "'chunked'")
   pipes, engines = [], []
   for k in range(dep.replicas):
-    pipe, es = _engines(f"colocated{k}", spec, setup, sim, make, None, pipes)
-    engines += es
+    engines += _engines(f"colocated{k}", spec, setup, sim, make, None, pipes)
   _check_fit(reqs, engines[0].sched.allocator, "colocated")
   sim.run(reqs, _dispatch(engines))
   return _busy(pipes), {}
@@ -482,14 +481,12 @@ def _disaggregated(reqs, setup, dep, sim, ttft_slo, tpot_slo):
       pull(now)
 
   for k in range(dep.num_prefill):
-    pipe, es = _engines(f"prefill{k}", pspec, setup, sim,
-                        lambda a: S.PrefillScheduler(a, pspec.max_batch, budget), prefill_done,
-                        pipes)
-    prefills += es
+    prefills += _engines(f"prefill{k}", pspec, setup, sim,
+                         lambda a: S.PrefillScheduler(a, pspec.max_batch, budget), prefill_done,
+                         pipes)
   for k in range(dep.num_decode):
-    pipe, es = _engines(f"decode{k}", dspec, setup, sim,
+    decodes += _engines(f"decode{k}", dspec, setup, sim,
                         lambda a: S.DecodeScheduler(a, dspec.max_batch), decode_done, pipes)
-    decodes += es
   _check_fit(reqs, prefills[0].sched.allocator, "prefill", whole_life=False)
   _check_fit(reqs, decodes[0].sched.allocator, "decode")
   sim.run(reqs, _dispatch(prefills))
@@ -594,10 +591,9 @@ def _phase_only(reqs, setup, dep, sim, ttft_slo, tpot_slo):
         r.finish_time = now
 
     for k in range(dep.replicas):
-      pipe, es = _engines(f"prefill{k}", spec, setup, sim,
+      engines += _engines(f"prefill{k}", spec, setup, sim,
                           lambda a: S.PrefillScheduler(a, spec.max_batch, budget), drained,
                           pipes)
-      engines += es
     _check_fit(reqs, engines[0].sched.allocator, "prefill", whole_life=False)
     sim.run(reqs, _dispatch(engines))
     return _busy(pipes), {}
@@ -623,9 +619,8 @@ def _phase_only(reqs, setup, dep, sim, ttft_slo, tpot_slo):
       admit_queued(now)
 
   for k in range(dep.replicas):
-    pipe, es = _engines(f"decode{k}", spec, setup, sim,
+    engines += _engines(f"decode{k}", spec, setup, sim,
                         lambda a: S.DecodeScheduler(a, spec.max_batch), decode_done, pipes)
-    engines += es
   _check_fit(reqs, engines[0].sched.allocator, "decode")
   for r in reqs:
     r.num_prefilled, r.num_output, r.token_times = r.prompt_len, 1, [r.arrival_time]
