@@ -7,21 +7,28 @@ import pdserve_jax as pdj
 from pdserve_jax.serving.request import Request
 
 CFG = pdj.get_preset("tiny").replace(num_heads=8, num_kv_heads=4, head_dim=8)
-BASE = dict(page_size=8, num_pages=72, max_batch=8, max_prefill_batch=4,
-            max_prefill_tokens=96, token_budget=24, max_seq_len=64, warmup=False,
+BASE = dict(page_size=8, num_pages=72, max_prefill_batch=4, max_seq_len=64, warmup=False,
             min_prefill_bucket=64, min_pages_bucket=8)
 
-MODES = {
-    "colocated_prefill_first": dict(mode="colocated", tp=2, policy="prefill_first"),
-    "colocated_chunked": dict(mode="colocated", tp=2, policy="chunked"),
-    "disagg_1p2_1d2": dict(mode="disaggregated", num_prefill=1, prefill_tp=2, num_decode=1,
-                           decode_tp=2),
-    "disagg_2p1_1d2": dict(mode="disaggregated", num_prefill=2, prefill_tp=1, num_decode=1,
-                           decode_tp=2),
-    "disagg_1p4_2d2": dict(mode="disaggregated", num_prefill=1, prefill_tp=4, num_decode=2,
-                           decode_tp=2),
-    "semi_pd_tp4": dict(mode="semi_pd", tp=4),
-}
+
+def _inst(tp, chunked=False, **kw):
+  return pdj.InstanceSpec(tp=tp, max_batch=8, max_tokens=24 if chunked else 96, **kw)
+
+
+def modes(**kw):
+  """Every mode, its instances built with `kw` (e.g. a page policy)."""
+  return {
+      "colocated_prefill_first": pdj.Colocated(_inst(2, **kw)),
+      "colocated_chunked": pdj.Colocated(_inst(2, True, **kw), policy="chunked"),
+      "disagg_1p2_1d2": pdj.Disaggregated(_inst(2, **kw), _inst(2, **kw)),
+      "disagg_2p1_1d2": pdj.Disaggregated(_inst(1, **kw), _inst(2, **kw), num_prefill=2),
+      "disagg_1p4_2d2": pdj.Disaggregated(_inst(4, **kw), _inst(2, **kw), num_decode=2),
+      "semi_pd_tp4": pdj.SemiPD(_inst(4, **kw), partitioner=pdj.PartitionerConfig(
+          window=16, step=0.1)),
+  }
+
+
+MODES = modes()
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +53,7 @@ def workload(model):
 @pytest.mark.parametrize("name", sorted(MODES))
 def test_greedy_tokens_match_reference(model, workload, name):
   reqs, want = workload
-  with pdj.Engine(model, pdj.EngineConfig(**BASE, **MODES[name], log_steps=True)) as engine:
+  with pdj.Engine(model, MODES[name], pdj.EngineConfig(**BASE, log_steps=True)) as engine:
     report = engine.run_workload([r.fresh() for r in reqs], timeout=600)
     got = [res.token_ids for res in report.results]
     assert got == want
@@ -65,15 +72,17 @@ def test_greedy_tokens_match_reference(model, workload, name):
 def _check_step_log(engine, reqs):
   """One step at a time per instance, every call in a compiled shape, and decode
   rows that account for every token after the first (padding at most doubles them)."""
-  shape = engine._mode.runners[0].runner.shape
+  shapes = {i.name: i.handle.shape for i in engine.coordinator.instances}
   log = engine.step_log
   assert log
   for name in {r.instance for r in log}:
     mine = [r for r in log if r.instance == name]
     assert all(a.finished <= b.started for a, b in zip(mine, mine[1:])), name
     assert all(r.started <= r.finished for r in mine)
-  assert {c for r in log for c in r.prefill_calls} <= set(shape.compiled_prefill_shapes())
-  assert {c for r in log for c in r.decode_calls} <= set(shape.compiled_decode_shapes())
+  for r in log:
+    shape = shapes[r.instance]
+    assert set(r.prefill_calls) <= set(shape.compiled_prefill_shapes())
+    assert set(r.decode_calls) <= set(shape.compiled_decode_shapes())
   rows = sum(r.max_tokens - 1 for r in reqs)
   padded = sum(c[0] for r in log for c in r.decode_calls)
   assert rows <= padded < 2 * rows
@@ -84,7 +93,7 @@ def test_sampling_reproducible(model, name):
   prompts = [[5, 6, 7], list(range(30)), [1] * 12]
   params = [pdj.SamplingParams(max_tokens=10, temperature=0.9, top_k=20, top_p=0.9, seed=s)
             for s in (1, 2, 3)]
-  with pdj.Engine(model, pdj.EngineConfig(**BASE, **MODES[name])) as engine:
+  with pdj.Engine(model, MODES[name], pdj.EngineConfig(**BASE)) as engine:
     a = [r.token_ids for r in engine.generate(prompts, params)]
     b = [r.token_ids for r in engine.generate(prompts[::-1], params[::-1])][::-1]
     c = [r.token_ids for r in engine.generate(prompts, [
@@ -95,7 +104,7 @@ def test_sampling_reproducible(model, name):
 
 
 def test_stop_tokens_streaming_and_bad_input(model):
-  with pdj.Engine(model, pdj.EngineConfig(**BASE, **MODES["colocated_prefill_first"])) as eng:
+  with pdj.Engine(model, MODES["colocated_prefill_first"], pdj.EngineConfig(**BASE)) as eng:
     greedy = eng.generate([[3, 4, 5]], pdj.SamplingParams(max_tokens=12))[0].token_ids
     stop = greedy[4]
     first = greedy.index(stop)
@@ -111,9 +120,16 @@ def test_stop_tokens_streaming_and_bad_input(model):
            ([1], pdj.SamplingParams(temperature=-1.0), "temperature"),
            ([1], pdj.SamplingParams(top_p=0.0), "top_p"),
            ([1], pdj.SamplingParams(max_tokens=0), "max_tokens"),
-           ("abc", pdj.SamplingParams(), "integer token ids")]
+           ("abc", pdj.SamplingParams(), "prompt"),
+           ([1], pdj.SamplingParams(stop_token_ids=5), "stop_token_ids"),
+           ([1], pdj.SamplingParams(stop_token_ids="ab"), "stop_token_ids"),
+           ([1], pdj.SamplingParams(stop_token_ids=[CFG.vocab_size]), "stop_token_ids"),
+           ([1], pdj.SamplingParams(top_k=2**31), "top_k"),
+           ([1], pdj.SamplingParams(temperature=float("nan")), "temperature"),
+           ([1], pdj.SamplingParams(seed=-1), "seed"),
+           ([1.5], pdj.SamplingParams(), "prompt")]
     for prompt, params, msg in bad:
-      with pytest.raises(ValueError, match=msg):
+      with pytest.raises((ValueError, TypeError), match=msg):
         eng.submit(prompt, params)
     # The engine keeps serving, and nothing leaked.
     assert eng.generate([[3, 4, 5]], pdj.SamplingParams(max_tokens=12))[0].token_ids == greedy
@@ -121,24 +137,34 @@ def test_stop_tokens_streaming_and_bad_input(model):
 
 
 def test_config_errors(model):
-  with pytest.raises(ValueError, match="mode"):
-    pdj.Engine(model, pdj.EngineConfig(mode="pipelined"))
+  with pytest.raises(ValueError, match="policy"):
+    pdj.Engine(model, pdj.Colocated(policy="pipelined"))
   with pytest.raises(ValueError, match="needs 12 devices"):
-    pdj.Engine(model, pdj.EngineConfig(mode="disaggregated", num_prefill=2, prefill_tp=4,
-                                       num_decode=2, decode_tp=2))
+    pdj.Engine(model, pdj.Disaggregated(_inst(4), _inst(2), num_prefill=2, num_decode=2))
+  with pytest.raises(ValueError, match="pipeline parallelism"):
+    pdj.Engine(model, pdj.Colocated(pdj.InstanceSpec(pp=2)))
+  with pytest.raises(ValueError, match="SM caps"):
+    pdj.Engine(model, pdj.SemiPD(concurrent=True))
+  with pytest.raises(ValueError, match="PhaseOnly"):
+    pdj.Engine(model, pdj.deploy.PhaseOnly("decode"))
+  with pytest.raises(TypeError, match="deployment"):
+    pdj.Engine(model, pdj.EngineConfig())
+  with pytest.raises(ValueError, match="num_pages"):
+    pdj.Engine(model, config=pdj.EngineConfig(num_pages=1))
   with pytest.raises(ValueError, match="shapes only|cannot be served"):
-    pdj.Engine(pdj.Model(pdj.get_preset("opt-13b"), {}), pdj.EngineConfig())
+    pdj.Engine(pdj.Model(pdj.get_preset("opt-13b"), {}))
 
 
 @pytest.mark.parametrize("violated", ["ttft", "tpot"])
 def test_semi_pd_partitioner_moves_share_toward_violated_phase(model, violated):
   slos = dict(ttft_slo=1e-4, tpot_slo=100.0) if violated == "ttft" else \
       dict(ttft_slo=100.0, tpot_slo=1e-5)
-  cfg = pdj.EngineConfig(**BASE, **MODES["semi_pd_tp4"], partition_window=4,
-                         partition_step=0.1, min_share=0.2, max_share=0.8, **slos)
+  dep = pdj.SemiPD(_inst(4), partitioner=pdj.PartitionerConfig(
+      window=4, step=0.1, min_share=0.2, max_share=0.8))
+  cfg = pdj.EngineConfig(**BASE, **slos)
   rng = np.random.default_rng(0)
   burst = [Request(i, int(rng.integers(8, 40)), 6, 0.0) for i in range(28)]
-  with pdj.Engine(model, cfg) as engine:
+  with pdj.Engine(model, dep, cfg) as engine:
     report = engine.run_workload(burst, timeout=600)
   shares = [s for _, s in report.share_history]
   moves = np.diff(shares)
@@ -154,7 +180,180 @@ def test_semi_pd_partitioner_moves_share_toward_violated_phase(model, violated):
 
 def test_request_too_big_for_the_pool_is_rejected_at_submit(model):
   small_pool = dict(BASE, num_pages=5)  # 4 usable pages of 8 tokens
-  with pdj.Engine(model, pdj.EngineConfig(**small_pool, **MODES["disagg_2p1_1d2"])) as eng:
+  with pdj.Engine(model, MODES["disagg_2p1_1d2"], pdj.EngineConfig(**small_pool)) as eng:
     with pytest.raises(ValueError, match="needs 5 pages of 8 tokens.*holds only 4 pages"):
       eng.submit([1] * 30, pdj.SamplingParams(max_tokens=10))
     assert eng.pages_in_use() == 0
+
+
+# --- pages on demand, abort, admission, faults ----------------------------------------
+
+
+def _burst(model, n=24, seed=3):
+  """`n` requests arriving together, too many for a small pool; greedy references."""
+  rng = np.random.default_rng(seed)
+  reqs = [Request(i, int(rng.integers(4, 30)), int(rng.integers(8, 30)), 0.0,
+                  payload=rng.integers(0, CFG.vocab_size, 30).tolist())
+          for i in range(n)]
+  for r in reqs:
+    r.payload = r.payload[:r.prompt_len]
+  ref = pdj.greedy_reference(model, [r.payload for r in reqs], max(r.max_tokens for r in reqs))
+  return reqs, [ref[i][:r.max_tokens] for i, r in enumerate(reqs)]
+
+
+@pytest.mark.parametrize("name", ["colocated_prefill_first", "colocated_chunked",
+                                  "disagg_2p1_1d2", "semi_pd_tp4"])
+def test_preemption_keeps_greedy_tokens(model, name):
+  reqs, want = _burst(model)
+  # 15 usable pages of 8 tokens: far fewer than 8 running requests grow into.
+  cfg = pdj.EngineConfig(**dict(BASE, num_pages=16))
+  with pdj.Engine(model, MODES[name], cfg) as engine:
+    report = engine.run_workload([r.fresh() for r in reqs], timeout=600)
+    assert [res.token_ids for res in report.results] == want
+    stats = engine.stats()
+    assert stats["preemptions"] > 0, stats
+    assert sum(res.num_preemptions for res in report.results) == stats["preemptions"]
+    assert stats["finished"] == len(reqs) and stats["pages_in_use"] == 0
+    for alloc in engine.allocators():
+      alloc.check()
+
+
+def test_reserve_policy_never_preempts(model):
+  reqs, want = _burst(model, n=12)
+  dep = modes(page_policy="reserve")["colocated_chunked"]
+  with pdj.Engine(model, dep, pdj.EngineConfig(**dict(BASE, num_pages=16))) as engine:
+    report = engine.run_workload([r.fresh() for r in reqs], timeout=600)
+    assert [res.token_ids for res in report.results] == want
+    assert engine.stats()["preemptions"] == 0
+
+
+@pytest.mark.parametrize("name", ["colocated_chunked", "disagg_2p1_1d2", "semi_pd_tp4"])
+def test_abort_frees_pages_and_leaves_others_alone(model, name):
+  reqs, want = _burst(model, n=16, seed=4)
+  with pdj.Engine(model, MODES[name], pdj.EngineConfig(**BASE)) as engine:
+    handles = [engine.submit(r.payload, pdj.SamplingParams(max_tokens=r.max_tokens))
+               for r in reqs]
+    # Abort every third request at once (queued or in its first step), and one while
+    # streaming after its first token.
+    doomed = {h.request_id for h in handles[::3]}
+    for h in handles[::3]:
+      h.cancel()
+    it = iter(handles[1])
+    next(it)
+    handles[1].cancel()
+    doomed.add(handles[1].request_id)
+    results = [h.result(timeout=600) for h in handles]
+    for res, w in zip(results, want):
+      if res.request_id in doomed and res.finish_reason == "aborted":
+        assert res.token_ids == w[:len(res.token_ids)]
+      else:
+        assert res.token_ids == w and res.finish_reason == "length"
+    assert engine.pages_in_use() == 0
+    assert engine.stats()["aborted"] == sum(r.finish_reason == "aborted" for r in results) > 0
+    assert not engine.abort(handles[0].request_id)  # already ended
+    # The engine goes on serving.
+    assert engine.generate([reqs[2].payload], pdj.SamplingParams(
+        max_tokens=reqs[2].max_tokens))[0].token_ids == want[2]
+
+
+def test_admission_limit(model):
+  cfg = pdj.EngineConfig(**dict(BASE, max_queued=3))
+  with pdj.Engine(model, MODES["colocated_chunked"], cfg) as engine:
+    handles = [engine.submit([1, 2, 3], pdj.SamplingParams(max_tokens=40)) for _ in range(3)]
+    with pytest.raises(pdj.EngineOverloaded, match="overloaded.*limit \\(max_queued\\) is 3"):
+      engine.submit([1, 2, 3], pdj.SamplingParams(max_tokens=4))
+    for h in handles:
+      h.result(timeout=600)
+    engine.submit([1, 2, 3], pdj.SamplingParams(max_tokens=4)).result(timeout=600)
+
+
+def test_close_with_timeout_aborts_what_is_left(model):
+  engine = pdj.Engine(model, MODES["colocated_chunked"], pdj.EngineConfig(**BASE))
+  handles = [engine.submit([5] * 10, pdj.SamplingParams(max_tokens=50)) for _ in range(12)]
+  engine.close(timeout=0.0)
+  reasons = {h.result(timeout=60).finish_reason for h in handles}
+  assert "aborted" in reasons and reasons <= {"aborted", "length"}
+  assert engine.pages_in_use() == 0
+  with pytest.raises(RuntimeError, match="closed"):
+    engine.submit([1], pdj.SamplingParams())
+
+
+def test_a_step_that_raises_fails_only_its_requests(model):
+  with pdj.Engine(model, MODES["disagg_2p1_1d2"], pdj.EngineConfig(**BASE)) as engine:
+    decode = next(i for i in engine.coordinator.instances if i.phase == "decode")
+    real, calls = decode.handle.decode, []
+
+    def broken_once(*a, **kw):
+      calls.append(1)
+      if len(calls) == 1:
+        raise RuntimeError("injected device fault")
+      return real(*a, **kw)
+
+    decode.handle.decode = broken_once
+    h = engine.submit([3, 4, 5], pdj.SamplingParams(max_tokens=6))
+    with pytest.raises(RuntimeError, match="injected device fault"):
+      h.result(timeout=600)
+    with pytest.raises(RuntimeError, match="injected"):
+      list(h)
+    assert engine.stats()["failed"] == 1 and engine.pages_in_use() == 0
+    want = pdj.greedy_reference(model, [[3, 4, 5]], 6)[0]
+    assert engine.generate([[3, 4, 5]], pdj.SamplingParams(max_tokens=6))[0].token_ids == want
+
+
+def test_non_finite_logits_end_the_request_with_an_error(model):
+  import jax
+  bad = pdj.Model(model.config, jax.tree.map(lambda a: a * np.nan, model.params))
+  with pdj.Engine(bad, MODES["colocated_prefill_first"], pdj.EngineConfig(**BASE)) as engine:
+    h = engine.submit([3, 4, 5], pdj.SamplingParams(max_tokens=4))
+    with pytest.raises(FloatingPointError, match="not finite"):
+      h.result(timeout=600)
+    assert engine.pages_in_use() == 0
+    assert engine.stats()["failed"] == 1
+
+
+def test_engine_thread_dying_ends_every_request(model):
+  engine = pdj.Engine(model, MODES["colocated_chunked"], pdj.EngineConfig(**BASE))
+  # Stall the thread on a first request while more queue up, then kill it.
+  gate = __import__("threading").Event()
+  real_add = engine.coordinator.add
+
+  def add(req, now):
+    gate.wait(60)
+    raise SystemError("injected engine-thread death")
+
+  engine.coordinator.add = add
+  handles = [engine.submit([1, 2], pdj.SamplingParams(max_tokens=3)) for _ in range(5)]
+  gate.set()
+  for h in handles:
+    with pytest.raises(RuntimeError, match="engine failed"):
+      h.result(timeout=60)
+    with pytest.raises(RuntimeError, match="engine failed"):
+      list(h)  # iterators end too
+  with pytest.raises(RuntimeError, match="engine failed"):
+    engine.submit([1], pdj.SamplingParams())
+  engine.coordinator.add = real_add
+  engine.close()
+
+
+def test_submit_racing_close_leaves_no_handle_waiting(model):
+  import threading
+  engine = pdj.Engine(model, MODES["colocated_chunked"], pdj.EngineConfig(**BASE))
+  handles, refused = [], []
+
+  def client():
+    for _ in range(40):
+      try:
+        handles.append(engine.submit([7, 8], pdj.SamplingParams(max_tokens=3)))
+      except RuntimeError:
+        refused.append(1)
+
+  threads = [threading.Thread(target=client) for _ in range(3)]
+  for t in threads:
+    t.start()
+  engine.close(timeout=5.0)
+  for t in threads:
+    t.join()
+  for h in handles:
+    assert h.result(timeout=60).finish_reason in ("length", "aborted")
+  assert len(handles) + len(refused) == 120
+  assert engine.pages_in_use() == 0

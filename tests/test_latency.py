@@ -7,7 +7,7 @@ import pytest
 
 from pdserve_jax.model.config import get_preset
 from pdserve_jax.serving.request import Request
-from pdserve_jax.serving.scheduler import PrefillChunk, Step
+from pdserve_jax.serving.step import PrefillChunk, Step
 from pdserve_jax.sim import hardware as H
 from pdserve_jax.sim import latency as L
 

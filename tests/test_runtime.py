@@ -112,3 +112,32 @@ def test_no_compilation_after_warmup(model):
         alloc.free((served, i))
       served += nb
   assert counter.count == 0, f"{counter.count} compilations after warm-up"
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_sample_marks_non_finite_rows(temperature):
+  from pdserve_jax.runtime.sampling import sample
+  B, V = 6, 50
+  logits = np.random.default_rng(0).normal(size=(B, V)).astype(np.float32) * 3
+  logits[1, 7] = np.nan
+  logits[3, 20] = np.inf
+  logits[4, 0] = -np.inf
+  temps = np.full(B, temperature, np.float32)
+  top_k = np.array([0, 0, 5, 0, 0, 10], np.int32)
+  top_p = np.array([1.0, 1.0, 0.9, 1.0, 1.0, 0.5], np.float32)
+  seeds = np.arange(B, dtype=np.int32) + 100
+  index = np.full(B, 3, np.int32)
+  fn = jax.jit(sample)
+  got = np.asarray(fn(logits, temps, top_k, top_p, seeds, index))
+  assert got.dtype == np.int32
+  assert got[[1, 3, 4]].tolist() == [-1, -1, -1]
+  good = [0, 2, 5]
+  # A finite row's token does not depend on its batch mates, bad or not.
+  alone = np.asarray(fn(logits[good], temps[good], top_k[good], top_p[good], seeds[good],
+                        index[good]))
+  assert got[good].tolist() == alone.tolist()
+  if temperature == 0:
+    assert got[good].tolist() == np.argmax(logits[good], axis=-1).tolist()
+  else:
+    assert all(0 <= t < V for t in got[good])
+    assert got[2] in np.argsort(-logits[2])[:5]

@@ -6,7 +6,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pdserve_jax.kv.allocator import OutOfPages, PageAllocator, pages_for
-from pdserve_jax.serving import scheduler as S
+from pdserve_jax.serving import policies as S
+from pdserve_jax.serving import share
+from pdserve_jax.serving.share import PartitionerConfig
+from pdserve_jax.serving.step import DECODE, PREFILL, Step
 from pdserve_jax.serving.request import Request
 
 
@@ -39,10 +42,11 @@ def test_request_properties():
 def _drive(sched, reqs, rng, stop_prob=0.0, arrivals_per_step=2, max_steps=10_000):
   """Runs `reqs` through a colocated scheduler, checking invariants every step.
 
-  Returns the admission order and the steps taken.
+  Returns the admission order and the steps taken, with each step's chunks'
+  `last` as they were when it was scheduled (a later preemption changes them).
   """
   pending = list(reqs)
-  admitted, steps, now = [], [], 0.0
+  admitted, steps, now, lasts = [], [], 0.0, []
   seen = set()
   for _ in range(max_steps):
     for _ in range(rng.randint(0, arrivals_per_step)):
@@ -59,7 +63,7 @@ def _drive(sched, reqs, rng, stop_prob=0.0, arrivals_per_step=2, max_steps=10_00
       if c.request not in seen:
         seen.add(c.request)
         admitted.append(c.request)
-      assert 0 <= c.start < c.end <= c.request.prompt_len
+      assert 0 <= c.start < c.end <= c.request.prefill_len
     for r in [c.request for c in step.prefills if c.last]:
       if rng.random() < stop_prob:
         r.stopped = True
@@ -70,6 +74,7 @@ def _drive(sched, reqs, rng, stop_prob=0.0, arrivals_per_step=2, max_steps=10_00
         r.stopped = True
     now += 1.0
     steps.append(step)
+    lasts.append([c.last for c in step.prefills])
     done = sched.complete(step, now)
     sched.allocator.check()
     for r in done:
@@ -78,7 +83,7 @@ def _drive(sched, reqs, rng, stop_prob=0.0, arrivals_per_step=2, max_steps=10_00
     raise AssertionError("did not drain")
   assert sched.idle and sched.num_running == 0 and sched.num_waiting == 0
   assert sched.allocator.num_free == sched.allocator.capacity  # no page leaks
-  return admitted, steps
+  return admitted, steps, lasts
 
 
 _reqs_strategy = st.lists(st.tuples(st.integers(1, 48), st.integers(1, 12)),
@@ -88,20 +93,23 @@ _reqs_strategy = st.lists(st.tuples(st.integers(1, 48), st.integers(1, 12)),
 @settings(max_examples=40, deadline=None)
 @given(shapes=_reqs_strategy, page_size=st.integers(1, 8), max_batch=st.integers(1, 6),
        budget=st.integers(48, 96), extra_pages=st.integers(0, 30),
-       stop=st.sampled_from([0.0, 0.2]), seed=st.integers(0, 2**16))
+       stop=st.sampled_from([0.0, 0.2]), seed=st.integers(0, 2**16),
+       policy=st.sampled_from(S.PAGE_POLICIES))
 def test_prefill_first_randomized(shapes, page_size, max_batch, budget, extra_pages,
-                                  stop, seed):
+                                  stop, seed, policy):
   reqs = [_req(i, p, o) for i, (p, o) in enumerate(shapes)]
   need = max(pages_for(r.lifetime_tokens, page_size) for r in reqs)
   alloc = PageAllocator(need + extra_pages + 1, page_size, reserved=1)
-  sched = S.PrefillFirstScheduler(alloc, max_batch, budget)
-  admitted, steps = _drive(sched, reqs, random.Random(seed), stop)
+  sched = S.PrefillFirstScheduler(alloc, max_batch, budget, policy)
+  admitted, steps, lasts = _drive(sched, reqs, random.Random(seed), stop)
   assert admitted == reqs  # FCFS
-  for step in steps:
+  for step, last in zip(steps, lasts):
     assert not (step.prefills and step.decodes)
-    assert step.num_prefill_tokens <= budget
+    assert step.num_prefill_tokens <= budget or len(step.prefills) == 1
     assert len(step.prefills) <= max_batch and len(step.decodes) <= max_batch
-    assert all(c.start == 0 and c.last for c in step.prefills)
+    assert all(c.start == 0 for c in step.prefills) and all(last)
+  if policy == "reserve":
+    assert sched.num_preemptions == 0
   for r in reqs:
     assert len(r.token_times) == r.num_output
     assert r.num_output == r.max_tokens or r.stopped
@@ -110,21 +118,24 @@ def test_prefill_first_randomized(shapes, page_size, max_batch, budget, extra_pa
 @settings(max_examples=40, deadline=None)
 @given(shapes=_reqs_strategy, page_size=st.integers(1, 8), max_batch=st.integers(1, 6),
        budget=st.integers(7, 40), extra_pages=st.integers(0, 30),
-       stop=st.sampled_from([0.0, 0.2]), seed=st.integers(0, 2**16))
+       stop=st.sampled_from([0.0, 0.2]), seed=st.integers(0, 2**16),
+       policy=st.sampled_from(S.PAGE_POLICIES))
 def test_chunked_prefill_randomized(shapes, page_size, max_batch, budget, extra_pages,
-                                    stop, seed):
+                                    stop, seed, policy):
   reqs = [_req(i, p, o) for i, (p, o) in enumerate(shapes)]
   need = max(pages_for(r.lifetime_tokens, page_size) for r in reqs)
   alloc = PageAllocator(need + extra_pages, page_size)
-  sched = S.ChunkedPrefillScheduler(alloc, max_batch, budget)
-  admitted, steps = _drive(sched, reqs, random.Random(seed), stop)
+  sched = S.ChunkedPrefillScheduler(alloc, max_batch, budget, policy)
+  admitted, steps, lasts = _drive(sched, reqs, random.Random(seed), stop)
   assert admitted == reqs
-  for step in steps:
+  for step, last in zip(steps, lasts):
     assert step.num_prefill_tokens + step.num_decode_tokens <= budget
     assert len({c.request for c in step.prefills} | set(step.decodes)) <= max_batch
-    # At most one request is left with a partly cached prompt by any step.
-    assert sum(not c.last for c in step.prefills) <= 1
-    assert all(c.last for c in step.prefills[:-1])
+    # At most one request is left with a partly cached prefill by any step.
+    assert sum(not x for x in last) <= 1
+    assert all(last[:-1])
+  if policy == "reserve":
+    assert sched.num_preemptions == 0
   for r in reqs:
     assert len(r.token_times) == r.num_output
 
@@ -145,8 +156,9 @@ def test_prefill_first_batches_and_budget():
   assert not step.prefills and step.decodes == reqs[:3]
   done = sched.complete(step, 3.0)
   assert done == reqs[:3] and all(alloc.pages(r) == [] for r in done)
-  with pytest.raises(ValueError, match="max_prefill_tokens"):
-    sched.add(_req(9, 21, 1))
+  long = _req(9, 21, 1)  # over the budget: runs in a step of its own
+  sched.add(long)
+  assert [c.request for c in sched.schedule().prefills] == reqs[3:5]
 
 
 def test_prefill_first_waits_for_pages():
@@ -216,7 +228,7 @@ def test_protocol_errors():
   with pytest.raises(RuntimeError, match="in flight"):
     sched.schedule()
   with pytest.raises(RuntimeError, match="did not schedule"):
-    sched.complete(S.Step([], [r]), 1.0)
+    sched.complete(Step([], [r]), 1.0)
   sched.complete(step, 1.0)
   with pytest.raises(ValueError, match="fresh"):
     sched.add(r)
@@ -228,7 +240,7 @@ def test_protocol_errors():
 def test_handoff_waits_when_decode_memory_is_full():
   p_alloc, d_alloc = PageAllocator(16, 4), PageAllocator(4, 4)  # decode: 16 tokens
   pre = S.PrefillScheduler(p_alloc, max_batch=4, max_prefill_tokens=64)
-  dec = S.DecodeScheduler(d_alloc, max_batch=4)
+  dec = S.DecodeScheduler(d_alloc, max_batch=4, page_policy="reserve")
   a, b = _req(0, 6, 3), _req(1, 6, 3)  # 9 tokens -> 3 decode pages each
   pre.add(a)
   pre.add(b)
@@ -356,6 +368,8 @@ def test_disaggregated_randomized(shapes, n_dec, dec_pages, seed):
       copying.append((head, d))
     for d in decs:
       step = d.schedule()
+      for r in reversed(d.take_preempted()):  # recomputed by prefill, as coordinators do
+        pre.requeue(r)
       if step is not None:
         assert step.decode_context == sum(r.kv_len + 1 for r in step.decodes)
         for r in step.decodes:
@@ -383,7 +397,7 @@ def test_least_loaded_ties_and_filter():
 
 def test_semi_pd_handoff_keeps_pages():
   alloc = PageAllocator(16, 4)
-  pre = S.PrefillScheduler(alloc, 4, 64, reserve_lifetime=True)
+  pre = S.PrefillScheduler(alloc, 4, 64, "reserve", shared=True)
   dec = S.DecodeScheduler(alloc, 4)
   r = _req(0, 6, 5)
   pre.add(r)
@@ -405,26 +419,26 @@ def test_semi_pd_handoff_keeps_pages():
 def test_share_controller_follows_share():
   rng = random.Random(0)
   for x in (0.2, 0.5, 0.7):
-    c = S.ShareController(x)
+    c = share.ShareController(x)
     for _ in range(4000):
       phase = c.pick(True, True)
-      c.record(phase, rng.uniform(0.001, 0.05) if phase == S.PREFILL
+      c.record(phase, rng.uniform(0.001, 0.05) if phase == PREFILL
                else rng.uniform(0.01, 0.02))
-    p, d = c.busy[S.PREFILL], c.busy[S.DECODE]
+    p, d = c.busy[PREFILL], c.busy[DECODE]
     assert p / (p + d) == pytest.approx(x, abs=0.01)
 
 
 def test_share_controller_no_debt_after_idle_spell():
-  c = S.ShareController(0.5)
+  c = share.ShareController(0.5)
   for _ in range(100):  # decode runs alone for a while
-    assert c.pick(False, True) == S.DECODE
-    c.record(S.DECODE, 1.0)
+    assert c.pick(False, True) == DECODE
+    c.record(DECODE, 1.0)
   picks = []
   for _ in range(10):
     ph = c.pick(True, True)
     picks.append(ph)
     c.record(ph, 1.0)
-  assert picks.count(S.DECODE) == 5
+  assert picks.count(DECODE) == 5
   assert c.pick(False, False) is None
   c.set_share(0.8)
   assert c.prefill_share == 0.8
@@ -443,8 +457,8 @@ def _finished(ttft, tpot, n=8, t=0.0):
 
 
 def test_partitioner_moves_toward_violated_phase():
-  p = S.SloPartitioner(ttft_slo=1.0, tpot_slo=0.1, window=10, step=0.1,
-                       min_share=0.2, max_share=0.8, hysteresis=0.1)
+  p = share.SloPartitioner(1.0, 0.1, PartitionerConfig(window=10, step=0.1, min_share=0.2,
+                                                        max_share=0.8, hysteresis=0.1))
   for w in range(6):  # TTFT 3x over, TPOT fine: prefill share rises to the bound
     for _ in range(10):
       p.observe(_finished(3.0, 0.05))
@@ -460,7 +474,7 @@ def test_partitioner_moves_toward_violated_phase():
 
 
 def test_partitioner_holds_within_slo_and_hysteresis():
-  p = S.SloPartitioner(ttft_slo=1.0, tpot_slo=0.1, window=5, step=0.1, hysteresis=0.2)
+  p = share.SloPartitioner(1.0, 0.1, PartitionerConfig(window=5, step=0.1, hysteresis=0.2))
   for i in range(200):  # both within SLO, alternating which is closer
     p.observe(_finished(0.9 if i % 10 < 5 else 0.3, 0.03 if i % 10 < 5 else 0.09))
   assert p.history == [(0.0, 0.5)]
@@ -471,4 +485,4 @@ def test_partitioner_holds_within_slo_and_hysteresis():
     assert p.observe(_finished(2.0, 0.05, n=1 if i else 8)) in (None, 0.6)
   assert p.share == pytest.approx(0.6)
   with pytest.raises(ValueError, match="positive"):
-    S.SloPartitioner(0.0, 0.1)
+    share.SloPartitioner(0.0, 0.1)

@@ -11,6 +11,8 @@ from pdserve_jax.model.config import get_preset
 from pdserve_jax.serving.request import Request
 from pdserve_jax.sim import hardware as H
 from pdserve_jax.sim import latency as L
+from pdserve_jax.serving.share import PartitionerConfig
+from pdserve_jax.sim import goodput
 from pdserve_jax.sim import simulator as sim
 
 CONV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "traces",
@@ -98,13 +100,13 @@ def test_semi_pd_sharing():
   r = sim.simulate(_one(), SETUP, sim.SemiPD(prefill_share=0.2)).requests[0]
   assert r.ttft == pytest.approx(pre)
   with pytest.raises(ValueError, match="partitioner needs"):
-    sim.simulate(_one(), SETUP, sim.SemiPD(partitioner={}))
+    sim.simulate(_one(), SETUP, sim.SemiPD(partitioner=PartitionerConfig()))
 
 
 def test_semi_pd_partitioner_moves_share_toward_prefill_under_ttft_pressure():
   # Long prompts, short outputs and a tight TTFT: prefill is the bottleneck.
   reqs = W.synthetic(600, 9.0, W.Fixed(1024), W.Fixed(8), seed=3)
-  dep = sim.SemiPD(prefill_share=0.3, partitioner=dict(window=50, step=0.1, max_share=0.9))
+  dep = sim.SemiPD(prefill_share=0.3, partitioner=PartitionerConfig(window=50, step=0.1, max_share=0.9))
   res = sim.simulate(reqs, SETUP, dep, ttft_slo=0.3, tpot_slo=1.0)
   hist = res.share_history["semi_pd0"]
   assert hist[0][1] == 0.3 and hist[-1][1] > 0.3
@@ -123,8 +125,8 @@ def test_distserve_figure1_disaggregation_beats_colocation():
   figure per GPU, and require disaggregation to win by at least 1.3x (paper: 2.1x).
   """
   make = lambda rate: W.synthetic(400, rate, W.Fixed(512), W.Fixed(64), seed=0)
-  colo = sim.goodput(make, SETUP, sim.Colocated(), 0.4, 0.04)
-  dis = sim.goodput(make, SETUP, sim.Disaggregated(num_prefill=2, num_decode=1), 0.4, 0.04) / 3
+  colo = goodput.goodput(make, SETUP, sim.Colocated(), 0.4, 0.04)
+  dis = goodput.goodput(make, SETUP, sim.Disaggregated(num_prefill=2, num_decode=1), 0.4, 0.04) / 3
   assert dis > 1.3 * colo
   assert 1.6 <= colo <= 3 * 1.6
   assert 3.3 <= dis <= 3 * 3.3

@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from pdserve_jax import workloads
 from pdserve_jax.model.config import get_preset
+from pdserve_jax.serving.share import PartitionerConfig
 from pdserve_jax.sim import planner, simulator
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Planner config file.")
@@ -37,7 +38,7 @@ def build_spec(cfg, base_dir: str = ROOT) -> planner.PlanSpec:
       max_prefill_tokens=cfg.max_prefill_tokens, chunk_tokens=cfg.chunk_tokens,
       target=cfg.target, tol=cfg.tol, target_rate=cfg.target_rate or None,
       semi_pd_shares=tuple(cfg.semi_pd_shares), semi_pd_concurrent=cfg.semi_pd_concurrent,
-      partitioner=dict(cfg.partitioner))
+      partitioner=PartitionerConfig(**dict(cfg.partitioner)))
 
 
 def main(argv):

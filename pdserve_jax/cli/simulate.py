@@ -17,7 +17,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from pdserve_jax import workloads
+from pdserve_jax import deploy, workloads
 from pdserve_jax.model.config import get_preset
 from pdserve_jax.sim import simulator
 
@@ -36,7 +36,7 @@ def main(argv):
   setup = simulator.setup_from_config(cfg, ROOT)
   make = workloads.workload_from_config(cfg, get_preset(cfg.model).max_position_embeddings,
                                         ROOT)
-  dep = simulator.deployment_from_config(cfg)
+  dep = deploy.from_config(cfg)
   res = simulator.simulate(make(cfg.rate), setup, dep, cfg.ttft_slo, cfg.tpot_slo)
   summary = res.summary(cfg.ttft_slo, cfg.tpot_slo)
   summary["deployment"] = repr(dep)

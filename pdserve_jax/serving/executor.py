@@ -1,19 +1,18 @@
-"""The JAX executor: carries out scheduler steps with the real jitted programs.
+"""The JAX executor: carries out a coordinator's steps and KV copies with the real
+jitted programs on real meshes, on the wall clock.
 
-A `StepRunner` binds one scheduler to one `InstanceRunner` and keeps at most one
-step in flight. Launching a step only dispatches programs (JAX runs them
-asynchronously), so the engine loop can launch work on every mesh before waiting
-on any; `poll` turns finished device results into tokens, marks stop tokens, and
-hands the step back to the scheduler with the wall-clock time it was seen done.
+It builds one `InstanceRunner` (mesh, weights, page pool, programs) per device
+group the coordinator asks an allocator for, translates a `Step` into program
+rows (prefill slices of prompt + output tokens, positions, page tables, sampling
+rows), and turns sampled tokens back into request state: stop tokens mark
+`req.stopped`, and a row whose logits were not finite cancels its request with an
+error instead of producing a token.
 
-Each `StepRunner` has a `Watcher`, a thread that blocks until its step's results
-are ready and then rings the engine's doorbell, so the one engine thread can sleep
-until any instance (or KV copy) finishes instead of waiting on one of them while
-another has finished.
-
-The scheduler decides; this module only translates a `Step` into program rows
-(prompt slices, positions, page tables, sampling rows) and tokens back into
-request state. Request payloads are `Job`s.
+Launching only dispatches programs (JAX runs them asynchronously). A `Watcher`
+thread per group (and one per destination pool for copies) blocks until results
+are ready and posts an event to the engine's inbox; the engine thread then calls
+`collect` and the coordinator. A launch that raises posts a failure event instead,
+so every step ends through the inbox. Request payloads are `Job`s.
 """
 
 from __future__ import annotations
@@ -22,16 +21,22 @@ import dataclasses
 import queue
 import threading
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import jax
 import numpy as np
 
+from pdserve_jax.kv.allocator import PageAllocator
+from pdserve_jax.kv.pool import SCRATCH_PAGE, transfer_pages
+from pdserve_jax.model import sharding
+from pdserve_jax.runtime import buckets as bk
 from pdserve_jax.runtime.buckets import groups
-from pdserve_jax.runtime.programs import InstanceRunner, SamplingRows
+from pdserve_jax.runtime.programs import InstanceRunner, RunnerShape, SamplingRows
 from pdserve_jax.serving.params import SamplingParams
 from pdserve_jax.serving.request import Request
-from pdserve_jax.serving.scheduler import Step
+from pdserve_jax.serving.step import Step
+
+STEP, FAILED, COPY = "step", "failed", "copy"  # inbox event kinds
 
 
 @dataclasses.dataclass(eq=False)
@@ -43,13 +48,18 @@ class Job:
   stream: "queue.Queue" = dataclasses.field(default_factory=queue.Queue)
   finished: threading.Event = dataclasses.field(default_factory=threading.Event)
   error: Optional[BaseException] = None
+  stop_ids: frozenset = frozenset()
 
   def emit(self, token: int) -> None:
     self.tokens.append(token)
     self.stream.put(token)
 
   def end(self, error: Optional[BaseException] = None) -> None:
-    self.error = error
+    """Idempotent: the first end wins."""
+    if self.finished.is_set():
+      return
+    if error is not None and self.error is None:
+      self.error = error
     self.finished.set()
     self.stream.put(None)
 
@@ -66,39 +76,41 @@ def _sampling_rows(reqs: List[Request], token_index: List[int]) -> SamplingRows:
 
 class Watcher:
   """A daemon thread that waits for device arrays, in the order given, and calls
-  `ring()` as each set is ready."""
+  `ring(tag)` as each set is ready (or has failed: the reader meets the error)."""
 
   def __init__(self, ring, name: str):
     self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
     self._ring = ring
     threading.Thread(target=self._run, name=name, daemon=True).start()
 
-  def watch(self, arrays) -> None:
-    self._queue.put(arrays)
+  def watch(self, arrays, tag) -> None:
+    self._queue.put((arrays, tag))
 
   def close(self) -> None:
     self._queue.put(None)
 
   def _run(self) -> None:
-    while (arrays := self._queue.get()) is not None:
+    while (item := self._queue.get()) is not None:
+      arrays, tag = item
       try:
         jax.block_until_ready(arrays)
-      except Exception:  # noqa: BLE001 - the engine thread meets the error when it reads
+      except Exception:  # noqa: BLE001 - `collect` meets the error when it reads
         pass
-      self._ring()
+      self._ring(tag)
 
 
 @dataclasses.dataclass(frozen=True)
 class StepRecord:
   """One finished step as it ran: which instance, when (engine clock, seconds; the
-  end is when the engine saw it done), and the shape bucket of each program call,
+  end is when the engine saw it done), the shape bucket of each program call,
   (batch, chunk length, table width) for prefill and (batch, table width) for
-  decode."""
+  decode, and what it computed (`Step.describe`)."""
   instance: str
   started: float
   finished: float
   prefill_calls: tuple
   decode_calls: tuple
+  work: tuple = ((), ())
 
 
 @dataclasses.dataclass
@@ -107,41 +119,99 @@ class Launched:
   started: float
   prefill_outs: list  # (chunks, device tokens)
   decode_outs: list  # (requests, device tokens)
-  calls: tuple = ((), ())  # program shapes, when the runner keeps a log
-
-  def ready(self) -> bool:
-    return all(out.is_ready() for _, out in self.prefill_outs + self.decode_outs)
-
-  def wait(self) -> None:
-    for _, out in self.prefill_outs + self.decode_outs:
-      out.block_until_ready()
+  calls: tuple = ((), ())  # program shapes, when the engine keeps a log
 
 
-class StepRunner:
-  """One scheduler driving one instance's programs, one step in flight at a time."""
+def runner_shape(cfg, spec, chunked: bool) -> RunnerShape:
+  """The buckets of an instance: chunked prefill bounds a chunk by the step's token
+  budget; otherwise one prefill row may carry a recomputation up to `max_seq_len`."""
+  longest = min(spec.max_tokens, cfg.max_seq_len) if chunked else cfg.max_seq_len
+  return RunnerShape(page_size=cfg.page_size, num_pages=cfg.num_pages,
+                     max_decode_batch=spec.max_batch, max_prefill_batch=cfg.max_prefill_batch,
+                     max_prefill_len=longest, max_seq_len=cfg.max_seq_len,
+                     min_prefill_len=cfg.min_prefill_bucket,
+                     min_table_width=cfg.min_pages_bucket)
 
-  def __init__(self, name: str, runner: InstanceRunner, scheduler, clock,
-               watcher: Optional[Watcher] = None):
-    self.name, self.runner, self.scheduler, self.clock = name, runner, scheduler, clock
-    self.watcher = watcher
-    self.inflight: Optional[Launched] = None
+
+class JaxExecutor:
+  """The executor seam (see `serving.coordinator`) over real programs."""
+
+  def __init__(self, model, cfg, chunked: bool, clock: Callable[[], float],
+               post: Callable[[tuple], None]):
+    self.model, self.cfg, self.chunked, self.clock, self._post = model, cfg, chunked, clock, post
+    self.runners: dict[str, InstanceRunner] = {}
+    self.roles: dict[str, set] = {}
+    self.watchers: dict[str, Watcher] = {}
+    self._copy_watchers: dict[str, Watcher] = {}
+    self._devices = list(jax.devices())
+    self._inflight: dict[str, Launched] = {}
     self.log: Optional[List[StepRecord]] = None  # a list to append records to, if any
+    self.copies: dict[Request, object] = {}
+    self.page_buckets = bk.powers_of_two(1, cfg.max_seq_len // cfg.page_size)
 
-  @property
-  def allocator(self):
-    return self.scheduler.allocator
+  # -- building --------------------------------------------------------------------
 
-  def launch(self, step: Step) -> Launched:
-    runner, pages = self.runner, self.allocator.pages
+  def allocator(self, group: str, spec, fraction: float) -> PageAllocator:
+    if fraction != 1.0:
+      raise ValueError("pipeline stages are not implemented by the engine")
+    n = spec.tp
+    if len(self._devices) < n:
+      raise ValueError(f"{group} needs {n} devices; only {len(self._devices)} are left")
+    mesh = sharding.split_devices([n], self._devices[:n])[0]
+    self._devices = self._devices[n:]
+    self.runners[group] = InstanceRunner(self.model, mesh,
+                                         runner_shape(self.cfg, spec, self.chunked),
+                                         self.cfg.attn_impl)
+    self.watchers[group] = Watcher(lambda inst: self._post((STEP, inst)),
+                                   f"pdserve-watch-{group}")
+    return PageAllocator(self.cfg.num_pages, self.cfg.page_size, reserved=1)
+
+  def bind(self, instances) -> None:
+    for inst in instances:
+      inst.handle = self.runners[inst.group]
+      self.roles.setdefault(inst.group, set()).add(inst.phase)
+
+  def warmup(self, pairs) -> None:
+    """Compiles every bucket of every program the instances use, and every KV copy
+    between the `pairs` of (source, destination) groups."""
+    for group, runner in self.runners.items():
+      roles = self.roles[group]
+      runner.warmup(prefill=roles != {"decode"}, decode=roles != {"prefill"})
+    for src, dst in pairs:
+      for n in self.page_buckets:
+        scratch = np.full(n, SCRATCH_PAGE)
+        transfer_pages(self.runners[src].pool, scratch, self.runners[dst].pool, scratch)
+    jax.block_until_ready([r.pool.arrays for r in self.runners.values()])
+
+  def close(self) -> None:
+    for w in list(self.watchers.values()) + list(self._copy_watchers.values()):
+      w.close()
+
+  # -- the seam ---------------------------------------------------------------------
+
+  def can_launch(self, inst, now) -> bool:
+    return True  # the coordinator keeps one step in flight per instance
+
+  def launch(self, inst, step: Step, now: float) -> None:
+    try:
+      launched = self._launch(inst, step)
+    except Exception as e:  # noqa: BLE001 - the step's requests fail, the rest go on
+      self._post((FAILED, inst, e))
+      return
+    self._inflight[inst.name] = launched
+    self.watchers[inst.group].watch(
+        [out for _, out in launched.prefill_outs + launched.decode_outs], inst)
+
+  def _launch(self, inst, step: Step) -> Launched:
+    runner, pages = inst.handle, inst.sched.allocator.pages
     started = self.clock()  # the host's share of a step counts: it is serving time too
     shape, logging = runner.shape, self.log is not None
     prefill_outs, decode_outs, prefill_calls, decode_calls = [], [], [], []
     for group in groups(step.prefills, shape.max_prefill_batch):
       reqs = [c.request for c in group]
       tables = [pages(r) for r in reqs]
-      out = runner.prefill([r.payload.prompt[c.start:c.end] for r, c in zip(reqs, group)],
-                           [c.start for c in group], tables,
-                           _sampling_rows(reqs, [0] * len(reqs)))
+      out = runner.prefill([_prefill_tokens(c) for c in group], [c.start for c in group],
+                           tables, _sampling_rows(reqs, [r.num_output for r in reqs]))
       prefill_outs.append((group, out))
       if logging:
         prefill_calls.append(shape.prefill_shape([c.end - c.start for c in group],
@@ -153,28 +223,13 @@ class StepRunner:
       decode_outs.append((group, out))
       if logging:
         decode_calls.append(shape.decode_shape([len(t) for t in tables]))
-    self.inflight = Launched(step, started, prefill_outs, decode_outs,
-                             (tuple(prefill_calls), tuple(decode_calls)))
-    if self.watcher is not None:
-      self.watcher.watch([out for _, out in prefill_outs + decode_outs])
-    return self.inflight
+    return Launched(step, started, prefill_outs, decode_outs,
+                    (tuple(prefill_calls), tuple(decode_calls)))
 
-  def try_launch(self) -> bool:
-    if self.inflight is not None:
-      return False
-    step = self.scheduler.schedule()
-    if step is None:
-      return False
-    self.launch(step)
-    return True
-
-  def poll(self, block: bool = False) -> Optional[List[Request]]:
-    """Finishes the in-flight step if its results are ready (or `block`); returns
-    the requests it completed, or None when nothing finished."""
-    launched = self.inflight
-    if launched is None or not (block or launched.ready()):
-      return None
-    launched.wait()
+  def collect(self, inst) -> float:
+    """Reads a finished step's tokens into its requests; returns its seconds.
+    Raises if the step's programs failed."""
+    launched = self._inflight.pop(inst.name)
     now = self.clock()
     for group, out in launched.prefill_outs:
       toks = np.asarray(out)
@@ -185,17 +240,60 @@ class StepRunner:
       toks = np.asarray(out)
       for i, r in enumerate(group):
         _take(r, int(toks[i]))
-    self.inflight = None
-    self.last_step_seconds = now - launched.started
     if self.log is not None:
-      self.log.append(StepRecord(self.name, launched.started, now, *launched.calls))
-    return self.scheduler.complete(launched.step, now)
+      self.log.append(StepRecord(inst.name, launched.started, now, *launched.calls,
+                                 launched.step.describe()))
+    return now - launched.started
+
+  def fail_step(self, inst, error: BaseException) -> None:
+    """The step of `inst` could not run or be read: its requests carry the error."""
+    self._inflight.pop(inst.name, None)
+    for r in inst.step.requests:
+      r.payload.error = r.payload.error or RuntimeError(
+          f"step on {inst.name} failed: {error!r}")
+
+  def start_copy(self, req: Request, src, dst, now: float) -> None:
+    try:
+      src_pages = src.sched.allocator.pages(req)
+      n = bk.bucket(len(src_pages), self.page_buckets, "pages per transfer")
+      pad = [SCRATCH_PAGE] * (n - len(src_pages))
+      dst_pages = dst.sched.allocator.pages(req)[:len(src_pages)]
+      moved = transfer_pages(src.handle.pool, np.array(src_pages + pad),
+                             dst.handle.pool, np.array(dst_pages + pad))
+    except Exception as e:  # noqa: BLE001 - this request fails; its pages come back
+      req.payload.error = RuntimeError(f"KV copy {src.name} -> {dst.name} failed: {e!r}")
+      req.end_reason = "error"
+      self._post((COPY, req))
+      return
+    w = self._copy_watchers.get(dst.group)
+    if w is None:
+      w = self._copy_watchers[dst.group] = Watcher(lambda r: self._post((COPY, r)),
+                                                   f"pdserve-copies-{dst.group}")
+    w.watch(moved, req)
+
+  def ended(self, req: Request, now: float) -> None:
+    raise NotImplementedError  # the engine sets this to its own callback
+
+
+def _prefill_tokens(c) -> List[int]:
+  job, n = c.request.payload, len(c.request.payload.prompt)
+  if c.end <= n:
+    return job.prompt[c.start:c.end]
+  return (job.prompt + job.tokens)[c.start:c.end]  # recomputing output tokens
 
 
 def _take(req: Request, token: int) -> None:
+  if req.end_reason is not None:
+    return  # cancelled while its step ran: nothing more is emitted
   job = req.payload
+  if token < 0:
+    job.error = FloatingPointError(
+        f"request {req.request_id}: the model's logits were not finite at output token "
+        f"{req.num_output}")
+    req.end_reason = "error"
+    return
   job.emit(token)
-  if token in job.params.stop_token_ids:
+  if token in job.stop_ids:
     req.stopped = True
 
 

@@ -22,11 +22,18 @@ class Request:
     max_tokens: output tokens to produce, the first (sampled by prefill) included.
     arrival_time: seconds on the executor's clock.
     payload: executor data; schedulers never read it.
-    num_prefilled: prompt tokens whose KV is cached.
+    num_prefilled: tokens of `prefill_len` whose KV is cached.
     num_output: output tokens produced so far.
     token_times: executor clock time of each output token.
     stopped: an executor sampled a stop token.
-    finish_time: when the last token was produced; None while running.
+    finish_time: when the request ended; None while it runs.
+    num_recompute: output tokens to recompute with the prompt on the next prefill
+      (set when the request is preempted and its pages freed).
+    num_preemptions: how often the request lost its pages.
+    end_reason: "aborted" or "error" once the request is cancelled; it then ends at
+      the next point where a scheduler holds it, producing nothing more.
+    admitted_seq: order of the latest admission to a batch; preemption takes the
+      newest first.
   """
   request_id: int
   prompt_len: int
@@ -38,6 +45,10 @@ class Request:
   token_times: list[float] = dataclasses.field(default_factory=list)
   stopped: bool = False
   finish_time: float | None = None
+  num_recompute: int = 0
+  num_preemptions: int = 0
+  end_reason: str | None = None
+  admitted_seq: int = -1
 
   def __post_init__(self):
     if self.prompt_len < 1:
@@ -49,18 +60,46 @@ class Request:
 
   @property
   def done(self) -> bool:
-    return self.stopped or self.num_output >= self.max_tokens
+    return self.stopped or self.end_reason is not None or self.num_output >= self.max_tokens
+
+  @property
+  def finish_reason(self) -> str | None:
+    """"stop", "length", "aborted" or "error" once finished; None before."""
+    if self.finish_time is None:
+      return None
+    if self.end_reason is not None:
+      return self.end_reason
+    return "stop" if self.stopped else "length"
+
+  @property
+  def prefill_len(self) -> int:
+    """Tokens the next prefill computes: the prompt, plus after a preemption the
+    output tokens produced before it (their KV was freed with the pages)."""
+    return self.prompt_len + self.num_recompute
 
   @property
   def prefill_done(self) -> bool:
-    return self.num_prefilled >= self.prompt_len
+    return self.num_prefilled >= self.prefill_len
 
   @property
   def kv_len(self) -> int:
-    """Tokens whose KV is cached now: the prefilled prompt plus every output token
-    already fed back. The newest output token is not fed yet, so a decode step
+    """Tokens whose KV is cached now: the prefilled tokens plus every output token
+    fed back since. The newest output token is not fed yet, so a decode step
     writes one more entry and attends over `kv_len + 1` tokens."""
-    return self.num_prefilled + max(self.num_output - 1, 0)
+    return self.num_prefilled + max(self.num_output - 1 - self.num_recompute, 0)
+
+  @property
+  def context_len(self) -> int:
+    """Tokens a decode step of this request attends over (`kv_len + 1` once its
+    prefill is done)."""
+    return self.prompt_len + self.num_output
+
+  def preempt(self) -> None:
+    """Drops the cached KV (the caller frees the pages): the next prefill
+    recomputes the prompt and every output token so far."""
+    self.num_prefilled = 0
+    self.num_recompute = self.num_output
+    self.num_preemptions += 1
 
   @property
   def lifetime_tokens(self) -> int:

@@ -35,7 +35,8 @@ import numpy as np
 from pdserve_jax.kv.allocator import pages_for
 from pdserve_jax.model.config import ModelConfig
 from pdserve_jax.runtime.buckets import RunnerShape, groups
-from pdserve_jax.serving.scheduler import Step
+from pdserve_jax.serving.share import ShareScaling  # noqa: F401  (re-exported)
+from pdserve_jax.serving.step import Step
 from pdserve_jax.sim.hardware import HardwareSpec
 
 
@@ -162,7 +163,7 @@ class ShapeTableLatencyModel(LatencyModel):
       t += self._prefill_calls([c.end - c.start for c in step.prefills],
                                [count(c.request, c.end) for c in step.prefills])
     if step.decodes:
-      t += self._decode_calls([count(r, r.num_prefilled + r.num_output) for r in step.decodes])
+      t += self._decode_calls([count(r, r.context_len) for r in step.decodes])
     return t
 
   def prefill_totals(self, num_seqs, tokens, sq_tokens):
@@ -466,32 +467,6 @@ class RooflineLatencyModel(LatencyModel):
     bytes_ = (self._weight_bytes + self._kv_bytes * (tokens + context + batch)
               + self._act_bytes * (tokens + batch))
     return self._time(flops, bytes_, tokens + batch)
-
-
-@dataclasses.dataclass(frozen=True)
-class ShareScaling:
-  """semi-PD's slowdown under compute sharing: a phase given a share s of the
-  device runs a step in t_100 * (alpha / s + beta), t_100 being its time alone.
-  alpha + beta = 1 keeps t(1) = t_100. The defaults (alpha=1: time inversely
-  proportional to the share) suit a compute-bound phase; memory-bound decode
-  slows less, which `fit` measures."""
-  alpha: float = 1.0
-  beta: float = 0.0
-
-  def factor(self, share: float) -> float:
-    if not 0 < share <= 1:
-      raise ValueError(f"share must lie in (0, 1], got {share}")
-    return self.alpha / share + self.beta
-
-  @classmethod
-  def fit(cls, samples: Iterable[tuple[float, float]]) -> ShareScaling:
-    """Least squares on (share, time at that share / time alone) samples."""
-    pts = [(float(s), float(r)) for s, r in samples]
-    if len(pts) < 2:
-      raise ValueError("need at least two (share, slowdown) samples")
-    x = np.array([[1.0 / s, 1.0] for s, _ in pts])
-    (alpha, beta), *_ = np.linalg.lstsq(x, np.array([r for _, r in pts]), rcond=None)
-    return cls(float(alpha), float(beta))
 
 
 def latency_source(kind: str, model: ModelConfig, hardware: HardwareSpec,

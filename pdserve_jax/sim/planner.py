@@ -35,8 +35,11 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from pdserve_jax import deploy
 from pdserve_jax.serving.metrics import check_slos
 from pdserve_jax.serving.request import Request
+from pdserve_jax.serving.share import PartitionerConfig
+from pdserve_jax.sim import goodput as gp
 from pdserve_jax.sim import simulator as sim
 
 Workload = Callable[[float], Sequence[Request]]
@@ -65,6 +68,7 @@ class PlanSpec:
     semi_pd_shares: fixed prefill shares to try.
     semi_pd_concurrent: model semi-PD as SM partitioning instead of time slicing.
     partitioner: SloPartitioner settings for the dynamic semi-PD candidate.
+    page_policy: every instance's page policy ("on_demand" or "reserve").
   """
   setup: sim.Setup
   workload: Workload
@@ -81,9 +85,8 @@ class PlanSpec:
   target_rate: Optional[float] = None
   semi_pd_shares: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
   semi_pd_concurrent: bool = False
-  partitioner: dict = dataclasses.field(
-      default_factory=lambda: dict(window=32, step=0.05, min_share=0.1, max_share=0.9,
-                                   hysteresis=0.1))
+  partitioner: PartitionerConfig = PartitionerConfig()
+  page_policy: str = "on_demand"
 
   @property
   def devices_per_node(self) -> int:
@@ -113,17 +116,7 @@ class Candidate:
     return None if self.goodput is None else self.goodput / self.num_devices
 
   def describe(self) -> str:
-    d = self.deployment
-    inst = lambda s: f"tp{s.tp}pp{s.pp}"
-    if isinstance(d, sim.Disaggregated):
-      return (f"{d.num_prefill}x prefill {inst(d.prefill)} + {d.num_decode}x decode "
-              f"{inst(d.decode)}" + ("" if d.same_node else ", KV over network"))
-    if isinstance(d, sim.SemiPD):
-      mode = "dynamic from" if d.partitioner else "share"
-      return f"{d.replicas}x {inst(d.instance)} {mode} x={d.prefill_share:.2f}"
-    if isinstance(d, sim.Colocated):
-      return f"{d.replicas}x {inst(d.instance)} {d.policy}"
-    return repr(d)
+    return self.deployment.describe()
 
   def to_dict(self) -> dict:
     return {"mode": self.mode, "algorithm": self.algorithm, "placement": self.describe(),
@@ -143,9 +136,11 @@ class Plan:
     """{"tpXppY": req/s per device} of `phase` alone."""
     return {k: g / self.config_devices[k] for k, g in self.phase_goodput[phase].items()}
 
-  def best(self, mode: str) -> Optional[Candidate]:
-    return next((c for c in self.candidates if c.mode == mode and c.goodput is not None),
-                None)
+  def best(self, mode: Optional[str] = None) -> Optional[Candidate]:
+    """The best candidate of `mode`, or of all modes; its `deployment` is what
+    `Engine(model, deployment)` serves."""
+    return next((c for c in self.candidates if c.goodput is not None
+                 and (mode is None or c.mode == mode)), None)
 
   def to_dict(self) -> dict:
     return {"candidates": [c.to_dict() for c in self.candidates],
@@ -215,8 +210,8 @@ class _Planner:
   def _instance(self, tp, pp, chunked=False):
     s = self.spec
     budget = s.chunk_tokens if chunked else s.max_prefill_tokens
-    return sim.InstanceSpec(tp, pp, min(s.max_batch, budget - 1) if chunked else s.max_batch,
-                            budget)
+    return deploy.InstanceSpec(tp, pp, min(s.max_batch, budget - 1) if chunked else s.max_batch,
+                               budget, s.page_policy)
 
   def _estimate(self, phase, tp, pp) -> float:
     """Capacity of one instance for `phase` alone (requests/s) at mean lengths. A
@@ -250,10 +245,10 @@ class _Planner:
 
   def _capacity(self, deployment) -> float:
     s = self.spec
-    return sim.saturation_throughput(s.workload(sim.BURST_RATE), s.setup, deployment)
+    return gp.saturation_throughput(s.workload(gp.BURST_RATE), s.setup, deployment)
 
   def _goodput(self, deployment, capacity, floor=0.0) -> float:
-    return sim.goodput(self.spec.workload, self.spec.setup, deployment, self.spec.ttft_slo,
+    return gp.goodput(self.spec.workload, self.spec.setup, deployment, self.spec.ttft_slo,
                        self.spec.tpot_slo, self.spec.target, lo=floor, hi=capacity,
                        tol=self.spec.tol)
 
@@ -288,7 +283,7 @@ class _Planner:
   def _phase_winners(self, phase, max_devices) -> list[tuple[float, int, int]]:
     """(goodput, tp, pp) of each config of at most `max_devices` that improved on the
     best goodput per device of `phase` alone, best last."""
-    cands = [Candidate(phase, "alone", sim.PhaseOnly(phase, self._instance(tp, pp)), tp * pp,
+    cands = [Candidate(phase, "alone", deploy.PhaseOnly(phase, self._instance(tp, pp)), tp * pp,
                        None, self._estimate(phase, tp, pp))
              for tp, pp in self.configs if tp * pp <= max_devices]
     self._search(cands)
@@ -325,7 +320,7 @@ class _Planner:
           continue
         n, m = counts
         devices = n * ptp * ppp + m * dtp * dpp
-        dep = sim.Disaggregated(self._instance(ptp, ppp), self._instance(dtp, dpp), n, m,
+        dep = deploy.Disaggregated(self._instance(ptp, ppp), self._instance(dtp, dpp), n, m,
                                 same_node=devices <= s.devices_per_node)
         cands.append(Candidate("disaggregated", "alg1-high-affinity", dep, devices, None,
                                min(n * gp, m * gd)))
@@ -343,7 +338,7 @@ class _Planner:
               or (ptp, pp) not in self.configs or (dtp, pp) not in self.configs):
             continue
           est = min(self._estimate("prefill", ptp, pp), self._estimate("decode", dtp, pp))
-          dep = sim.Disaggregated(self._instance(ptp, pp), self._instance(dtp, pp), 1, 1,
+          dep = deploy.Disaggregated(self._instance(ptp, pp), self._instance(dtp, pp), 1, 1,
                                   same_node=True)
           cands.append(Candidate("disaggregated", "alg2-low-affinity", dep,
                                  (ptp + dtp) * pp, None, est))
@@ -362,7 +357,7 @@ class _Planner:
   def colocated(self) -> list[Candidate]:
     cands = []
     for policy in ("prefill_first", "chunked"):
-      cands += self._combined("colocated", policy, lambda tp, pp: sim.Colocated(
+      cands += self._combined("colocated", policy, lambda tp, pp: deploy.Colocated(
           self._instance(tp, pp, chunked=policy == "chunked"), 1, policy), self.configs)
     return self._search(cands)
 
@@ -372,7 +367,7 @@ class _Planner:
     s = self.spec
     configs = [(tp, pp) for tp, pp in self.configs if pp == 1]
     mid = s.semi_pd_shares[len(s.semi_pd_shares) // 2]
-    make = lambda x: (lambda tp, pp: sim.SemiPD(self._instance(tp, pp), 1, x,
+    make = lambda x: (lambda tp, pp: deploy.SemiPD(self._instance(tp, pp), 1, x,
                                                 concurrent=s.semi_pd_concurrent))
     cands = self._search(self._combined("semi_pd", "fixed-share", make(mid), configs))
     top = max((c for c in cands if c.goodput is not None), key=lambda c: c.per_device,
@@ -386,7 +381,7 @@ class _Planner:
               for x in s.semi_pd_shares if x != mid]
     cands += self._search(shares, top.per_device)
     top = max((c for c in cands if c.goodput is not None), key=lambda c: c.per_device)
-    dyn = dataclasses.replace(top.deployment, partitioner=dict(s.partitioner))
+    dyn = dataclasses.replace(top.deployment, partitioner=s.partitioner)
     cands.append(Candidate("semi_pd", "dynamic", dyn, top.num_devices,
                            self._goodput(dyn, top.capacity, top.goodput / 2), top.capacity,
                            f"SloPartitioner online, {inst.tp}x tp"))

@@ -1,0 +1,203 @@
+"""Deployments: which instances serve, with what parallelism and batch limits.
+
+One type per mode, shared by `Engine`, the simulator and the planner: the planner
+ranks deployments, the simulator runs them on a latency model, and
+`Engine(model, deployment)` serves the same one with real programs. Runtime-only
+knobs (page size, pool size, shape buckets, attention kernels) live in the
+engine's `EngineConfig`, and hardware and latency in the simulator's `Setup`.
+
+No JAX here; whether the engine can run a deployment on the devices present is
+`serving.engine`'s question (it refuses pipeline stages and SM partitioning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+from pdserve_jax.serving.policies import PAGE_POLICIES, check_page_policy
+from pdserve_jax.serving.share import PartitionerConfig, ShareScaling
+
+POLICIES = ("prefill_first", "chunked")
+MODES = ("colocated", "disaggregated", "semi_pd")
+
+
+def _positive_int(name: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceSpec:
+  """One instance: `tp` x `pp` devices, a batch cap, a per-step token budget
+  (prompt tokens for prefill-first and prefill instances, all tokens for chunked
+  prefill) and a page policy ("on_demand" or "reserve", see `serving.policies`)."""
+  tp: int = 1
+  pp: int = 1
+  max_batch: int = 256
+  max_tokens: int = 4096
+  page_policy: str = "on_demand"
+
+  @property
+  def num_devices(self) -> int:
+    return self.tp * self.pp
+
+  def check(self, what: str = "instance") -> None:
+    for f in ("tp", "pp", "max_batch", "max_tokens"):
+      _positive_int(f"{what}.{f}", getattr(self, f))
+    check_page_policy(self.page_policy)
+
+  def describe(self) -> str:
+    return f"tp{self.tp}pp{self.pp}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Colocated:
+  """`replicas` instances, each serving both phases with one `policy`."""
+  instance: InstanceSpec = InstanceSpec()
+  replicas: int = 1
+  policy: str = "prefill_first"
+
+  mode = "colocated"
+
+  @property
+  def num_devices(self) -> int:
+    return self.replicas * self.instance.num_devices
+
+  def check(self) -> None:
+    self.instance.check()
+    _positive_int("replicas", self.replicas)
+    if self.policy not in POLICIES:
+      raise ValueError(f"colocated policy must be one of {POLICIES}, got {self.policy!r}")
+    if self.policy == "chunked" and self.instance.max_tokens < self.instance.max_batch + 1:
+      raise ValueError(f"chunked prefill needs max_tokens ({self.instance.max_tokens}) > "
+                       f"max_batch ({self.instance.max_batch})")
+
+  def describe(self) -> str:
+    return f"{self.replicas}x {self.instance.describe()} {self.policy}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Disaggregated:
+  """`num_prefill` prefill instances and `num_decode` decode instances (DistServe).
+  `same_node`: KV moves over the node link, else over the network."""
+  prefill: InstanceSpec = InstanceSpec()
+  decode: InstanceSpec = InstanceSpec()
+  num_prefill: int = 1
+  num_decode: int = 1
+  same_node: bool = True
+
+  mode = "disaggregated"
+
+  @property
+  def num_devices(self) -> int:
+    return (self.num_prefill * self.prefill.num_devices
+            + self.num_decode * self.decode.num_devices)
+
+  def check(self) -> None:
+    self.prefill.check("prefill")
+    self.decode.check("decode")
+    _positive_int("num_prefill", self.num_prefill)
+    _positive_int("num_decode", self.num_decode)
+
+  def describe(self) -> str:
+    return (f"{self.num_prefill}x prefill {self.prefill.describe()} + {self.num_decode}x "
+            f"decode {self.decode.describe()}" + ("" if self.same_node else
+                                                  ", KV over network"))
+
+
+@dataclasses.dataclass(frozen=True)
+class SemiPD:
+  """semi-PD replicas: one weight copy and one KV pool per replica, prefill and
+  decode sharing its compute from an initial prefill share. `partitioner` turns
+  the online `SloPartitioner` on. `concurrent` models true SM partitioning (both
+  phases at once, each slowed by its `ShareScaling`); only the simulator can run
+  that, the engine time-shares."""
+  instance: InstanceSpec = InstanceSpec()
+  replicas: int = 1
+  prefill_share: float = 0.5
+  partitioner: Optional[PartitionerConfig] = None
+  concurrent: bool = False
+  prefill_scaling: ShareScaling = ShareScaling()
+  decode_scaling: ShareScaling = ShareScaling()
+
+  mode = "semi_pd"
+
+  @property
+  def num_devices(self) -> int:
+    return self.replicas * self.instance.num_devices
+
+  def check(self) -> None:
+    self.instance.check()
+    _positive_int("replicas", self.replicas)
+    if not 0 < self.prefill_share < 1:
+      raise ValueError(f"prefill_share must lie strictly between 0 and 1, got "
+                       f"{self.prefill_share}")
+    if self.instance.pp != 1:
+      raise ValueError("semi-PD time-shares one mesh; pipeline stages (pp > 1) are not "
+                       "modelled for it")
+    if self.partitioner is not None:
+      self.partitioner.check()
+
+  def describe(self) -> str:
+    how = "dynamic from" if self.partitioner else "share"
+    return f"{self.replicas}x {self.instance.describe()} {how} x={self.prefill_share:.2f}"
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseOnly:
+  """`replicas` instances of one phase alone, as DistServe's planner measures them:
+  prefill with an infinitely fast decode side (TTFT only), or decode with requests
+  arriving prefilled (TPOT only). The simulator's alone."""
+  phase: str  # "prefill" or "decode"
+  instance: InstanceSpec = InstanceSpec()
+  replicas: int = 1
+
+  mode = "phase_only"
+
+  @property
+  def num_devices(self) -> int:
+    return self.replicas * self.instance.num_devices
+
+  def check(self) -> None:
+    if self.phase not in ("prefill", "decode"):
+      raise ValueError(f"phase must be 'prefill' or 'decode', got {self.phase!r}")
+    self.instance.check()
+    _positive_int("replicas", self.replicas)
+
+  def describe(self) -> str:
+    return f"{self.replicas}x {self.phase} {self.instance.describe()}"
+
+
+Deployment = Union[Colocated, Disaggregated, SemiPD, PhaseOnly]
+
+
+def from_config(cfg) -> Deployment:
+  """A deployment from a config's `mode` and its fields (see `configs/simulate_*`):
+  `instance` (or `prefill` and `decode`) with tp, pp, max_batch, max_tokens and an
+  optional page_policy; `replicas`, `policy`, `num_prefill`, `num_decode`,
+  `same_node`, `prefill_share`, `dynamic` and `partitioner` as the mode needs."""
+  def inst(c):
+    return InstanceSpec(c.tp, c.pp, c.max_batch, c.max_tokens,
+                        c.get("page_policy", "on_demand"))
+
+  if cfg.mode == "colocated":
+    dep = Colocated(inst(cfg.instance), cfg.replicas, cfg.policy)
+  elif cfg.mode == "disaggregated":
+    dep = Disaggregated(inst(cfg.prefill), inst(cfg.decode), cfg.num_prefill,
+                        cfg.num_decode, cfg.same_node)
+  elif cfg.mode == "semi_pd":
+    part = PartitionerConfig(**dict(cfg.get("partitioner", {}))) if cfg.dynamic else None
+    dep = SemiPD(inst(cfg.instance), cfg.replicas, cfg.prefill_share, part,
+                 cfg.get("concurrent", False),
+                 ShareScaling(*cfg.get("prefill_scaling", (1.0, 0.0))),
+                 ShareScaling(*cfg.get("decode_scaling", (1.0, 0.0))))
+  else:
+    raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
+  dep.check()
+  return dep
+
+
+__all__ = ["InstanceSpec", "Colocated", "Disaggregated", "SemiPD", "PhaseOnly",
+           "PartitionerConfig", "ShareScaling", "PAGE_POLICIES", "POLICIES", "MODES",
+           "from_config"]

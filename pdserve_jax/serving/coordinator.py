@@ -1,0 +1,507 @@
+"""Mode coordinators: who serves a request where, written once for both executors.
+
+A coordinator owns a deployment's per-instance schedulers and decides everything
+above them: which instance an arrival joins, when a finished prompt's KV moves to
+which decode instance (the decode side pulls when it has pages, DistServe's way),
+where a preempted request is recomputed, which semi-PD phase runs next and how
+the partitioner moves the share, and how an abort or a failed step ends requests.
+
+It reaches devices only through an executor (the seam):
+  `allocator(group, spec, fraction)` a page allocator for a device group,
+  `can_launch(inst, now)`           whether the group's devices can take a step now
+                                    (if not, the executor calls `resume` later),
+  `launch(inst, step, now)`         run a step; later `step_done(inst, now, seconds)`
+                                    or `fail(inst, now)`,
+  `start_copy(req, src, dst, now)`  move a request's KV; later `copy_done(req, now)`,
+  `ended(req, now)`                 a request finished, was aborted or failed.
+The JAX executor (`serving.executor`) runs real programs on the wall clock; the
+latency-model executor (`sim.simulator`) advances a virtual clock. Both call the
+same entry points in the order events happen, so one trace gives one sequence of
+decisions in both (tests check this step by step).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Optional
+
+from pdserve_jax import deploy
+from pdserve_jax.serving.policies import (ChunkedPrefillScheduler, DecodeScheduler,
+                                          PrefillFirstScheduler, PrefillScheduler,
+                                          check_fits, least_loaded, move_handoffs)
+from pdserve_jax.serving.request import Request
+from pdserve_jax.serving.share import PartitionerConfig, ShareController, SloPartitioner
+from pdserve_jax.serving.step import DECODE, PREFILL, Step
+
+
+class Instance:
+  """One scheduler on one device group (a mesh, or in the simulator a pipeline's
+  virtual engine). `handle` is the executor's own data for it."""
+  __slots__ = ("name", "group", "sched", "spec", "phase", "step", "unit", "slowdown",
+               "handle")
+
+  def __init__(self, name, group, sched, spec, phase=None):
+    self.name, self.group, self.sched, self.spec, self.phase = name, group, sched, spec, phase
+    self.step: Optional[Step] = None
+    self.unit = None  # semi-PD: the replica both phases belong to
+    self.slowdown = None  # semi-PD SM partitioning: () -> factor on its step time
+    self.handle = None
+
+  @property
+  def num_waiting(self) -> int:
+    return self.sched.num_waiting
+
+  @property
+  def num_running(self) -> int:
+    return self.sched.num_running
+
+  def __repr__(self):
+    return f"Instance({self.name})"
+
+
+def _virtual(group: str, v: int, pp: int) -> str:
+  return group if pp == 1 else f"{group}.{v}"
+
+
+class Coordinator:
+  """The shared machinery; one subclass per mode."""
+
+  def __init__(self, ex):
+    self.ex = ex
+    self.instances: list[Instance] = []
+    self._copies: dict[Request, tuple[Instance, Instance]] = {}
+
+  # -- entry points the executors call -------------------------------------------
+
+  def check(self, req: Request) -> None:
+    """Raises ValueError when `req` could never be served (does not fit a pool)."""
+    for inst in self._entry_instances():
+      check_fits(inst.sched.allocator, req, req.lifetime_tokens, self._pool_name(inst))
+
+  def add(self, req: Request, now: float) -> None:
+    """An arrival; raises ValueError (and keeps nothing) if it cannot be served."""
+    raise NotImplementedError
+
+  def step_done(self, inst: Instance, now: float, seconds: float) -> None:
+    """`inst`'s step finished at `now` after `seconds` of device time; the executor
+    has marked stop tokens (and cancelled requests whose results were bad)."""
+    step, inst.step = inst.step, None
+    finished = inst.sched.complete(step, now)
+    self._end(finished, now)
+    self._after_step(inst, finished, now, seconds)
+
+  def fail(self, inst: Instance, now: float) -> None:
+    """`inst`'s step could not run: its requests end with an error, the rest go on."""
+    for r in inst.step.requests:
+      if r.end_reason is None:
+        r.end_reason = "error"
+    self.step_done(inst, now, 0.0)
+
+  def copy_done(self, req: Request, now: float) -> None:
+    raise RuntimeError(f"{type(self).__name__} starts no KV copies")
+
+  def resume(self, inst: Instance, now: float) -> None:
+    """`inst`'s devices became free."""
+    self._launch(inst, now)
+
+  def abort(self, req: Request, now: float, reason: str = "aborted") -> None:
+    """Ends `req` wherever it is: at once when queued or between steps, when its
+    step completes when one is running, when its KV copy lands when in transfer.
+    Its pages are freed on every pool."""
+    if req.finish_time is not None:
+      return
+    if req.end_reason is None:
+      req.end_reason = reason
+    if req in self._copies:
+      return
+    for inst in self.instances:
+      held = inst.sched.remove(req)
+      if held is None:
+        continue
+      if held:
+        req.finish_time = now
+        self._end([req], now)
+        self._relaunch(now)
+      return
+
+  # -- state ----------------------------------------------------------------------
+
+  @property
+  def idle(self) -> bool:
+    return not self._copies and all(i.sched.idle for i in self.instances)
+
+  @property
+  def num_preemptions(self) -> int:
+    return sum(i.sched.num_preemptions for i in self.instances)
+
+  def allocators(self) -> list:
+    out = []
+    for i in self.instances:
+      if all(a is not i.sched.allocator for a in out):
+        out.append(i.sched.allocator)
+    return out
+
+  def share_history(self) -> dict:
+    return {}
+
+  # -- shared pieces ----------------------------------------------------------------
+
+  def _entry_instances(self) -> list[Instance]:
+    return self.instances[:1]
+
+  def _pool_name(self, inst: Instance) -> str:
+    return ""
+
+  def _after_step(self, inst, finished, now, seconds) -> None:
+    self._launch(inst, now)
+
+  def _relaunch(self, now: float) -> None:
+    for inst in self.instances:
+      self._launch(inst, now)
+
+  def _launch(self, inst: Instance, now: float) -> bool:
+    """Starts `inst`'s next step if it is free and has work."""
+    if inst.step is not None or not self.ex.can_launch(inst, now):
+      return False
+    step = inst.sched.schedule()
+    if inst.phase == DECODE:
+      preempted = inst.sched.take_preempted()
+      if preempted:
+        self._recompute(inst, preempted, now)
+    if step is None:
+      return False
+    inst.step = step
+    self.ex.launch(inst, step, now)
+    return True
+
+  def _recompute(self, inst: Instance, reqs: list[Request], now: float) -> None:
+    raise RuntimeError(f"{inst.name} preempted requests with nowhere to recompute them")
+
+  def _end(self, reqs, now: float) -> None:
+    if reqs:
+      ended = self.ex.ended
+      for r in reqs:
+        ended(r, now)
+
+  def _make(self, prefix: str, spec, k: int, make_sched, phase=None) -> list[Instance]:
+    """Replica `k` of `spec`: `spec.pp` virtual engines on one device group, each
+    with its scheduler over 1/pp of the group's KV pool."""
+    group = f"{prefix}{k}"
+    out = [Instance(_virtual(group, v, spec.pp), group,
+                    make_sched(self.ex.allocator(group, spec, 1.0 / spec.pp)), spec, phase)
+           for v in range(spec.pp)]
+    self.instances += out
+    return out
+
+
+class ColocatedCoordinator(Coordinator):
+  """Replicas serving both phases; arrivals go to the least loaded."""
+
+  def __init__(self, dep: deploy.Colocated, ex):
+    super().__init__(ex)
+    spec = dep.instance
+    if dep.policy == "chunked":
+      make = lambda a: ChunkedPrefillScheduler(a, spec.max_batch, spec.max_tokens,
+                                               spec.page_policy)
+    else:
+      make = lambda a: PrefillFirstScheduler(a, spec.max_batch, spec.max_tokens,
+                                             spec.page_policy)
+    for k in range(dep.replicas):
+      self._make("colocated", spec, k, make)
+
+  def add(self, req, now):
+    inst = least_loaded(self.instances)
+    inst.sched.add(req)
+    self._launch(inst, now)
+
+
+class DisaggregatedCoordinator(Coordinator):
+  """DistServe: prefill instances hand finished prompts to decode instances.
+
+  The oldest finished prompt across all prefill instances moves first, to the
+  least loaded decode instance that has pages for it; when none has, every
+  hand-off waits in prefill memory (the pull stops, keeping FCFS). A request
+  preempted on a decode instance goes back to the least loaded prefill instance,
+  at the front of its queue, to recompute its KV.
+  """
+
+  def __init__(self, dep: deploy.Disaggregated, ex):
+    super().__init__(ex)
+    p, d = dep.prefill, dep.decode
+    self.prefills, self.decodes = [], []
+    for k in range(dep.num_prefill):
+      self.prefills += self._make("prefill", p, k, lambda a: PrefillScheduler(
+          a, p.max_batch, p.max_tokens, p.page_policy), PREFILL)
+    for k in range(dep.num_decode):
+      self.decodes += self._make("decode", d, k, lambda a: DecodeScheduler(
+          a, d.max_batch, d.page_policy), DECODE)
+
+  def _entry_instances(self):
+    return [self.prefills[0], self.decodes[0]]  # every pool of a kind is alike
+
+  def _pool_name(self, inst):
+    return inst.phase
+
+  def add(self, req, now):
+    self.check(req)
+    inst = least_loaded(self.prefills)
+    inst.sched.add(req)
+    self._launch(inst, now)
+
+  def _after_step(self, inst, finished, now, seconds):
+    if inst.phase == PREFILL or finished:
+      self._pull(now)
+    self._launch(inst, now)
+
+  def _pull(self, now: float) -> None:
+    decodes = self.decodes
+    while True:
+      req, src = None, None
+      for p in self.prefills:
+        h = p.sched.peek_handoff()
+        if h is not None and (req is None or h.token_times[0] < req.token_times[0]):
+          req, src = h, p
+      if req is None:
+        return
+      dst = least_loaded(decodes, lambda d: d.sched.can_accept(req))
+      if dst is None:
+        return  # decode memory is full: hand-offs wait in prefill memory
+      src.sched.take_handoff()
+      dst.sched.reserve(req)
+      self._copies[req] = (src, dst)
+      self.ex.start_copy(req, src, dst, now)
+
+  def copy_done(self, req, now):
+    src, dst = self._copies.pop(req)
+    src.sched.release_handoff(req)
+    if req.end_reason is not None:
+      dst.sched.cancel_reserved(req)
+      req.finish_time = now
+      self._end([req], now)
+    else:
+      dst.sched.admit(req)
+    self._launch(dst, now)
+    self._launch(src, now)
+
+  def _recompute(self, inst, reqs, now):
+    target = least_loaded(self.prefills)
+    for r in reversed(reqs):  # oldest ends up first
+      target.sched.requeue(r)
+    self._launch(target, now)
+
+
+class _Unit:
+  """One semi-PD replica: its two phases on one pool, and how they share it."""
+
+  def __init__(self, prefill, decode, share, partitioner):
+    self.prefill, self.decode = prefill, decode
+    self.controller = ShareController(share)
+    self.share = share
+    self.partitioner = partitioner
+
+  @property
+  def num_waiting(self):
+    return self.prefill.num_waiting + self.decode.num_waiting
+
+  @property
+  def num_running(self):
+    return self.prefill.num_running + self.decode.num_running
+
+
+class SemiPDCoordinator(Coordinator):
+  """semi-PD: per replica one pool and two schedulers, prefill and decode.
+
+  Time-shared (what the engine runs): one step at a time per replica; a
+  `ShareController` picks the phase so busy time follows the share. SM-partitioned
+  (`concurrent`, the simulator's what-if): both phases run at once on their own
+  device groups, each step slowed by its `ShareScaling` at its share. Finished
+  prompts move to the decode scheduler without a copy; a request preempted by
+  decode goes back to the front of the prefill queue. With a partitioner, the
+  share moves from the TTFT and TPOT of finished requests.
+  """
+
+  def __init__(self, dep: deploy.SemiPD, ex, ttft_slo=None, tpot_slo=None,
+               start_time: float = 0.0):
+    super().__init__(ex)
+    if dep.partitioner is not None and (ttft_slo is None or tpot_slo is None):
+      raise ValueError("semi-PD's online partitioner needs ttft_slo and tpot_slo")
+    self.concurrent = dep.concurrent
+    spec = dep.instance
+    self.units = []
+    for k in range(dep.replicas):
+      group = f"semi_pd{k}"
+      alloc = ex.allocator(group, spec, 1.0)
+      pg, dg = (f"{group}.prefill", f"{group}.decode") if dep.concurrent else (group, group)
+      pi = Instance(f"{group}.prefill", pg, PrefillScheduler(
+          alloc, spec.max_batch, spec.max_tokens, spec.page_policy, shared=True), spec, PREFILL)
+      di = Instance(f"{group}.decode", dg, DecodeScheduler(alloc, spec.max_batch,
+                                                           spec.page_policy), spec, DECODE)
+      part = None if dep.partitioner is None else SloPartitioner(
+          ttft_slo, tpot_slo, dep.partitioner, dep.prefill_share, start_time)
+      unit = _Unit(pi, di, dep.prefill_share, part)
+      pi.unit = di.unit = unit
+      if dep.concurrent:
+        pi.slowdown = lambda u=unit: dep.prefill_scaling.factor(u.share)
+        di.slowdown = lambda u=unit: dep.decode_scaling.factor(1.0 - u.share)
+      self.instances += [pi, di]
+      self.units.append(unit)
+
+  def add(self, req, now):
+    unit = least_loaded(self.units)
+    unit.prefill.sched.add(req)
+    self._kick(unit, now)
+
+  def resume(self, inst, now):
+    if self.concurrent:
+      self._launch(inst, now)
+    else:
+      self._kick(inst.unit, now)
+
+  def _relaunch(self, now):
+    for u in self.units:
+      self._kick(u, now)
+
+  def _kick(self, unit: _Unit, now: float) -> None:
+    pi, di = unit.prefill, unit.decode
+    if self.concurrent:
+      self._launch(pi, now)
+      self._launch(di, now)
+      return
+    if pi.step is not None or di.step is not None:
+      return
+    move_handoffs(pi.sched, di.sched)
+    phase = unit.controller.pick(pi.sched.num_waiting > 0, not di.sched.idle)
+    if phase is None:
+      return
+    for inst in ((pi, di) if phase == PREFILL else (di, pi)):
+      if self._launch(inst, now):
+        return
+
+  def _after_step(self, inst, finished, now, seconds):
+    unit = inst.unit
+    if not self.concurrent:
+      unit.controller.record(inst.phase, seconds)
+    part = unit.partitioner
+    if part is not None:
+      for r in finished:
+        if r.token_times and part.observe(r) is not None:
+          unit.share = part.share
+          unit.controller.set_share(part.share)
+    if not self.concurrent:
+      self._kick(unit, now)
+    elif inst.phase == PREFILL:
+      if move_handoffs(unit.prefill.sched, unit.decode.sched):
+        self._launch(unit.decode, now)
+      self._launch(inst, now)
+    else:
+      if finished:
+        self._launch(unit.prefill, now)  # freed pages may admit a waiting prompt
+      self._launch(inst, now)
+
+  def _recompute(self, inst, reqs, now):
+    for r in reversed(reqs):
+      inst.unit.prefill.sched.requeue(r)
+    if self.concurrent:
+      self._launch(inst.unit.prefill, now)
+
+  def share_history(self):
+    return {u.prefill.group.split(".")[0]: u.partitioner.history
+            for u in self.units if u.partitioner is not None}
+
+
+class PrefillOnlyCoordinator(Coordinator):
+  """Prefill alone, with an infinitely fast decode side: a request ends with its
+  first token (TTFT only), as DistServe's planner measures the phase."""
+
+  def __init__(self, dep: deploy.PhaseOnly, ex):
+    super().__init__(ex)
+    spec = dep.instance
+    for k in range(dep.replicas):
+      self._make("prefill", spec, k, lambda a: PrefillScheduler(
+          a, spec.max_batch, spec.max_tokens, spec.page_policy), PREFILL)
+
+  def add(self, req, now):
+    inst = least_loaded(self.instances)
+    inst.sched.add(req)
+    self._launch(inst, now)
+
+  def _after_step(self, inst, finished, now, seconds):
+    sched, drained = inst.sched, []
+    while (r := sched.take_handoff()) is not None:
+      sched.release_handoff(r)
+      r.finish_time = now
+      drained.append(r)
+    self._end(drained, now)
+    self._launch(inst, now)
+
+
+class DecodeOnlyCoordinator(Coordinator):
+  """Decode alone: requests arrive prefilled, first token at arrival, and queue
+  FCFS for a decode instance with pages (TPOT only). A preempted request is
+  prefilled again at once, at the front of the queue."""
+
+  def __init__(self, dep: deploy.PhaseOnly, ex):
+    super().__init__(ex)
+    spec = dep.instance
+    for k in range(dep.replicas):
+      self._make("decode", spec, k, lambda a: DecodeScheduler(
+          a, spec.max_batch, spec.page_policy), DECODE)
+    self._queue: collections.deque[Request] = collections.deque()
+
+  @property
+  def idle(self):
+    return not self._queue and super().idle
+
+  def add(self, req, now):
+    self.check(req)
+    req.num_prefilled, req.num_output, req.token_times = req.prompt_len, 1, [now]
+    if req.max_tokens == 1:
+      req.finish_time = now
+      self._end([req], now)
+      return
+    self._queue.append(req)
+    self._admit(now)
+
+  def _admit(self, now):
+    queue = self._queue
+    while queue:
+      head = queue[0]
+      inst = least_loaded(self.instances, lambda i: i.sched.can_accept(head))
+      if inst is None:
+        return
+      queue.popleft()
+      inst.sched.reserve(head)
+      inst.sched.admit(head)
+      self._launch(inst, now)
+
+  def _after_step(self, inst, finished, now, seconds):
+    if finished and self._queue:
+      self._admit(now)
+    self._launch(inst, now)
+
+  def _recompute(self, inst, reqs, now):
+    for r in reversed(reqs):
+      r.num_prefilled = r.prefill_len
+      self._queue.appendleft(r)
+
+
+def build(dep, ex, ttft_slo: Optional[float] = None, tpot_slo: Optional[float] = None,
+          start_time: float = 0.0) -> Coordinator:
+  """The coordinator of `dep`'s mode, its instances built through `ex`."""
+  dep.check()
+  if isinstance(dep, deploy.Colocated):
+    return ColocatedCoordinator(dep, ex)
+  if isinstance(dep, deploy.Disaggregated):
+    return DisaggregatedCoordinator(dep, ex)
+  if isinstance(dep, deploy.SemiPD):
+    return SemiPDCoordinator(dep, ex, ttft_slo, tpot_slo, start_time)
+  if isinstance(dep, deploy.PhaseOnly):
+    if dep.phase == "prefill":
+      return PrefillOnlyCoordinator(dep, ex)
+    return DecodeOnlyCoordinator(dep, ex)
+  raise ValueError(f"unknown deployment {dep!r}")
+
+
+__all__ = ["Instance", "Coordinator", "ColocatedCoordinator", "DisaggregatedCoordinator",
+           "SemiPDCoordinator", "PrefillOnlyCoordinator", "DecodeOnlyCoordinator", "build",
+           "PartitionerConfig"]

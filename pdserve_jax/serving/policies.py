@@ -1,0 +1,748 @@
+"""Per-instance batch policies, written once for both executors.
+
+Each scheduler is a host-side object over `Request` state and one `PageAllocator`.
+A coordinator drives it: `step = schedule()`, an executor runs the step (real
+programs on the wall clock, or a latency model on a virtual clock) and marks
+`req.stopped` for any request that sampled a stop token, then `complete(step, now)`.
+One step is in flight per scheduler at a time. Schedulers never see arrays.
+
+Page policies (`page_policy`):
+  "on_demand" (default, vLLM's way): a request holds pages for the tokens written
+    so far. Admission takes the pages of the first prefill chunk, keeping a 1%
+    watermark free when others hold pages; a decode takes a new page when its
+    next token crosses a page boundary. When a step cannot get a page, the most
+    recently admitted request still running is preempted: its pages are freed and
+    it is recomputed later (prompt + output so far, in one prefill); tokens it
+    already produced are kept. The oldest request always progresses, so as long as
+    one request's whole life fits the pool (checked at `add`), everything ends.
+  "reserve": pages for a request's whole life (`prompt_len + max_tokens`) are
+    taken at admission; nothing is ever preempted.
+
+Preempted requests of a colocated scheduler rejoin the front of its own queue; a
+decode-only scheduler hands them back (`take_preempted`) for its coordinator to
+send to a prefill scheduler.
+
+Schedulers:
+  `PrefillFirstScheduler` (vLLM's classic colocated policy),
+  `ChunkedPrefillScheduler` (Sarathi-Serve's token budget per step),
+  `PrefillScheduler` (prefill only: DistServe's prefill side, semi-PD's prefill
+    phase) and `DecodeScheduler` (decode only).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from typing import Callable, Optional, Sequence
+
+from pdserve_jax.kv.allocator import PageAllocator, pages_for
+from pdserve_jax.serving.request import Request
+from pdserve_jax.serving.step import PrefillChunk, Step
+
+PAGE_POLICIES = ("on_demand", "reserve")
+# Admission leaves this share of the pool free for running requests to grow into
+# (vLLM's default watermark, 1%), when other requests hold pages.
+WATERMARK = 0.01
+
+_admissions = itertools.count()  # global order of admissions: preemption picks the newest
+
+
+def check_page_policy(policy: str) -> str:
+  if policy not in PAGE_POLICIES:
+    raise ValueError(f"page_policy must be one of {PAGE_POLICIES}, got {policy!r}")
+  return policy
+
+
+def check_fits(allocator: PageAllocator, req: Request, num_tokens: int,
+               where: str = "") -> None:
+  """Raises ValueError when `req` could never hold `num_tokens` tokens of KV."""
+  need = pages_for(num_tokens, allocator.page_size)
+  if need > allocator.capacity:
+    pool = f"the {where} KV pool" if where else "the KV pool"
+    raise ValueError(
+        f"request {req.request_id} (prompt {req.prompt_len} + max_tokens "
+        f"{req.max_tokens}) needs {need} pages of {allocator.page_size} tokens for "
+        f"{num_tokens} tokens, but {pool} holds only {allocator.capacity} pages")
+
+
+def _check_fresh(req: Request) -> None:
+  if (req.num_prefilled or req.num_output or req.token_times or req.finish_time is not None
+      or req.end_reason is not None):
+    raise ValueError(f"request {req.request_id} has already made progress; "
+                     "add a fresh copy (Request.fresh())")
+
+
+def check_limit(name: str, value: int) -> None:
+  if value < 1:
+    raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _context(reqs) -> int:
+  """Tokens the next decode step of `reqs` attends over, summed."""
+  return sum(r.context_len for r in reqs)
+
+
+class _Scheduler:
+  """Waiting queue, the in-flight step, page growth with preemption, and the shared
+  effect of a finished step.
+
+  Subclasses keep `_ctx`, the `_context` of their decode batch, up to date: each
+  decode step adds one token per request, and joining or leaving requests add or
+  take theirs; after a preemption or a cancellation they recount it.
+
+  On-demand growth is tracked per page, not per token: `_due[k]` lists the
+  requests whose decode step number k (counting this scheduler's decode steps)
+  writes the first token past their last page.
+  """
+
+  def __init__(self, allocator: PageAllocator, page_policy: str = "on_demand"):
+    self.allocator = allocator
+    self.page_policy = check_page_policy(page_policy)
+    self._lifetime = page_policy == "reserve"
+    self._watermark = max(1, int(allocator.capacity * WATERMARK))
+    self._waiting: collections.deque[Request] = collections.deque()
+    self._in_flight: Optional[Step] = None
+    self._ctx = 0
+    self._recount = False
+    self._decode_steps = 0
+    self._due: dict[int, list[Request]] = {}
+    self._due_of: dict[Request, int] = {}
+    self.num_preemptions = 0
+
+  # -- hooks of the subclasses -------------------------------------------------
+
+  def _decoding(self) -> list[Request]:
+    """The decode batch (requests whose next step decodes)."""
+    raise NotImplementedError
+
+  def _holders(self) -> list[Request]:
+    """Requests holding pages that a preemption may take."""
+    raise NotImplementedError
+
+  def _drop(self, req: Request) -> bool:
+    """Removes `req` from the running lists; True when it was in one."""
+    raise NotImplementedError
+
+  def _requeue(self, req: Request) -> None:
+    """Where a preempted request goes: by default the front of this queue."""
+    self._waiting.appendleft(req)
+
+  # -- steps --------------------------------------------------------------------
+
+  def _begin(self, step: Step) -> Step:
+    self._in_flight = step
+    if step.decodes:
+      self._decode_steps += 1
+    return step
+
+  def _check_schedulable(self) -> None:
+    if self._in_flight is not None:
+      raise RuntimeError("schedule() called while a step is in flight; call "
+                         "complete(step, now) first")
+
+  def _advance(self, step: Step, now: float) -> tuple[list[Request], int]:
+    """Applies a finished step to its requests. Returns those now done (finish time
+    set) and the context the finished decodes had reached (see `_context`).
+    Cancelled requests (`end_reason` set) make no progress and end here."""
+    if step is not self._in_flight:
+      raise RuntimeError("complete() got a step this scheduler did not schedule last")
+    self._in_flight = None
+    done = []
+    for c in step.prefills:
+      r = c.request
+      if r.end_reason is None:
+        if c.start != r.num_prefilled:
+          raise RuntimeError(f"request {r.request_id}: chunk starts at {c.start} but "
+                             f"{r.num_prefilled} tokens are cached")
+        r.num_prefilled = c.end
+        if c.end == r.prefill_len:
+          r.num_output += 1
+          r.token_times.append(now)
+      else:
+        self._recount = True
+      if r.stopped or r.end_reason is not None or r.num_output >= r.max_tokens:
+        r.finish_time = now
+        done.append(r)
+    gone = 0
+    for r in step.decodes:
+      if r.end_reason is None:
+        n = r.num_output + 1
+        r.num_output = n
+        r.token_times.append(now)
+        if n >= r.max_tokens or r.stopped:
+          r.finish_time = now
+          done.append(r)
+          gone += r.prompt_len + n
+      else:
+        r.finish_time = now
+        done.append(r)
+        self._recount = True
+    return done, gone
+
+  def _release(self, done: Sequence[Request]) -> None:
+    free, due_of = self.allocator.free, self._due_of
+    for r in done:
+      free(r)
+      due_of.pop(r, None)
+
+  def _settle(self) -> None:
+    if self._recount:
+      self._recount = False
+      self._ctx = _context(self._decoding())
+
+  # -- pages --------------------------------------------------------------------
+
+  def _fits_now(self, req: Request, tokens: int, watermark: bool) -> bool:
+    """Whether `req` can hold `tokens` tokens now, keeping the watermark free
+    (on-demand admissions into a pool others use)."""
+    alloc = self.allocator
+    need = pages_for(tokens, alloc.page_size) - len(alloc.pages(req))
+    if watermark and not self._lifetime and alloc.num_free < alloc.capacity:
+      need += self._watermark
+    return need <= alloc.num_free
+
+  def _admitted(self, req: Request, tokens: int) -> None:
+    self.allocator.ensure(req, tokens)
+    req.admitted_seq = next(_admissions)
+
+  def _track(self, req: Request) -> None:
+    """Notes the decode step at which `req` first writes past its pages."""
+    if self._lifetime:
+      return
+    have = len(self.allocator.pages(req)) * self.allocator.page_size
+    due = self._decode_steps + max(have - req.kv_len, 0)
+    self._due.setdefault(due, []).append(req)
+    self._due_of[req] = due
+
+  def _grow_due(self) -> None:
+    """Gives the decodes of the next step the pages they need, oldest first."""
+    k = self._decode_steps
+    bucket = self._due.pop(k, None)
+    if not bucket:
+      return
+    due_of = self._due_of
+    for r in sorted(bucket, key=_seq):
+      if due_of.get(r) == k and self._grow(r, r.context_len):
+        del due_of[r]
+        self._track(r)
+
+  def _grow(self, req: Request, tokens: int) -> bool:
+    """Grows `req` to `tokens` tokens of pages, preempting newer requests, newest
+    first, while pages are short; when none is newer, `req` itself is preempted
+    (returns False)."""
+    alloc = self.allocator
+    if alloc.can_fit(req, tokens):
+      alloc.ensure(req, tokens)
+      return True
+    newer = sorted((h for h in self._holders() if h.admitted_seq > req.admitted_seq),
+                   key=_seq)
+    while newer:
+      self._preempt(newer.pop())
+      if alloc.can_fit(req, tokens):
+        alloc.ensure(req, tokens)
+        return True
+    self._preempt(req)
+    return False
+
+  def _preempt(self, req: Request) -> None:
+    self.allocator.free(req)
+    self._due_of.pop(req, None)
+    if not self._drop(req):
+      self._waiting.remove(req)
+    req.preempt()
+    self.num_preemptions += 1
+    self._recount = True
+    self._requeue(req)
+
+  # -- abort ----------------------------------------------------------------------
+
+  def remove(self, req: Request) -> Optional[bool]:
+    """Takes `req` out if this scheduler holds it: True when it was removed and its
+    pages freed, False when it is in the step in flight (it ends when that step
+    completes, if cancelled), None when it is not held here."""
+    if self._in_flight is not None and req in self._in_flight.requests:
+      return False
+    if self._drop(req):
+      pass
+    elif req in self._waiting:
+      self._waiting.remove(req)
+    else:
+      return None
+    self._release([req])
+    self._recount = True
+    self._settle()
+    return True
+
+  @property
+  def num_waiting(self) -> int:
+    return len(self._waiting)
+
+
+def _seq(r: Request) -> int:
+  return r.admitted_seq
+
+
+def _add_prompt(sched, req: Request, where: str) -> None:
+  """Queues a fresh request whose whole prompt one prefill step will compute (alone,
+  if it is longer than the prompt-token budget)."""
+  _check_fresh(req)
+  check_fits(sched.allocator, req, req.lifetime_tokens, where)
+  sched._waiting.append(req)
+
+
+def _admit_prompts(sched, room: int, reservation: Callable[[Request], int],
+                   watermark: bool) -> list[PrefillChunk]:
+  """Admits waiting requests FCFS, whole prefills, while the batch has `room`, the
+  prompt-token budget holds and `reservation(req)` tokens of pages are free. A
+  prefill longer than the budget runs alone."""
+  chunks, tokens = [], 0
+  waiting = sched._waiting
+  while waiting and len(chunks) < room:
+    req = waiting[0]
+    n = req.prefill_len
+    if chunks and tokens + n > sched.max_prefill_tokens:
+      break
+    need = reservation(req)
+    if not sched._fits_now(req, need, watermark):
+      break
+    sched._admitted(req, need)
+    waiting.popleft()
+    chunks.append(PrefillChunk(req, 0, n))
+    tokens += n
+  return chunks
+
+
+class PrefillFirstScheduler(_Scheduler):
+  """vLLM's classic colocated policy.
+
+  If the head of the waiting queue can be admitted (batch cap, prompt-token budget,
+  free pages), the step prefills every waiting request admissible in FCFS order,
+  stopping at the first that is not; otherwise the step decodes every running
+  request. Decodes pause while prefills run.
+  """
+
+  def __init__(self, allocator: PageAllocator, max_batch: int, max_prefill_tokens: int,
+               page_policy: str = "on_demand"):
+    super().__init__(allocator, page_policy)
+    check_limit("max_batch", max_batch)
+    check_limit("max_prefill_tokens", max_prefill_tokens)
+    self.max_batch = max_batch
+    self.max_prefill_tokens = max_prefill_tokens
+    self._running: list[Request] = []
+
+  def _decoding(self):
+    return self._running
+
+  def _holders(self):
+    return self._running
+
+  def _drop(self, req):
+    if req in self._running:
+      self._running = [r for r in self._running if r is not req]
+      return True
+    return False
+
+  def add(self, req: Request) -> None:
+    _add_prompt(self, req, "")
+
+  def _reservation(self, req: Request) -> int:
+    return req.lifetime_tokens if self._lifetime else req.prefill_len
+
+  def schedule(self) -> Optional[Step]:
+    self._check_schedulable()
+    chunks = _admit_prompts(self, self.max_batch - len(self._running), self._reservation,
+                            watermark=True)
+    if chunks:
+      self._running = self._running + [c.request for c in chunks]
+      return self._begin(Step(chunks, []))
+    if not self._running:
+      return None
+    self._grow_due()
+    self._settle()
+    return self._begin(Step([], self._running, self._ctx))
+
+  def complete(self, step: Step, now: float) -> list[Request]:
+    done, gone = self._advance(step, now)
+    joined = [c.request for c in step.prefills if c.request.finish_time is None]
+    self._ctx += len(step.decodes) - gone + _context(joined)
+    for r in joined:
+      self._track(r)
+    if done:
+      self._release(done)
+      self._running = [r for r in self._running if r.finish_time is None]
+    self._settle()
+    return done
+
+  @property
+  def num_running(self) -> int:
+    return len(self._running)
+
+  @property
+  def idle(self) -> bool:
+    return not self._waiting and not self._running
+
+
+class ChunkedPrefillScheduler(_Scheduler):
+  """Sarathi-Serve's colocated policy: stall-free batches under a token budget.
+
+  Every step decodes all running requests whose prefill is done (one token each),
+  then spends what is left of `token_budget` on prefill chunks: requests whose
+  prefill is partly cached continue first, then waiting requests are admitted FCFS
+  while the batch cap and free pages allow.
+  """
+
+  def __init__(self, allocator: PageAllocator, max_batch: int, token_budget: int,
+               page_policy: str = "on_demand"):
+    super().__init__(allocator, page_policy)
+    check_limit("max_batch", max_batch)
+    if token_budget < max_batch + 1:
+      raise ValueError(f"token_budget={token_budget} must exceed max_batch={max_batch}, "
+                       "or a full decode batch leaves no room for prompt tokens")
+    self.max_batch = max_batch
+    self.token_budget = token_budget
+    self._prefilling: list[Request] = []  # admitted, prefill not fully cached; FCFS
+    self._decoding_batch: list[Request] = []
+
+  def _decoding(self):
+    return self._decoding_batch
+
+  def _holders(self):
+    return self._prefilling + self._decoding_batch
+
+  def _drop(self, req):
+    if req in self._prefilling:
+      self._prefilling.remove(req)
+      return True
+    if req in self._decoding_batch:
+      self._decoding_batch = [r for r in self._decoding_batch if r is not req]
+      return True
+    return False
+
+  def add(self, req: Request) -> None:
+    _check_fresh(req)
+    check_fits(self.allocator, req, req.lifetime_tokens)
+    self._waiting.append(req)
+
+  def schedule(self) -> Optional[Step]:
+    self._check_schedulable()
+    self._grow_due()
+    budget = self.token_budget - len(self._decoding_batch)
+    chunks = []
+    for r in list(self._prefilling):
+      if budget <= 0:
+        break
+      if not self.allocator.pages(r):
+        continue  # preempted by an older request's growth in this loop
+      n = min(r.prefill_len - r.num_prefilled, budget)
+      if not self._lifetime and not self._grow(r, r.num_prefilled + n):
+        continue
+      chunks.append(PrefillChunk(r, r.num_prefilled, r.num_prefilled + n))
+      budget -= n
+    waiting = self._waiting
+    while (waiting and budget > 0
+           and len(self._prefilling) + len(self._decoding_batch) < self.max_batch):
+      req = waiting[0]
+      n = min(req.prefill_len, budget)
+      need = req.lifetime_tokens if self._lifetime else n
+      if not self._fits_now(req, need, watermark=True):
+        break
+      self._admitted(req, need)
+      waiting.popleft()
+      self._prefilling.append(req)
+      chunks.append(PrefillChunk(req, 0, n))
+      budget -= n
+    # Chunks of requests preempted later in this loop are dropped.
+    chunks = [c for c in chunks if self.allocator.pages(c.request)]
+    self._settle()
+    if not chunks and not self._decoding_batch:
+      return None
+    return self._begin(Step(chunks, self._decoding_batch, self._ctx))
+
+  def complete(self, step: Step, now: float) -> list[Request]:
+    done, gone = self._advance(step, now)
+    self._ctx += len(step.decodes) - gone
+    self._release(done)
+    if step.prefills:
+      moved = [c.request for c in step.prefills if c.last and c.request.finish_time is None]
+      self._ctx += _context(moved)
+      self._prefilling = [r for r in self._prefilling if not r.prefill_done
+                          and r.finish_time is None]
+      if done:
+        self._decoding_batch = [r for r in self._decoding_batch if r.finish_time is None]
+      if moved:
+        self._decoding_batch = self._decoding_batch + moved
+        for r in moved:
+          self._track(r)
+    elif done:
+      self._decoding_batch = [r for r in self._decoding_batch if r.finish_time is None]
+    self._settle()
+    return done
+
+  @property
+  def num_running(self) -> int:
+    return len(self._prefilling) + len(self._decoding_batch)
+
+  @property
+  def idle(self) -> bool:
+    return not self._waiting and not self._prefilling and not self._decoding_batch
+
+
+class PrefillScheduler(_Scheduler):
+  """Prefill-only instance (DistServe's prefill side, or semi-PD's prefill phase).
+
+  Steps prefill whole prompts (or recomputations), admitted FCFS under the batch
+  cap, the prompt-token budget and free pages. A request whose prefill finished
+  and that is not done joins the hand-off queue with its pages held; requests done
+  after their first token are freed and returned by `complete`.
+
+  Pages held per request: its prefill. With `shared=True` (semi-PD, where decode
+  keeps using the same pool) the reserve policy takes the whole life at admission
+  and the on-demand policy keeps the watermark free for decodes to grow into.
+  """
+
+  def __init__(self, allocator: PageAllocator, max_batch: int, max_prefill_tokens: int,
+               page_policy: str = "on_demand", shared: bool = False):
+    super().__init__(allocator, page_policy)
+    check_limit("max_batch", max_batch)
+    check_limit("max_prefill_tokens", max_prefill_tokens)
+    self.max_batch = max_batch
+    self.max_prefill_tokens = max_prefill_tokens
+    self.shared = shared
+    self._running: list[Request] = []
+    self._handoffs: collections.deque[Request] = collections.deque()
+    self._transferring: dict[Request, None] = {}
+
+  def _decoding(self):
+    return ()
+
+  def _holders(self):
+    return ()  # prompts hold what they need when admitted; nothing grows here
+
+  def _drop(self, req):
+    if req in self._handoffs:
+      self._handoffs.remove(req)
+      return True
+    return False
+
+  def _reservation(self, req: Request) -> int:
+    return req.lifetime_tokens if self.shared and self._lifetime else req.prefill_len
+
+  def add(self, req: Request) -> None:
+    _add_prompt(self, req, "prefill")
+
+  def requeue(self, req: Request) -> None:
+    """A request preempted elsewhere joins the front of the queue to recompute."""
+    if req.num_prefilled or not req.num_recompute:
+      raise ValueError(f"request {req.request_id} was not preempted")
+    self._waiting.appendleft(req)
+
+  def schedule(self) -> Optional[Step]:
+    self._check_schedulable()
+    chunks = _admit_prompts(self, self.max_batch, self._reservation, watermark=self.shared)
+    if not chunks:
+      return None
+    self._running = [c.request for c in chunks]
+    return self._begin(Step(chunks, []))
+
+  def complete(self, step: Step, now: float) -> list[Request]:
+    if step.decodes:
+      raise RuntimeError("a prefill scheduler's step has no decodes")
+    done, _ = self._advance(step, now)
+    for r in self._running:
+      if r.finish_time is None:
+        self._handoffs.append(r)
+    self._release(done)
+    self._running = []
+    return done
+
+  @property
+  def handoffs(self) -> tuple[Request, ...]:
+    """Requests waiting for a decode instance, FCFS; their pages are held here."""
+    return tuple(self._handoffs)
+
+  @property
+  def num_handoffs(self) -> int:
+    """Hand-offs queued or being copied out."""
+    return len(self._handoffs) + len(self._transferring)
+
+  def peek_handoff(self) -> Optional[Request]:
+    return self._handoffs[0] if self._handoffs else None
+
+  def take_handoff(self) -> Optional[Request]:
+    """The oldest hand-off starts its KV copy: it leaves the queue, and its pages
+    stay held here until `release_handoff`."""
+    if not self._handoffs:
+      return None
+    req = self._handoffs.popleft()
+    self._transferring[req] = None
+    return req
+
+  def release_handoff(self, req: Request) -> None:
+    """The KV copy of `req` is done: its pages here are freed."""
+    if req not in self._transferring:
+      raise KeyError(f"request {req.request_id} is not being handed off")
+    del self._transferring[req]
+    self.allocator.free(req)
+
+  def detach_handoffs(self) -> list[Request]:
+    """Every queued hand-off leaves with its pages, which now belong to whoever
+    shares this allocator (semi-PD's decode phase)."""
+    out = list(self._handoffs)
+    self._handoffs.clear()
+    return out
+
+  @property
+  def num_running(self) -> int:
+    return len(self._running)
+
+  @property
+  def idle(self) -> bool:
+    return not (self._waiting or self._running or self._handoffs or self._transferring)
+
+
+class DecodeScheduler(_Scheduler):
+  """Decode-only instance (DistServe's decode side, or semi-PD's decode phase).
+
+  Requests arrive with their prefill done and a token sampled. In disaggregated
+  mode the instance pulls: `can_accept` says whether it has pages for the request
+  (its KV and the next token, or its whole life under "reserve"), `reserve` takes
+  them (the target of the KV copy), and `admit` puts the request in the queue once
+  the copy is done. Steps decode up to `max_batch` admitted requests, FCFS; the
+  rest wait with their pages held. Requests preempted here leave through
+  `take_preempted` to be recomputed by a prefill scheduler.
+  """
+
+  def __init__(self, allocator: PageAllocator, max_batch: int,
+               page_policy: str = "on_demand"):
+    super().__init__(allocator, page_policy)
+    check_limit("max_batch", max_batch)
+    self.max_batch = max_batch
+    self._reserved: dict[Request, None] = {}
+    self._running: list[Request] = []
+    self._preempted: list[Request] = []
+
+  def _decoding(self):
+    return self._running
+
+  def _holders(self):
+    return self._running + list(self._waiting)
+
+  def _drop(self, req):
+    if req in self._running:
+      self._running = [r for r in self._running if r is not req]
+      return True
+    return False
+
+  def _requeue(self, req):
+    self._preempted.append(req)
+
+  def take_preempted(self) -> list[Request]:
+    """Requests preempted since the last call; they hold no pages anywhere."""
+    out, self._preempted = self._preempted, []
+    return out
+
+  def _tokens(self, req: Request) -> int:
+    return req.lifetime_tokens if self._lifetime else req.kv_len + 1
+
+  def check_fits(self, req: Request) -> None:
+    """Raises ValueError when `req` could never fit this instance's KV pool."""
+    check_fits(self.allocator, req, req.lifetime_tokens, "decode")
+
+  def can_accept(self, req: Request) -> bool:
+    return self._fits_now(req, self._tokens(req), watermark=True)
+
+  def reserve(self, req: Request) -> None:
+    """Allocates `req`'s pages here (see the class docstring); raises OutOfPages
+    when `can_accept(req)` is false."""
+    self.check_fits(req)
+    if req in self._reserved or self.allocator.pages(req):
+      raise ValueError(f"request {req.request_id} already holds pages here")
+    self.allocator.ensure(req, self._tokens(req))
+    self._reserved[req] = None
+
+  def cancel_reserved(self, req: Request) -> None:
+    """The copy into `req`'s reserved pages finished but the request was cancelled
+    meanwhile: the pages are freed (only now: the copy wrote into them)."""
+    del self._reserved[req]
+    self.allocator.free(req)
+
+  def admit(self, req: Request) -> None:
+    """`req`'s KV is in place (copied into reserved pages, or shared in semi-PD):
+    it joins the decode queue."""
+    if req in self._reserved:
+      del self._reserved[req]
+    else:
+      need = req.lifetime_tokens if self._lifetime else req.prefill_len
+      if len(self.allocator.pages(req)) < pages_for(need, self.allocator.page_size):
+        raise ValueError(f"request {req.request_id} holds too few pages here; reserve() "
+                         "it first")
+    if not req.prefill_done or req.num_output < 1 or req.done:
+      raise ValueError(f"request {req.request_id} is not ready to decode "
+                       f"(prefilled {req.num_prefilled}/{req.prefill_len}, "
+                       f"output {req.num_output}/{req.max_tokens})")
+    req.admitted_seq = next(_admissions)
+    self._waiting.append(req)
+
+  def schedule(self) -> Optional[Step]:
+    self._check_schedulable()
+    waiting = self._waiting
+    room = self.max_batch - len(self._running)
+    if waiting and room > 0:
+      joined = [waiting.popleft() for _ in range(min(room, len(waiting)))]
+      self._running = self._running + joined
+      self._ctx += _context(joined)
+      for r in joined:
+        self._track(r)
+    self._grow_due()
+    self._settle()
+    if not self._running:
+      return None
+    return self._begin(Step([], self._running, self._ctx))
+
+  def complete(self, step: Step, now: float) -> list[Request]:
+    if step.prefills:
+      raise RuntimeError("a decode scheduler's step has no prefills")
+    done, gone = self._advance(step, now)
+    self._ctx += len(step.decodes) - gone
+    if done:
+      self._release(done)
+      self._running = [r for r in self._running if r.finish_time is None]
+    self._settle()
+    return done
+
+  @property
+  def num_waiting(self) -> int:
+    """Requests reserved (KV in flight) or admitted but not yet in the batch."""
+    return len(self._reserved) + len(self._waiting)
+
+  @property
+  def num_running(self) -> int:
+    return len(self._running)
+
+  @property
+  def idle(self) -> bool:
+    return not (self._reserved or self._waiting or self._running)
+
+
+def move_handoffs(prefill: PrefillScheduler, decode: DecodeScheduler) -> int:
+  """semi-PD hand-off: requests pass from prefill to decode over their shared
+  allocator, with no copy and no page change. Returns how many moved."""
+  if prefill.allocator is not decode.allocator:
+    raise ValueError("move_handoffs needs both schedulers on one allocator")
+  moved = prefill.detach_handoffs()
+  for r in moved:
+    decode.admit(r)
+  return len(moved)
+
+
+def least_loaded(instances: Sequence, eligible: Optional[Callable] = None):
+  """The instance with the fewest queued + running requests (ties: lowest index),
+  among those `eligible(instance)` accepts; None when none does."""
+  best, best_load = None, None
+  for inst in instances:
+    if eligible is not None and not eligible(inst):
+      continue
+    load = inst.num_waiting + inst.num_running
+    if best is None or load < best_load:
+      best, best_load = inst, load
+  return best
