@@ -381,12 +381,12 @@ class Engine:
     kind, obj = item[0], item[1]
     if kind == STEP:
       try:
-        seconds = ex.collect(obj)
+        now, seconds = ex.collect(obj)
       except Exception as e:  # noqa: BLE001 - one step's failure ends its requests only
         ex.fail_step(obj, e)
         coord.fail(obj, self.clock())
         return
-      coord.step_done(obj, self.clock(), seconds)
+      coord.step_done(obj, now, seconds)
     elif kind == FAILED:
       ex.fail_step(obj, item[2])
       coord.fail(obj, self.clock())

@@ -226,9 +226,9 @@ class JaxExecutor:
     return Launched(step, started, prefill_outs, decode_outs,
                     (tuple(prefill_calls), tuple(decode_calls)))
 
-  def collect(self, inst) -> float:
-    """Reads a finished step's tokens into its requests; returns its seconds.
-    Raises if the step's programs failed."""
+  def collect(self, inst) -> tuple[float, float]:
+    """Reads a finished step's tokens into its requests; returns when it was seen
+    done and its seconds. Raises if the step's programs failed."""
     launched = self._inflight.pop(inst.name)
     now = self.clock()
     for group, out in launched.prefill_outs:
@@ -243,7 +243,7 @@ class JaxExecutor:
     if self.log is not None:
       self.log.append(StepRecord(inst.name, launched.started, now, *launched.calls,
                                  launched.step.describe()))
-    return now - launched.started
+    return now, now - launched.started
 
   def fail_step(self, inst, error: BaseException) -> None:
     """The step of `inst` could not run or be read: its requests carry the error."""
