@@ -278,10 +278,15 @@ class DisaggregatedCoordinator(Coordinator):
       dst.sched.cancel_reserved(req)
       req.finish_time = now
       self._end([req], now)
+      self._pull(now)  # its decode pages are free again
     else:
       dst.sched.admit(req)
     self._launch(dst, now)
     self._launch(src, now)
+
+  def _relaunch(self, now):
+    self._pull(now)  # an abort may have freed decode pages
+    super()._relaunch(now)
 
   def _recompute(self, inst, reqs, now):
     target = least_loaded(self.prefills)
@@ -483,6 +488,14 @@ class DecodeOnlyCoordinator(Coordinator):
     for r in reversed(reqs):
       r.num_prefilled = r.prefill_len
       self._queue.appendleft(r)
+
+  def abort(self, req, now, reason="aborted"):
+    if req in self._queue:
+      self._queue.remove(req)
+      req.end_reason, req.finish_time = req.end_reason or reason, now
+      self._end([req], now)
+      return
+    super().abort(req, now, reason)
 
 
 def build(dep, ex, ttft_slo: Optional[float] = None, tpot_slo: Optional[float] = None,
