@@ -357,3 +357,29 @@ def test_submit_racing_close_leaves_no_handle_waiting(model):
     assert h.result(timeout=60).finish_reason in ("length", "aborted")
   assert len(handles) + len(refused) == 120
   assert engine.pages_in_use() == 0
+
+
+def test_a_failed_step_that_consumed_the_pool_fails_its_holders_and_recovers(model):
+  with pdj.Engine(model, MODES["colocated_chunked"], pdj.EngineConfig(**BASE)) as engine:
+    runner = engine.coordinator.instances[0].handle
+    real = runner._decode
+
+    def consume_and_raise(params, pool, *args):
+      runner._decode = real
+      for a in pool.values():
+        a.delete()  # as a donated program that failed on the device would leave it
+      raise RuntimeError("injected fault after donation")
+
+    handles = [engine.submit([3, 4, 5] * (i + 1), pdj.SamplingParams(max_tokens=8))
+               for i in range(6)]
+    runner._decode = consume_and_raise
+    errors = []
+    for h in handles:
+      try:
+        h.result(timeout=600)
+      except RuntimeError as e:
+        errors.append(str(e))
+    assert errors and all("injected fault" in e or "was lost" in e for e in errors), errors
+    assert engine.pages_in_use() == 0
+    want = pdj.greedy_reference(model, [[3, 4, 5]], 6)[0]
+    assert engine.generate([[3, 4, 5]], pdj.SamplingParams(max_tokens=6))[0].token_ids == want

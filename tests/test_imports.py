@@ -25,7 +25,8 @@ def test_package_and_planning_modules_do_not_import_jax():
   run_fresh("""
       import sys, pdserve_jax, pdserve_jax.sim.latency, pdserve_jax.sim.hardware
       import pdserve_jax.workloads, pdserve_jax.serving.metrics
-      import pdserve_jax.serving.validate
+      import pdserve_jax.serving.validate, pdserve_jax.sim.planner, pdserve_jax.sim.simulator
+      import pdserve_jax.sim.goodput, pdserve_jax.serving.coordinator, pdserve_jax.deploy
       assert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)
   """)
 

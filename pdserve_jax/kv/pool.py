@@ -37,10 +37,27 @@ class PagePool:
     self.shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
     self.sharding = sharding.logical_sharding(mesh, POOL_AXES, self.shape)
     self.buffer_sharding = self.sharding  # a gathered buffer has the same layout
-    zeros = jax.jit(lambda: jnp.zeros(self.shape, self.dtype), out_shardings=self.sharding)
-    self.arrays: Pool = {"k": zeros(), "v": zeros()}
+    self._zeros = jax.jit(lambda: jnp.zeros(self.shape, self.dtype),
+                          out_shardings=self.sharding)
+    self.arrays: Pool = {}
+    self.reset()
     self._gather = jax.jit(_gather, out_shardings=self.sharding)
     self._scatter = jax.jit(_scatter, out_shardings=self.sharding, donate_argnums=(0,))
+
+  def reset(self) -> None:
+    """Fresh zeroed pages: every request's KV here is gone."""
+    self.arrays = {"k": self._zeros(), "v": self._zeros()}
+
+  def lost(self) -> bool:
+    """Whether the arrays were consumed (donated to a program that then failed) or
+    hold a failed computation's result, so that no later program can read them."""
+    try:
+      if any(a.is_deleted() for a in self.arrays.values()):
+        return True
+      jax.block_until_ready(self.arrays)
+    except Exception:  # noqa: BLE001 - any failure to read them means they are lost
+      return True
+    return False
 
   @property
   def pool_shardings(self):

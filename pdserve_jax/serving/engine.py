@@ -383,13 +383,11 @@ class Engine:
       try:
         now, seconds = ex.collect(obj)
       except Exception as e:  # noqa: BLE001 - one step's failure ends its requests only
-        ex.fail_step(obj, e)
-        coord.fail(obj, self.clock())
+        self._fail(obj, e)
         return
       coord.step_done(obj, now, seconds)
     elif kind == FAILED:
-      ex.fail_step(obj, item[2])
-      coord.fail(obj, self.clock())
+      self._fail(obj, item[2])
     elif kind == COPY:
       now = self.clock()
       if self.config.log_steps:
@@ -397,6 +395,16 @@ class Engine:
       coord.copy_done(obj, now)
     elif kind == "abort":
       coord.abort(obj, self.clock())
+
+  def _fail(self, inst, error: BaseException) -> None:
+    """A step could not run or be read: its requests end with the error; if the
+    instance's pool went with it, so do the other requests whose KV was there."""
+    ex, coord = self.executor, self.coordinator
+    ex.fail_step(inst, error)
+    now = self.clock()
+    coord.fail(inst, now)
+    for r in ex.recover_pool(inst):
+      coord.abort(r, now, "error")
 
   def _loop(self) -> None:
     deadline, closing = None, False

@@ -167,6 +167,7 @@ class JaxExecutor:
     return PageAllocator(self.cfg.num_pages, self.cfg.page_size, reserved=1)
 
   def bind(self, instances) -> None:
+    self._bound = list(instances)
     for inst in instances:
       inst.handle = self.runners[inst.group]
       self.roles.setdefault(inst.group, set()).add(inst.phase)
@@ -251,6 +252,25 @@ class JaxExecutor:
     for r in inst.step.requests:
       r.payload.error = r.payload.error or RuntimeError(
           f"step on {inst.name} failed: {error!r}")
+
+  def recover_pool(self, inst) -> list:
+    """After `inst`'s step failed: if its pool was lost with it, a fresh one takes
+    its place; returns the requests whose KV was in it (empty if none was lost)."""
+    runner = self.runners[inst.group]
+    if not runner.pool.lost():
+      return []
+    runner.pool.reset()
+    held = {}
+    for other in self._instances_of(inst.group):
+      for r in other.sched.allocator.owners():
+        held[r] = None
+    for r in held:
+      r.payload.error = r.payload.error or RuntimeError(
+          f"the KV pool of {inst.group} was lost when a step failed")
+    return list(held)
+
+  def _instances_of(self, group: str):
+    return [i for i in self._bound if i.group == group]
 
   def start_copy(self, req: Request, src, dst, now: float) -> None:
     try:

@@ -39,7 +39,7 @@ from pdserve_jax import deploy
 from pdserve_jax.serving.metrics import check_slos
 from pdserve_jax.serving.request import Request
 from pdserve_jax.serving.share import PartitionerConfig
-from pdserve_jax.sim import goodput as gp
+from pdserve_jax.sim import goodput as search
 from pdserve_jax.sim import simulator as sim
 
 Workload = Callable[[float], Sequence[Request]]
@@ -245,10 +245,10 @@ class _Planner:
 
   def _capacity(self, deployment) -> float:
     s = self.spec
-    return gp.saturation_throughput(s.workload(gp.BURST_RATE), s.setup, deployment)
+    return search.saturation_throughput(s.workload(search.BURST_RATE), s.setup, deployment)
 
   def _goodput(self, deployment, capacity, floor=0.0) -> float:
-    return gp.goodput(self.spec.workload, self.spec.setup, deployment, self.spec.ttft_slo,
+    return search.goodput(self.spec.workload, self.spec.setup, deployment, self.spec.ttft_slo,
                        self.spec.tpot_slo, self.spec.target, lo=floor, hi=capacity,
                        tol=self.spec.tol)
 

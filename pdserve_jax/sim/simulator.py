@@ -26,6 +26,7 @@ import math
 import os
 from typing import Callable, Optional, Sequence
 
+# The deployment types, for callers that reach them through the simulator.
 from pdserve_jax.deploy import (Colocated, Disaggregated, InstanceSpec, PhaseOnly,  # noqa: F401
                                 SemiPD)
 from pdserve_jax.kv.allocator import PageAllocator
