@@ -61,9 +61,21 @@ class PageAllocator:
         del self._owned[owner]
       raise OutOfPages(f"{owner!r} needs {need} more pages for {num_tokens} tokens; "
                        f"{len(self._free)} of {self.capacity} free")
-    for _ in range(need):
-      have.append(self._free.pop())
+    if need > 0:
+      _take(self._free, have, need)
     return have
+
+  def grow(self, owner: Hashable, num_tokens: int) -> bool:
+    """`ensure` if enough pages are free (True), else nothing changes (False)."""
+    have = self._owned.get(owner)
+    need = pages_for(num_tokens, self.page_size) - (len(have) if have else 0)
+    if need > len(self._free):
+      return False
+    if need > 0:
+      if have is None:
+        have = self._owned[owner] = []
+      _take(self._free, have, need)
+    return True
 
   def free(self, owner: Hashable) -> int:
     """Returns all of `owner`'s pages to the free list; returns how many."""
@@ -80,3 +92,9 @@ class PageAllocator:
       raise AssertionError("a page is owned twice or both owned and free")
     if any(p < self.reserved or p >= self.num_pages for p in every):
       raise AssertionError("a page id is out of range")
+
+
+def _take(free: List[int], into: List[int], n: int) -> None:
+  """Moves the last `n` pages of `free` to `into`, as n pops would (last first)."""
+  into.extend(free[:-n - 1:-1])
+  del free[-n:]

@@ -231,15 +231,13 @@ class _Scheduler:
     first, while pages are short; when none is newer, `req` itself is preempted
     (returns False)."""
     alloc = self.allocator
-    if alloc.can_fit(req, tokens):
-      alloc.ensure(req, tokens)
+    if alloc.grow(req, tokens):
       return True
     newer = sorted((h for h in self._holders() if h.admitted_seq > req.admitted_seq),
                    key=_seq)
     while newer:
       self._preempt(newer.pop())
-      if alloc.can_fit(req, tokens):
-        alloc.ensure(req, tokens)
+      if alloc.grow(req, tokens):
         return True
     self._preempt(req)
     return False
@@ -638,6 +636,8 @@ class DecodeScheduler(_Scheduler):
 
   def take_preempted(self) -> list[Request]:
     """Requests preempted since the last call; they hold no pages anywhere."""
+    if not self._preempted:
+      return ()
     out, self._preempted = self._preempted, []
     return out
 
