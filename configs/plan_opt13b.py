@@ -7,7 +7,11 @@ SLOs for OPT-13B).
   ... --config.latency=roofline --config.tp_options=1,2,4,8
 """
 
+import dataclasses
+
 import ml_collections
+
+from pdserve_jax.serving.share import PartitionerConfig
 
 
 def get_config():
@@ -42,6 +46,6 @@ def get_config():
   c.modes = ("disaggregated", "semi_pd", "colocated")
   c.semi_pd_shares = (0.5, 0.6, 0.7, 0.8, 0.9)
   c.semi_pd_concurrent = False
-  c.partitioner = ml_collections.ConfigDict(
-      dict(window=32, step=0.05, min_share=0.1, max_share=0.9, hysteresis=0.1))
+  c.partitioner = ml_collections.ConfigDict(  # PartitionerConfig's defaults
+      dict(dataclasses.asdict(PartitionerConfig())))
   return c

@@ -5,7 +5,11 @@ A100-80GB with DistServe's latency figures, served by 2 prefill + 1 decode GPUs.
   ... --config.mode=colocated --config.rate=1.6
 """
 
+import dataclasses
+
 import ml_collections
+
+from pdserve_jax.serving.share import PartitionerConfig
 
 
 def _instance(tp=1, pp=1):
@@ -47,6 +51,6 @@ def get_config():
   c.prefill_scaling = (1.0, 0.0)  # semi-PD ShareScaling (alpha, beta)
   c.decode_scaling = (1.0, 0.0)
   c.dynamic = False
-  c.partitioner = ml_collections.ConfigDict(
-      dict(window=32, step=0.05, min_share=0.1, max_share=0.9, hysteresis=0.1))
+  c.partitioner = ml_collections.ConfigDict(  # PartitionerConfig's defaults
+      dict(dataclasses.asdict(PartitionerConfig())))
   return c

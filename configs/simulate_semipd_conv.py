@@ -7,7 +7,11 @@ context) with Poisson arrivals.
   ... --config.concurrent=True --config.decode_scaling=0.3,0.7  # SM partitioning
 """
 
+import dataclasses
+
 import ml_collections
+
+from pdserve_jax.serving.share import PartitionerConfig
 
 
 def get_config():
@@ -37,6 +41,6 @@ def get_config():
   c.prefill_scaling = (1.0, 0.0)  # ShareScaling (alpha, beta) under SM partitioning
   c.decode_scaling = (1.0, 0.0)
   c.dynamic = True
-  c.partitioner = ml_collections.ConfigDict(
-      dict(window=64, step=0.05, min_share=0.1, max_share=0.9, hysteresis=0.1))
+  c.partitioner = ml_collections.ConfigDict(  # PartitionerConfig's defaults but the window
+      dict(dataclasses.asdict(PartitionerConfig()), window=64))
   return c
