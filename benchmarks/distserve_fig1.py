@@ -20,7 +20,7 @@ if importlib.util.find_spec("pdserve_jax") is None:
 
 from pdserve_jax import workloads
 from pdserve_jax.model.config import get_preset
-from pdserve_jax.sim import hardware, latency, simulator
+from pdserve_jax.sim import goodput, hardware, latency, simulator
 
 PAPER = {"colocated": 1.6, "disaggregated": 3.3, "prefill alone": 5.6, "decode alone": 10.0}
 
@@ -48,7 +48,7 @@ def main():
   print(f"{'deployment':<22}{'GPUs':>5}{'req/s':>8}{'req/s/GPU':>11}{'paper':>8}{'ours/paper':>12}")
   per_gpu = {}
   for name, dep in rows:
-    g = simulator.goodput(make, setup, dep, ttft_slo=0.4, tpot_slo=0.04)
+    g = goodput.goodput(make, setup, dep, ttft_slo=0.4, tpot_slo=0.04)
     per_gpu[name] = g / dep.num_devices
     paper = PAPER.get(name)
     ratio = f"{per_gpu[name] / paper:.2f}" if paper else ""

@@ -12,6 +12,7 @@ Poisson workload under a compile counter (goal: 0 compilations).
   python benchmarks/engine_overhead.py [--model=small] [--batch=16] [--tokens=64]
 """
 
+import dataclasses
 import os
 import time
 
@@ -35,25 +36,24 @@ flags.DEFINE_list("modes", ["colocated_prefill_first", "colocated_chunked",
                             "disaggregated_1p2_1d2", "semi_pd_tp2"], "modes to measure")
 FLAGS = flags.FLAGS
 
-COMMON = dict(page_size=16, num_pages=192, max_batch=16, max_prefill_batch=4,
-              max_prefill_tokens=256, token_budget=64, max_seq_len=128,
+# Runtime knobs shared by every mode; batch limits and parallelism are the deployments'.
+COMMON = dict(page_size=16, num_pages=192, max_prefill_batch=4, max_seq_len=128,
               min_prefill_bucket=32, min_pages_bucket=2)
+TP2 = pdj.InstanceSpec(tp=2, max_batch=16, max_tokens=256)
 MODES = {
-    "colocated_prefill_first": dict(mode="colocated", tp=2, policy="prefill_first"),
-    "colocated_chunked": dict(mode="colocated", tp=2, policy="chunked"),
-    "disaggregated_1p2_1d2": dict(mode="disaggregated", num_prefill=1, prefill_tp=2,
-                                  num_decode=1, decode_tp=2),
-    "semi_pd_tp2": dict(mode="semi_pd", tp=2),
+    "colocated_prefill_first": pdj.Colocated(TP2, policy="prefill_first"),
+    "colocated_chunked": pdj.Colocated(dataclasses.replace(TP2, max_tokens=64),
+                                       policy="chunked"),
+    "disaggregated_1p2_1d2": pdj.Disaggregated(TP2, TP2, num_prefill=1, num_decode=1),
+    "semi_pd_tp2": pdj.SemiPD(TP2, prefill_share=0.5,
+                              partitioner=pdj.PartitionerConfig(window=16, step=0.1)),
 }
 
 
 def decode_runner(engine):
-  mode = engine._mode
-  for attr in ("decodes", "decode"):
-    if hasattr(mode, attr):
-      sr = getattr(mode, attr)
-      return (sr[0] if isinstance(sr, list) else sr).runner
-  return mode.runners[0].runner
+  """The `InstanceRunner` of the engine's first instance that decodes."""
+  inst = next(i for i in engine.coordinator.instances if i.phase in (None, "decode"))
+  return inst.handle
 
 
 def bare_decode_rate(runner, batch, steps, prompt_len):
@@ -84,12 +84,14 @@ def main(_):
   print(f"backend={jax.default_backend()} model={FLAGS.model} batch={b} tokens={n} "
         f"rounds={FLAGS.rounds}")
   print(f"{'mode':<24} {'engine tok/s':>12} {'bare tok/s':>11} {'ratio':>6} "
-        f"{'compiles after warm-up (200 Poisson reqs)':>42}")
+        f"{f'compiles after warm-up ({FLAGS.poisson_requests} Poisson reqs)':>42}")
+  unknown = [m for m in FLAGS.modes if m not in MODES]
+  if unknown:
+    raise app.UsageError(f"unknown mode(s) {unknown}; known: {list(MODES)}")
   for name in FLAGS.modes:
-    fields = MODES[name]
-    cfg = pdj.EngineConfig(**COMMON, **fields, warmup=True)
+    cfg = pdj.EngineConfig(**COMMON, warmup=True)
     engine_rates, bare_rates = [], []
-    with pdj.Engine(model, cfg) as engine:
+    with pdj.Engine(model, MODES[name], cfg) as engine:
       runner = decode_runner(engine)
       # Alternate the two, so that a noisy neighbour hits both alike.
       for _ in range(FLAGS.rounds):

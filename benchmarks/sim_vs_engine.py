@@ -6,8 +6,9 @@ program shape of the same runners (`sim.profiler.profile_shapes`), the loop's ho
 time per step from a closed batch of other requests (`profiler.step_overhead`),
 and for disaggregated mode the KV hand-off (`profile_transfers`) and how much the
 two instances slow each other on shared cores (`profile_overlap`). That is the
-simulator's latency model; it also gets the engine's pool size and batch limits,
-and both serve the same requests. Prints median TTFT and TPOT side by side and
+simulator's latency model; it also gets the engine's pool size, and both serve
+the same requests as the same deployment (one `pdserve_jax.deploy` object handed to
+`Engine` and to `simulate`). Prints median TTFT and TPOT side by side and
 their relative differences, and how far the engine's own steps ran from their
 profiled times in that run (its step log): on a shared machine that drifts by tens
 of percent from minute to minute, and a run whose steps strayed more than
@@ -46,34 +47,22 @@ flags.DEFINE_float("max_step_error", 0.1, "how far the engine's median step may 
                    "its profile for a run to count")
 FLAGS = flags.FLAGS
 
-ENGINE = dict(page_size=16, num_pages=128, max_batch=16, max_prefill_batch=4,
-              max_prefill_tokens=256, token_budget=64, max_seq_len=256, min_prefill_bucket=32,
-              min_pages_bucket=2, warmup=True, ttft_slo=1.0, tpot_slo=0.1,
-              partition_window=16, partition_step=0.1, min_share=0.1, max_share=0.9,
-              hysteresis=0.1)
-MODES = {
-    "prefill_first": dict(mode="colocated", tp=1, policy="prefill_first"),
-    "chunked": dict(mode="colocated", tp=1, policy="chunked"),
-    "disaggregated": dict(mode="disaggregated", num_prefill=1, prefill_tp=1, num_decode=1,
-                          decode_tp=1),
-    "semi_pd": dict(mode="semi_pd", tp=1),
+# Runtime knobs of the engine; the simulator gets its pool size from them.
+ENGINE = dict(page_size=16, num_pages=128, max_prefill_batch=4, max_seq_len=256,
+              min_prefill_bucket=32, min_pages_bucket=2, warmup=True, ttft_slo=1.0,
+              tpot_slo=0.1)
+# One device per instance; each deployment is served by the engine and simulated as is.
+INSTANCE = pdj.InstanceSpec(tp=1, max_batch=16, max_tokens=256)
+DEPLOYMENTS = {
+    "prefill_first": pdj.Colocated(INSTANCE, policy="prefill_first"),
+    "chunked": pdj.Colocated(dataclasses.replace(INSTANCE, max_tokens=64), policy="chunked"),
+    "disaggregated": pdj.Disaggregated(INSTANCE, INSTANCE, num_prefill=1, num_decode=1),
+    "semi_pd": pdj.SemiPD(INSTANCE, prefill_share=0.5, partitioner=pdj.PartitionerConfig(
+        window=16, step=0.1, min_share=0.1, max_share=0.9, hysteresis=0.1)),
 }
 
 
 CALIBRATION_PROMPTS = [[7] * n for n in range(16, 129, 8)]
-
-
-def deployment(mode: str, e: dict):
-  inst = sim.InstanceSpec(1, 1, e["max_batch"], e["max_prefill_tokens"])
-  if mode == "prefill_first":
-    return sim.Colocated(inst, 1, "prefill_first")
-  if mode == "chunked":
-    return sim.Colocated(sim.InstanceSpec(1, 1, e["max_batch"], e["token_budget"]), 1, "chunked")
-  if mode == "disaggregated":
-    return sim.Disaggregated(inst, inst)
-  return sim.SemiPD(inst, 1, 0.5, partitioner=dict(
-      window=e["partition_window"], step=e["partition_step"], min_share=e["min_share"],
-      max_share=e["max_share"], hysteresis=e["hysteresis"]))
 
 
 def step_model_error(records, latency) -> float:
@@ -85,28 +74,34 @@ def step_model_error(records, latency) -> float:
   return float(np.median(ratios)) - 1
 
 
-def compare(model, mode, reqs, engine_fields=ENGINE):
-  """Serves `reqs` in `mode` and simulates them; returns the engine's and the
-  simulator's median TTFT and TPOT and the step model's error in this run."""
-  cfg = pdj.EngineConfig(**engine_fields, **MODES[mode], log_steps=True)
-  with pdj.Engine(model, cfg) as engine:
-    runners = engine._mode.runners
+def compare(model, mode, reqs, engine_fields=ENGINE, deployment=None):
+  """Serves `reqs` in `mode` (or as `deployment`, if given) and simulates the same
+  deployment; returns the engine's and the simulator's median TTFT and TPOT and
+  the step model's error in this run."""
+  dep = DEPLOYMENTS[mode] if deployment is None else deployment
+  cfg = pdj.EngineConfig(**{**engine_fields, "log_steps": True})
+  with pdj.Engine(model, dep, cfg) as engine:
+    instances = engine.coordinator.instances
     copy_s, copy_bw, overlap = 0.0, float("inf"), 1.0
-    if mode == "disaggregated":  # one table from both sides, each timed on its own mesh
-      pre = profiler.profile_shapes(runners[0].runner, decode=False)
-      dec = profiler.profile_shapes(runners[1].runner, prefill=False)
-      latency = dataclasses.replace(pre, decode=dec.decode)
-      copy_s, copy_bw = profiler.profile_transfers(
-          runners[0].runner.pool, runners[1].runner.pool, engine._mode.page_buckets)
+    if isinstance(dep, pdj.Disaggregated):
+      # One table from both sides, each timed on its own mesh.
+      pre = next(i.handle for i in instances if i.phase == "prefill")
+      dec = next(i.handle for i in instances if i.phase == "decode")
+      latency = dataclasses.replace(profiler.profile_shapes(pre, decode=False),
+                                    decode=profiler.profile_shapes(dec, prefill=False).decode)
+      copy_s, copy_bw = profiler.profile_transfers(pre.pool, dec.pool,
+                                                   engine.executor.page_buckets)
       # Two virtual devices on two cores slow each other (and the engine thread).
-      overlap = profiler.profile_overlap(runners[0].runner, runners[1].runner)
+      overlap = profiler.profile_overlap(pre, dec)
     else:
-      latency = profiler.profile_shapes(runners[0].runner)
-    # The loop's host time between steps, from a closed batch of other requests.
+      latency = profiler.profile_shapes(instances[0].handle)
+    # The loop's host time between steps, from a closed batch of other requests; a
+    # device is an instance's group (semi-PD's two phases share one).
+    group = {i.name: i.group for i in instances}
     engine.generate(CALIBRATION_PROMPTS, pdj.SamplingParams(max_tokens=24))
-    one_device = (lambda r: 0) if mode == "semi_pd" else (lambda r: r.instance)
     latency = dataclasses.replace(
-        latency, step_overhead_s=profiler.step_overhead(engine.step_log, one_device))
+        latency, step_overhead_s=profiler.step_overhead(engine.step_log,
+                                                        lambda r: group[r.instance]))
     engine.step_log.clear()
     report = engine.run_workload([r.fresh() for r in reqs])
     records = list(engine.step_log)
@@ -115,8 +110,7 @@ def compare(model, mode, reqs, engine_fields=ENGINE):
   host = hardware.HardwareSpec("host-cpu", 1e12, 1e10, 1e10, copy_bw, copy_bw, 8, copy_s)
   setup = sim.Setup(model.config, host, lambda tp, pp: latency, page_size=cfg.page_size,
                     kv_tokens=(cfg.num_pages - 1) * cfg.page_size, overlap_slowdown=overlap)
-  simulated = sim.simulate(reqs, setup, deployment(mode, engine_fields), cfg.ttft_slo,
-                           cfg.tpot_slo).summary()
+  simulated = sim.simulate(reqs, setup, dep, cfg.ttft_slo, cfg.tpot_slo).summary()
   row = {k: dict(engine=report.summary[k]["p50"], sim=simulated[k]["p50"],
                  rel_diff=simulated[k]["p50"] / report.summary[k]["p50"] - 1)
          for k in ("ttft_s", "tpot_s")}
@@ -133,6 +127,9 @@ def main(_):
   print(f"model={FLAGS.model} requests={FLAGS.requests} Poisson {FLAGS.rate}/s")
   print(f"{'mode':<14} {'TTFT engine':>11} {'sim':>7} {'diff':>6}   {'TPOT engine':>11} "
         f"{'sim':>7} {'diff':>6}   {'steps vs profile':>16}   host/step  (medians, ms)")
+  unknown = [m for m in FLAGS.modes if m not in DEPLOYMENTS]
+  if unknown:
+    raise app.UsageError(f"unknown mode(s) {unknown}; known: {list(DEPLOYMENTS)}")
   out = {}
   for mode in FLAGS.modes:
     out[mode] = []

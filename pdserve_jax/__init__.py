@@ -48,7 +48,10 @@ if TYPE_CHECKING:  # lets type checkers and IDEs see the names; never runs
   from pdserve_jax.model.hf_io import load_hf, CheckpointError
   from pdserve_jax.model.model import Model, forward, load, random_model, greedy_reference
   from pdserve_jax.serving.params import SamplingParams
-  from pdserve_jax.serving.engine import Engine, EngineConfig, Result, RequestHandle
+  from pdserve_jax.serving.engine import (Engine, EngineConfig, EngineOverloaded, Result,
+                                         RequestHandle)
+  from pdserve_jax.deploy import (Colocated, Disaggregated, SemiPD, InstanceSpec,
+                                  PartitionerConfig)
 
 
 def __getattr__(name: str) -> Any:

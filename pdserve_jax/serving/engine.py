@@ -158,8 +158,9 @@ class RequestHandle:
     if job.error is not None:
       raise job.error
 
-  def cancel(self) -> None:
-    self._engine.abort(self.request_id)
+  def cancel(self) -> bool:
+    """Aborts the request (see `Engine.abort`); False when it had already ended."""
+    return self._engine.abort(self.request_id)
 
   def result(self, timeout: Optional[float] = None) -> Result:
     """Raises the request's error if it failed, TimeoutError if still running."""
