@@ -1,2 +1,3 @@
-"""Requests, scheduling policies (shared with the simulator), the JAX executor,
-engines and metrics. Nothing here below `executor`/`engine` touches arrays."""
+"""Requests and steps, per-instance batch policies, semi-PD controllers and mode
+coordinators (all shared with the simulator, none touching arrays), validation,
+metrics, and the JAX side: the executor and the engine."""
