@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -428,9 +429,9 @@ class Engine:
           continue
         self._handle(item)
     except BaseException as e:  # noqa: BLE001 - no caller may be left waiting
+      logging.exception("pdserve engine thread failed; ending every request it held")
       with self._lock:
         self._error = e
         for req in self._live.values():
           req.payload.end(RuntimeError(f"engine failed: {e!r}"))
         self._live.clear()
-      raise
