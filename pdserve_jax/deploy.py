@@ -51,8 +51,20 @@ class InstanceSpec:
     return f"tp{self.tp}pp{self.pp}"
 
 
+class _Replicas:
+  """Shared by the deployments made of `replicas` copies of one `instance`."""
+
+  @property
+  def num_devices(self) -> int:
+    return self.replicas * self.instance.num_devices
+
+  def _check_replicas(self) -> None:
+    self.instance.check()
+    _positive_int("replicas", self.replicas)
+
+
 @dataclasses.dataclass(frozen=True)
-class Colocated:
+class Colocated(_Replicas):
   """`replicas` instances, each serving both phases with one `policy`."""
   instance: InstanceSpec = InstanceSpec()
   replicas: int = 1
@@ -60,13 +72,8 @@ class Colocated:
 
   mode = "colocated"
 
-  @property
-  def num_devices(self) -> int:
-    return self.replicas * self.instance.num_devices
-
   def check(self) -> None:
-    self.instance.check()
-    _positive_int("replicas", self.replicas)
+    self._check_replicas()
     if self.policy not in POLICIES:
       raise ValueError(f"colocated policy must be one of {POLICIES}, got {self.policy!r}")
     if self.policy == "chunked" and self.instance.max_tokens < self.instance.max_batch + 1:
@@ -107,7 +114,7 @@ class Disaggregated:
 
 
 @dataclasses.dataclass(frozen=True)
-class SemiPD:
+class SemiPD(_Replicas):
   """semi-PD replicas: one weight copy and one KV pool per replica, prefill and
   decode sharing its compute from an initial prefill share. `partitioner` turns
   the online `SloPartitioner` on. `concurrent` models true SM partitioning (both
@@ -123,13 +130,8 @@ class SemiPD:
 
   mode = "semi_pd"
 
-  @property
-  def num_devices(self) -> int:
-    return self.replicas * self.instance.num_devices
-
   def check(self) -> None:
-    self.instance.check()
-    _positive_int("replicas", self.replicas)
+    self._check_replicas()
     if not 0 < self.prefill_share < 1:
       raise ValueError(f"prefill_share must lie strictly between 0 and 1, got "
                        f"{self.prefill_share}")
@@ -145,7 +147,7 @@ class SemiPD:
 
 
 @dataclasses.dataclass(frozen=True)
-class PhaseOnly:
+class PhaseOnly(_Replicas):
   """`replicas` instances of one phase alone, as DistServe's planner measures them:
   prefill with an infinitely fast decode side (TTFT only), or decode with requests
   arriving prefilled (TPOT only). The simulator's alone."""
@@ -155,15 +157,10 @@ class PhaseOnly:
 
   mode = "phase_only"
 
-  @property
-  def num_devices(self) -> int:
-    return self.replicas * self.instance.num_devices
-
   def check(self) -> None:
     if self.phase not in ("prefill", "decode"):
       raise ValueError(f"phase must be 'prefill' or 'decode', got {self.phase!r}")
-    self.instance.check()
-    _positive_int("replicas", self.replicas)
+    self._check_replicas()
 
   def describe(self) -> str:
     return f"{self.replicas}x {self.phase} {self.instance.describe()}"
