@@ -81,4 +81,4 @@ def test_profile_transfers_and_overlap_between_meshes():
   # How much a prefill beside a decode slows it depends on how busy this machine is,
   # so only its form is checked here; benchmarks/sim_vs_engine.py prints it.
   slowdown = profiler.profile_overlap(src, dst)
-  assert 0 < slowdown < 100
+  assert np.isfinite(slowdown) and slowdown > 0
