@@ -205,8 +205,8 @@ class Engine:
     self.clock = wall_clock(time.perf_counter())
     self._inbox: "queue.Queue" = queue.Queue()
     chunked = isinstance(deployment, deploy.Colocated) and deployment.policy == "chunked"
-    self.executor = JaxExecutor(model, config, chunked, self.clock, self._inbox.put)
-    self.executor.ended = self._ended
+    self.executor = JaxExecutor(model, config, chunked, self.clock, self._inbox.put,
+                                self._ended)
     self.coordinator = C.build(deployment, self.executor, config.ttft_slo, config.tpot_slo,
                                start_time=self.clock())
     self.executor.bind(self.coordinator.instances)

@@ -137,8 +137,11 @@ class JaxExecutor:
   """The executor seam (see `serving.coordinator`) over real programs."""
 
   def __init__(self, model, cfg, chunked: bool, clock: Callable[[], float],
-               post: Callable[[tuple], None]):
+               post: Callable[[tuple], None], ended: Callable[[Request, float], None]):
+    """`post(event)` puts an event in the engine's inbox; `ended(req, now)` is the
+    engine's word that a request ended (the seam's `ended`)."""
     self.model, self.cfg, self.chunked, self.clock, self._post = model, cfg, chunked, clock, post
+    self.ended = ended
     self.runners: dict[str, InstanceRunner] = {}
     self.roles: dict[str, set] = {}
     self.watchers: dict[str, Watcher] = {}
@@ -290,9 +293,6 @@ class JaxExecutor:
       w = self._copy_watchers[dst.group] = Watcher(lambda r: self._post((COPY, r)),
                                                    f"pdserve-copies-{dst.group}")
     w.watch(moved, req)
-
-  def ended(self, req: Request, now: float) -> None:
-    raise NotImplementedError  # the engine sets this to its own callback
 
 
 def _prefill_tokens(c) -> List[int]:
