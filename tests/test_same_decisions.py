@@ -55,9 +55,10 @@ def _replay(engine) -> sim.Replay:
 @pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
 def test_engine_and_simulator_run_the_same_steps(model, name):
   dep = DEPLOYMENTS[name]
-  reqs = workloads.synthetic(24, 30.0, workloads.Uniform(4, 40), workloads.Uniform(2, 22),
+  reqs = workloads.synthetic(24, 1000.0, workloads.Uniform(4, 40), workloads.Uniform(2, 22),
                              seed=5)
-  # A small pool makes the on-demand policy preempt; tight SLOs move the semi-PD share.
+  # A burst into a small pool makes the on-demand policy preempt; tight SLOs move the
+  # semi-PD share.
   cfg = pdj.EngineConfig(**ENGINE, num_pages=14, ttft_slo=0.05, tpot_slo=0.01)
   with pdj.Engine(model, dep, cfg) as engine:
     report = engine.run_workload(reqs, timeout=600)
