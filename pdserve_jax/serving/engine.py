@@ -84,7 +84,7 @@ class EngineConfig:
                        f"tpot_slo={self.tpot_slo}")
 
 
-def check_servable(deployment, model: Model, num_devices: Optional[int] = None) -> None:
+def check_servable(deployment, model: Model) -> None:
   """Raises ValueError naming why the engine cannot run `deployment` here."""
   if not isinstance(deployment, (deploy.Colocated, deploy.Disaggregated, deploy.SemiPD)):
     raise ValueError(f"the engine serves Colocated, Disaggregated or SemiPD deployments, "
@@ -103,7 +103,7 @@ def check_servable(deployment, model: Model, num_devices: Optional[int] = None) 
   if isinstance(deployment, deploy.SemiPD) and deployment.concurrent:
     raise ValueError("SM-partitioned semi-PD (concurrent=True) needs MPS-style SM caps, "
                      "which JAX lacks; the engine time-shares (concurrent=False)")
-  have = jax.device_count() if num_devices is None else num_devices
+  have = jax.device_count()
   if deployment.num_devices > have:
     raise ValueError(f"{deployment.describe()} needs {deployment.num_devices} devices; "
                      f"{have} available")

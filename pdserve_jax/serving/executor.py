@@ -149,7 +149,6 @@ class JaxExecutor:
     self._devices = list(jax.devices())
     self._inflight: dict[str, Launched] = {}
     self.log: Optional[List[StepRecord]] = None  # a list to append records to, if any
-    self.copies: dict[Request, object] = {}
     self.page_buckets = bk.powers_of_two(1, cfg.max_seq_len // cfg.page_size)
 
   # -- building --------------------------------------------------------------------
