@@ -21,6 +21,7 @@ import numpy as np
 
 from pdserve_jax.model.config import ModelConfig, RopeScaling
 from pdserve_jax.model.model import Model
+from pdserve_jax.model.tokenizer import eos_ids_of, load_tokenizer
 
 # HF architectures whose weights map onto our Llama layout.
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
@@ -172,4 +173,6 @@ def load_hf(path: str, dtype: Optional[str] = None) -> Model:
             "final_norm": get("model.norm.weight", (H,))}
   if not cfg.tie_word_embeddings:
     params["lm_head"] = get("lm_head.weight", (V, H))
-  return Model(cfg, jax.tree.map(lambda a: jnp.asarray(a, dtype), params))
+  tokenizer = load_tokenizer(path)
+  eos = tokenizer.eos_token_ids if tokenizer else eos_ids_of(path)
+  return Model(cfg, jax.tree.map(lambda a: jnp.asarray(a, dtype), params), tokenizer, eos)

@@ -1,8 +1,9 @@
 """`Model` (config + params) and its public verbs: forward, save, load, shard.
 
 `forward` is the cache-less reference path every serving program is checked against.
-Checkpoints are orbax directories: the params under `params/` and the config as JSON
-beside them; `load` restores straight into the requested sharding.
+Checkpoints are orbax directories: the params under `params/`, the config as JSON
+beside them, and the tokenizer (if any) as a HF `tokenizer.json` with its EOS ids in
+`generation_config.json`; `load` restores straight into the requested sharding.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -21,14 +22,24 @@ from jax.sharding import Mesh
 
 from pdserve_jax.model import llama, sharding
 from pdserve_jax.model.config import ModelConfig, RopeScaling
+from pdserve_jax.model.tokenizer import Tokenizer, eos_ids_of, load_tokenizer
 
 CONFIG_FILE = "pdserve_config.json"
 
 
 @dataclasses.dataclass
 class Model:
+  """Weights and shape, plus what serving text needs: the tokenizer (None: token ids
+  only) and the ids that end a sequence (the engine stops on them by default)."""
   config: ModelConfig
   params: llama.Params
+  tokenizer: Optional[Tokenizer] = None
+  eos_token_ids: Tuple[int, ...] = ()
+
+  def __post_init__(self):
+    if self.tokenizer is not None and not self.eos_token_ids:
+      self.eos_token_ids = self.tokenizer.eos_token_ids
+    self.eos_token_ids = tuple(int(i) for i in self.eos_token_ids)
 
   @property
   def dtype(self):
@@ -37,7 +48,7 @@ class Model:
   def shard(self, mesh: Mesh) -> "Model":
     """A copy whose params are laid out on `mesh` by the logical-axis rules."""
     shardings = sharding.tree_shardings(mesh, llama.logical_axes(self.config), self.params)
-    return Model(self.config, jax.device_put(self.params, shardings))
+    return dataclasses.replace(self, params=jax.device_put(self.params, shardings))
 
   def save(self, path: str) -> None:
     path = os.path.abspath(path)
@@ -46,6 +57,10 @@ class Model:
       ckpt.save(os.path.join(path, "params"), self.params, force=True)
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
       json.dump(config_to_dict(self.config), f, indent=1)
+    if self.tokenizer is not None:
+      self.tokenizer.save(path)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+      json.dump({"eos_token_id": list(self.eos_token_ids)}, f, indent=1)
 
 
 def config_to_dict(cfg: ModelConfig) -> dict:
@@ -83,10 +98,9 @@ def load(path: str, mesh: Optional[Mesh] = None, dtype=None) -> Model:
         lambda s, dt, sh: jax.ShapeDtypeStruct(s.shape, dt, sharding=sh), shapes, stored,
         shardings)
     params = ckpt.restore(os.path.join(path, "params"), target)
-  model = Model(cfg, params)
   if dtype is not None:
-    model = Model(cfg, jax.tree.map(lambda a: a.astype(dtype), params))
-  return model
+    params = jax.tree.map(lambda a: a.astype(dtype), params)
+  return Model(cfg, params, load_tokenizer(path), eos_ids_of(path))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attn_impl"))
