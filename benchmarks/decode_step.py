@@ -57,7 +57,7 @@ def main(_):
   print(f"{'batch':>5} {'step ms':>9} {'roofline ms':>12} {'of roofline':>12} {'tok/s':>9}")
   for b in FLAGS.batch:
     rows = SamplingRows.greedy(b)
-    step = lambda: np.asarray(runner.decode([1] * b, [ctx] * b, tables[:b], rows))
+    step = lambda: np.asarray(runner.decode([1] * b, [ctx] * b, tables[:b], rows).tokens)
     t = median_time(step, FLAGS.steps)
     kv_bytes = b * (ctx + 1) * cfg.kv_bytes_per_token(4)
     roof = (weight_bytes + kv_bytes) / bw

@@ -66,7 +66,7 @@ def bare_decode_rate(runner, batch, steps, prompt_len):
     nonlocal tokens
     for s in range(n):
       out = runner.decode(tokens, [prompt_len + s] * batch, tables, rows)
-      tokens = np.asarray(out)[:batch].tolist()
+      tokens = np.asarray(out.tokens)[:batch].tolist()
 
   run(2)
   t = time.perf_counter()

@@ -25,9 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if importlib.util.find_spec("pdserve_jax") is None:
   sys.path.insert(0, ROOT)
 
-from pdserve_jax import workloads
-from pdserve_jax.model.config import get_preset
-from pdserve_jax.sim import hardware, latency, planner, simulator
+from pdserve_jax import workloads  # noqa: E402
+from pdserve_jax.model.config import get_preset  # noqa: E402
+from pdserve_jax.sim import hardware, latency, planner, simulator  # noqa: E402
 
 TRACE = os.path.join(ROOT, "..", "shared", "data", "traces", "splitwise_conv.csv")
 

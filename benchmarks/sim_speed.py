@@ -20,9 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if importlib.util.find_spec("pdserve_jax") is None:
   sys.path.insert(0, ROOT)
 
-from pdserve_jax import workloads
-from pdserve_jax.model.config import get_preset
-from pdserve_jax.sim import hardware, latency, planner, simulator
+from pdserve_jax import workloads  # noqa: E402
+from pdserve_jax.model.config import get_preset  # noqa: E402
+from pdserve_jax.sim import hardware, latency, planner, simulator  # noqa: E402
 
 TRACE = os.path.join(ROOT, "..", "shared", "data", "traces", "splitwise_conv.csv")
 
@@ -46,6 +46,8 @@ def main():
   print(f"simulate 10,000 requests ({tokens:,} output tokens), 1 prefill + 1 decode: "
         f"{wall:.2f} s wall, {cpu:.2f} s CPU ({1e3 * wall / len(reqs):.3f} ms per request; "
         "DistServe's simulator: ~2.6 ms)")
+  # The CPU figure is the code's cost; the wall one also counts other processes.
+  print(f"  target under 1 s CPU: {'met' if cpu < 1.0 else 'missed'}")
   fits = trace.filter(model.max_position_embeddings)
   spec = planner.PlanSpec(
       setup, lambda rate: fits.requests(n=500, rate=rate, sample=True, seed=0),
@@ -55,6 +57,7 @@ def main():
   simulated = sum(c.goodput is not None for c in plan.candidates)
   print(f"planner, OPT-13B on 8 GPUs ({len(plan.candidates)} placements, {simulated} "
         f"bisected): {wall:.1f} s wall, {cpu:.1f} s CPU (DistServe: ~160 s for 9 configs)")
+  print(f"  target under 10 s CPU: {'met' if cpu < 10.0 else 'missed'}")
 
 
 if __name__ == "__main__":

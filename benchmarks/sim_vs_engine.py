@@ -117,6 +117,7 @@ def compare(model, mode, reqs, engine_fields=ENGINE, deployment=None):
   row["step_model_error"] = step_model_error(records, latency)
   row["step_overhead_s"] = latency.step_overhead_s
   row["overlap_slowdown"] = overlap
+  row["copy_fixed_s"], row["copy_bytes_per_s"] = copy_s, copy_bw
   return row
 
 
@@ -133,7 +134,7 @@ def main(_):
   out = {}
   for mode in FLAGS.modes:
     out[mode] = []
-    for attempt in range(FLAGS.attempts):
+    for _ in range(FLAGS.attempts):
       row = compare(model, mode, reqs)
       out[mode].append(row)
       t, p = row["ttft_s"], row["tpot_s"]
@@ -141,6 +142,10 @@ def main(_):
             f"{t['rel_diff']:>+6.0%}   {p['engine'] * 1e3:>11.2f} {p['sim'] * 1e3:>7.2f} "
             f"{p['rel_diff']:>+6.0%}   {row['step_model_error']:>+16.0%}   "
             f"{row['step_overhead_s'] * 1e3:.2f}", flush=True)
+      if isinstance(DEPLOYMENTS[mode], pdj.Disaggregated):
+        print(f"{'':<14} profiled: KV copy {row['copy_fixed_s'] * 1e3:.2f} ms fixed + "
+              f"{row['copy_bytes_per_s'] / 1e9:.2f} GB/s, prefill beside decode slows it "
+              f"{row['overlap_slowdown']:.2f}x", flush=True)
       if abs(row["step_model_error"]) <= FLAGS.max_step_error:
         break
       print(f"{'':<14} steps ran {row['step_model_error']:+.0%} off their profile "

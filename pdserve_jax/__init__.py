@@ -28,11 +28,15 @@ _LAZY = {
     "load": "pdserve_jax.model.model",
     "random_model": "pdserve_jax.model.model",
     "greedy_reference": "pdserve_jax.model.model",
+    "Tokenizer": "pdserve_jax.model.tokenizer",
+    "load_tokenizer": "pdserve_jax.model.tokenizer",
+    "load_demo": "pdserve_jax.model.demo",
     "SamplingParams": "pdserve_jax.serving.params",
     "Engine": "pdserve_jax.serving.engine",
     "EngineConfig": "pdserve_jax.serving.engine",
     "EngineOverloaded": "pdserve_jax.serving.engine",
     "Result": "pdserve_jax.serving.engine",
+    "Completion": "pdserve_jax.serving.engine",
     "RequestHandle": "pdserve_jax.serving.engine",
     "Colocated": "pdserve_jax.deploy",
     "Disaggregated": "pdserve_jax.deploy",
@@ -47,9 +51,11 @@ if TYPE_CHECKING:  # lets type checkers and IDEs see the names; never runs
   from pdserve_jax.model.config import ModelConfig, RopeScaling, PRESETS, get_preset
   from pdserve_jax.model.hf_io import load_hf, CheckpointError
   from pdserve_jax.model.model import Model, forward, load, random_model, greedy_reference
+  from pdserve_jax.model.tokenizer import Tokenizer, load_tokenizer
+  from pdserve_jax.model.demo import load_demo
   from pdserve_jax.serving.params import SamplingParams
   from pdserve_jax.serving.engine import (Engine, EngineConfig, EngineOverloaded, Result,
-                                         RequestHandle)
+                                         Completion, RequestHandle)
   from pdserve_jax.deploy import (Colocated, Disaggregated, SemiPD, InstanceSpec,
                                   PartitionerConfig)
 

@@ -2,6 +2,7 @@
 timing, read back by the simulator."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import pytest
 
 import pdserve_jax as pdj
 from pdserve_jax.model import sharding
-from pdserve_jax.runtime.programs import InstanceRunner, RunnerShape, SamplingRows
+from pdserve_jax.runtime.programs import (CompileCounter, InstanceRunner, RunnerShape,
+                                         SamplingRows)
 from pdserve_jax.sim import hardware as H
 from pdserve_jax.sim import latency as L
 from pdserve_jax.sim import profiler
@@ -26,6 +28,7 @@ SMALL_GRID = ["--config.model=tiny", "--config.reps=2", "--config.num_pages=32",
               "--config.decode_contexts=(8, 24, 40, 64)"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["polynomial", "shapes"])
 def test_profile_cli_writes_what_the_simulator_reads(tmp_path, kind):
   out = tmp_path / f"{kind}.json"
@@ -51,23 +54,35 @@ def test_profile_cli_writes_what_the_simulator_reads(tmp_path, kind):
   assert all(r.finish_time is not None for r in res.requests)
 
 
-def test_shape_table_predicts_a_call_it_did_not_time():
+@pytest.mark.slow
+def test_shape_table_prices_a_call_it_did_not_time_at_its_bucket():
+  # How close the priced time is to a measured one depends on the machine's load:
+  # benchmarks/shape_table.py prints that ratio. Here: the table covers every
+  # compiled shape, a ragged call lands in one of them (the runner compiles nothing
+  # for it), and the table prices it at that bucket's measured time.
   model = pdj.random_model(pdj.get_preset("tiny"), seed=0)
   shape = RunnerShape(page_size=8, num_pages=40, max_decode_batch=4, max_prefill_batch=2,
-                      max_prefill_len=32, max_seq_len=64, min_prefill_len=16)
+                      max_prefill_len=32, max_seq_len=32, min_prefill_len=16)
   runner = InstanceRunner(model, sharding.split_devices([1])[0], shape)
-  runner.warmup()
-  table = profiler.profile_shapes(runner, reps=5)
+  table = profiler.profile_shapes(runner, reps=1)  # its untimed calls compile every shape
   assert set(table.prefill) == set(shape.compiled_prefill_shapes())
-  # Three decode rows with ragged tables run as the (4, 4) bucket: one median away.
+  assert set(table.decode) == set(shape.compiled_decode_shapes())
+  assert all(t > 0 for t in list(table.prefill.values()) + list(table.decode.values()))
+  # Three decode rows with ragged tables run as the (4, 4) bucket; two prompts of 20
+  # and 9 tokens over 3 and 2 pages as the (2, 32, 4) one.
   tables = [[1, 2], [3, 4, 5], [6, 7, 8, 9]]
-  t = profiler.median_time(lambda: np.asarray(runner.decode(
-      [1, 2, 3], [10, 20, 30], tables, SamplingRows.greedy(3))), reps=9)
-  assert 0.5 < t / table.decode[4, 4] < 2.0
-  # Two prompts of 20 and 9 tokens over 3 and 2 pages run as the (2, 32, 4) bucket.
-  t = profiler.median_time(lambda: np.asarray(runner.prefill(
-      [[1] * 20, [2] * 9], [0, 0], [[10, 11, 12], [13, 14]], SamplingRows.greedy(2))), reps=9)
-  assert 0.5 < t / table.prefill[2, 32, 4] < 2.0
+  assert shape.decode_shape([len(t) for t in tables]) == (4, 4)
+  assert shape.prefill_shape([20, 9], [3, 2]) == (2, 32, 4)
+  with CompileCounter() as counter:
+    np.asarray(runner.decode([1, 2, 3], [10, 20, 30], tables, SamplingRows.greedy(3)).tokens)
+    np.asarray(runner.prefill([[1] * 20, [2] * 9], [0, 0], [[10, 11, 12], [13, 14]],
+                              SamplingRows.greedy(2)).tokens)
+  assert counter.count == 0
+  assert table.calls_time(decode_calls=[(4, 4)]) == table.decode[4, 4]
+  assert table.calls_time(prefill_calls=[(2, 32, 4)], decode_calls=[(4, 4)]) == (
+      table.prefill[2, 32, 4] + table.decode[4, 4])
+  with pytest.raises(ValueError, match="no measured decode program"):
+    table.calls_time(decode_calls=[(3, 4)])  # 3 is no decode bucket
 
 
 def test_profile_transfers_and_overlap_between_meshes():
@@ -76,8 +91,10 @@ def test_profile_transfers_and_overlap_between_meshes():
   shape = RunnerShape(page_size=8, num_pages=40, max_seq_len=64)
   src, dst = InstanceRunner(model, a, shape), InstanceRunner(model, b, shape)
   fixed, bandwidth = profiler.profile_transfers(src.pool, dst.pool, (1, 2, 4, 8), reps=3)
-  assert 0 <= fixed < 1.0 and bandwidth > 0
-  assert L.transfer_time(8 * src.pool.bytes / 40, bandwidth, fixed) > 0
+  # Fitted from timings, so only their form is checked (a fixed cost, a rate);
+  # benchmarks/sim_vs_engine.py prints the measured values.
+  assert math.isfinite(fixed) and fixed >= 0 and bandwidth > 0
+  assert L.transfer_time(8 * src.pool.bytes / 40, bandwidth, fixed) >= fixed
   # How much a prefill beside a decode slows it depends on how busy this machine is,
   # so no bound on it belongs in a test: this checks the call runs across meshes and
   # returns a plain factor; benchmarks/sim_vs_engine.py prints the measured value.

@@ -24,12 +24,12 @@ def generate(runner, prompts, num_tokens, page_size):
   alloc = PageAllocator(runner.shape.num_pages, page_size, reserved=1)
   tables = [alloc.ensure(i, len(p) + num_tokens) for i, p in enumerate(prompts)]
   n = len(prompts)
-  first = np.asarray(runner.prefill(prompts, [0] * n, tables, SamplingRows.greedy(n)))[:n]
+  first = np.asarray(runner.prefill(prompts, [0] * n, tables, SamplingRows.greedy(n)).tokens)[:n]
   out = [[int(t)] for t in first]
   for step in range(1, num_tokens):
     positions = [len(p) + step - 1 for p in prompts]
     nxt = np.asarray(runner.decode([o[-1] for o in out], positions, tables,
-                                   SamplingRows.greedy(n)))[:n]
+                                   SamplingRows.greedy(n)).tokens)[:n]
     for o, t in zip(out, nxt):
       o.append(int(t))
   for i in range(n):
@@ -60,7 +60,7 @@ def test_chunked_prefill_matches_whole_prefill(model):
   table = alloc.ensure("r", 40)
   g = SamplingRows.greedy(1)
   for start, end in ((0, 16), (16, 21), (21, 37)):
-    tok = int(np.asarray(runner.prefill([prompt[start:end]], [start], [table], g))[0])
+    tok = int(np.asarray(runner.prefill([prompt[start:end]], [start], [table], g).tokens)[0])
   assert tok == pdj.greedy_reference(model, [prompt], 1)[0][0]
 
 
@@ -77,14 +77,14 @@ def test_sampling_is_reproducible_and_seed_dependent(model):
                         np.arange(seed, seed + 1 + batch_mates, dtype=np.int32),
                         np.zeros(1 + batch_mates, np.int32))
     n = 1 + batch_mates
-    return [int(np.asarray(runner.prefill([prompt] * n, [0] * n, [table] * n, rows))[0])
+    return [int(np.asarray(runner.prefill([prompt] * n, [0] * n, [table] * n, rows).tokens)[0])
             for _ in range(1)][0]
 
   draws = [draw(s) for s in range(40)]
   assert draws == [draw(s) for s in range(40)]  # same seed, same token
   assert draw(11, batch_mates=3) == draws[11]  # batch composition does not matter
   assert len(set(draws)) > 5  # temperature 1 over random logits spreads out
-  greedy = int(np.asarray(runner.prefill([prompt], [0], [table], SamplingRows.greedy(1)))[0])
+  greedy = int(np.asarray(runner.prefill([prompt], [0], [table], SamplingRows.greedy(1)).tokens)[0])
   assert {draw(s, top_k=1) for s in range(10)} == {greedy}
   assert {draw(s, top_p=1e-6) for s in range(10)} == {greedy}
   assert set(draw(s, top_k=3) for s in range(40)) <= set(
@@ -105,7 +105,7 @@ def test_no_compilation_after_warmup(model):
       prompts = [rng.integers(0, CFG.vocab_size, int(rng.integers(1, 33))).tolist()
                  for _ in range(nb)]
       tables = [alloc.ensure((served, i), len(p) + 3) for i, p in enumerate(prompts)]
-      first = np.asarray(runner.prefill(prompts, [0] * nb, tables, SamplingRows.greedy(nb)))
+      first = np.asarray(runner.prefill(prompts, [0] * nb, tables, SamplingRows.greedy(nb)).tokens)
       runner.decode(first[:nb].tolist(), [len(p) for p in prompts], tables,
                     SamplingRows.greedy(nb))
       for i in range(nb):
@@ -128,13 +128,13 @@ def test_sample_marks_non_finite_rows(temperature):
   seeds = np.arange(B, dtype=np.int32) + 100
   index = np.full(B, 3, np.int32)
   fn = jax.jit(sample)
-  got = np.asarray(fn(logits, temps, top_k, top_p, seeds, index))
+  got = np.asarray(fn(logits, temps, top_k, top_p, seeds, index)[0])
   assert got.dtype == np.int32
   assert got[[1, 3, 4]].tolist() == [-1, -1, -1]
   good = [0, 2, 5]
   # A finite row's token does not depend on its batch mates, bad or not.
   alone = np.asarray(fn(logits[good], temps[good], top_k[good], top_p[good], seeds[good],
-                        index[good]))
+                        index[good])[0])
   assert got[good].tolist() == alone.tolist()
   if temperature == 0:
     assert got[good].tolist() == np.argmax(logits[good], axis=-1).tolist()

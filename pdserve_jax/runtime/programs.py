@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
-from typing import List, Sequence
+from typing import List, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +62,14 @@ class CompileCounter:
   def __exit__(self, *exc):
     with self._lock:
       self._active.remove(self)
+
+
+class Sampled(NamedTuple):
+  """A program call's sampled tokens (device arrays, padded rows included)."""
+  tokens: jax.Array  # i32 [B]; -1 where the row's logits were not finite
+  logprobs: jax.Array  # f32 [B]: log-probability of each token
+  top_ids: jax.Array  # i32 [B, K]: the K most likely tokens (K = sampling.MAX_LOGPROBS)
+  top_logprobs: jax.Array  # f32 [B, K]
 
 
 @dataclasses.dataclass
@@ -177,8 +185,8 @@ class InstanceRunner:
 
   def prefill(self, chunks: Sequence[Sequence[int]], starts: Sequence[int],
               page_tables: Sequence[Sequence[int]], sampling: SamplingRows):
-    """Runs prompt chunks; returns a device array whose first `len(chunks)` entries
-    are the tokens sampled at each chunk's end (slice it on the host, after
+    """Runs prompt chunks; returns device arrays (`Sampled`) whose first `len(chunks)`
+    rows are the tokens sampled at each chunk's end (slice them on the host, after
     `np.asarray`: slicing on device would compile). Row r holds tokens at positions
     starts[r] .. starts[r] + len(chunks[r]) - 1 and its pages cover them."""
     B, T, W = self.shape.prefill_shape([len(c) for c in chunks], [len(t) for t in page_tables])
@@ -191,12 +199,12 @@ class InstanceRunner:
     tables = self._table(page_tables, B, W)
     self.pool.arrays, out = self._prefill(self.params, self.pool.arrays, tokens, st, lengths,
                                           tables, *sampling.padded(B).arrays())
-    return out
+    return Sampled(*out)
 
   def decode(self, tokens: Sequence[int], positions: Sequence[int],
              page_tables: Sequence[Sequence[int]], sampling: SamplingRows):
-    """One decode step; row r feeds `tokens[r]` at `positions[r]`. Returns a device
-    array whose first `len(tokens)` entries are the next tokens."""
+    """One decode step; row r feeds `tokens[r]` at `positions[r]`. Returns device
+    arrays (`Sampled`) whose first `len(tokens)` rows are the next tokens."""
     n = len(tokens)
     B, W = self.shape.decode_shape([len(t) for t in page_tables])
     tok = np.zeros(B, np.int32)
@@ -206,10 +214,12 @@ class InstanceRunner:
     tables = self._table(page_tables, B, W)
     self.pool.arrays, out = self._decode(self.params, self.pool.arrays, tok, pos, active,
                                          tables, *sampling.padded(B).arrays())
-    return out
+    return Sampled(*out)
 
-  def warmup(self, prefill: bool = True, decode: bool = True) -> int:
-    """Compiles every bucket by running it on scratch data; returns how many shapes."""
+  def warmup(self, prefill: bool = True, decode: bool = True, progress=None) -> int:
+    """Compiles every bucket by running it on scratch data; returns how many shapes.
+    `progress()`, if given, is called after each."""
+    progress = progress or (lambda: None)
     count = 0
     if prefill:
       for B, T, W in self.shape.compiled_prefill_shapes():
@@ -219,6 +229,7 @@ class InstanceRunner:
             self.params, self.pool.arrays, z, zb, zb, np.zeros((B, W), np.int32),
             *SamplingRows.greedy(B).arrays())
         count += 1
+        progress()
     if decode:
       for B, W in self.shape.compiled_decode_shapes():
         zb = np.zeros(B, np.int32)
@@ -226,5 +237,6 @@ class InstanceRunner:
             self.params, self.pool.arrays, zb, zb, np.zeros(B, bool),
             np.zeros((B, W), np.int32), *SamplingRows.greedy(B).arrays())
         count += 1
+        progress()
     jax.block_until_ready(self.pool.arrays)
     return count

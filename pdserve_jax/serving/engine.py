@@ -118,38 +118,88 @@ def _max_prompt_len(deployment, cfg: EngineConfig) -> int:
 
 
 @dataclasses.dataclass
+class Completion:
+  """One continuation of a prompt."""
+  index: int  # which of the request's n samples
+  token_ids: List[int]
+  text: Optional[str]  # None when the model has no tokenizer; cut before a stop string
+  finish_reason: str  # "stop", "length" or "aborted"
+  token_times: List[float]  # seconds on the engine clock, one per token
+  logprobs: Optional[List[float]] = None  # with SamplingParams.logprobs set
+  top_logprobs: Optional[List[Dict[int, float]]] = None  # with logprobs >= 1
+  stop_reason: Union[int, str, None] = None  # the stop id or string that ended it
+  num_preemptions: int = 0
+
+
+@dataclasses.dataclass
 class Result:
+  """A finished request: its prompt and its n completions (`outputs`).
+
+  With n = 1 the completion's fields read directly off the result (`result.text`,
+  `result.token_ids`, ...); with n > 1 they raise, naming `outputs`.
+  """
   request_id: int
   prompt: List[int]
-  token_ids: List[int]
-  token_times: List[float]  # seconds on the engine clock, one per token
+  prompt_text: Optional[str]
   arrival_time: float
   finish_time: float
-  finish_reason: str  # "stop", "length" or "aborted"
-  num_preemptions: int = 0
+  outputs: List[Completion]
+
+  def _only(self) -> Completion:
+    if len(self.outputs) != 1:
+      raise ValueError(f"request {self.request_id} has n={len(self.outputs)} completions; "
+                       "read result.outputs[i]")
+    return self.outputs[0]
+
+  token_ids = property(lambda self: self._only().token_ids)
+  text = property(lambda self: self._only().text)
+  finish_reason = property(lambda self: self._only().finish_reason)
+  token_times = property(lambda self: self._only().token_times)
+  logprobs = property(lambda self: self._only().logprobs)
+  top_logprobs = property(lambda self: self._only().top_logprobs)
+  num_preemptions = property(lambda self: self._only().num_preemptions)
 
   @property
   def ttft(self) -> Optional[float]:
-    return self.token_times[0] - self.arrival_time if self.token_times else None
+    """First token of the first completion to produce one, minus arrival."""
+    firsts = [c.token_times[0] for c in self.outputs if c.token_times]
+    return min(firsts) - self.arrival_time if firsts else None
 
   @property
   def tpot(self) -> Optional[float]:
-    n = len(self.token_times)
-    return (self.token_times[-1] - self.token_times[0]) / (n - 1) if n > 1 else None
+    times = self._only().token_times
+    n = len(times)
+    return (times[-1] - times[0]) / (n - 1) if n > 1 else None
+
+
+def _completion(req: Request, index: int) -> Completion:
+  job = req.payload
+  k = job.params.logprobs
+  return Completion(index, list(job.tokens), job.text(), req.finish_reason,
+                    list(req.token_times), list(job.logprobs) if k is not None else None,
+                    list(job.top_logprobs) if k else None, job.stop_reason,
+                    req.num_preemptions)
 
 
 class RequestHandle:
-  """A submitted request: iterate for tokens as they come, wait for `result()`, or
-  `cancel()` it. Both end when the request does, whatever ends it."""
+  """A submitted request: iterate for token ids as they come (n = 1), wait for
+  `result()`, or `cancel()` it. Each ends when the request does, whatever ends it."""
 
-  def __init__(self, req: Request, engine: "Engine"):
-    self._req, self._engine = req, engine
+  def __init__(self, reqs: List[Request], engine: "Engine", prompt_text: Optional[str]):
+    self._reqs, self._engine, self._prompt_text = reqs, engine, prompt_text
+
+  @property
+  def _req(self) -> Request:
+    return self._reqs[0]
 
   @property
   def request_id(self) -> int:
     return self._req.request_id
 
   def __iter__(self):
+    if len(self._reqs) != 1:
+      raise TypeError(f"request {self.request_id} has n={len(self._reqs)} completions; "
+                      "stream one at a time with n=1, or wait for result()")
     job = self._req.payload
     while True:
       tok = job.stream.get()
@@ -161,17 +211,21 @@ class RequestHandle:
 
   def cancel(self) -> bool:
     """Aborts the request (see `Engine.abort`); False when it had already ended."""
-    return self._engine.abort(self.request_id)
+    return any([self._engine.abort(r.request_id) for r in self._reqs])
 
   def result(self, timeout: Optional[float] = None) -> Result:
     """Raises the request's error if it failed, TimeoutError if still running."""
-    job, r = self._req.payload, self._req
-    if not job.finished.wait(timeout):
-      raise TimeoutError(f"request {r.request_id} not finished after {timeout} s")
-    if job.error is not None:
-      raise job.error
-    return Result(r.request_id, job.prompt, list(job.tokens), list(r.token_times),
-                  r.arrival_time, r.finish_time, r.finish_reason, r.num_preemptions)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for r in self._reqs:
+      left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+      if not r.payload.finished.wait(left):
+        raise TimeoutError(f"request {r.request_id} not finished after {timeout} s")
+      if r.payload.error is not None:
+        raise r.payload.error
+    first = self._req
+    return Result(first.request_id, first.payload.prompt, self._prompt_text,
+                  first.arrival_time, max(r.finish_time for r in self._reqs),
+                  [_completion(r, i) for i, r in enumerate(self._reqs)])
 
 
 @dataclasses.dataclass
@@ -201,6 +255,8 @@ class Engine:
       raise ValueError(f"model {model.config.name!r} ({model.config.arch}) cannot be served")
     check_servable(deployment, model)
     self.model, self.deployment, self.config = model, deployment, config
+    self.tokenizer = model.tokenizer
+    self._seeds = np.random.default_rng()  # OS entropy: fresh seeds per engine
     self.max_prompt_len = _max_prompt_len(deployment, config)
     self.clock = wall_clock(time.perf_counter())
     self._inbox: "queue.Queue" = queue.Queue()
@@ -229,37 +285,73 @@ class Engine:
 
   # -- the caller's side -----------------------------------------------------
 
-  def submit(self, prompt: Sequence[int], sampling: Optional[SamplingParams] = None,
+  def submit(self, prompt: Union[str, Sequence[int]],
+             sampling: Optional[SamplingParams] = None,
              arrival_time: Optional[float] = None) -> RequestHandle:
-    """Queues one request. Raises at once, changing nothing: ValueError or TypeError
-    naming a bad field, EngineOverloaded beyond `max_queued` unfinished requests,
-    RuntimeError once the engine is closed or has failed."""
-    vocab = self.model.config.vocab_size
-    params = validate.check_sampling(sampling or SamplingParams(), vocab)
-    ids = validate.check_prompt(prompt, vocab, self.max_prompt_len)
+    """Queues one prompt (text, when the model has a tokenizer, or token ids) for
+    `sampling.n` completions. Raises at once, changing nothing: ValueError or
+    TypeError naming a bad field, EngineOverloaded beyond `max_queued` unfinished
+    requests, RuntimeError once the engine is closed or has failed."""
+    return self._enqueue([self._prepare(prompt, sampling)], arrival_time)[0]
+
+  def _prepare(self, prompt, sampling) -> tuple:
+    """Checks one prompt and its params; returns what `_enqueue` needs."""
+    params = validate.check_sampling(sampling or SamplingParams(),
+                                     self.model.config.vocab_size)
+    prompt_text, ids = self._prompt_ids(prompt)
     if len(ids) + params.max_tokens > self.config.max_seq_len:
       raise ValueError(f"prompt ({len(ids)}) + max_tokens ({params.max_tokens}) exceeds "
                        f"max_seq_len={self.config.max_seq_len}")
-    if params.seed is None:
-      params = dataclasses.replace(params, seed=int(np.random.default_rng().integers(2**31)))
-    job = Job(ids, params, stop_ids=frozenset(params.stop_token_ids))
+    if params.stop and self.tokenizer is None:
+      raise ValueError("stop: stop strings need a tokenizer and this model has none; "
+                       "use stop_token_ids")
+    return prompt_text, ids, params
+
+  def _enqueue(self, prepared: List[tuple], arrival_time=None) -> List[RequestHandle]:
+    """Queues checked prompts, all or none."""
+    detokenize = self.tokenizer.decode if self.tokenizer is not None else None
     with self._lock:
       if self._error is not None:
         raise RuntimeError(f"engine failed: {self._error!r}")
       if self._closing:
         raise RuntimeError("engine is closed")
-      if len(self._live) >= self.config.max_queued:
+      n = sum(params.n for _, _, params in prepared)
+      if len(self._live) + n > self.config.max_queued:
         raise EngineOverloaded(
             f"engine overloaded: {len(self._live)} requests unfinished, the limit "
-            f"(max_queued) is {self.config.max_queued}; this one is 1 over it. Retry "
-            "later or raise max_queued")
-      req = Request(next(self._ids), len(ids), params.max_tokens,
-                    self.clock() if arrival_time is None else arrival_time, payload=job)
-      # Pool sizes never change, so this thread may read them.
-      self.coordinator.check(req)
-      self._live[req.request_id] = req
-      self._inbox.put(req)
-    return RequestHandle(req, self)
+            f"(max_queued) is {self.config.max_queued}; these {n} would exceed it. "
+            "Retry later or raise max_queued")
+      when = self.clock() if arrival_time is None else arrival_time
+      groups = []
+      for prompt_text, ids, params in prepared:
+        if params.seed is None:  # fresh seeds, drawn under the lock: callers may race
+          seeds = self._seeds.integers(validate.SEED_LIMIT, size=params.n).tolist()
+        else:
+          seeds = [(params.seed + i) % validate.SEED_LIMIT for i in range(params.n)]
+        eos = () if params.ignore_eos else self.model.eos_token_ids
+        stop_ids = frozenset(params.stop_token_ids) | frozenset(eos)
+        reqs = [Request(next(self._ids), len(ids), params.max_tokens, when, payload=Job(
+            ids, dataclasses.replace(params, seed=seed), stop_ids=stop_ids,
+            stop_strings=params.stop, detokenize=detokenize)) for seed in seeds]
+        # Pool sizes never change, so this thread may read them.
+        self.coordinator.check(reqs[0])
+        groups.append((reqs, prompt_text))
+      for reqs, _ in groups:
+        for req in reqs:
+          self._live[req.request_id] = req
+          self._inbox.put(req)
+    return [RequestHandle(reqs, self, text) for reqs, text in groups]
+
+  def _prompt_ids(self, prompt) -> tuple[Optional[str], List[int]]:
+    """(the prompt's text or None, its checked token ids)."""
+    text = None
+    if isinstance(prompt, str):
+      if self.tokenizer is None:
+        raise TypeError("prompt is a str but the model has no tokenizer: pass token ids, "
+                        "or load the model from a folder with a tokenizer.json")
+      text, prompt = prompt, self.tokenizer.encode(prompt)
+    return text, validate.check_prompt(prompt, self.model.config.vocab_size,
+                                       self.max_prompt_len)
 
   def abort(self, request_id: int) -> bool:
     """Ends a request wherever it is, with finish reason "aborted", freeing its pages
@@ -271,25 +363,34 @@ class Engine:
       self._inbox.put(("abort", req))
     return True
 
-  def generate(self, prompts: Sequence[Sequence[int]],
+  def generate(self, prompts: Sequence[Union[str, Sequence[int]]],
                sampling: Union[SamplingParams, Sequence[SamplingParams], None] = None,
                timeout: Optional[float] = None) -> List[Result]:
-    """Serves a batch; results in prompt order."""
+    """Serves a batch of prompts (strs or token-id lists; one str is one prompt);
+    results in prompt order. If any prompt is refused, none is queued."""
+    if isinstance(prompts, str):
+      prompts = [prompts]
+    prompts = list(prompts)
+    if prompts and validate.is_token_id(prompts[0]):
+      raise TypeError("prompts must be a list of prompts (strs or token-id lists); wrap a "
+                      "single token-id prompt in a list")
     if sampling is None or isinstance(sampling, SamplingParams):
       sampling = [sampling] * len(prompts)
     if len(sampling) != len(prompts):
       raise ValueError(f"{len(sampling)} SamplingParams for {len(prompts)} prompts")
-    handles = [self.submit(p, s) for p, s in zip(prompts, sampling)]
+    handles = self._enqueue([self._prepare(p, s) for p, s in zip(prompts, sampling)])
     return [h.result(timeout) for h in handles]
 
   def run_workload(self, requests: Sequence[Request],
                    sampling: Optional[SamplingParams] = None, seed: int = 0,
                    timeout: Optional[float] = None) -> WorkloadReport:
     """Replays `requests` (arrival offsets in seconds, prompt_len, max_tokens; the
-    prompt's token ids in `payload` if given, else random ones) on the wall clock."""
+    prompt's token ids in `payload` if given, else random ones) on the wall clock.
+    By default each request decodes its `max_tokens` (greedy, EOS ignored), as
+    serving benchmarks do, so the workload's output lengths hold."""
     if not requests:
       raise ValueError("empty workload")
-    base = sampling or SamplingParams()
+    base = sampling or SamplingParams(ignore_eos=True)
     rng = np.random.default_rng(seed)
     vocab = self.model.config.vocab_size
     plan = []
@@ -305,7 +406,7 @@ class Engine:
         time.sleep(delay)
       handles.append(self.submit(prompt, params, arrival_time=start + offset))
     results = [h.result(timeout) for h in handles]
-    reqs = [h._req for h in handles]
+    reqs = [r for h in handles for r in h._reqs]
     cfg = self.config
     return WorkloadReport(results, reqs, metrics.summarize(reqs, cfg.ttft_slo, cfg.tpot_slo),
                           self.share_history, self.clock() - start)

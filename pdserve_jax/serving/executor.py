@@ -18,13 +18,15 @@ so every step ends through the inbox. Request payloads are `Job`s.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import queue
 import threading
 import time
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import jax
 import numpy as np
+import tqdm
 
 from pdserve_jax.kv.allocator import PageAllocator
 from pdserve_jax.kv.pool import SCRATCH_PAGE, transfer_pages
@@ -49,10 +51,41 @@ class Job:
   finished: threading.Event = dataclasses.field(default_factory=threading.Event)
   error: Optional[BaseException] = None
   stop_ids: frozenset = frozenset()
+  stop_strings: Tuple[str, ...] = ()
+  detokenize: Optional[Callable[[List[int]], str]] = None  # needed with stop strings
+  logprobs: List[float] = dataclasses.field(default_factory=list)  # when asked for
+  top_logprobs: List[Dict[int, float]] = dataclasses.field(default_factory=list)
+  stop_reason: Union[int, str, None] = None  # the id or string that ended the output
+  text_end: Optional[int] = None  # where a stop string cut the text
 
-  def emit(self, token: int) -> None:
+  def emit(self, token: int, logprob: float = 0.0, top=None) -> bool:
+    """Records and streams `token`; returns whether it ends the output."""
     self.tokens.append(token)
+    k = self.params.logprobs
+    if k is not None:
+      self.logprobs.append(logprob)
+      if k:
+        ids, lps = top
+        self.top_logprobs.append({int(i): float(v) for i, v in zip(ids[:k], lps[:k])})
     self.stream.put(token)
+    if token in self.stop_ids:
+      self.stop_reason = token
+      return True
+    if self.stop_strings:
+      # Whole-text search: a stop string may straddle tokens, or a multi-byte
+      # character may only now decode.
+      text = self.detokenize(self.tokens)
+      hits = [(i, s) for s in self.stop_strings if (i := text.find(s)) >= 0]
+      if hits:
+        self.text_end, self.stop_reason = min(hits)
+        return True
+    return False
+
+  def text(self) -> Optional[str]:
+    """The output as text (cut before a stop string), or None without a tokenizer."""
+    if self.detokenize is None:
+      return None
+    return self.detokenize(self.tokens)[:self.text_end]
 
   def end(self, error: Optional[BaseException] = None) -> None:
     """Idempotent: the first end wins."""
@@ -176,15 +209,33 @@ class JaxExecutor:
 
   def warmup(self, pairs) -> None:
     """Compiles every bucket of every program the instances use, and every KV copy
-    between the `pairs` of (source, destination) groups."""
+    between the `pairs` of (source, destination) groups; logs each phase and shows
+    a progress bar on a terminal."""
+    start = time.perf_counter()
+    plan = {}
     for group, runner in self.runners.items():
       roles = self.roles[group]
-      runner.warmup(prefill=roles != {"decode"}, decode=roles != {"prefill"})
+      prefill, decode = roles != {"decode"}, roles != {"prefill"}
+      plan[group] = (prefill, decode)
+      logging.info("warm-up %s: %d prefill and %d decode programs", group,
+                   len(runner.shape.compiled_prefill_shapes()) if prefill else 0,
+                   len(runner.shape.compiled_decode_shapes()) if decode else 0)
+    total = sum((len(r.shape.compiled_prefill_shapes()) if plan[g][0] else 0)
+                + (len(r.shape.compiled_decode_shapes()) if plan[g][1] else 0)
+                for g, r in self.runners.items())
+    with tqdm.tqdm(total=total, desc="warm-up", unit="program", disable=None,
+                   leave=False) as bar:
+      for group, runner in self.runners.items():
+        runner.warmup(*plan[group], progress=lambda: bar.update(1))
+    if pairs:
+      logging.info("warm-up: KV copies of %d sizes between %d group pairs",
+                   len(self.page_buckets), len(pairs))
     for src, dst in pairs:
       for n in self.page_buckets:
         scratch = np.full(n, SCRATCH_PAGE)
         transfer_pages(self.runners[src].pool, scratch, self.runners[dst].pool, scratch)
     jax.block_until_ready([r.pool.arrays for r in self.runners.values()])
+    logging.info("warm-up done: %d programs in %.1f s", total, time.perf_counter() - start)
 
   def close(self) -> None:
     for w in list(self.watchers.values()) + list(self._copy_watchers.values()):
@@ -235,14 +286,14 @@ class JaxExecutor:
     launched = self._inflight.pop(inst.name)
     now = self.clock()
     for group, out in launched.prefill_outs:
-      toks = np.asarray(out)
+      out = jax.device_get(out)
       for i, c in enumerate(group):
         if c.last:
-          _take(c.request, int(toks[i]))
+          _take(c.request, out, i)
     for group, out in launched.decode_outs:
-      toks = np.asarray(out)
+      out = jax.device_get(out)
       for i, r in enumerate(group):
-        _take(r, int(toks[i]))
+        _take(r, out, i)
     if self.log is not None:
       self.log.append(StepRecord(inst.name, launched.started, now, *launched.calls,
                                  launched.step.describe()))
@@ -301,18 +352,18 @@ def _prefill_tokens(c) -> List[int]:
   return (job.prompt + job.tokens)[c.start:c.end]  # recomputing output tokens
 
 
-def _take(req: Request, token: int) -> None:
+def _take(req: Request, out, row: int) -> None:
+  """Row `row` of a program call's `Sampled` output (host arrays) into `req`."""
   if req.end_reason is not None:
     return  # cancelled while its step ran: nothing more is emitted
-  job = req.payload
+  job, token = req.payload, int(out.tokens[row])
   if token < 0:
     job.error = FloatingPointError(
         f"request {req.request_id}: the model's logits were not finite at output token "
         f"{req.num_output}")
     req.end_reason = "error"
     return
-  job.emit(token)
-  if token in job.stop_ids:
+  if job.emit(token, float(out.logprobs[row]), (out.top_ids[row], out.top_logprobs[row])):
     req.stopped = True
 
 

@@ -25,11 +25,19 @@ if TYPE_CHECKING:
 # Sampling ids and top-k travel to the device as int32.
 INT32_MAX = 2**31 - 1
 SEED_LIMIT = 2**31
+# Top logprobs per token the compiled programs return (runtime.sampling): OpenAI's
+# completions API allows at most 5.
+MAX_LOGPROBS = 5
+# Continuations per prompt; each is a request of its own.
+MAX_N = 64
 
 
 def _is_int(x: Any) -> bool:
   # bool is an int subclass, but True as a token id or a count is always a caller bug.
   return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+is_token_id = _is_int
 
 
 def _is_real(x: Any) -> bool:
@@ -132,11 +140,39 @@ def normalise_sampling(params: "SamplingParams",
   seed = params.seed
   if seed is not None:
     seed = _int_field("seed", seed, 0, SEED_LIMIT - 1, "in [0, 2**31) or None")
-  stop: Tuple[int, ...] = ()
+  stop_ids: Tuple[int, ...] = ()
   if params.stop_token_ids is not None:
-    stop = tuple(_token_ids("stop_token_ids", params.stop_token_ids, vocab_size))
+    stop_ids = tuple(_token_ids("stop_token_ids", params.stop_token_ids, vocab_size))
+  stop = _stop_strings(params.stop)
+  if not isinstance(params.ignore_eos, (bool, np.bool_)):
+    raise TypeError(f"ignore_eos must be a bool, got {_describe(params.ignore_eos)}")
+  n = _int_field("n", params.n, 1, MAX_N, f"in [1, {MAX_N}]")
+  logprobs = params.logprobs
+  if logprobs is not None:
+    logprobs = _int_field("logprobs", logprobs, 0, MAX_LOGPROBS,
+                          f"in [0, {MAX_LOGPROBS}] or None")
   return dataclasses.replace(params, max_tokens=max_tokens, temperature=temperature,
-                             top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop)
+                             top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_ids,
+                             stop=stop, ignore_eos=bool(params.ignore_eos), n=n,
+                             logprobs=logprobs)
+
+
+def _stop_strings(stop: Any) -> Tuple[str, ...]:
+  """A str or a sequence of non-empty strs, as a tuple (OpenAI's `stop` accepts both)."""
+  if stop is None:
+    return ()
+  if isinstance(stop, str):
+    stop = (stop,)
+  if isinstance(stop, (bytes, bytearray, collections.abc.Mapping)) or not isinstance(
+      stop, collections.abc.Iterable):
+    raise TypeError(f"stop must be a str or a sequence of str, got {type(stop).__name__}")
+  out = tuple(stop)
+  for i, s in enumerate(out):
+    if not isinstance(s, str):
+      raise TypeError(f"stop[{i}] must be a str, got {_describe(s)}")
+    if not s:
+      raise ValueError(f"stop[{i}] is an empty string")
+  return out
 
 
 def check_sampling(params: Any, vocab_size: int) -> "SamplingParams":

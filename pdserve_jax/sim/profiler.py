@@ -63,7 +63,8 @@ def profile_runner(runner: InstanceRunner, prefill_grid: Sequence[Tuple[int, int
     tables = [alloc.ensure(i, length) for i in range(batch)]
     prompts = [rng.integers(0, vocab, length).tolist() for _ in range(batch)]
     rows = SamplingRows.greedy(batch)
-    t = median_time(lambda: np.asarray(runner.prefill(prompts, [0] * batch, tables, rows)), reps)
+    t = median_time(lambda: np.asarray(
+        runner.prefill(prompts, [0] * batch, tables, rows).tokens), reps)
     prefill.append(([length] * batch, t))
     for i in range(batch):
       alloc.free(i)
@@ -71,7 +72,7 @@ def profile_runner(runner: InstanceRunner, prefill_grid: Sequence[Tuple[int, int
     tables = [alloc.ensure(i, context) for i in range(batch)]
     rows = SamplingRows.greedy(batch)
     t = median_time(lambda: np.asarray(
-        runner.decode([1] * batch, [context - 1] * batch, tables, rows)), reps)
+        runner.decode([1] * batch, [context - 1] * batch, tables, rows).tokens), reps)
     decode.append(([context] * batch, t))
     for i in range(batch):
       alloc.free(i)
@@ -125,14 +126,14 @@ def _prefill_call(runner: InstanceRunner, B: int, T: int, W: int):
   # The longest chunk of bucket T that fits W pages still lands in bucket T.
   chunks = [[1] * min(T, W * runner.shape.page_size)] * B
   tables, rows = _tables(runner, B, W), SamplingRows.greedy(B)
-  return lambda: np.asarray(runner.prefill(chunks, [0] * B, tables, rows))
+  return lambda: np.asarray(runner.prefill(chunks, [0] * B, tables, rows).tokens)
 
 
 def _decode_call(runner: InstanceRunner, B: int, W: int):
   """A decode call landing in shape (B, W), read back to the host."""
   tables, rows = _tables(runner, B, W), SamplingRows.greedy(B)
   last = W * runner.shape.page_size - 1  # attends over every page of its table
-  return lambda: np.asarray(runner.decode([1] * B, [last] * B, tables, rows))
+  return lambda: np.asarray(runner.decode([1] * B, [last] * B, tables, rows).tokens)
 
 
 def profile_transfers(src: PagePool, dst: PagePool, page_counts: Sequence[int],
