@@ -1,4 +1,5 @@
-# The two commands of the README. Both create .venv on first use.
+# The README's commands (demo, test; lint and test-fast for development). Each
+# creates .venv on first use.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,7 +7,7 @@ STAMP := $(VENV)/.installed
 export XLA_FLAGS := --xla_force_host_platform_device_count=8
 export JAX_PLATFORMS := cpu
 
-.PHONY: test demo install clean
+.PHONY: test test-fast lint demo install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,8 +17,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x tests
+
+# Skips the tests marked slow (engines in every mode, profiling, notebooks).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -x -m "not slow" tests
 
 demo: $(STAMP)
 	$(BIN)/python -m pdserve_jax.cli.serve --config=configs/serve_demo.py

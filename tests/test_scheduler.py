@@ -383,10 +383,10 @@ def test_disaggregated_randomized(shapes, n_dec, dec_pages, seed):
 
 
 def test_least_loaded_ties_and_filter():
-  class I:
+  class Inst:
     def __init__(self, w, r):
       self.num_waiting, self.num_running = w, r
-  insts = [I(1, 1), I(0, 2), I(0, 1), I(1, 0)]
+  insts = [Inst(1, 1), Inst(0, 2), Inst(0, 1), Inst(1, 0)]
   assert S.least_loaded(insts) is insts[2]
   assert S.least_loaded(insts, lambda i: i is not insts[2]) is insts[3]
   assert S.least_loaded(insts, lambda i: False) is None
@@ -459,13 +459,13 @@ def _finished(ttft, tpot, n=8, t=0.0):
 def test_partitioner_moves_toward_violated_phase():
   p = share.SloPartitioner(1.0, 0.1, PartitionerConfig(window=10, step=0.1, min_share=0.2,
                                                         max_share=0.8, hysteresis=0.1))
-  for w in range(6):  # TTFT 3x over, TPOT fine: prefill share rises to the bound
+  for _ in range(6):  # TTFT 3x over, TPOT fine: prefill share rises to the bound
     for _ in range(10):
       p.observe(_finished(3.0, 0.05))
   assert p.share == pytest.approx(0.8)
   shares = [s for _, s in p.history]
   assert shares == pytest.approx([0.5, 0.6, 0.7, 0.8])
-  for w in range(10):  # TPOT violated: decode's share rises to its bound
+  for _ in range(10):  # TPOT violated: decode's share rises to its bound
     for _ in range(10):
       p.observe(_finished(0.5, 0.3))
   assert p.share == pytest.approx(0.2)

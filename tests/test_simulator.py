@@ -105,7 +105,8 @@ def test_semi_pd_sharing():
 def test_semi_pd_partitioner_moves_share_toward_prefill_under_ttft_pressure():
   # Long prompts, short outputs and a tight TTFT: prefill is the bottleneck.
   reqs = W.synthetic(600, 9.0, W.Fixed(1024), W.Fixed(8), seed=3)
-  dep = sim.SemiPD(prefill_share=0.3, partitioner=PartitionerConfig(window=50, step=0.1, max_share=0.9))
+  dep = sim.SemiPD(prefill_share=0.3,
+                   partitioner=PartitionerConfig(window=50, step=0.1, max_share=0.9))
   res = sim.simulate(reqs, SETUP, dep, ttft_slo=0.3, tpot_slo=1.0)
   hist = res.share_history["semi_pd0"]
   assert hist[0][1] == 0.3 and hist[-1][1] > 0.3

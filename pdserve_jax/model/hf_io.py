@@ -2,8 +2,8 @@
 
 Handles both config styles (`rope_theta`/`rope_scaling`/`torch_dtype` and the newer
 `rope_parameters`/`dtype`), single files and sharded ones with their index, and bf16
-tensors. Safetensors files are parsed here (an 8-byte header length, a JSON header,
-raw little-endian data) because numpy has no bfloat16; ml_dtypes supplies it.
+tensors. Safetensors files are read with `safetensors` (numpy backend); numpy has no
+bfloat16, so ml_dtypes supplies it.
 Every error names the file or tensor at fault.
 """
 
@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from typing import Dict, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from pdserve_jax.model.config import ModelConfig, RopeScaling
 from pdserve_jax.model.model import Model
@@ -90,29 +90,20 @@ def read_config(path: str) -> tuple[ModelConfig, str]:
 
 
 def read_safetensors(file: str) -> Dict[str, np.ndarray]:
-  """All tensors of one .safetensors file as numpy arrays (memory-mapped)."""
-  with open(file, "rb") as f:
-    head = f.read(8)
-    if len(head) != 8:
-      raise CheckpointError(f"{file}: truncated safetensors header")
-    (n,) = struct.unpack("<Q", head)
-    try:
-      header = json.loads(f.read(n))
-    except ValueError as e:
-      raise CheckpointError(f"{file}: unreadable safetensors header ({e})") from None
-  data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + n)
-  out = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    if info["dtype"] not in _ST_DTYPES:
-      raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
-    start, end = info["data_offsets"]
-    dt = np.dtype(_ST_DTYPES[info["dtype"]])
-    if end > data.size or end - start != dt.itemsize * int(np.prod(info["shape"])):
-      raise CheckpointError(f"{file}: tensor {name!r} has inconsistent data offsets")
-    out[name] = data[start:end].view(dt).reshape(info["shape"])
-  return out
+  """All tensors of one .safetensors file as numpy arrays; bf16 ones as
+  ml_dtypes.bfloat16 (importing ml_dtypes, as this module does, registers the dtype
+  that safetensors' numpy backend asks numpy for)."""
+  try:
+    with safe_open(file, framework="np") as f:
+      out = {}
+      for name in f.keys():
+        dtype = f.get_slice(name).get_dtype()
+        if dtype not in _ST_DTYPES:
+          raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {dtype}")
+        out[name] = f.get_tensor(name)
+      return out
+  except (SafetensorError, OSError) as e:  # a bad header, offsets past the end, I/O
+    raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
 
 
 def _tensor_files(path: str):
@@ -168,7 +159,8 @@ def load_hf(path: str, dtype: Optional[str] = None) -> Model:
   }
   if cfg.attention_bias:
     for ours, theirs, n in (("bq", "q", nq), ("bk", "k", nkv), ("bv", "v", nkv)):
-      layers[ours] = stack(f"self_attn.{theirs}_proj.bias", (n * D,), lambda b, n=n: b.reshape(n, D))
+      layers[ours] = stack(f"self_attn.{theirs}_proj.bias", (n * D,),
+                           lambda b, n=n: b.reshape(n, D))
   params = {"embed": get("model.embed_tokens.weight", (V, H)), "layers": layers,
             "final_norm": get("model.norm.weight", (H,))}
   if not cfg.tie_word_embeddings:
