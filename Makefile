@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export XLA_FLAGS := --xla_force_host_platform_device_count=8
 export JAX_PLATFORMS := cpu
 
-.PHONY: test test-fast lint demo install clean
+.PHONY: test test-fast lint demo wheel install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,5 +30,9 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m pdserve_jax.cli.serve --config=configs/serve_demo.py
 
+# A wheel to upload to a Colab runtime (the notebooks' install cell finds it).
+wheel: $(STAMP)
+	$(BIN)/python -m pip wheel -q --no-deps -w dist .
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) dist
