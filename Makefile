@@ -28,7 +28,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -x -m "not slow" tests
 
 demo: $(STAMP)
-	$(BIN)/python -m pdserve_jax.cli.serve --config=configs/serve_demo.py
+	$(BIN)/python -m pdserve_jax.cli.serve --config=configs/serve_demo.py --plots_dir=demo_plots
 
 # A wheel to upload to a Colab runtime (the notebooks' install cell finds it).
 wheel: $(STAMP)

@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 
 import pdserve_jax as pdj  # noqa: E402
 from pdserve_jax import workloads  # noqa: E402
-from pdserve_jax.sim import hardware, profiler, simulator as sim  # noqa: E402
+from pdserve_jax.sim import profiler, simulator as sim  # noqa: E402
 
 flags.DEFINE_string("model", "llama-30m", "model preset")
 flags.DEFINE_list("modes", ["prefill_first", "chunked", "disaggregated", "semi_pd"], "modes")
@@ -62,9 +62,6 @@ DEPLOYMENTS = {
 }
 
 
-CALIBRATION_PROMPTS = [[7] * n for n in range(16, 129, 8)]
-
-
 def step_model_error(records, latency) -> float:
   """Median of measured / predicted step time over the engine's steps, minus one:
   how far this run's machine strayed from the profile (noise, other tenants)."""
@@ -81,43 +78,19 @@ def compare(model, mode, reqs, engine_fields=ENGINE, deployment=None):
   dep = DEPLOYMENTS[mode] if deployment is None else deployment
   cfg = pdj.EngineConfig(**{**engine_fields, "log_steps": True})
   with pdj.Engine(model, dep, cfg) as engine:
-    instances = engine.coordinator.instances
-    copy_s, copy_bw, overlap = 0.0, float("inf"), 1.0
-    if isinstance(dep, pdj.Disaggregated):
-      # One table from both sides, each timed on its own mesh.
-      pre = next(i.handle for i in instances if i.phase == "prefill")
-      dec = next(i.handle for i in instances if i.phase == "decode")
-      latency = dataclasses.replace(profiler.profile_shapes(pre, decode=False),
-                                    decode=profiler.profile_shapes(dec, prefill=False).decode)
-      copy_s, copy_bw = profiler.profile_transfers(pre.pool, dec.pool,
-                                                   engine.executor.page_buckets)
-      # Two virtual devices on two cores slow each other (and the engine thread).
-      overlap = profiler.profile_overlap(pre, dec)
-    else:
-      latency = profiler.profile_shapes(instances[0].handle)
-    # The loop's host time between steps, from a closed batch of other requests; a
-    # device is an instance's group (semi-PD's two phases share one).
-    group = {i.name: i.group for i in instances}
-    engine.generate(CALIBRATION_PROMPTS, pdj.SamplingParams(max_tokens=24))
-    latency = dataclasses.replace(
-        latency, step_overhead_s=profiler.step_overhead(engine.step_log,
-                                                        lambda r: group[r.instance]))
-    engine.step_log.clear()
+    setup = profiler.setup_from_engine(engine)
     report = engine.run_workload([r.fresh() for r in reqs])
     records = list(engine.step_log)
-  # The host is no accelerator: the simulator reads only its link (a KV hand-off
-  # between two virtual devices, as profiled) and is given the engine's pool size.
-  host = hardware.HardwareSpec("host-cpu", 1e12, 1e10, 1e10, copy_bw, copy_bw, 8, copy_s)
-  setup = sim.Setup(model.config, host, lambda tp, pp: latency, page_size=cfg.page_size,
-                    kv_tokens=(cfg.num_pages - 1) * cfg.page_size, overlap_slowdown=overlap)
+  latency = setup.latency(1, 1)
   simulated = sim.simulate(reqs, setup, dep, cfg.ttft_slo, cfg.tpot_slo).summary()
   row = {k: dict(engine=report.summary[k]["p50"], sim=simulated[k]["p50"],
                  rel_diff=simulated[k]["p50"] / report.summary[k]["p50"] - 1)
          for k in ("ttft_s", "tpot_s")}
   row["step_model_error"] = step_model_error(records, latency)
   row["step_overhead_s"] = latency.step_overhead_s
-  row["overlap_slowdown"] = overlap
-  row["copy_fixed_s"], row["copy_bytes_per_s"] = copy_s, copy_bw
+  row["overlap_slowdown"] = setup.overlap_slowdown
+  row["copy_fixed_s"] = setup.hardware.link_latency_s
+  row["copy_bytes_per_s"] = setup.hardware.intra_node_bw
   return row
 
 

@@ -1,17 +1,17 @@
 """semi-PD on the conversation trace: OPT-13B on one A100-80GB (DistServe's latency
 figures), prefill and decode time-sliced from a 0.7 prefill share, moved online by
 the SLO-aware partitioner; the trace's lengths (filtered to OPT's 2048-token
-context) with Poisson arrivals.
+context) with Poisson arrivals. Run from the repository root (the trace path is
+relative to the current directory).
 
   python -m pdserve_jax.cli.simulate --config=configs/simulate_semipd_conv.py
-  ... --config.concurrent=True --config.decode_scaling=0.3,0.7  # SM partitioning
+  ... --config.semi_pd.concurrent=True --config.semi_pd.decode_scaling=0.3,0.7  # SM partitioning
 """
-
-import dataclasses
 
 import ml_collections
 
-from pdserve_jax.serving.share import PartitionerConfig
+from pdserve_jax import workloads
+from pdserve_jax.cli import modes
 
 
 def get_config():
@@ -21,26 +21,12 @@ def get_config():
   c.latency = "distserve"
   c.page_size = 16
   c.memory_utilization = 0.9
-  c.workload = "trace"
-  c.trace = "../shared/data/traces/splitwise_conv.csv"
-  c.max_total_tokens = 0  # 0: the model's context window
-  c.prompt_len = 512  # synthetic workloads only
-  c.output_len = 64
-  c.num_requests = 2000
-  c.rate = 2.5  # requests/s; 0 replays the trace's arrivals (4.7/s, too many for one GPU)
-  c.arrival = "poisson"
-  c.cv = 1.0
-  c.seed = 0
   c.ttft_slo = 0.25
   c.tpot_slo = 0.1
-  c.mode = "semi_pd"
-  c.instance = ml_collections.ConfigDict(dict(tp=1, pp=1, max_batch=256, max_tokens=4096))
-  c.replicas = 1
-  c.prefill_share = 0.7
-  c.concurrent = False  # True: both phases at once on partitioned SMs
-  c.prefill_scaling = (1.0, 0.0)  # ShareScaling (alpha, beta) under SM partitioning
-  c.decode_scaling = (1.0, 0.0)
-  c.dynamic = True
-  c.partitioner = ml_collections.ConfigDict(  # PartitionerConfig's defaults but the window
-      dict(dataclasses.asdict(PartitionerConfig()), window=64))
+  c.modes = ("semi_pd",)
+  c.update(modes.blocks(semi_pd=dict(prefill_share=0.7, dynamic=True,
+                                     partitioner=dict(window=64))))
+  # rate 0 replays the trace's own arrivals (4.7/s, too many for one GPU).
+  c.workload = workloads.config(source="trace", trace="../shared/data/traces/splitwise_conv.csv",
+                                num_requests=2000, rate=2.5)
   return c

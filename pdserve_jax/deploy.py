@@ -169,32 +169,5 @@ class PhaseOnly(_Replicas):
 Deployment = Union[Colocated, Disaggregated, SemiPD, PhaseOnly]
 
 
-def from_config(cfg) -> Deployment:
-  """A deployment from a config's `mode` and its fields (see `configs/simulate_*`):
-  `instance` (or `prefill` and `decode`) with tp, pp, max_batch, max_tokens and an
-  optional page_policy; `replicas`, `policy`, `num_prefill`, `num_decode`,
-  `same_node`, `prefill_share`, `dynamic` and `partitioner` as the mode needs."""
-  def inst(c):
-    return InstanceSpec(c.tp, c.pp, c.max_batch, c.max_tokens,
-                        c.get("page_policy", "on_demand"))
-
-  if cfg.mode == "colocated":
-    dep = Colocated(inst(cfg.instance), cfg.replicas, cfg.policy)
-  elif cfg.mode == "disaggregated":
-    dep = Disaggregated(inst(cfg.prefill), inst(cfg.decode), cfg.num_prefill,
-                        cfg.num_decode, cfg.same_node)
-  elif cfg.mode == "semi_pd":
-    part = PartitionerConfig(**dict(cfg.get("partitioner", {}))) if cfg.dynamic else None
-    dep = SemiPD(inst(cfg.instance), cfg.replicas, cfg.prefill_share, part,
-                 cfg.get("concurrent", False),
-                 ShareScaling(*cfg.get("prefill_scaling", (1.0, 0.0))),
-                 ShareScaling(*cfg.get("decode_scaling", (1.0, 0.0))))
-  else:
-    raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
-  dep.check()
-  return dep
-
-
 __all__ = ["InstanceSpec", "Colocated", "Disaggregated", "SemiPD", "PhaseOnly",
-           "PartitionerConfig", "ShareScaling", "PAGE_POLICIES", "POLICIES", "MODES",
-           "from_config"]
+           "PartitionerConfig", "ShareScaling", "PAGE_POLICIES", "POLICIES", "MODES"]

@@ -6,7 +6,9 @@ time; that keeps attainment-versus-rate curves smooth for the goodput bisection.
 
 Traces are CSV files with `num_prefill_tokens,num_decode_tokens` and an optional
 `arrived_at` column (seconds), or ShareGPT-style JSON conversations measured with a
-caller's tokenizer. Nothing here knows about devices or models.
+caller's tokenizer. Every app's config holds one workload block (`DEFAULTS`,
+built by `config`, read by `from_config`). Nothing here knows about devices or
+models.
 """
 
 from __future__ import annotations
@@ -124,12 +126,17 @@ class Trace:
   def __len__(self) -> int:
     return len(self.prompt_lens)
 
-  def filter(self, max_total_tokens: int) -> Trace:
+  def filter(self, max_total_tokens: int, max_prompt_len: Optional[int] = None) -> Trace:
     """The requests whose prompt + output fit `max_total_tokens` (a model's context
-    window); recorded arrivals are kept as they were."""
+    window) and whose prompt fits `max_prompt_len`; recorded arrivals are kept as
+    they were."""
     keep = self.prompt_lens + self.output_lens <= max_total_tokens
+    if max_prompt_len is not None:
+      keep &= self.prompt_lens <= max_prompt_len
     if not keep.any():
-      raise ValueError(f"no request of trace {self.name} fits {max_total_tokens} tokens")
+      raise ValueError(f"no request of trace {self.name} fits {max_total_tokens} tokens"
+                       + ("" if max_prompt_len is None else
+                          f" with a prompt of at most {max_prompt_len}"))
     arr = None if self.arrivals is None else self.arrivals[keep]
     return Trace(self.name, self.prompt_lens[keep], self.output_lens[keep], arr)
 
@@ -236,29 +243,122 @@ def load_sharegpt(path: str, tokenizer: Callable[[str], Sequence[int]],
   return _validated(path, prompts, outputs, None, rows)
 
 
-def workload_from_config(cfg, context_window: int, base_dir: str = ".") -> Callable:
-  """rate -> requests, from a config's workload fields (see `configs/`).
+# The one workload block every app's config holds (`config.workload`), with its
+# defaults; `config(**overrides)` builds it, `from_config` reads it.
+DEFAULTS = dict(
+    source="synthetic",  # "synthetic" or "trace"
+    trace="",  # CSV trace (see `load_csv_trace`), relative to the current directory
+    num_requests=100,
+    rate=1.0,  # requests/s; 0 with a trace replays its recorded arrivals
+    arrival="poisson",  # or "gamma", with coefficient of variation `cv`
+    cv=1.0,
+    lengths="fixed",  # synthetic lengths: "fixed", "uniform" or "lognormal"
+    prompt_mean=512,
+    prompt_spread=0.0,  # std / mean (uniform and lognormal)
+    output_mean=64,
+    output_spread=0.0,
+    max_total_tokens=0,  # prompt + output cap; 0: the app's context (model or engine)
+    seed=0,
+)
+SOURCES = ("synthetic", "trace")
+LENGTHS = ("fixed", "uniform", "lognormal")
 
-  `cfg.workload` is "synthetic" (fixed `prompt_len` and `output_len`) or "trace"
-  (the CSV `cfg.trace`, relative to `base_dir`, its lengths filtered to
-  `cfg.max_total_tokens` or else `context_window`). Either draws `cfg.num_requests`
-  arrivals at the rate (`cfg.arrival`, `cfg.cv`, `cfg.seed`); a trace given rate 0
-  replays its own arrivals instead.
+
+def config(**overrides):
+  """The workload block: `DEFAULTS` with `overrides`, each of its default's type (so
+  `rate=6` stays a float a command line may set to 2.5)."""
+  import ml_collections  # only config files and apps need it
+
+  unknown = sorted(set(overrides) - set(DEFAULTS))
+  if unknown:
+    raise ValueError(f"unknown workload key(s) {unknown}; known: {sorted(DEFAULTS)}")
+  return ml_collections.ConfigDict(
+      {k: type(v)(overrides.get(k, v)) for k, v in DEFAULTS.items()})
+
+
+def _bad(key, what, value):
+  return ValueError(f"workload.{key}: {what}, got {value!r}")
+
+
+def check_config(w) -> None:
+  """Raises ValueError naming the first bad key of a workload block."""
+  unknown = sorted(set(w.keys()) - set(DEFAULTS))
+  if unknown:
+    raise ValueError(f"unknown config key workload.{unknown[0]}")
+  missing = sorted(set(DEFAULTS) - set(w.keys()))
+  if missing:
+    raise ValueError(f"config key workload.{missing[0]} is missing")
+  choices = {"source": SOURCES, "arrival": ARRIVAL_PROCESSES, "lengths": LENGTHS}
+  for key, known in choices.items():
+    if w[key] not in known:
+      raise _bad(key, f"must be one of {', '.join(known)}", w[key])
+  for key in ("num_requests", "prompt_mean", "output_mean"):
+    if not w[key] >= 1:
+      raise _bad(key, "must be >= 1", w[key])
+  for key in ("prompt_spread", "output_spread", "max_total_tokens", "seed"):
+    if not w[key] >= 0:
+      raise _bad(key, "must be >= 0", w[key])
+  if not w.cv > 0 or not math.isfinite(w.cv):
+    raise _bad("cv", "must be > 0", w.cv)
+  replay = w.source == "trace" and w.rate == 0
+  if not (replay or w.rate > 0) or not math.isfinite(w.rate):
+    raise _bad("rate", "must be > 0" + (" (or 0 to replay the trace's arrivals)"
+                                        if w.source == "trace" else ""), w.rate)
+  if w.source == "trace" and not w.trace:
+    raise _bad("trace", "a trace source needs a CSV path", w.trace)
+
+
+def _lengths(kind: str, mean: float, spread: float, high: int):
+  """A length distribution of `kind` with this mean and spread (std / mean), capped
+  at `high`; uniform spans mean +- sqrt(3) * spread * mean."""
+  if kind == "fixed":
+    return Fixed(min(int(round(mean)), high))
+  if kind == "uniform":
+    half = math.sqrt(3) * spread * mean
+    low = max(1, min(int(round(mean - half)), high))
+    return Uniform(low, max(low, min(int(round(mean + half)), high)))
+  return Lognormal(mean, spread, 1, high)
+
+
+def from_config(w, context: int, max_prompt_len: Optional[int] = None) -> Callable:
+  """rate -> requests, from a workload block (`DEFAULTS`); every app reads its
+  workload through this.
+
+  A synthetic source draws `num_requests` prompt and output lengths from
+  `lengths`; a trace source (`trace`, a CSV path relative to the current
+  directory) samples its rows with replacement, or at rate 0 replays its first
+  `num_requests` rows at their recorded times. Prompt + output stay within
+  `max_total_tokens` (0: `context`) and prompts within `max_prompt_len`: synthetic
+  lengths are clipped, trace rows beyond them dropped. Arrivals follow `arrival`
+  at the rate, seeded by `seed`: one seed gives the same requests at every rate,
+  compressed or stretched in time. Raises ValueError naming a bad key and
+  FileNotFoundError for a missing trace.
   """
-  n, seed = cfg.num_requests, cfg.seed
-  if cfg.workload == "synthetic":
-    prompt, output = Fixed(cfg.prompt_len), Fixed(cfg.output_len)
-    return lambda rate: synthetic(n, rate, prompt, output, cfg.arrival, cfg.cv, seed)
-  if cfg.workload != "trace":
-    raise ValueError(f"workload must be 'synthetic' or 'trace', got {cfg.workload!r}")
-  path = os.path.join(base_dir, cfg.trace)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"trace not found: {path}")
-  trace = load_csv_trace(path).filter(cfg.max_total_tokens or context_window)
+  check_config(w)
+  total = w.max_total_tokens or context
+  max_prompt = min(total - 1, max_prompt_len or total)
+  if max_prompt < 1:
+    raise _bad("max_total_tokens", "leaves no room for a prompt and an output", total)
+  n, seed = w.num_requests, w.seed
+  if w.source == "synthetic":
+    prompt = _lengths(w.lengths, w.prompt_mean, w.prompt_spread, max_prompt)
+    output = _lengths(w.lengths, w.output_mean, w.output_spread, total - 1)
+
+    def make(rate):
+      reqs = synthetic(n, rate, prompt, output, w.arrival, w.cv, seed)
+      for r in reqs:  # the prompt first, the output in what is left
+        r.max_tokens = min(r.max_tokens, total - r.prompt_len)
+      return reqs
+    return make
+  path = os.path.abspath(w.trace)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"workload.trace: no such file {w.trace!r} (relative to "
+                            f"{os.getcwd()})")
+  trace = load_csv_trace(path).filter(total, max_prompt)
 
   def make(rate):
     if not rate:
       return trace.requests(n=min(n, len(trace)))
-    return trace.requests(n=n, rate=rate, process=cfg.arrival, cv=cfg.cv, seed=seed,
+    return trace.requests(n=n, rate=rate, process=w.arrival, cv=w.cv, seed=seed,
                           sample=True)
   return make

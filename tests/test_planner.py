@@ -113,19 +113,22 @@ def _run(module, *args):
 def test_command_lines(tmp_path):
   out = tmp_path / "plan.json"
   r = _run("pdserve_jax.cli.plan", "--config=configs/plan_opt13b.py",
-           "--config.workload=synthetic", "--config.num_requests=100",
-           "--config.tp_options=(1,)", "--config.pp_options=(1,)",
-           "--config.modes=('colocated',)", f"--output_json={out}")
+           "--config.workload.source=synthetic", "--config.workload.num_requests=100",
+           "--config.tp_options=1", "--config.pp_options=1",
+           "--config.modes=colocated_prefill_first,colocated_chunked", f"--output_json={out}")
   assert r.returncode == 0, r.stderr
   assert "per device" in r.stdout
-  assert json.loads(out.read_text())["best"]["colocated"]["goodput_rps"] > 0
+  best = json.loads(out.read_text())["plan"]["best"]
+  assert best["colocated_prefill_first"]["goodput_rps"] > 0
+  assert best["colocated_chunked"]["goodput_rps"] > 0
   r = _run("pdserve_jax.cli.simulate", "--config=configs/simulate_distserve_fig1.py",
-           "--config.num_requests=100", f"--output_json={tmp_path / 's.json'}")
+           "--config.workload.num_requests=100", f"--output_json={tmp_path / 's.json'}")
   assert r.returncode == 0, r.stderr
-  assert json.loads((tmp_path / "s.json").read_text())["num_finished"] == 100
+  assert json.loads((tmp_path / "s.json").read_text())["runs"][0]["summary"][
+      "num_finished"] == 100
   r = _run("pdserve_jax.cli.simulate", "--config=configs/simulate_distserve_fig1.py",
            "--config.tpot_slo=0")
-  assert r.returncode != 0 and "SLOs must be positive" in r.stderr
+  assert r.returncode != 0 and "tpot_slo: must be > 0" in r.stderr
   r = _run("pdserve_jax.cli.simulate", "--config=configs/simulate_distserve_fig1.py",
            "--config.hardware=b200")
   assert r.returncode != 0 and "unknown hardware" in r.stderr

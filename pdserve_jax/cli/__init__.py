@@ -1,1 +1,3 @@
-"""absl apps: serve, simulate, plan, profile, demo."""
+"""absl apps: serve, simulate, plan, sweep (one workload block, one result schema),
+profile, train_demo; `common`, `modes`, `serving`, `simulation` and `figures` are
+what they share."""

@@ -1,63 +1,108 @@
-"""Plans placements: goodput per device of disaggregated, semi-PD and colocated
-serving, ranked, as a printed table and JSON. Relative paths in the config are
-relative to the repository root.
+"""absl app: plan placements, goodput per device of each mode's placements under
+the SLOs, ranked, as a table, a result JSON and a bar chart.
 
   python -m pdserve_jax.cli.plan --config=configs/plan_opt13b.py \
-      --config.ttft_slo=0.25 --output_json=/tmp/plan.json
+      --config.ttft_slo=0.25 --config.modes=disaggregated,semi_pd --output_json=plan.json
+
+The planner (`sim.planner`) searches tp, pp, instance counts and semi-PD shares;
+the config gives the model, hardware and latency source (`cli.simulation`), the
+SLOs, the workload block, the batch limits and page policy of `instance`, the
+semi-PD partitioner and the search space. The result's `plan` holds every
+candidate; its `runs` one simulation of each mode's best placement at its goodput.
 """
 
-from __future__ import annotations
-
-import json
-import os
 import time
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
+from pdserve_jax import results, workloads
+from pdserve_jax.cli import common, figures, modes, simulation
+from pdserve_jax.sim import planner
 
-from pdserve_jax import workloads
-from pdserve_jax.model.config import get_preset
-from pdserve_jax.serving.share import PartitionerConfig
-from pdserve_jax.sim import planner, simulator
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Planner config file.")
-_OUTPUT = flags.DEFINE_string("output_json", None, "Where to write the plan as JSON.")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RULES = {
+    "num_nodes": common.at_least(1), "target": common.fraction, "tol": common.positive,
+    "target_rate": lambda v: None if v >= 0 else "must be >= 0 (0: no target)",
+}
 
 
-def build_spec(cfg, base_dir: str = ROOT) -> planner.PlanSpec:
-  """A `PlanSpec` from a config (see `configs/plan_opt13b.py`); relative paths in it
-  are relative to `base_dir`."""
-  context = get_preset(cfg.model).max_position_embeddings
+def build_spec(cfg) -> planner.PlanSpec:
+  """A `PlanSpec` from a config (see `configs/plan_opt13b.py`)."""
+  common.check(cfg, {**RULES, **modes.RULES})
+  setup = simulation.setup(cfg)
+  i = cfg.instance
   return planner.PlanSpec(
-      setup=simulator.setup_from_config(cfg, base_dir),
-      workload=workloads.workload_from_config(cfg, context, base_dir), ttft_slo=cfg.ttft_slo,
-      tpot_slo=cfg.tpot_slo, num_nodes=cfg.num_nodes, tp_options=tuple(cfg.tp_options),
-      pp_options=tuple(cfg.pp_options), max_batch=cfg.max_batch,
-      max_prefill_tokens=cfg.max_prefill_tokens, chunk_tokens=cfg.chunk_tokens,
+      setup=setup, workload=workloads.from_config(cfg.workload,
+                                                  setup.model.max_position_embeddings),
+      ttft_slo=cfg.ttft_slo, tpot_slo=cfg.tpot_slo, num_nodes=cfg.num_nodes,
+      tp_options=common.numbers("tp_options", cfg.tp_options, int),
+      pp_options=common.numbers("pp_options", cfg.pp_options, int),
+      max_batch=i.max_batch, max_prefill_tokens=i.max_tokens, chunk_tokens=i.chunk_tokens,
       target=cfg.target, tol=cfg.tol, target_rate=cfg.target_rate or None,
-      semi_pd_shares=tuple(cfg.semi_pd_shares), semi_pd_concurrent=cfg.semi_pd_concurrent,
-      partitioner=PartitionerConfig(**dict(cfg.partitioner)))
+      semi_pd_shares=_shares(cfg.semi_pd_shares), semi_pd_concurrent=cfg.semi_pd.concurrent,
+      partitioner=modes.partitioner(cfg),
+      page_policy=i.page_policy)
 
 
-def main(argv):
-  del argv
-  cfg = _CONFIG.value
-  if cfg is None:
-    raise app.UsageError("--config is required")
+def _shares(value) -> tuple:
+  shares = common.numbers("semi_pd_shares", value)
+  bad = [x for x in shares if not x < 1]
+  if bad:
+    raise common.ConfigError(f"semi_pd_shares: each must lie in (0, 1), got {bad[0]!r}")
+  return shares
+
+
+def candidate(c) -> dict:
+  return dict(c.to_dict(), mode=modes.mode_of(c.deployment))
+
+
+def table(cands) -> str:
+  """The candidates, ranked; a pruned one shows the capacity bound that pruned it."""
+  rows = [f"{'mode':<24}{'algorithm':<20}{'placement':<46}{'devices':>8}{'goodput':>9}"
+          f"{'per device':>12}"]
+  for c in cands:
+    if c["goodput_rps"] is None:
+      goodput, per = "pruned", f"<{c['capacity_rps'] / c['num_devices']:.2f}"
+    else:
+      goodput, per = f"{c['goodput_rps']:.2f}", f"{c['goodput_per_device']:.2f}"
+    rows.append(f"{c['mode']:<24}{c['algorithm']:<20}{c['placement']:<46}"
+                f"{c['num_devices']:>8}{goodput:>9}{per:>12}")
+  return "\n".join(rows)
+
+
+def main(cfg, out: common.Outputs):
   start = time.perf_counter()
-  result = planner.plan(build_spec(cfg), tuple(cfg.modes))
+  names = modes.modes(cfg)
+  spec = build_spec(cfg)
+  with common.progress(None, "placements", "cand") as bar:
+    def step(c):
+      bar.set_postfix_str(f"{c.mode} {c.describe()}", refresh=False)
+      bar.update(1)
+    result = planner.plan(spec, names, step)
   seconds = time.perf_counter() - start
-  print(result.table())
+  cands = [candidate(c) for c in result.candidates]
+  print(table(cands))
   print(f"\nsearch took {seconds:.1f} s")
-  out = result.to_dict()
-  out["search_seconds"] = seconds
-  out["config"] = cfg.to_dict()
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      json.dump(out, f, indent=1, default=str)
+  best = {}  # the candidates come ranked
+  for c in result.candidates:
+    if c.goodput is not None:
+      best.setdefault(modes.mode_of(c.deployment), c)
+  # Each mode's best placement once more at its goodput: its per-request records.
+  runs = [simulation.run(spec.setup, c.deployment, spec.workload(c.goodput), c.goodput,
+                         cfg.ttft_slo, cfg.tpot_slo, cfg.latency,
+                         label=f"best {m} placement at its goodput")
+          for m, c in best.items()]
+  plan = dict(candidates=cands, best={m: candidate(best[m]) if m in best else None
+                                      for m in names}, phase_goodput_rps=result.phase_goodput,
+              skipped_configs=result.skipped, search_seconds=seconds)
+  plots = []
+  if out.plots_dir:
+    rows = [(f"{c['mode']}: {c['placement']}", c["goodput_per_device"]) for c in cands
+            if c["goodput_per_device"] is not None]
+    plots = figures.write(out.plots_dir, runs, cfg.ttft_slo, cfg.tpot_slo,
+                          title=f"{cfg.model} on {cfg.hardware}", planner_rows=rows)
+  if out.json:
+    results.write(out.json, results.document(
+        "plan", common.config_dict(cfg), runs, plots, plan=plan,
+        wall_seconds=time.perf_counter() - start))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main, "configs/plan_opt13b.py")

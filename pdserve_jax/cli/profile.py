@@ -3,31 +3,32 @@
   python -m pdserve_jax.cli.profile --config=configs/profile_cpu.py \
       --output_json=latency_cpu.json [--config.kind=shapes]
 
-Writes what `sim` and the planner read (`latency_source` with the JSON's path):
-with `kind=polynomial`, the fitted `PolynomialLatencyModel` (seconds) with the raw
-samples beside it; with `kind=shapes`, the `ShapeTableLatencyModel` of every
-compiled program shape of that instance.
+Writes what `simulate`, `plan` and `sweep` read (`--config.latency=<the JSON's
+path>`): with `kind=polynomial`, the fitted `PolynomialLatencyModel` (seconds)
+with the raw samples beside it; with `kind=shapes`, the `ShapeTableLatencyModel`
+of every compiled program shape of that instance. (A latency model, not a result
+file: `pdserve_jax.results` is for served workloads.)
 """
 
 import json
 import os
 
-from absl import app, flags
-from ml_collections import config_flags
+from pdserve_jax.cli import serving  # first: sets XLA_FLAGS before jax loads
+from pdserve_jax.cli import common
 
-import jax  # noqa: E402
-
-import pdserve_jax as pdj  # noqa: E402
-from pdserve_jax.model import sharding  # noqa: E402
-from pdserve_jax.runtime.programs import InstanceRunner, RunnerShape  # noqa: E402
-from pdserve_jax.sim import profiler  # noqa: E402
-
-config_flags.DEFINE_config_file("config", "configs/profile_cpu.py", "profiling grid")
-flags.DEFINE_string("output_json", "latency_profile.json", "where to write the fit")
+RULES = {"kind": common.one_of("polynomial", "shapes"), "tp": common.at_least(1),
+         "reps": common.at_least(1), "num_pages": common.at_least(2),
+         **{k: common.at_least(1) for k in ("page_size", "max_batch", "max_prefill_batch",
+                                            "max_seq_len", "min_prefill_bucket",
+                                            "min_pages_bucket", "max_prefill_tokens")}}
 
 
-def runner_from_config(c) -> InstanceRunner:
-  model = pdj.random_model(pdj.get_preset(c.model), seed=0, std=c.init_std)
+def runner_from_config(c):
+  import pdserve_jax as pdj
+  from pdserve_jax.model import sharding
+  from pdserve_jax.runtime.programs import InstanceRunner, RunnerShape
+
+  model = pdj.random_model(serving.preset(c.model), seed=0, std=c.init_std)
   shape = RunnerShape(page_size=c.page_size, num_pages=c.num_pages, max_decode_batch=c.max_batch,
                       max_prefill_batch=c.max_prefill_batch,
                       max_prefill_len=max(c.prefill_lens), max_seq_len=c.max_seq_len,
@@ -35,18 +36,23 @@ def runner_from_config(c) -> InstanceRunner:
   return InstanceRunner(model, sharding.split_devices([c.tp])[0], shape)
 
 
-def main(_):
-  c = flags.FLAGS.config
+def main(c, out: common.Outputs):
+  common.check(c, RULES)
+  for key in ("prefill_batches", "prefill_lens", "decode_batches", "decode_contexts"):
+    common.numbers(key, c[key], int)
+  serving.preset(c.model)
+  import jax
+  from pdserve_jax.sim import profiler
+
   runner = runner_from_config(c)
+  path = out.json or "latency_profile.json"
   if c.kind == "shapes":
     table = profiler.profile_shapes(runner, c.reps)
-    table.save(flags.FLAGS.output_json)
+    table.save(path)
     print(f"backend={jax.default_backend()} model={c.model} tp={c.tp}: {len(table.prefill)} "
           f"prefill and {len(table.decode)} decode shapes timed")
-    print(f"wrote {os.path.abspath(flags.FLAGS.output_json)}")
+    print(f"wrote {os.path.abspath(path)}")
     return
-  if c.kind != "polynomial":
-    raise app.UsageError(f"kind must be 'polynomial' or 'shapes', got {c.kind!r}")
   fit, pre, dec = profiler.profile(runner, c.prefill_batches, c.prefill_lens,
                                    c.decode_batches, c.decode_contexts,
                                    c.max_prefill_tokens, c.reps)
@@ -60,12 +66,12 @@ def main(_):
     errs = [abs(predict(l) - t) / t for l, t in samples]
     print(f"{name} fit: median relative error {sorted(errs)[len(errs) // 2]:.1%}, "
           f"max {max(errs):.1%}")
-  out = dict(json.loads(fit.to_json()), backend=jax.default_backend(), model=c.model, tp=c.tp,
+  doc = dict(json.loads(fit.to_json()), backend=jax.default_backend(), model=c.model, tp=c.tp,
              prefill_samples=pre, decode_samples=dec)
-  with open(flags.FLAGS.output_json, "w") as f:
-    json.dump(out, f, indent=1)
-  print(f"wrote {os.path.abspath(flags.FLAGS.output_json)}")
+  with open(path, "w") as f:
+    json.dump(doc, f, indent=1)
+  print(f"wrote {os.path.abspath(path)}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main, "configs/profile_cpu.py", output_json="latency_profile.json")

@@ -1,51 +1,38 @@
-"""Simulates one deployment on a workload and prints its latency summary as JSON.
+"""absl app: simulate one workload on each listed mode's deployment.
 
   python -m pdserve_jax.cli.simulate --config=configs/simulate_distserve_fig1.py \
-      --config.rate=2.0 --output_json=/tmp/sim.json
+      --config.modes=disaggregated,colocated_prefill_first --config.workload.rate=2
 
-The config (`get_config()`, ml_collections) names the model preset, hardware,
-latency source, deployment and workload; see `configs/simulate_*.py`. Relative
-paths in it are relative to the repository root.
+The config names the model preset, hardware and latency source
+(`cli.simulation`), the modes and their deployment blocks (`cli.modes`), the SLOs
+and the workload block (`workloads.DEFAULTS`). Prints one table row per mode;
+`--output_json` writes the result (`pdserve_jax.results`), `--plots_dir` its
+TTFT/TPOT CDFs and semi-PD share.
 """
 
-from __future__ import annotations
+import time
 
-import json
-import os
-
-from absl import app
-from absl import flags
-from ml_collections import config_flags
-
-from pdserve_jax import deploy, workloads
-from pdserve_jax.model.config import get_preset
-from pdserve_jax.sim import simulator
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Simulation config file.")
-_OUTPUT = flags.DEFINE_string("output_json", None, "Where to write the summary as JSON.")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pdserve_jax import results, workloads
+from pdserve_jax.cli import common, figures, modes, simulation
 
 
-def main(argv):
-  del argv
-  cfg = _CONFIG.value
-  if cfg is None:
-    raise app.UsageError("--config is required")
-  if cfg.workload == "synthetic" and not cfg.rate > 0:
-    raise app.UsageError("a synthetic workload needs --config.rate > 0")
-  setup = simulator.setup_from_config(cfg, ROOT)
-  make = workloads.workload_from_config(cfg, get_preset(cfg.model).max_position_embeddings,
-                                        ROOT)
-  dep = deploy.from_config(cfg)
-  res = simulator.simulate(make(cfg.rate), setup, dep, cfg.ttft_slo, cfg.tpot_slo)
-  summary = res.summary(cfg.ttft_slo, cfg.tpot_slo)
-  summary["deployment"] = repr(dep)
-  text = json.dumps(summary, indent=1)
-  print(text)
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      f.write(text)
+def main(cfg, out: common.Outputs):
+  start = time.perf_counter()
+  setup = simulation.setup(cfg)
+  deployments = [modes.deployment(cfg, m) for m in modes.modes(cfg)]
+  make = workloads.from_config(cfg.workload, setup.model.max_position_embeddings)
+  requests = make(cfg.workload.rate)
+  runs = [simulation.run(setup, dep, requests, cfg.workload.rate or None, cfg.ttft_slo,
+                         cfg.tpot_slo, cfg.latency)
+          for dep in deployments]
+  print(common.table(runs))
+  plots = (figures.write(out.plots_dir, runs, cfg.ttft_slo, cfg.tpot_slo)
+           if out.plots_dir else [])
+  if out.json:
+    results.write(out.json, results.document(
+        "simulate", common.config_dict(cfg), runs, plots,
+        wall_seconds=time.perf_counter() - start))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  common.run(main, "configs/simulate_distserve_fig1.py")

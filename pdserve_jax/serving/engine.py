@@ -109,7 +109,8 @@ def check_servable(deployment, model: Model) -> None:
                      f"{have} available")
 
 
-def _max_prompt_len(deployment, cfg: EngineConfig) -> int:
+def max_prompt_len(deployment, cfg: EngineConfig) -> int:
+  """The longest prompt an engine of `deployment` and `cfg` takes."""
   if isinstance(deployment, deploy.Colocated) and deployment.policy == "chunked":
     return cfg.max_seq_len - 1
   spec = deployment.prefill if isinstance(deployment, deploy.Disaggregated) else \
@@ -257,7 +258,7 @@ class Engine:
     self.model, self.deployment, self.config = model, deployment, config
     self.tokenizer = model.tokenizer
     self._seeds = np.random.default_rng()  # OS entropy: fresh seeds per engine
-    self.max_prompt_len = _max_prompt_len(deployment, config)
+    self.max_prompt_len = max_prompt_len(deployment, config)
     self.clock = wall_clock(time.perf_counter())
     self._inbox: "queue.Queue" = queue.Queue()
     chunked = isinstance(deployment, deploy.Colocated) and deployment.policy == "chunked"

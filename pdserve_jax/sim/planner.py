@@ -161,8 +161,9 @@ class Plan:
 
 class _Planner:
 
-  def __init__(self, spec: PlanSpec):
+  def __init__(self, spec: PlanSpec, progress: Optional[Callable[[Candidate], None]] = None):
     check_slos(spec.ttft_slo, spec.tpot_slo)
+    self.progress = progress or (lambda c: None)
     if spec.num_nodes < 1:
       raise ValueError(f"num_nodes must be >= 1, got {spec.num_nodes}")
     self.spec = spec
@@ -268,6 +269,7 @@ class _Planner:
       floor = best * c.num_devices
       if c.capacity * _ESTIMATE_SLACK <= floor:
         c.note = "estimated capacity below the best"
+        self.progress(c)
         continue
       c.capacity = self._capacity(c.deployment)
       c.measured = True
@@ -278,6 +280,7 @@ class _Planner:
       else:
         c.goodput = self._goodput(c.deployment, c.capacity, floor)
         best = max(best, c.per_device)
+      self.progress(c)
     return cands
 
   def _phase_winners(self, phase, max_devices) -> list[tuple[float, int, int]]:
@@ -354,9 +357,9 @@ class _Planner:
     return [Candidate(mode, algorithm, make(tp, pp), tp * pp, None, shared(tp, pp))
             for tp, pp in configs]
 
-  def colocated(self) -> list[Candidate]:
+  def colocated(self, policies: Sequence[str] = deploy.POLICIES) -> list[Candidate]:
     cands = []
-    for policy in ("prefill_first", "chunked"):
+    for policy in policies:
       cands += self._combined("colocated", policy, lambda tp, pp: deploy.Colocated(
           self._instance(tp, pp, chunked=policy == "chunked"), 1, policy), self.configs)
     return self._search(cands)
@@ -385,24 +388,31 @@ class _Planner:
     cands.append(Candidate("semi_pd", "dynamic", dyn, top.num_devices,
                            self._goodput(dyn, top.capacity, top.goodput / 2), top.capacity,
                            f"SloPartitioner online, {inst.tp}x tp"))
+    self.progress(cands[-1])
     return cands
 
 
-def plan(spec: PlanSpec, modes: Sequence[str] = ("disaggregated", "semi_pd",
-                                                 "colocated")) -> Plan:
-  """Searches placements for `modes`; returns them ranked by goodput per device."""
-  known = ("disaggregated", "semi_pd", "colocated")
+def plan(spec: PlanSpec, modes: Sequence[str] = ("disaggregated", "semi_pd", "colocated"),
+         progress: Optional[Callable[[Candidate], None]] = None) -> Plan:
+  """Searches placements for `modes`; returns them ranked by goodput per device.
+
+  Modes: "disaggregated", "semi_pd", "colocated" (both policies) or one policy,
+  "colocated_prefill_first" / "colocated_chunked". `progress(candidate)` is
+  called as each candidate is decided (simulated or pruned)."""
+  policies = [p for p in deploy.POLICIES if "colocated" in modes or f"colocated_{p}" in modes]
+  known = ("disaggregated", "semi_pd", "colocated") + tuple(f"colocated_{p}"
+                                                           for p in deploy.POLICIES)
   bad = [m for m in modes if m not in known]
   if bad:
     raise ValueError(f"unknown mode(s) {bad}; known: {known}")
-  p = _Planner(spec)
+  p = _Planner(spec, progress)
   cands = []
   if "disaggregated" in modes:
     cands += p.disaggregated_alg1() + p.disaggregated_alg2()
   if "semi_pd" in modes:
     cands += p.semi_pd()
-  if "colocated" in modes:
-    cands += p.colocated()
+  for policy in policies:  # each its own search, so each policy has a best
+    cands += p.colocated([policy])
   cands.sort(key=lambda c: (c.goodput is None, -(c.per_device or 0.0),
                             -c.capacity / c.num_devices))
   phase = {ph: {f"tp{tp}pp{pp}": g for (tp, pp), g in sorted(v.items())}

@@ -15,6 +15,7 @@ hand-off) and fits a fixed cost and a bandwidth. `profile_overlap` measures how
 much one instance slows another beside it on shared host cores (virtual CPU
 devices; 1 on separate accelerators). `step_overhead` reads the host
 time between back-to-back steps from an engine's step log (`StepRecord`s).
+`setup_from_engine` puts them together: a simulator `Setup` of one engine.
 """
 
 from __future__ import annotations
@@ -191,3 +192,47 @@ def profile_overlap(busy: InstanceRunner, timed: InstanceRunner, reps: int = 9) 
     stop.set()
     worker.join()
   return max(1.0, beside / alone)
+
+
+def setup_from_engine(engine, reps: int = 5):
+  """A simulator `Setup` whose latency model is `engine`'s own runners, timed now:
+  every compiled program shape (`profile_shapes`), the loop's host time per step
+  from a closed batch, and in disaggregated mode the KV hand-off and how much the
+  two meshes slow each other on shared cores. The pool is the engine's. Needs an
+  engine built with `log_steps=True`; clears its step log."""
+  from pdserve_jax import deploy
+  from pdserve_jax.serving.params import SamplingParams
+  from pdserve_jax.sim import hardware
+  from pdserve_jax.sim import simulator as sim
+
+  ec, dep = engine.config, engine.deployment
+  instances = engine.coordinator.instances
+  copy_s, copy_bw, overlap = 0.0, float("inf"), 1.0
+  if isinstance(dep, deploy.Disaggregated):
+    # One table from both sides, each timed on its own mesh.
+    pre = next(i.handle for i in instances if i.phase == "prefill")
+    dec = next(i.handle for i in instances if i.phase == "decode")
+    latency = dataclasses.replace(profile_shapes(pre, reps, decode=False),
+                                  decode=profile_shapes(dec, reps, prefill=False).decode)
+    copy_s, copy_bw = profile_transfers(pre.pool, dec.pool, engine.executor.page_buckets,
+                                        reps)
+    overlap = profile_overlap(pre, dec)
+  else:
+    latency = profile_shapes(instances[0].handle, reps)
+  # The loop's host time between steps, from a closed batch; a device is an
+  # instance's group (semi-PD's two phases share one).
+  out_len = min(24, ec.max_seq_len // 4)
+  longest = min(engine.max_prompt_len, ec.max_seq_len - out_len)
+  prompts = [[7] * n for n in range(min(16, longest), longest + 1, max(1, longest // 12))]
+  engine.step_log.clear()
+  engine.generate(prompts, SamplingParams(max_tokens=out_len, ignore_eos=True))
+  group = {i.name: i.group for i in instances}
+  latency = dataclasses.replace(latency, step_overhead_s=step_overhead(
+      engine.step_log, lambda r: group[r.instance]))
+  engine.step_log.clear()
+  # The host is no accelerator: the simulator reads only its link (the profiled
+  # hand-off between two virtual devices) and is given the engine's pool size.
+  host = hardware.HardwareSpec("host-cpu", 1e12, 1e10, 1e10, copy_bw, copy_bw, 8, copy_s)
+  return sim.Setup(engine.model.config, host, lambda tp, pp: latency,
+                   page_size=ec.page_size, kv_tokens=(ec.num_pages - 1) * ec.page_size,
+                   overlap_slowdown=overlap)

@@ -23,19 +23,18 @@ import gc
 import heapq
 import itertools
 import math
-import os
 from typing import Callable, Optional, Sequence
 
 # The deployment types, for callers that reach them through the simulator.
 from pdserve_jax.deploy import (Colocated, Disaggregated, InstanceSpec, PhaseOnly,  # noqa: F401
                                 SemiPD)
 from pdserve_jax.kv.allocator import PageAllocator
-from pdserve_jax.model.config import ModelConfig, get_preset
+from pdserve_jax.model.config import ModelConfig
 from pdserve_jax.serving import coordinator as C
 from pdserve_jax.serving import metrics
 from pdserve_jax.serving.request import Request
-from pdserve_jax.sim.hardware import HardwareSpec, get_hardware
-from pdserve_jax.sim.latency import LatencyModel, latency_source, transfer_time
+from pdserve_jax.sim.hardware import HardwareSpec
+from pdserve_jax.sim.latency import LatencyModel, transfer_time
 
 
 class DoesNotFit(ValueError):
@@ -307,17 +306,3 @@ def simulate(requests: Sequence[Request], setup: Setup, deployment,
   util = {name: (p.busy_time / span if span > 0 else 0.0) for name, p in ex.pipes.items()}
   return SimResult(reqs, span, deployment.num_devices, util, coord.share_history(),
                    coord.num_preemptions, dict(ex.steps) if ex.steps is not None else None)
-
-
-def setup_from_config(cfg, base_dir: str = ".") -> Setup:
-  """A `Setup` from a config's `model` preset, `hardware`, `latency` ("distserve",
-  "roofline" or a fitted JSON relative to `base_dir`), `page_size` and
-  `memory_utilization`."""
-  model, hw = get_preset(cfg.model), get_hardware(cfg.hardware)
-  kind = cfg.latency
-  if kind not in ("distserve", "roofline"):
-    kind = os.path.join(base_dir, kind)
-  return Setup(model, hw, latency_source(kind, model, hw), page_size=cfg.page_size,
-               memory_utilization=cfg.memory_utilization)
-
-

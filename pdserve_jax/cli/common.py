@@ -1,0 +1,276 @@
+"""What every absl app shares: its flags, one-line errors, config checks, list syntax.
+
+`run(main, default_config)` defines `--config` (an ml_collections file),
+`--output_json` and `--plots_dir`, parses them and calls `main(cfg, out)`. A bad
+flag or config value ends the app with one line on stderr naming it and exit
+code 1, never a traceback: absl's flag errors, ml_collections' unknown keys (which
+it raises as AttributeError from inside flag parsing), and the ValueError,
+TypeError and OSError that config checks and the library raise. Pass `-v 1` for
+the traceback. Other exceptions are bugs and keep theirs.
+
+Lists take one syntax everywhere: comma-separated values
+(`--config.modes=semi_pd,disaggregated`, `--config.rates=1,2,4`); Python tuple
+literals work too. Relative paths are relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import sys
+from typing import Callable, Optional
+
+from absl import app, flags
+
+
+class ConfigError(ValueError):
+  """A config value the app cannot use; its message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+  json: Optional[str]  # where to write the result JSON (None: nowhere)
+  plots_dir: Optional[str]  # where to write PNGs (None: no plots)
+
+
+def run(main: Callable, default_config: Optional[str] = None,
+        plots_dir: Optional[str] = None, output_json: Optional[str] = None) -> None:
+  """Runs `main(cfg, Outputs)` as an absl app with these flag defaults; see the
+  module docstring."""
+  from ml_collections import config_flags
+
+  try:  # with a default file, ml_collections applies the command line's overrides here
+    config_flags.DEFINE_config_file("config", default_config, "experiment config file")
+  except (AttributeError, KeyError, TypeError) as e:
+    fail(_unknown_key(e, sys.argv, default_config))
+  flags.DEFINE_string("output_json", output_json, "write the result JSON here")
+  flags.DEFINE_string("plots_dir", plots_dir, "write PNG plots into this folder")
+  app.run(lambda argv: _guarded(main, argv),
+          flags_parser=lambda argv: _parse(argv, default_config))
+
+
+def fail(message: str) -> None:
+  """Ends the app: one line on stderr, exit code 1."""
+  prog = os.path.basename(sys.argv[0]).removesuffix(".py")
+  if prog in ("__main__", "-m", "-c", ""):
+    prog = "pdserve_jax"
+  one_line = " ".join(str(message).split())
+  sys.stderr.write(f"{prog}: error: {one_line}\n")
+  sys.stderr.flush()
+  sys.exit(1)
+
+
+def _parse(argv, default_config):
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError, TypeError) as e:  # ml_collections: an unknown key
+    fail(_unknown_key(e, argv, default_config))
+  except flags.Error as e:
+    fail(_flag_error(str(e)))
+  except (ValueError, OSError, SyntaxError) as e:  # a config file failing to load
+    fail(f"--config: {e}")
+
+
+def _unknown_key(e: Exception, argv, default_config: Optional[str]) -> str:
+  text = e
+  while isinstance(text, BaseException):  # AttributeError(KeyError("'key'\nDid you mean..."))
+    text = text.args[0] if text.args else str(text)
+  hint = re.search(r'Did you mean "([^"]+)"', str(text))
+  path = _unknown_path(argv, default_config)
+  if path is None and isinstance(e, TypeError):  # not an override: the file itself
+    return f"--config: {e}"
+  if path is None:  # the file would not load on its own: name what the error names
+    found = re.findall(r"'([^']+)'", str(text))
+    path = found[0] if found else str(text)
+  return f"unknown config key {path}" + (f" (did you mean {hint.group(1)}?)" if hint else "")
+
+
+def _unknown_path(argv, default_config: Optional[str]) -> Optional[str]:
+  """The first `--config.a.b` override naming no key of the config file, as "a.b"
+  (ml_collections' own error names only the last part); None if unknown."""
+  import importlib.util
+
+  import ml_collections
+
+  file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), default_config)
+  try:
+    spec = importlib.util.spec_from_file_location("_config", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+  except Exception:  # noqa: BLE001 - any failure here just means "cannot tell"
+    return None
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    parts = arg.split("=", 1)[0].removeprefix("--config.").split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        return ".".join(parts[:i + 1])
+      node = node[part]
+  return None
+
+
+def _config_file_error(text: str) -> str:
+  # ml_collections lists the paths it tried over several lines; the errno line says it.
+  tried = re.findall(r"\[Errno \d+\] ([^\n]+)", text)
+  return f"--config: {tried[0] if tried else text}"
+
+
+def _flag_error(text: str) -> str:
+  if "Attempted" in text and "--config." not in text:
+    return _config_file_error(text)
+  if "Traceback" in text:  # a config file that raised: its last line says why
+    return f"--config: {text.strip().splitlines()[-1]}"
+  m = re.match(r"flag --config\.([\w.]+)=(.*?): (.*)", text, re.S)
+  if m:
+    return f"config key {m.group(1)}: bad value {m.group(2)!r} ({m.group(3).strip()})"
+  return text
+
+
+def _guarded(main: Callable, argv) -> None:
+  if len(argv) > 1:
+    fail(f"unexpected argument(s): {' '.join(argv[1:])}")
+  try:
+    cfg = flags.FLAGS.config
+    if cfg is not None:
+      cfg.keys()  # a file that failed to load raises on first use
+  except Exception as e:  # noqa: BLE001 - a config file that failed to load, any way
+    fail(_config_file_error(str(e)))
+  if cfg is None:
+    fail("--config is required")
+  out = Outputs(flags.FLAGS.output_json or None, flags.FLAGS.plots_dir or None)
+  try:
+    main(cfg, out)
+  except AttributeError as e:
+    if flags.FLAGS.verbosity >= 1 or not (e.args and isinstance(e.args[0], KeyError)):
+      raise  # not ml_collections' missing key: a bug
+    key = re.findall(r"'([^']+)'", str(e.args[0].args[0]))
+    fail(f"config key {key[0] if key else e} is missing from the config file")
+  except (ValueError, TypeError, KeyError, OSError, app.UsageError) as e:
+    if flags.FLAGS.verbosity >= 1:
+      raise
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    if isinstance(e, FileNotFoundError) and e.filename and str(e.filename) not in text:
+      text = f"{text}: {e.filename}"
+    fail(text or type(e).__name__)
+
+
+# --- config values ------------------------------------------------------------------
+
+
+def names(key: str, value) -> tuple[str, ...]:
+  """A list of names from a config value: "a,b", ("a,b",) or ("a", "b")."""
+  items = [value] if isinstance(value, str) else list(value)
+  out = []
+  for item in items:
+    if not isinstance(item, str):
+      raise ConfigError(f"{key}: expected names, got {item!r}")
+    out += [s.strip(" ()'\"") for s in item.split(",")]
+  out = tuple(s for s in out if s)
+  if not out:
+    raise ConfigError(f"{key}: the list is empty")
+  return out
+
+
+def numbers(key: str, value, kind=float, low: float = 0.0, strict: bool = True) -> tuple:
+  """A list of numbers of `kind` from a config value (a tuple, or one number), each
+  above `low` (or at least `low` when not `strict`)."""
+  items = value if isinstance(value, (tuple, list)) else (value,)
+  out = []
+  for item in items:
+    try:
+      if isinstance(item, bool) or (kind is int and float(item) != int(float(item))):
+        raise ValueError
+      v = kind(float(item)) if isinstance(item, str) else kind(item)
+    except (TypeError, ValueError):
+      raise ConfigError(f"{key}: expected {kind.__name__}s, got {item!r}") from None
+    if not math.isfinite(v) or (v <= low if strict else v < low):
+      raise ConfigError(f"{key}: each value must be {'>' if strict else '>='} {low:g}, "
+                        f"got {item!r}")
+    out.append(v)
+  if not out:
+    raise ConfigError(f"{key}: the list is empty")
+  return tuple(out)
+
+
+def check(cfg, rules: dict) -> None:
+  """Checks each dotted key of `rules` present in `cfg` with its rule, a function
+  of the value returning an error (str) or None."""
+  for key, rule in rules.items():
+    node, parts = cfg, key.split(".")
+    for p in parts[:-1]:
+      node = node.get(p) if hasattr(node, "get") else None
+    if node is None or parts[-1] not in node:
+      continue
+    value = node[parts[-1]]
+    problem = rule(value)
+    if problem:
+      raise ConfigError(f"{key}: {problem}, got {value!r}")
+
+
+def at_least(low):
+  return lambda v: None if v >= low else f"must be >= {low}"
+
+
+def positive(v):
+  return None if v > 0 and math.isfinite(v) else "must be > 0"
+
+
+def fraction(v):
+  return None if 0 < v <= 1 else "must lie in (0, 1]"
+
+
+def open_fraction(v):
+  return None if 0 < v < 1 else "must lie strictly between 0 and 1"
+
+
+def one_of(*known):
+  return lambda v: None if v in known else f"must be one of {', '.join(known)}"
+
+
+# Keys several apps share, checked wherever a config has them.
+RULES = {
+    "ttft_slo": positive, "tpot_slo": positive, "memory_utilization": fraction,
+    "page_size": at_least(1), "init_std": positive, "seed": at_least(0),
+}
+
+
+def config_dict(cfg) -> dict:
+  """The config as plain JSON values (tuples become lists)."""
+  def plain(v):
+    if isinstance(v, dict):
+      return {k: plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+      return [plain(x) for x in v]
+    return v
+  return plain(cfg.to_dict())
+
+
+def progress(total: Optional[int], desc: str, unit: str = "it"):
+  """A tqdm bar on stderr, drawn only when stderr is a terminal."""
+  from tqdm import tqdm
+
+  return tqdm(total=total, desc=desc, unit=unit, disable=None, leave=False,
+              dynamic_ncols=True)
+
+
+def table(runs) -> str:
+  """One row per result run: devices, TTFT and TPOT P50/P90, attainment, throughput."""
+  ms = lambda v: f"{v * 1e3:9.1f}" if v is not None else "        -"
+  num = lambda v, f: format(v, f) if v is not None else "-"
+  rows = [f"{'mode':<24} {'run':>10} {'devs':>4} {'TTFT p50':>9} {'TTFT p90':>9} "
+          f"{'TPOT p50':>9} {'TPOT p90':>9} {'attain':>7} {'req/s':>7} {'tok/s':>8} "
+          f"{'preempt':>7}   (times in ms)"]
+  for r in runs:
+    s, rate = r["summary"], r["rate_rps"]
+    what = ("sim" if r["executor"] == "simulator" else "engine") + (
+        "" if rate is None else f"@{rate:g}")
+    rows.append(f"{r['mode']:<24} {what:>10} {r['num_devices']:>4} {ms(s['ttft_s']['p50'])} "
+                f"{ms(s['ttft_s']['p90'])} {ms(s['tpot_s']['p50'])} {ms(s['tpot_s']['p90'])} "
+                f"{s['attainment']:>7.0%} {num(s.get('throughput_rps'), '>7.2f')} "
+                f"{num(s.get('output_tokens_per_s'), '>8.1f')} {r['preemptions']:>7d}")
+  return "\n".join(rows)

@@ -1,0 +1,133 @@
+"""Mode names and the deployment blocks of a config, shared by every app.
+
+One scheme everywhere: `colocated_prefill_first`, `colocated_chunked`,
+`disaggregated` and `semi_pd`. A config's `instance`, `disaggregated` and
+`semi_pd` blocks (built by `blocks()`, with `pdserve_jax.deploy`'s defaults) give
+each mode its deployment; `serve`, `simulate` and `sweep` build one per listed
+mode, `plan` searches tp, pp, replicas and shares itself and reads only the batch
+limits, page policy and semi-PD knobs. No JAX here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from pdserve_jax import deploy
+from pdserve_jax.cli import common
+from pdserve_jax.serving.share import PartitionerConfig, ShareScaling
+
+MODES = ("colocated_prefill_first", "colocated_chunked", "disaggregated", "semi_pd")
+
+_DEFAULTS = dict(
+    # Every instance's batch limits and page policy. Colocated and semi-PD run
+    # `replicas` instances of `tp` x `pp` devices; a prefill-first step takes up to
+    # `max_tokens` prompt tokens, a chunked step `chunk_tokens` tokens in all.
+    instance=dict(tp=1, pp=1, replicas=1, max_batch=256, max_tokens=4096, chunk_tokens=512,
+                  page_policy="on_demand"),
+    # Prefill and decode instances of the `instance` limits with their own tp x pp;
+    # `same_node`: KV moves over the node link, else the network (simulator only).
+    disaggregated=dict(num_prefill=1, prefill_tp=1, prefill_pp=1, num_decode=1,
+                       decode_tp=1, decode_pp=1, same_node=True),
+    # The initial prefill share; `dynamic` moves it online by the SLO partitioner.
+    # `concurrent` (simulator only) models SM partitioning, each phase slowed by
+    # its ShareScaling (alpha, beta).
+    semi_pd=dict(prefill_share=0.5, dynamic=False, concurrent=False,
+                 prefill_scaling=(1.0, 0.0), decode_scaling=(1.0, 0.0),
+                 partitioner=dataclasses.asdict(PartitionerConfig())),
+)
+
+
+def blocks(**overrides) -> dict:
+  """{"instance", "disaggregated", "semi_pd"} blocks as ConfigDicts: the defaults,
+  each block updated by `overrides[name]` (a dict; `semi_pd.partitioner` too)."""
+  out = {}
+  for name, default in _DEFAULTS.items():
+    given = dict(overrides.pop(name, {}))
+    unknown = sorted(set(given) - set(default))
+    if unknown:
+      raise ValueError(f"unknown {name} key(s) {unknown}; known: {sorted(default)}")
+    block = dict(default, **given)
+    if name == "semi_pd":
+      block["partitioner"] = dict(default["partitioner"], **given.get("partitioner", {}))
+    out[name] = ml_collections.ConfigDict(block)
+  if overrides:
+    raise ValueError(f"unknown block(s) {sorted(overrides)}; known: {sorted(_DEFAULTS)}")
+  return out
+
+
+_POS = common.at_least(1)
+RULES = {
+    **{f"instance.{k}": _POS for k in ("tp", "pp", "replicas", "max_batch", "max_tokens")},
+    "instance.chunk_tokens": common.at_least(2),
+    "instance.page_policy": common.one_of(*deploy.PAGE_POLICIES),
+    **{f"disaggregated.{k}": _POS for k in ("num_prefill", "prefill_tp", "prefill_pp",
+                                            "num_decode", "decode_tp", "decode_pp")},
+    "semi_pd.prefill_share": common.open_fraction,
+}  # semi_pd.partitioner: `partitioner` checks it
+
+
+def modes(cfg, key: str = "modes") -> tuple[str, ...]:
+  """The config's mode names, checked."""
+  out = common.names(key, cfg[key])
+  for m in out:
+    if m not in MODES:
+      raise common.ConfigError(f"{key}: unknown mode {m!r}; known: {', '.join(MODES)}")
+  return out
+
+
+def _scaling(cfg, key) -> ShareScaling:
+  pair = common.numbers(f"semi_pd.{key}", cfg.semi_pd[key], low=0.0, strict=False)
+  if len(pair) != 2:
+    raise common.ConfigError(f"semi_pd.{key}: expected (alpha, beta), got {pair}")
+  return ShareScaling(*pair)
+
+
+def deployment(cfg, mode: str) -> deploy.Deployment:
+  """`mode`'s deployment from the config's blocks (see the module docstring)."""
+  common.check(cfg, RULES)
+  i = cfg.instance
+
+  def spec(tp, pp, max_tokens=i.max_tokens, max_batch=i.max_batch):
+    return deploy.InstanceSpec(tp, pp, max_batch, max_tokens, i.page_policy)
+
+  if mode == "colocated_prefill_first":
+    dep = deploy.Colocated(spec(i.tp, i.pp), i.replicas, "prefill_first")
+  elif mode == "colocated_chunked":
+    # A chunked step holds at most chunk_tokens - 1 decodes, leaving a prompt token.
+    dep = deploy.Colocated(spec(i.tp, i.pp, i.chunk_tokens,
+                                min(i.max_batch, i.chunk_tokens - 1)), i.replicas, "chunked")
+  elif mode == "disaggregated":
+    d = cfg.disaggregated
+    dep = deploy.Disaggregated(spec(d.prefill_tp, d.prefill_pp), spec(d.decode_tp, d.decode_pp),
+                               d.num_prefill, d.num_decode, d.same_node)
+  elif mode == "semi_pd":
+    s = cfg.semi_pd
+    part = partitioner(cfg) if s.dynamic else None
+    dep = deploy.SemiPD(spec(i.tp, i.pp), i.replicas, s.prefill_share, part, s.concurrent,
+                        _scaling(cfg, "prefill_scaling"), _scaling(cfg, "decode_scaling"))
+  else:
+    raise common.ConfigError(f"modes: unknown mode {mode!r}; known: {', '.join(MODES)}")
+  try:
+    dep.check()
+  except ValueError as e:
+    raise common.ConfigError(f"modes: {mode}: {e}") from None
+  return dep
+
+
+def partitioner(cfg) -> PartitionerConfig:
+  """The semi-PD partitioner of `config.semi_pd.partitioner`, checked."""
+  part = PartitionerConfig(**cfg.semi_pd.partitioner.to_dict())
+  try:
+    part.check()
+  except ValueError as e:
+    raise common.ConfigError(f"semi_pd.partitioner: {e}") from None
+  return part
+
+
+def mode_of(dep) -> str:
+  """The mode name of a deployment."""
+  if isinstance(dep, deploy.Colocated):
+    return f"colocated_{dep.policy}"
+  return dep.mode

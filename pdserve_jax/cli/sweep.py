@@ -1,0 +1,109 @@
+"""absl app: SLO attainment against arrival rate per mode (DistServe's Figure 8),
+from the real engine and from the simulator, on the same axes.
+
+  python -m pdserve_jax.cli.sweep --config=configs/sweep_demo.py [--plots_dir=DIR]
+  python -m pdserve_jax.cli.sweep --config=configs/sweep_opt13b.py   # simulator only
+
+With `run_engine`, each mode's engine is built once and serves the workload block
+at each of `rates`; with `latency="profile"` the simulator's latency model is
+that engine's own runners, timed just before it serves (`sim.profiler.setup_from_engine`,
+as `benchmarks/sim_vs_engine.py` does), and the simulator serves the very same
+requests. Without `run_engine` only the simulator runs, on a named latency model
+("distserve", "roofline" or a profiled JSON). Writes to `--plots_dir` (default
+sweep_plots): attainment vs rate, TTFT/TPOT CDFs per rate, the semi-PD share
+over time; `--output_json` the result with every run.
+
+Limits: an engine serves its rates one after the other, so a semi-PD
+partitioner starts each rate where the last one left it, while the simulator
+starts every rate from `semi_pd.prefill_share`. Engine timings on a shared CPU
+drift by tens of percent from minute to minute.
+"""
+
+import os
+import time
+
+# One core's work per virtual device, as benchmarks/sim_vs_engine.py runs: two
+# devices then slow each other only as much as the profiled overlap says.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+
+from pdserve_jax.cli import serving  # noqa: E402  (before anything imports jax)
+from pdserve_jax.cli import common, figures, modes, simulation  # noqa: E402
+from pdserve_jax import results, workloads  # noqa: E402
+
+RULES = {"target": common.fraction, "profile_reps": common.at_least(1)}
+
+
+def engine_and_sim(cfg, deployments: dict, rates, setup) -> list:
+  """Each mode's engine at every rate, and the simulator on the same requests."""
+  import pdserve_jax as pdj
+
+  profiled = setup is None
+  ec = serving.engine_config(cfg, log_steps=profiled)
+  make = workloads.from_config(cfg.workload, ec.max_seq_len,
+                               serving.max_prompt_len(deployments.values(), ec))
+  model = serving.load_model(cfg)
+  serving.check_servable(deployments, model)
+  latency = "profiled" if profiled else cfg.latency
+  runs = []
+  with common.progress(len(deployments) * len(rates), "sweep", "run") as bar:
+    for mode, dep in deployments.items():
+      bar.set_postfix_str(f"{mode}: warm-up")
+      with pdj.Engine(model, dep, ec) as engine:
+        if profiled:
+          bar.set_postfix_str(f"{mode}: profiling")
+          from pdserve_jax.sim import profiler  # loads jax, as the engine has already
+          setup = profiler.setup_from_engine(engine, cfg.profile_reps)
+        for rate in rates:
+          bar.set_postfix_str(f"{mode} at {rate:g}/s")
+          requests = make(rate)
+          report = serving.serve_workload(engine, requests, f"{mode} {rate:g}/s")
+          runs.append(results.run_record(mode, "engine", dep, rate, report.requests,
+                                         cfg.ttft_slo, cfg.tpot_slo, report.share_history,
+                                         engine_stats=engine.stats()))
+          runs.append(simulation.run(setup, dep, requests, rate, cfg.ttft_slo, cfg.tpot_slo,
+                                     latency))
+          bar.update(1)
+  return runs
+
+
+def sim_only(cfg, deployments: dict, rates, setup) -> list:
+  make = workloads.from_config(cfg.workload, setup.model.max_position_embeddings)
+  runs = []
+  with common.progress(len(deployments) * len(rates), "sweep (simulator)", "run") as bar:
+    for dep in deployments.values():
+      for rate in rates:
+        runs.append(simulation.run(setup, dep, make(rate), rate, cfg.ttft_slo, cfg.tpot_slo,
+                                   cfg.latency))
+        bar.update(1)
+  return runs
+
+
+def main(cfg, out: common.Outputs):
+  start = time.perf_counter()
+  common.check(cfg, {**common.RULES, **RULES})
+  workloads.check_config(cfg.workload)
+  deployments = {m: modes.deployment(cfg, m) for m in modes.modes(cfg)}
+  rates = sorted(set(common.numbers("rates", cfg.rates)))
+  if cfg.latency == "profile" and not cfg.run_engine:
+    raise common.ConfigError("latency: 'profile' times the engine's runners; with "
+                             "run_engine=False name a latency model ('distserve', "
+                             "'roofline' or a profiled JSON)")
+  setup = None if cfg.latency == "profile" else simulation.setup(cfg)
+  runs = (engine_and_sim if cfg.run_engine else sim_only)(cfg, deployments, rates, setup)
+  print(common.table(runs))
+  plots = []
+  if out.plots_dir:
+    title = (f"{cfg.model}: {cfg.workload.num_requests} requests per rate, SLOs TTFT "
+             f"{cfg.ttft_slo * 1e3:g} ms, TPOT {cfg.tpot_slo * 1e3:g} ms")
+    plots = figures.write(out.plots_dir, runs, cfg.ttft_slo, cfg.tpot_slo, title, cfg.target,
+                          cdf_per_rate=True)
+    print(f"plots in {os.path.abspath(out.plots_dir)}")
+  if out.json:
+    results.write(out.json, results.document(
+        "sweep", common.config_dict(cfg), runs, plots,
+        wall_seconds=time.perf_counter() - start))
+
+
+if __name__ == "__main__":
+  common.run(main, "configs/sweep_demo.py", plots_dir="sweep_plots")
