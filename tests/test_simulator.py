@@ -181,3 +181,11 @@ def test_link_latency_and_overlap_slowdown():
   a, b = sim.simulate(reqs, setup, sim.Disaggregated()).requests
   assert b.ttft == pytest.approx(d1 / 2 + pre - d1 / 4)
   assert a.token_times[2] - a.token_times[1] == pytest.approx(2 * d2)
+
+
+@pytest.mark.parametrize("field, value", [("memory_utilization", 5.0),
+                                          ("memory_utilization", 0.0), ("page_size", 0),
+                                          ("overlap_slowdown", 0.0)])
+def test_setup_refuses_out_of_range_values(field, value):
+  with pytest.raises(ValueError, match=f"^{field}"):
+    dataclasses.replace(SETUP, **{field: value})

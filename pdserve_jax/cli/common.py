@@ -20,6 +20,7 @@ import math
 import os
 import re
 import sys
+import time
 from typing import Callable, Optional
 
 from absl import app, flags
@@ -248,6 +249,17 @@ def config_dict(cfg) -> dict:
       return [plain(x) for x in v]
     return v
   return plain(cfg.to_dict())
+
+
+def save(app_name: str, cfg, out: Outputs, runs, plots, start: float, **extra) -> None:
+  """Writes the app's result file (`pdserve_jax.results`) when --output_json is set;
+  `start` is the app's `time.perf_counter()` at the beginning."""
+  from pdserve_jax import results
+
+  if out.json:
+    results.write(out.json, results.document(
+        app_name, config_dict(cfg), runs, plots,
+        wall_seconds=time.perf_counter() - start, **extra))
 
 
 def progress(total: Optional[int], desc: str, unit: str = "it"):

@@ -109,21 +109,21 @@ def deployment(cfg, mode: str) -> deploy.Deployment:
                         _scaling(cfg, "prefill_scaling"), _scaling(cfg, "decode_scaling"))
   else:
     raise common.ConfigError(f"modes: unknown mode {mode!r}; known: {', '.join(MODES)}")
-  try:
-    dep.check()
-  except ValueError as e:
-    raise common.ConfigError(f"modes: {mode}: {e}") from None
-  return dep
+  return _checked(f"modes: {mode}", dep)
 
 
 def partitioner(cfg) -> PartitionerConfig:
   """The semi-PD partitioner of `config.semi_pd.partitioner`, checked."""
-  part = PartitionerConfig(**cfg.semi_pd.partitioner.to_dict())
+  return _checked("semi_pd.partitioner", PartitionerConfig(**cfg.semi_pd.partitioner.to_dict()))
+
+
+def _checked(key: str, obj):
+  """`obj` after its `check()`, whose ValueError becomes a ConfigError naming `key`."""
   try:
-    part.check()
+    obj.check()
   except ValueError as e:
-    raise common.ConfigError(f"semi_pd.partitioner: {e}") from None
-  return part
+    raise common.ConfigError(f"{key}: {e}") from None
+  return obj
 
 
 def mode_of(dep) -> str:

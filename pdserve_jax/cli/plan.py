@@ -13,7 +13,7 @@ candidate; its `runs` one simulation of each mode's best placement at its goodpu
 
 import time
 
-from pdserve_jax import results, workloads
+from pdserve_jax import workloads
 from pdserve_jax.cli import common, figures, modes, simulation
 from pdserve_jax.sim import planner
 
@@ -98,10 +98,7 @@ def main(cfg, out: common.Outputs):
             if c["goodput_per_device"] is not None]
     plots = figures.write(out.plots_dir, runs, cfg.ttft_slo, cfg.tpot_slo,
                           title=f"{cfg.model} on {cfg.hardware}", planner_rows=rows)
-  if out.json:
-    results.write(out.json, results.document(
-        "plan", common.config_dict(cfg), runs, plots, plan=plan,
-        wall_seconds=time.perf_counter() - start))
+  common.save("plan", cfg, out, runs, plots, start, plan=plan)
 
 
 if __name__ == "__main__":

@@ -58,10 +58,7 @@ def main(cfg, out: common.Outputs):
   print(common.table(runs))
   plots = (figures.write(out.plots_dir, runs, cfg.ttft_slo, cfg.tpot_slo)
            if out.plots_dir else [])
-  if out.json:
-    results.write(out.json, results.document(
-        "serve", common.config_dict(cfg), runs, plots,
-        wall_seconds=time.perf_counter() - start))
+  common.save("serve", cfg, out, runs, plots, start)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ TTFT/TPOT CDFs and semi-PD share.
 
 import time
 
-from pdserve_jax import results, workloads
+from pdserve_jax import workloads
 from pdserve_jax.cli import common, figures, modes, simulation
 
 
@@ -28,10 +28,7 @@ def main(cfg, out: common.Outputs):
   print(common.table(runs))
   plots = (figures.write(out.plots_dir, runs, cfg.ttft_slo, cfg.tpot_slo)
            if out.plots_dir else [])
-  if out.json:
-    results.write(out.json, results.document(
-        "simulate", common.config_dict(cfg), runs, plots,
-        wall_seconds=time.perf_counter() - start))
+  common.save("simulate", cfg, out, runs, plots, start)
 
 
 if __name__ == "__main__":

@@ -99,10 +99,7 @@ def main(cfg, out: common.Outputs):
     plots = figures.write(out.plots_dir, runs, cfg.ttft_slo, cfg.tpot_slo, title, cfg.target,
                           cdf_per_rate=True)
     print(f"plots in {os.path.abspath(out.plots_dir)}")
-  if out.json:
-    results.write(out.json, results.document(
-        "sweep", common.config_dict(cfg), runs, plots,
-        wall_seconds=time.perf_counter() - start))
+  common.save("sweep", cfg, out, runs, plots, start)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,14 @@ class Setup:
   # virtual CPU devices do (`profiler.profile_overlap` measures it).
   overlap_slowdown: float = 1.0
 
+  def __post_init__(self):
+    if not 0 < self.memory_utilization <= 1:
+      raise ValueError(f"memory_utilization must lie in (0, 1], got {self.memory_utilization}")
+    if self.page_size < 1:
+      raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+    if not self.overlap_slowdown > 0:
+      raise ValueError(f"overlap_slowdown must be > 0, got {self.overlap_slowdown}")
+
 
 def kv_capacity_tokens(setup: Setup, tp: int, pp: int) -> int:
   """Tokens of KV one instance of `tp` x `pp` devices holds beside its weights."""
