@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import ml_collections
 import pytest
@@ -25,9 +26,15 @@ TINY_ENGINE = ["--config.model=tiny", "--config.engine.max_seq_len=64",
                "--config.workload.output_mean=6", "--config.workload.num_requests=6"]
 
 
+# The apps' persistent compilation cache goes to a folder of this test session, not
+# the user's ~/.cache.
+CACHE_HOME = tempfile.mkdtemp(prefix="pdserve-test-cache-")
+
+
 def run(app, *args, cwd=ROOT, timeout=300):
   return subprocess.run([sys.executable, "-m", f"pdserve_jax.cli.{app}", *args], cwd=cwd,
-                        capture_output=True, text=True, timeout=timeout)
+                        capture_output=True, text=True, timeout=timeout,
+                        env=dict(os.environ, XDG_CACHE_HOME=CACHE_HOME))
 
 
 def ok(proc, path) -> dict:
@@ -80,9 +87,11 @@ def test_plan_default_config_and_override(tmp_path, shared_data):
 @pytest.mark.slow  # compiles an engine
 def test_serve_default_config_and_override(tmp_path):
   proc = run("serve", *TINY_ENGINE, "--config.modes=semi_pd", "--config.workload.rate=30",
-             "--config.prompts=hello",
+             "--config.prompts=hello", f"--compilation_cache={tmp_path / 'cache'}",
              f"--output_json={tmp_path / 's.json'}", f"--plots_dir={tmp_path / 'plots'}")
   doc = ok(proc, tmp_path / "s.json")
+  # The engine's programs went into the persistent compilation cache.
+  assert any(n.startswith("jit__decode_program") for n in os.listdir(tmp_path / "cache"))
   (r,) = doc["runs"]
   assert (r["mode"], r["executor"], r["rate_rps"]) == ("semi_pd", "engine", 30.0)
   assert [q["finish_reason"] for q in r["requests"]] == ["length"] * 6

@@ -48,8 +48,39 @@ def run(main: Callable, default_config: Optional[str] = None,
     fail(_unknown_key(e, sys.argv, default_config))
   flags.DEFINE_string("output_json", output_json, "write the result JSON here")
   flags.DEFINE_string("plots_dir", plots_dir, "write PNG plots into this folder")
+  flags.DEFINE_string("compilation_cache", default_cache_dir(),
+                      "JAX's persistent compilation cache folder, so a second run skips "
+                      "compiling ('' turns it off)")
   app.run(lambda argv: _guarded(main, argv),
           flags_parser=lambda argv: _parse(argv, default_config))
+
+
+def default_cache_dir() -> str:
+  """`$XDG_CACHE_HOME/pdserve_jax/jax` (~/.cache by default)."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "pdserve_jax", "jax")
+
+
+def use_compilation_cache(path: str) -> None:
+  """Turns on JAX's persistent compilation cache in `path` ("" leaves it off).
+
+  Every program is cached, however fast it compiled: an engine compiles dozens of
+  small ones, and together they are its warm-up.
+  """
+  if not path:
+    return
+  path = os.path.abspath(path)
+  settings = {"jax_compilation_cache_dir": path,
+              "jax_persistent_cache_min_compile_time_secs": 0.0,
+              "jax_persistent_cache_min_entry_size_bytes": 0}
+  if "jax" in sys.modules:
+    import jax
+
+    for k, v in settings.items():
+      jax.config.update(k, v)
+  else:  # jax reads these when it is imported; the simulator-only apps never import it
+    for k, v in settings.items():
+      os.environ.setdefault(k.upper(), str(v))
 
 
 def fail(message: str) -> None:
@@ -144,6 +175,7 @@ def _guarded(main: Callable, argv) -> None:
   if cfg is None:
     fail("--config is required")
   out = Outputs(flags.FLAGS.output_json or None, flags.FLAGS.plots_dir or None)
+  use_compilation_cache(flags.FLAGS.compilation_cache)
   try:
     main(cfg, out)
   except AttributeError as e:
