@@ -103,8 +103,9 @@ def test_training_json_says_what_ran(trained):
   assert src["documents"] == 240
   assert record["config"]["model"]["hidden"] == 32 and record["steps"] == 40
   assert record["split"]["heldout_documents"] > 0 and record["split"]["train_documents"] > 0
-  # The record names how long it ran and where (not a timing check: any duration passes).
-  assert isinstance(record["wall_seconds"], float) and record["machine"]["cpu_count"] >= 1
+  # The record names how long it ran and where (its type only: no timing is compared).
+  duration = record["wall_seconds"]
+  assert isinstance(duration, float) and record["machine"]["cpu_count"] >= 1
   assert [s["prompt"] for s in record["samples"]] == list(record["config"]["sample_prompts"])
 
 
