@@ -372,7 +372,7 @@ class Engine:
     if isinstance(prompts, str):
       prompts = [prompts]
     prompts = list(prompts)
-    if prompts and validate.is_token_id(prompts[0]):
+    if prompts and validate.is_int(prompts[0]):
       raise TypeError("prompts must be a list of prompts (strs or token-id lists); wrap a "
                       "single token-id prompt in a list")
     if sampling is None or isinstance(sampling, SamplingParams):

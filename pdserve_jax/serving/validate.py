@@ -32,12 +32,11 @@ MAX_LOGPROBS = 5
 MAX_N = 64
 
 
-def _is_int(x: Any) -> bool:
+def is_int(x: Any) -> bool:
+  """A Python or numpy int, not a bool."""
   # bool is an int subclass, but True as a token id or a count is always a caller bug.
   return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
-
-is_token_id = _is_int
 
 
 def _is_real(x: Any) -> bool:
@@ -51,7 +50,7 @@ def _describe(x: Any) -> str:
 
 def _int_field(name: str, x: Any, lo: int, hi: float, what: str) -> int:
   """`x` as a Python int in [lo, hi]; `what` describes the range in messages."""
-  if not _is_int(x):
+  if not is_int(x):
     raise TypeError(f"{name} must be an int {what}, got {_describe(x)}")
   v = int(x)
   if not lo <= v <= hi:
@@ -70,7 +69,7 @@ def _real_field(name: str, x: Any) -> float:
 
 def _token_ids(name: str, ids: Iterable[Any], vocab_size: Optional[int]) -> List[int]:
   """Plain ints from an ordered iterable of int ids; range-checked when vocab_size is set."""
-  if isinstance(ids, (str, bytes, bytearray)) or _is_int(ids):
+  if isinstance(ids, (str, bytes, bytearray)) or is_int(ids):
     raise TypeError(f"{name} must be a sequence of int token ids, got {type(ids).__name__}")
   if isinstance(ids, collections.abc.Mapping):
     raise TypeError(f"{name} must be a sequence of int token ids, got a mapping "
@@ -89,7 +88,7 @@ def _token_ids(name: str, ids: Iterable[Any], vocab_size: Optional[int]) -> List
       raise TypeError(f"{name} must be a sequence of int token ids, got "
                       f"{type(ids).__name__}") from None
     for i, t in enumerate(items):
-      if not _is_int(t):
+      if not is_int(t):
         raise TypeError(f"{name}[{i}] must be an int token id, got {_describe(t)}")
     out = [int(t) for t in items]
   if vocab_size is None:
