@@ -212,17 +212,16 @@ class JaxExecutor:
     between the `pairs` of (source, destination) groups; logs each phase and shows
     a progress bar on a terminal."""
     start = time.perf_counter()
-    plan = {}
+    plan, total = {}, 0
     for group, runner in self.runners.items():
       roles = self.roles[group]
       prefill, decode = roles != {"decode"}, roles != {"prefill"}
       plan[group] = (prefill, decode)
-      logging.info("warm-up %s: %d prefill and %d decode programs", group,
-                   len(runner.shape.compiled_prefill_shapes()) if prefill else 0,
-                   len(runner.shape.compiled_decode_shapes()) if decode else 0)
-    total = sum((len(r.shape.compiled_prefill_shapes()) if plan[g][0] else 0)
-                + (len(r.shape.compiled_decode_shapes()) if plan[g][1] else 0)
-                for g, r in self.runners.items())
+      n_prefill = len(runner.shape.compiled_prefill_shapes()) if prefill else 0
+      n_decode = len(runner.shape.compiled_decode_shapes()) if decode else 0
+      total += n_prefill + n_decode
+      logging.info("warm-up %s: %d prefill and %d decode programs", group, n_prefill,
+                   n_decode)
     with tqdm.tqdm(total=total, desc="warm-up", unit="program", disable=None,
                    leave=False) as bar:
       for group, runner in self.runners.items():
