@@ -42,4 +42,9 @@ def get_config():
   c.target = 0.9  # attainment to keep
   c.tol = 0.03
   c.target_rate = 0.0  # 0: the best goodput per device within the cluster
+  # Each kept placement is measured again over workload seeds until the 95% interval
+  # of its mean goodput is within max_spread of it (0: the one seed of the search).
+  c.max_spread = 0.05
+  c.min_seeds = 3
+  c.max_seeds = 24
   return c

@@ -321,8 +321,9 @@ def _lengths(kind: str, mean: float, spread: float, high: int):
 
 
 def from_config(w, context: int, max_prompt_len: Optional[int] = None) -> Callable:
-  """rate -> requests, from a workload block (`DEFAULTS`); every app reads its
-  workload through this.
+  """(rate, seed=None) -> requests, from a workload block (`DEFAULTS`); every app
+  reads its workload through this. `seed` (default: the block's) seeds lengths and
+  arrivals, for estimates over seeds (`sim.goodput.over_seeds`).
 
   A synthetic source draws `num_requests` prompt and output lengths from
   `lengths`; a trace source (`trace`, a CSV path relative to the current
@@ -344,7 +345,7 @@ def from_config(w, context: int, max_prompt_len: Optional[int] = None) -> Callab
     prompt = _lengths(w.lengths, w.prompt_mean, w.prompt_spread, max_prompt)
     output = _lengths(w.lengths, w.output_mean, w.output_spread, total - 1)
 
-    def make(rate):
+    def make(rate, seed=seed):
       reqs = synthetic(n, rate, prompt, output, w.arrival, w.cv, seed)
       for r in reqs:  # the prompt first, the output in what is left
         r.max_tokens = min(r.max_tokens, total - r.prompt_len)
@@ -356,7 +357,7 @@ def from_config(w, context: int, max_prompt_len: Optional[int] = None) -> Callab
                             f"{os.getcwd()})")
   trace = load_csv_trace(path).filter(total, max_prompt)
 
-  def make(rate):
+  def make(rate, seed=seed):
     if not rate:
       return trace.requests(n=min(n, len(trace)))
     return trace.requests(n=n, rate=rate, process=w.arrival, cv=w.cv, seed=seed,

@@ -70,17 +70,27 @@ def test_simulate_default_config_and_override(tmp_path):
 def test_plan_default_config_and_override(tmp_path, shared_data):
   # The default config's trace, with a smaller sample and search.
   proc = run("plan", "--config.workload.num_requests=100", "--config.tp_options=1,2",
-             "--config.pp_options=1", f"--output_json={tmp_path / 'a.json'}")
+             "--config.pp_options=1", "--config.max_seeds=4", f"--output_json={tmp_path / 'a.json'}")
   doc = ok(proc, tmp_path / "a.json")
   assert set(doc["plan"]["best"]) == set(modes.MODES)
+  # Every kept placement was measured over 3 or 4 seeds; its goodput is their mean.
+  kept = [c for c in doc["plan"]["candidates"] if c["goodput_rps"] is not None]
+  for c in kept:
+    est = c["estimate"]
+    assert 3 <= est["num_seeds"] <= 4 and est["seeds"] == list(range(est["num_seeds"]))
+    assert c["goodput_rps"] == pytest.approx(sum(est["values"]) / est["num_seeds"])
+  ranked = [c["goodput_per_device"] for c in kept]
+  assert ranked == sorted(ranked, reverse=True)
   assert {r["mode"] for r in doc["runs"]} == {m for m, c in doc["plan"]["best"].items() if c}
   proc = run("plan", "--config.workload.source=synthetic", "--config.workload.num_requests=60",
              "--config.tp_options=1", "--config.pp_options=1",
-             "--config.modes=colocated_prefill_first", f"--output_json={tmp_path / 'b.json'}",
+             "--config.modes=colocated_prefill_first", "--config.max_spread=0",
+             f"--output_json={tmp_path / 'b.json'}",
              f"--plots_dir={tmp_path / 'plots'}")
   doc = ok(proc, tmp_path / "b.json")
   assert list(doc["plan"]["best"]) == ["colocated_prefill_first"]
   assert doc["plan"]["best"]["colocated_prefill_first"]["goodput_rps"] > 0
+  assert doc["plan"]["best"]["colocated_prefill_first"]["estimate"] is None  # one seed
   assert "planner_goodput.png" in {os.path.basename(p) for p in doc["plots"]}
 
 

@@ -114,7 +114,7 @@ def test_command_lines(tmp_path):
   out = tmp_path / "plan.json"
   r = _run("pdserve_jax.cli.plan", "--config=configs/plan_opt13b.py",
            "--config.workload.source=synthetic", "--config.workload.num_requests=100",
-           "--config.tp_options=1", "--config.pp_options=1",
+           "--config.tp_options=1", "--config.pp_options=1", "--config.max_spread=0",
            "--config.modes=colocated_prefill_first,colocated_chunked", f"--output_json={out}")
   assert r.returncode == 0, r.stderr
   assert "per device" in r.stdout

@@ -20,6 +20,8 @@ from pdserve_jax.sim import planner
 RULES = {
     "num_nodes": common.at_least(1), "target": common.fraction, "tol": common.positive,
     "target_rate": lambda v: None if v >= 0 else "must be >= 0 (0: no target)",
+    "max_spread": lambda v: None if v >= 0 else "must be >= 0 (0: one seed)",
+    "min_seeds": common.at_least(1), "max_seeds": common.at_least(1),
 }
 
 
@@ -38,7 +40,8 @@ def build_spec(cfg) -> planner.PlanSpec:
       target=cfg.target, tol=cfg.tol, target_rate=cfg.target_rate or None,
       semi_pd_shares=_shares(cfg.semi_pd_shares), semi_pd_concurrent=cfg.semi_pd.concurrent,
       partitioner=modes.partitioner(cfg),
-      page_policy=i.page_policy)
+      page_policy=i.page_policy, max_spread=cfg.max_spread or None, min_seeds=cfg.min_seeds,
+      max_seeds=max(cfg.min_seeds, cfg.max_seeds))
 
 
 def _shares(value) -> tuple:
@@ -56,14 +59,19 @@ def candidate(c) -> dict:
 def table(cands) -> str:
   """The candidates, ranked; a pruned one shows the capacity bound that pruned it."""
   rows = [f"{'mode':<24}{'algorithm':<20}{'placement':<46}{'devices':>8}{'goodput':>9}"
-          f"{'per device':>12}"]
+          f"{'per device':>12}{'± (95%)':>9}{'seeds':>6}"]
   for c in cands:
     if c["goodput_rps"] is None:
       goodput, per = "pruned", f"<{c['capacity_rps'] / c['num_devices']:.2f}"
     else:
       goodput, per = f"{c['goodput_rps']:.2f}", f"{c['goodput_per_device']:.2f}"
+    e = c["estimate"]
+    spread = "" if e is None else f"{e['half_width_95'] / c['num_devices']:.2f}"
+    seeds = "" if e is None else f"{e['num_seeds']}" + ("*" if c["overlaps_best"] else "")
     rows.append(f"{c['mode']:<24}{c['algorithm']:<20}{c['placement']:<46}"
-                f"{c['num_devices']:>8}{goodput:>9}{per:>12}")
+                f"{c['num_devices']:>8}{goodput:>9}{per:>12}{spread:>9}{seeds:>6}")
+  if any(c["overlaps_best"] for c in cands):
+    rows.append("* its 95% interval overlaps the best's: these seeds do not separate them")
   return "\n".join(rows)
 
 

@@ -23,6 +23,11 @@ and a config is simulated at the best goodput per device found so far and bisect
 only if it meets the SLOs there. Bisection never goes above the measured capacity:
 a finite sample can meet the SLOs at rates no steady state sustains (TPOT in
 particular hides queueing for a decode slot, spread over every output token).
+With `max_spread` set, every candidate that kept a goodput is measured again over
+workload seeds (`goodput.over_seeds`, until the 95% interval of the mean is within
+`max_spread` of it); the ranking is then by the mean, and a candidate whose
+interval overlaps the top one's is marked `overlaps_best`: these seeds do not
+separate the two. The search itself runs on the workload's own seed.
 Limits: the workload is a fixed-size sample; the ranking gives exact goodput only
 for configs that were the best of their mode when tried.
 """
@@ -69,6 +74,9 @@ class PlanSpec:
     semi_pd_concurrent: model semi-PD as SM partitioning instead of time slicing.
     partitioner: SloPartitioner settings for the dynamic semi-PD candidate.
     page_policy: every instance's page policy ("on_demand" or "reserve").
+    max_spread: if set, measure each kept candidate over seeds (see the module
+      docstring); `workload` must then take `(rate, seed)`.
+    min_seeds, max_seeds: the seed counts of those measurements.
   """
   setup: sim.Setup
   workload: Workload
@@ -87,6 +95,9 @@ class PlanSpec:
   semi_pd_concurrent: bool = False
   partitioner: PartitionerConfig = PartitionerConfig()
   page_policy: str = "on_demand"
+  max_spread: Optional[float] = None
+  min_seeds: int = search.MIN_SEEDS
+  max_seeds: int = search.MAX_SEEDS
 
   @property
   def devices_per_node(self) -> int:
@@ -101,7 +112,10 @@ class PlanSpec:
 class Candidate:
   """One placement and its goodput (requests/s, whole placement). `goodput` is None
   when the search showed it cannot beat the best of its mode (see `note`).
-  `capacity` is its throughput at saturation when `measured`, else an estimate."""
+  `capacity` is its throughput at saturation when `measured`, else an estimate.
+  `estimate` is its goodput over seeds when the plan measured one (`goodput` is
+  then its mean), and `overlaps_best` whether that interval overlaps the top
+  candidate's (per device)."""
   mode: str
   algorithm: str
   deployment: Any
@@ -110,6 +124,8 @@ class Candidate:
   capacity: float
   note: str = ""
   measured: bool = False
+  estimate: Optional[search.Estimate] = None
+  overlaps_best: bool = False
 
   @property
   def per_device(self) -> Optional[float]:
@@ -122,7 +138,9 @@ class Candidate:
     return {"mode": self.mode, "algorithm": self.algorithm, "placement": self.describe(),
             "num_devices": self.num_devices, "goodput_rps": self.goodput,
             "goodput_per_device": self.per_device, "capacity_rps": self.capacity,
-            "capacity_measured": self.measured, "note": self.note}
+            "capacity_measured": self.measured, "note": self.note,
+            "estimate": None if self.estimate is None else self.estimate.to_dict(),
+            "overlaps_best": self.overlaps_best}
 
 
 @dataclasses.dataclass
@@ -150,12 +168,17 @@ class Plan:
 
   def table(self) -> str:
     rows = [f"{'mode':<14}{'algorithm':<20}{'placement':<46}{'devices':>8}"
-            f"{'goodput':>10}{'per device':>12}"]
+            f"{'goodput':>10}{'per device':>12}{'± (95%)':>10}{'seeds':>6}"]
     for c in self.candidates:
       g = "pruned" if c.goodput is None else f"{c.goodput:.2f}"
       p = f"<{c.capacity / c.num_devices:.2f}" if c.goodput is None else f"{c.per_device:.2f}"
+      e = c.estimate
+      spread = "" if e is None else f"{e.half_width / c.num_devices:.2f}"
+      seeds = "" if e is None else f"{len(e.seeds)}" + ("*" if c.overlaps_best else "")
       rows.append(f"{c.mode:<14}{c.algorithm:<20}{c.describe():<46}{c.num_devices:>8}"
-                  f"{g:>10}{p:>12}")
+                  f"{g:>10}{p:>12}{spread:>10}{seeds:>6}")
+    if any(c.overlaps_best for c in self.candidates):
+      rows.append("* its 95% interval overlaps the best's: these seeds do not rank them")
     return "\n".join(rows)
 
 
@@ -413,9 +436,27 @@ def plan(spec: PlanSpec, modes: Sequence[str] = ("disaggregated", "semi_pd", "co
     cands += p.semi_pd()
   for policy in policies:  # each its own search, so each policy has a best
     cands += p.colocated([policy])
+  if spec.max_spread is not None:
+    _over_seeds(spec, [c for c in cands if c.goodput is not None])
   cands.sort(key=lambda c: (c.goodput is None, -(c.per_device or 0.0),
                             -c.capacity / c.num_devices))
+  top = cands[0] if cands and cands[0].estimate is not None else None
+  for c in cands[1:]:
+    if top is not None and c.estimate is not None:
+      c.overlaps_best = c.estimate.scaled(1 / c.num_devices).overlaps(
+          top.estimate.scaled(1 / top.num_devices))
   phase = {ph: {f"tp{tp}pp{pp}": g for (tp, pp), g in sorted(v.items())}
            for ph, v in p.phase.items()}
   devices = {f"tp{tp}pp{pp}": tp * pp for tp, pp in p.configs}
   return Plan(cands, phase, p.skipped, devices)
+
+
+def _over_seeds(spec: PlanSpec, cands: list[Candidate]) -> None:
+  """Measures each candidate's goodput over workload seeds; its mean becomes the
+  candidate's goodput."""
+  for c in cands:
+    c.estimate = search.goodput_over_seeds(
+        spec.workload, spec.setup, c.deployment, spec.ttft_slo, spec.tpot_slo, spec.target,
+        spec.tol, min_seeds=spec.min_seeds, max_seeds=spec.max_seeds,
+        max_spread=spec.max_spread)
+    c.goodput = c.estimate.mean

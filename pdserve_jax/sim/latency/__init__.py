@@ -15,6 +15,8 @@ Three families behind one interface (`LatencyModel`, in `base`), one module each
     compiled program shape, a step costing the calls the runner makes for it
     (same groups, same buckets). Exact for the instance it was profiled on, and
     for nothing else: it knows no other model, tp or pp.
+  * `WithOverheads` (`overheads`): any of them plus a serving system's per-step
+    costs (`StepOverheads`; `DISTSERVE` is what DistServe's simulator adds).
   * `ShareScaling`: semi-PD's slowdown of a phase given a share s of the device's
     compute, t_100 * (alpha / s + beta).
 
@@ -33,33 +35,46 @@ from pdserve_jax.model.config import ModelConfig
 from pdserve_jax.serving.share import ShareScaling
 from pdserve_jax.sim.hardware import HardwareSpec
 from pdserve_jax.sim.latency.base import LatencyModel, transfer_time
-from pdserve_jax.sim.latency.polynomial import (DISTSERVE_MODELS, PolynomialLatencyModel,
-                                                distserve_a100, fit_polynomial,
-                                                load_distserve_json)
+from pdserve_jax.sim.latency.overheads import StepOverheads, WithOverheads, get_overheads
+from pdserve_jax.sim.latency.polynomial import (A100_SYSTEMS, DISTSERVE_MODELS,
+                                                PolynomialLatencyModel, distserve_a100,
+                                                fit_polynomial, load_distserve_json)
 from pdserve_jax.sim.latency.roofline import RooflineLatencyModel
 from pdserve_jax.sim.latency.shape_table import ShapeTableLatencyModel
 
 
 def latency_source(kind: str, model: ModelConfig, hardware: HardwareSpec,
-                   **roofline_kw) -> Callable[[int, int], LatencyModel]:
+                   overheads="none", **roofline_kw) -> Callable[[int, int], LatencyModel]:
   """A (tp, pp) -> LatencyModel factory, as the simulator and planner take.
 
   Args:
-    kind: "distserve" (DistServe's A100-80GB figures, OPT-13B/66B only),
+    kind: "distserve" (DistServe's A100-80GB figures of its own engine, OPT-13B/66B
+      only), "vllm" (DistServe's figures for vLLM, its colocated baseline),
       "roofline" (analytic, any model and hardware), or the path of a profiled
       JSON: a polynomial (`PolynomialLatencyModel.save`), which describes the tp it
       was profiled at and is returned for every tp (so plan with that tp alone), pp
       dividing its times DistServe's way; or a shape table
       (`ShapeTableLatencyModel.save`), for the one instance it measured (pp = 1).
     model, hardware: what runs.
+    overheads: per-step serving costs added to every step: "none", "distserve"
+      (what DistServe's simulator adds, to reproduce its paper) or a
+      `StepOverheads`.
     roofline_kw: efficiency factors of `RooflineLatencyModel`.
   """
-  if kind == "distserve":
+  base = _base_source(kind, model, hardware, **roofline_kw)
+  extra = get_overheads(overheads)
+  if extra == StepOverheads():
+    return base
+  return lambda tp, pp: WithOverheads(base(tp, pp), extra, pp)
+
+
+def _base_source(kind, model, hardware, **roofline_kw):
+  if kind in A100_SYSTEMS:
     known = DISTSERVE_MODELS
     if model.name not in known or hardware.name != "a100-80gb":
       raise ValueError(f"DistServe's figures cover {known} on a100-80gb, not "
                        f"{model.name} on {hardware.name}; use 'roofline' or a fitted JSON")
-    return lambda tp, pp: distserve_a100(model.name, tp, pp)
+    return lambda tp, pp: distserve_a100(model.name, tp, pp, system=kind)
   if kind == "roofline":
     return lambda tp, pp: RooflineLatencyModel(model, hardware, tp, pp, **roofline_kw)
   with open(kind) as f:
@@ -77,5 +92,6 @@ def latency_source(kind: str, model: ModelConfig, hardware: HardwareSpec,
 
 
 __all__ = ["LatencyModel", "transfer_time", "PolynomialLatencyModel", "distserve_a100",
+           "StepOverheads", "WithOverheads", "get_overheads",
            "fit_polynomial", "load_distserve_json", "RooflineLatencyModel",
            "ShapeTableLatencyModel", "ShareScaling", "latency_source"]

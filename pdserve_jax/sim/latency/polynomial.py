@@ -112,9 +112,11 @@ def load_distserve_json(path: str, model: str, tp: int, pp: int = 1) -> Polynomi
 
 
 # DistServe's fitted coefficients for A100-80GB (ms; threshold 95 for all), from
-# LLMServe/DistServe, simdistserve/estimators/profile_data, profiler-a100-80g
-# (Apache-2.0): {(model, tp): (prefill, decode_small, decode_large)}.
-_DISTSERVE_A100_80G_MS = {
+# LLMServe/DistServe, simdistserve/estimators/profile_data (Apache-2.0):
+# {(model, tp): (prefill, decode_small, decode_large)}. "distserve" is DistServe's own
+# engine (profiler-a100-80g.distserve.json); "vllm" is vLLM as DistServe fitted it
+# (profiler-a100-80g.vllm.json), the colocated baseline of the paper's Figures 1 and 8.
+_A100_80G_MS = {"distserve": {
     ("opt-13b", 1): ((18.10254647486372, 0.1019122572698738, 7.122264314252114e-06),
                      (19.934702624895458, 0.0006269356524350583, 0.03850697740828398),
                      (7.1661889468253595, 0.0005798000403396046, 0.15831096191764046)),
@@ -136,18 +138,46 @@ _DISTSERVE_A100_80G_MS = {
     ("opt-66b", 8): ((25.490662375045222, 0.10659177664763161, 3.3910502518615973e-06),
                      (23.15511135047022, 0.00022691488497826264, 0.04800638397272423),
                      (21.71772781576609, 0.0003758089655762475, 0.08978614175851013)),
-}
-DISTSERVE_MODELS = sorted({m for m, _ in _DISTSERVE_A100_80G_MS})
+}, "vllm": {
+    ("opt-13b", 1): ((22.052204789310185, 0.14050923870128956, 8.076584822611088e-06),
+                     (23.475041008414784, 0.000592934466077393, 0.060726861260369455),
+                     (20.206356173691958, 0.0004907727036234946, 0.1200031385587413)),
+    ("opt-13b", 2): ((27.440806247810684, 0.0905453268062731, 8.452054313246025e-06),
+                     (24.54058424191086, 0.00022440145424035404, 0.08715787269447899),
+                     (17.947769467112806, 0.0004570851465217072, 0.11179075830699213)),
+    ("opt-13b", 4): ((30.536322590049405, 0.05150644936810146, 4.232473132942393e-07),
+                     (25.90114444283343, 7.753634454230709e-05, 0.05528087160867803),
+                     (23.88388468859458, 0.00028400164093310935, 0.06276523831046728)),
+    ("opt-66b", 2): ((58.3822026348141, 0.3826408030281867, -7.1141486747694485e-06),
+                     (57.07344137197128, 0.0036461138777547255, 0.2249373634499222),
+                     (26.983759428854572, 0.006200132376379982, 0.4482569479277445)),
+    ("opt-66b", 3): ((45.74453423698261, 0.2778127747865773, 3.64624693008797e-05),
+                     (44.93958620555262, 0.0008096152552620141, 0.21287979591036174),
+                     (43.69602916834496, 0.0008402567346080152, 0.24006467608312998)),
+    ("opt-66b", 4): ((42.965489361973944, 0.2128658422785494, 4.601017396226869e-05),
+                     (39.58178936012414, 0.0006945721692406896, 0.13580868185596764),
+                     (40.859718006896806, 0.0004264871259058686, 0.19508372547790553)),
+    ("opt-66b", 8): ((38.931193445523604, 0.1573682229779579, 4.531676245669589e-06),
+                     (31.176041922273107, 0.00027556543631760213, 0.0679770397053775),
+                     (29.087774405517447, 0.0006027720257746419, 0.1389608688300688)),
+}}
+A100_SYSTEMS = tuple(_A100_80G_MS)
+DISTSERVE_MODELS = sorted({m for m, _ in _A100_80G_MS["distserve"]})
 
 
-def distserve_a100(model: str, tp: int = 1, pp: int = 1) -> PolynomialLatencyModel:
+def distserve_a100(model: str, tp: int = 1, pp: int = 1,
+                   system: str = "distserve") -> PolynomialLatencyModel:
   """DistServe's A100-80GB latency model for OPT-13B (tp 1, 2, 4) or OPT-66B
-  (tp 2, 3, 4, 8); `model` as "opt-13b" or "facebook/opt-13b"."""
+  (tp 2, 3, 4, 8); `model` as "opt-13b" or "facebook/opt-13b". `system` is
+  "distserve" (its own engine) or "vllm" (vLLM, as DistServe fitted it)."""
+  if system not in _A100_80G_MS:
+    raise ValueError(f"system must be one of {A100_SYSTEMS}, got {system!r}")
   key = (model.split("/")[-1], tp)
-  if key not in _DISTSERVE_A100_80G_MS:
-    raise ValueError(f"no DistServe A100 profile for {model} at tp={tp}; known: "
-                     f"{sorted(_DISTSERVE_A100_80G_MS)}")
-  p, s, l = _DISTSERVE_A100_80G_MS[key]
+  table = _A100_80G_MS[system]
+  if key not in table:
+    raise ValueError(f"no {system} A100 profile for {model} at tp={tp}; known: "
+                     f"{sorted(table)}")
+  p, s, l = table[key]
   return PolynomialLatencyModel.from_distserve(
       {"prefill": p, "decoding_smallbs": s, "decoding_largebs": l,
        "decoding_large_small_bs_threshold": 95}, pp)
