@@ -70,7 +70,8 @@ def test_simulate_default_config_and_override(tmp_path):
 def test_plan_default_config_and_override(tmp_path, shared_data):
   # The default config's trace, with a smaller sample and search.
   proc = run("plan", "--config.workload.num_requests=100", "--config.tp_options=1,2",
-             "--config.pp_options=1", "--config.max_seeds=4", f"--output_json={tmp_path / 'a.json'}")
+             "--config.pp_options=1", "--config.max_seeds=4",
+             f"--output_json={tmp_path / 'a.json'}")
   doc = ok(proc, tmp_path / "a.json")
   assert set(doc["plan"]["best"]) == set(modes.MODES)
   # Every kept placement was measured over 3 or 4 seeds; its goodput is their mean.
