@@ -92,7 +92,8 @@ def _split_label(label: str) -> tuple[str, bool]:
 
 
 def attainment_vs_rate(series: dict[str, tuple[list[float], list[float]]], path,
-                       title: str = "", target: Optional[float] = None) -> str:
+                       title: str = "", target: Optional[float] = None,
+                       xlabel: str = "arrival rate (req/s)") -> str:
   """SLO attainment against arrival rate, one curve per label (DistServe Fig. 8).
 
   `series` maps a label to (rates in req/s, attainments in [0, 1]). Labels sharing
@@ -128,7 +129,7 @@ def attainment_vs_rate(series: dict[str, tuple[list[float], list[float]]], path,
   if target is not None:
     ax.axhline(target, color="0.3", linestyle=":", linewidth=1.2,
                label=f"target {target:.0%}")
-  ax.set_xlabel("arrival rate (req/s)")
+  ax.set_xlabel(xlabel)
   ax.set_ylabel("SLO attainment")
   ax.set_ylim(0.0, 1.04)
   ax.set_xlim(left=0.0)
@@ -234,18 +235,24 @@ def share_over_time(history: list[tuple[float, float]], path, title: str = "") -
   return _save(fig, path)
 
 
-def planner_goodput(rows: list[tuple[str, float]], path, title: str = "") -> str:
+def planner_goodput(rows: list[tuple], path, title: str = "",
+                    highlight_best: bool = True) -> str:
   """Goodput per device (req/s/device) of each placement as horizontal bars, the
-  best at the top. The figure grows by one band per row (GOODPUT_ROW_HEIGHT)."""
+  best at the top. A row is (label, goodput) or (label, goodput, half-width of its
+  interval), drawn as an error bar. The figure grows by one band per row
+  (GOODPUT_ROW_HEIGHT)."""
   if not rows:
     raise ValueError("planner_goodput: no rows")
   parsed = []
   for i, row in enumerate(rows):
-    try:
-      label, value = row
-    except (TypeError, ValueError):
-      raise ValueError(f"rows[{i}]: expected (label, goodput)") from None
-    parsed.append((str(label), _numbers(f"rows[{i}] ({label!r}) goodput", [value], lo=0.0)[0]))
+    if not isinstance(row, (tuple, list)) or len(row) not in (2, 3):
+      raise ValueError(f"rows[{i}]: expected (label, goodput) or (label, goodput, "
+                       "half_width)")
+    label, value = row[0], row[1]
+    value = _numbers(f"rows[{i}] ({label!r}) goodput", [value], lo=0.0)[0]
+    err = _numbers(f"rows[{i}] ({label!r}) half_width", [row[2]], lo=0.0)[0] if len(
+        row) == 3 else 0.0
+    parsed.append((str(label), value, err))
   parsed.sort(key=lambda r: -r[1])  # stable: ties keep the caller's order
 
   height = GOODPUT_BASE_HEIGHT + GOODPUT_ROW_HEIGHT * len(parsed)
@@ -253,17 +260,23 @@ def planner_goodput(rows: list[tuple[str, float]], path, title: str = "") -> str
   ax = fig.add_subplot()
   labels = [r[0] for r in parsed]
   values = [r[1] for r in parsed]
+  errors = [r[2] for r in parsed]
   ys = list(range(len(parsed)))
-  colours = ["C2"] + ["C0"] * (len(parsed) - 1)  # the planner's pick stands out
-  bars = ax.barh(ys, values, color=colours, label="goodput")
-  ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], padding=3, fontsize="small")
+  # The planner's pick stands out.
+  colours = (["C2"] + ["C0"] * (len(parsed) - 1)) if highlight_best else ["C0"] * len(parsed)
+  bars = ax.barh(ys, values, color=colours, label="goodput",
+                 xerr=errors if any(errors) else None, capsize=4)
+  ax.bar_label(bars, labels=[f"{v:.3g}" + (f" ± {e:.2g}" if e else "")
+                             for v, e in zip(values, errors)], padding=3, fontsize="small")
   ax.set_yticks(ys, labels=labels)
   ax.invert_yaxis()  # best first, read top-down
-  ax.set_xlabel("goodput per device (req/s/device)")
-  ax.set_xlim(0.0, max(max(values), 1e-9) * 1.15)  # room for the value labels
+  ax.set_xlabel("goodput per device (req/s/device)"
+                + (", 95% intervals over seeds" if any(errors) else ""))
+  ax.set_xlim(0.0, max(v + e for v, e in zip(values, errors)) * 1.25 or 1e-9)
   ax.grid(True, axis="x", alpha=0.35)
-  ax.legend(handles=[bars[0]], labels=["best placement"], loc="lower right",
-            fontsize="small")
+  if highlight_best:
+    ax.legend(handles=[bars[0]], labels=["best placement"], loc="lower right",
+              fontsize="small")
   if title:
     ax.set_title(title)
   return _save(fig, path)

@@ -138,13 +138,19 @@ def test_planner_goodput_grows_with_rows(tmp_path):
     assert img.shape[:2] == pixel_size((plots.GOODPUT_WIDTH, height))
   assert img6.shape[0] > img3.shape[0]
   assert_drawn(img3)
+  # With half-widths the bars carry error bars; the size rule is the same.
+  img = read_png(plots.planner_goodput([(r[0], r[1], 0.1) for r in rows], tmp_path / "e.png",
+                                       highlight_best=False))
+  assert img.shape[:2] == img3.shape[:2]
+  assert_drawn(img)
 
 
 @pytest.mark.parametrize("rows, match", [
     ([], "no rows"),
     ([("a", math.nan)], "NaN"),
     ([("a", -1.0)], "outside"),
-    ([("a", 1.0, 2.0)], "expected \\(label, goodput\\)"),
+    ([("a", 1.0, 2.0, 3.0)], "expected \\(label, goodput\\)"),
+    ([("a", 1.0, -0.1)], "half_width.*outside"),
     ([("a", "fast")], "sequence of numbers"),
 ])
 def test_planner_goodput_rejects(tmp_path, rows, match):

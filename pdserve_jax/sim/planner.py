@@ -43,7 +43,7 @@ import numpy as np
 from pdserve_jax import deploy
 from pdserve_jax.serving.metrics import check_slos
 from pdserve_jax.serving.request import Request
-from pdserve_jax.serving.share import PartitionerConfig
+from pdserve_jax.serving.share import PartitionerConfig, ShareScaling
 from pdserve_jax.sim import goodput as search
 from pdserve_jax.sim import simulator as sim
 
@@ -72,6 +72,7 @@ class PlanSpec:
       to the ratio that maximises goodput per device within the cluster.
     semi_pd_shares: fixed prefill shares to try.
     semi_pd_concurrent: model semi-PD as SM partitioning instead of time slicing.
+    semi_pd_scaling: (prefill, decode) `ShareScaling` of SM partitioning.
     partitioner: SloPartitioner settings for the dynamic semi-PD candidate.
     page_policy: every instance's page policy ("on_demand" or "reserve").
     max_spread: if set, measure each kept candidate over seeds (see the module
@@ -93,6 +94,7 @@ class PlanSpec:
   target_rate: Optional[float] = None
   semi_pd_shares: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
   semi_pd_concurrent: bool = False
+  semi_pd_scaling: tuple[ShareScaling, ShareScaling] = (ShareScaling(), ShareScaling())
   partitioner: PartitionerConfig = PartitionerConfig()
   page_policy: str = "on_demand"
   max_spread: Optional[float] = None
@@ -393,8 +395,9 @@ class _Planner:
     s = self.spec
     configs = [(tp, pp) for tp, pp in self.configs if pp == 1]
     mid = s.semi_pd_shares[len(s.semi_pd_shares) // 2]
-    make = lambda x: (lambda tp, pp: deploy.SemiPD(self._instance(tp, pp), 1, x,
-                                                concurrent=s.semi_pd_concurrent))
+    make = lambda x: (lambda tp, pp: deploy.SemiPD(
+        self._instance(tp, pp), 1, x, concurrent=s.semi_pd_concurrent,
+        prefill_scaling=s.semi_pd_scaling[0], decode_scaling=s.semi_pd_scaling[1]))
     cands = self._search(self._combined("semi_pd", "fixed-share", make(mid), configs))
     top = max((c for c in cands if c.goodput is not None), key=lambda c: c.per_device,
               default=None)
