@@ -24,7 +24,6 @@ in, and the output says so.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import math
 import os
@@ -237,7 +236,7 @@ def report(rec: dict) -> str:
                  f"{s['num_devices']:>5}{d['mean']:>11.2f}{d['half_width_95']:>8.2f}"
                  f"{d['num_seeds']:>6}{_fmt(s['paper_per_device']):>7}"
                  f"{_fmt(s['ours_over_paper']):>11}{s['kv_tokens_per_device']:>11.0f}")
-  for name, r in rec["ratios"].items():
+  for r in rec["ratios"].values():
     o, (lo, hi) = r["ours"], r["paper"]
     paper = f"{lo:.2f}" if lo == hi else f"{lo:.2f}-{hi:.2f}"
     head = f"   ratio {r['numerator']} / {r['denominator']} (per GPU): ours "
