@@ -23,6 +23,7 @@ def get_config():
   c.model = "opt-13b"
   c.hardware = "a100-80gb"
   c.latency = "distserve"  # "roofline", or a profiled JSON (cli.profile)
+  c.overheads = "none"  # or "distserve": its per-step costs, as in its paper
   c.page_size = 16
   c.memory_utilization = 0.9
   c.ttft_slo = 0.25

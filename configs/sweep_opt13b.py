@@ -23,6 +23,7 @@ def get_config():
   c.seed = 0
   c.run_engine = False
   c.latency = "distserve"  # or "roofline", or a profiled JSON (cli.profile)
+  c.overheads = "none"  # or "distserve": its per-step costs, as in its paper
   c.profile_reps = 5
   c.hardware = "a100-80gb"
   c.page_size = 16
@@ -35,4 +36,5 @@ def get_config():
   c.update(modes.blocks(semi_pd=dict(dynamic=True)))
   c.engine = ml_collections.ConfigDict(dict(page_size=16))  # unused without the engine
   c.workload = workloads.config(num_requests=400, prompt_mean=512, output_mean=64)
+  c.num_seeds = 3  # per rate; the curves draw the mean
   return c

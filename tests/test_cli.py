@@ -48,13 +48,17 @@ def ok(proc, path) -> dict:
 
 
 def test_simulate_default_config_and_override(tmp_path):
-  doc = ok(run("simulate", f"--output_json={tmp_path / 'a.json'}"), tmp_path / "a.json")
-  (r,) = doc["runs"]
+  proc = run("simulate", f"--output_json={tmp_path / 'a.json'}")
+  doc = ok(proc, tmp_path / "a.json")
+  # The default config runs 5 workload seeds and prints their attainment's interval.
+  assert [r["seed"] for r in doc["runs"]] == [0, 1, 2, 3, 4]
+  assert "over seeds [0, 1, 2, 3, 4]" in proc.stdout
+  r = doc["runs"][0]
   assert (r["mode"], r["executor"], r["rate_rps"]) == ("disaggregated", "simulator", 9.9)
   assert len(r["requests"]) == r["summary"]["num_requests"] == 1000
   assert doc["device"]["count"] >= 1 and doc["versions"]["jax"]
   assert doc["config"]["workload"]["num_requests"] == 1000 and doc["plan"] is None
-  proc = run("simulate", "--config.modes=semi_pd,colocated_chunked",
+  proc = run("simulate", "--config.modes=semi_pd,colocated_chunked", "--config.num_seeds=1",
              "--config.semi_pd.dynamic=True", "--config.workload.rate=2",
              "--config.workload.lengths=lognormal", "--config.workload.prompt_spread=0.5",
              f"--output_json={tmp_path / 'b.json'}", f"--plots_dir={tmp_path / 'plots'}")
@@ -148,9 +152,14 @@ def test_sweep_simulator_only(tmp_path):
              "--config.workload.num_requests=100", "--config.modes=disaggregated,semi_pd",
              f"--output_json={tmp_path / 's.json'}", f"--plots_dir={tmp_path / 'plots'}")
   doc = ok(proc, tmp_path / "s.json")
-  assert {r["executor"] for r in doc["runs"]} == {"simulator"} and len(doc["runs"]) == 4
-  att = {(r["mode"], r["rate_rps"]): r["summary"]["attainment"] for r in doc["runs"]}
-  assert att["disaggregated", 2.0] >= att["disaggregated", 12.0]
+  # 2 modes x 2 rates x the config's 3 seeds.
+  assert {r["executor"] for r in doc["runs"]} == {"simulator"} and len(doc["runs"]) == 12
+  att = {}
+  for r in doc["runs"]:
+    att.setdefault((r["mode"], r["rate_rps"]), []).append(r["summary"]["attainment"])
+  assert all(len(v) == 3 for v in att.values())
+  assert sum(att["disaggregated", 2.0]) >= sum(att["disaggregated", 12.0])
+  assert "semi_pd (simulator) at 12 req/s: attainment" in proc.stdout
   assert "attainment_vs_rate.png" in {os.path.basename(p) for p in doc["plots"]}
 
 
@@ -253,16 +262,22 @@ def test_schema_describes_every_key():
 def test_every_config_has_one_workload_block_and_known_modes():
   import importlib.util
 
-  for name in sorted(os.listdir(CONFIGS)):
-    if name in ("profile_cpu.py", "train_demo.py") or not name.endswith(".py"):
+  # reproduce.py holds the reproduce app's knobs; its experiments name systems, not
+  # modes (tests/test_reproduce.py builds them), and share the workload block.
+  experiments = [os.path.join("reproduce", n)
+                 for n in sorted(os.listdir(os.path.join(CONFIGS, "reproduce")))]
+  for name in sorted(os.listdir(CONFIGS)) + experiments:
+    if name in ("profile_cpu.py", "train_demo.py", "reproduce.py") or not name.endswith(".py"):
       continue
-    spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(CONFIGS, name))
+    spec = importlib.util.spec_from_file_location(name[:-3].replace("/", "_"),
+                                                  os.path.join(CONFIGS, name))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cfg = module.get_config()
     assert set(cfg.workload) == set(workloads.DEFAULTS), name
     workloads.check_config(cfg.workload)
-    modes.modes(cfg)
+    if "modes" in cfg or not name.startswith("reproduce"):
+      modes.modes(cfg)
 
 
 def test_workload_block():

@@ -19,7 +19,8 @@ def write(plots_dir: str, runs: Sequence[dict], ttft_slo: float, tpot_slo: float
           planner_rows: Sequence[tuple] = (), cdf_per_rate: bool = False) -> list[str]:
   """Every figure `runs` (and the planner's `planner_rows`) make; returns the paths.
 
-  Attainment vs rate when a mode ran at more than one rate; TTFT/TPOT CDFs (one
+  Attainment vs rate when a mode ran at more than one rate (the mean over seeds
+  where several ran at a rate); TTFT/TPOT CDFs (one
   figure per rate with `cdf_per_rate`); the semi-PD share over time of each executor's
   highest-rate run with a partitioner; the planner's goodput per placement.
   """
@@ -27,12 +28,15 @@ def write(plots_dir: str, runs: Sequence[dict], ttft_slo: float, tpot_slo: float
 
   path = lambda name: os.path.join(plots_dir, name)
   out = []
-  series = {}
+  by_point = {}  # runs of several seeds at one rate draw their mean
   for r in runs:
     if r["rate_rps"] is not None:
-      rates, atts = series.setdefault(label(r), ([], []))
-      rates.append(r["rate_rps"])
-      atts.append(r["summary"]["attainment"])
+      by_point.setdefault((label(r), r["rate_rps"]), []).append(r["summary"]["attainment"])
+  series = {}
+  for (name, rate), atts in by_point.items():
+    rates, means = series.setdefault(name, ([], []))
+    rates.append(rate)
+    means.append(sum(atts) / len(atts))
   if any(len(rates) > 1 for rates, _ in series.values()):
     out.append(plots.attainment_vs_rate(series, path("attainment_vs_rate.png"), title,
                                         target))

@@ -73,8 +73,7 @@ def sim_only(cfg, deployments: dict, rates, setup) -> list:
   with common.progress(len(deployments) * len(rates), "sweep (simulator)", "run") as bar:
     for dep in deployments.values():
       for rate in rates:
-        runs.append(simulation.run(setup, dep, make(rate), rate, cfg.ttft_slo, cfg.tpot_slo,
-                                   cfg.latency))
+        runs += simulation.run_seeds(setup, dep, make, rate, cfg)
         bar.update(1)
   return runs
 
@@ -92,6 +91,9 @@ def main(cfg, out: common.Outputs):
   setup = None if cfg.latency == "profile" else simulation.setup(cfg)
   runs = (engine_and_sim if cfg.run_engine else sim_only)(cfg, deployments, rates, setup)
   print(common.table(runs))
+  summary = simulation.seed_summary(runs)
+  if summary:
+    print(summary)
   plots = []
   if out.plots_dir:
     title = (f"{cfg.model}: {cfg.workload.num_requests} requests per rate, SLOs TTFT "
