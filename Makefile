@@ -20,12 +20,22 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# JAX's persistent compilation cache in a folder emptied at each run: every program
+# is still compiled once per run, and the many tests (and notebook kernels, which
+# inherit the environment) that build identical programs load them instead of
+# compiling them again (test_text.py: 56 s without, 36 s with).
+TEST_CACHE := $(CURDIR)/.test_jax_cache
+TEST_ENV := JAX_COMPILATION_CACHE_DIR=$(TEST_CACHE) JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
+	JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x tests
+	rm -rf $(TEST_CACHE)
+	$(TEST_ENV) $(BIN)/python -m pytest -q -x tests
 
 # Skips the tests marked slow (engines in every mode, profiling, notebooks).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -x -m "not slow" tests
+	rm -rf $(TEST_CACHE)
+	$(TEST_ENV) $(BIN)/python -m pytest -q -x -m "not slow" tests
 
 demo: $(STAMP)
 	$(BIN)/python -m pdserve_jax.cli.serve --config=configs/serve_demo.py --plots_dir=demo_plots
