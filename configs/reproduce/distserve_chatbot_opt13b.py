@@ -7,22 +7,13 @@ in the paper. The paper reports 2.0-4.6x DistServe's rate over vLLM's across the
 three chatbot models.
 """
 
-from pdserve_jax import workloads
-from pdserve_jax.cli.reproduce import experiment, system
+from pdserve_jax.cli.reproduce import distserve_panel, trace_workload
 
 
 def get_config():
-  return experiment(
-      title="DistServe Figure 8, chatbot, OPT-13B",
-      source="DistServe (arXiv 2401.09670), Figure 8 (chatbot), section 6.2",
-      model="opt-13b", ttft_slo=0.25, tpot_slo=0.1,
-      workload=workloads.config(source="trace",
-                                trace="../shared/data/traces/splitwise_conv.csv",
-                                num_requests=1000),
-      tp_options=(1, 2, 4), pp_options=(1, 2, 4),
-      systems=dict(
-          vllm=system("vLLM, colocated tp1", "vllm", "colocated_prefill_first", tp=1),
-          distserve=system("DistServe, planned", "distserve", "disaggregated", plan=True)),
-      ratios=dict(distserve_over_vllm=("distserve", "vllm", 2.0, 4.6)),
+  return distserve_panel(
+      "opt-13b", vllm_tp=1, paper=(2.0, 4.6), figure="Figure 8 (chatbot)",
+      title="DistServe Figure 8, chatbot, OPT-13B", ttft_slo=0.25, tpot_slo=0.1,
+      workload=trace_workload("splitwise_conv"), tp_options=(1, 2, 4), pp_options=(1, 2, 4),
       notes="Conversation-trace lengths stand in for ShareGPT; the paper's 2.0-4.6x spans "
             "its three chatbot models, not this panel alone.")

@@ -6,21 +6,12 @@ prompts are far longer than HumanEval's. Section 6.2 reports 5.7x DistServe's ra
 over vLLM's (our reading of the paper; the issue quotes only the chatbot range).
 """
 
-from pdserve_jax import workloads
-from pdserve_jax.cli.reproduce import experiment, system
+from pdserve_jax.cli.reproduce import distserve_panel, trace_workload
 
 
 def get_config():
-  return experiment(
-      title="DistServe Figure 9, code completion, OPT-66B",
-      source="DistServe (arXiv 2401.09670), Figure 9 (code completion), section 6.2",
-      model="opt-66b", ttft_slo=0.125, tpot_slo=0.2,
-      workload=workloads.config(source="trace",
-                                trace="../shared/data/traces/splitwise_code.csv",
-                                num_requests=1000),
-      tp_options=(2, 4, 8), pp_options=(1, 2, 4),
-      systems=dict(
-          vllm=system("vLLM, colocated tp4", "vllm", "colocated_prefill_first", tp=4),
-          distserve=system("DistServe, planned", "distserve", "disaggregated", plan=True)),
-      ratios=dict(distserve_over_vllm=("distserve", "vllm", 5.7, 5.7)),
+  return distserve_panel(
+      "opt-66b", vllm_tp=4, paper=(5.7, 5.7), figure="Figure 9 (code completion)",
+      title="DistServe Figure 9, code completion, OPT-66B", ttft_slo=0.125, tpot_slo=0.2,
+      workload=trace_workload("splitwise_code"), tp_options=(2, 4, 8), pp_options=(1, 2, 4),
       notes="Code-trace lengths stand in for HumanEval, with much longer prompts.")

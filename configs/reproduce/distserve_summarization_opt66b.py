@@ -7,19 +7,14 @@ reports 4.3x DistServe's rate over vLLM's (our reading of the paper).
 """
 
 from pdserve_jax import workloads
-from pdserve_jax.cli.reproduce import experiment, system
+from pdserve_jax.cli.reproduce import distserve_panel
 
 
 def get_config():
-  return experiment(
-      title="DistServe Figure 9, summarisation, OPT-66B",
-      source="DistServe (arXiv 2401.09670), Figure 9 (summarisation), section 6.2",
-      model="opt-66b", ttft_slo=15.0, tpot_slo=0.15,
+  return distserve_panel(
+      "opt-66b", vllm_tp=4, paper=(4.3, 4.3), figure="Figure 9 (summarisation)",
+      title="DistServe Figure 9, summarisation, OPT-66B", ttft_slo=15.0, tpot_slo=0.15,
       workload=workloads.config(num_requests=1000, lengths="lognormal", prompt_mean=1500,
                                 prompt_spread=0.3, output_mean=100, output_spread=0.5),
       tp_options=(2, 4, 8), pp_options=(1, 2, 4),
-      systems=dict(
-          vllm=system("vLLM, colocated tp4", "vllm", "colocated_prefill_first", tp=4),
-          distserve=system("DistServe, planned", "distserve", "disaggregated", plan=True)),
-      ratios=dict(distserve_over_vllm=("distserve", "vllm", 4.3, 4.3)),
       notes="Synthetic long prompts stand in for LongBench.")

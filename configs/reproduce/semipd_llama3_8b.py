@@ -12,8 +12,7 @@ partitioning (phases concurrent). SM partitioning's slowdowns are our assumption
 prefill compute-bound, t/s; decode mostly memory-bound, t * (0.3 / s + 0.7).
 """
 
-from pdserve_jax import workloads
-from pdserve_jax.cli.reproduce import experiment, system
+from pdserve_jax.cli.reproduce import experiment, system, trace_workload
 
 
 def get_config():
@@ -21,9 +20,7 @@ def get_config():
       title="semi-PD vs colocated and disaggregated, Llama-3-8B (roofline)",
       source="semi-PD (arXiv 2504.19867), abstract and evaluation",
       model="llama3-8b", ttft_slo=0.25, tpot_slo=0.1, overheads="none",
-      workload=workloads.config(source="trace",
-                                trace="../shared/data/traces/splitwise_conv.csv",
-                                num_requests=1000),
+      workload=trace_workload("splitwise_conv"),
       tp_options=(1, 2, 4), pp_options=(1,),
       systems=dict(
           colocated=system("colocated, prefill-first", "roofline", "colocated_prefill_first",

@@ -72,6 +72,30 @@ def experiment(**kw) -> ml_collections.ConfigDict:
   return c
 
 
+def distserve_panel(model: str, vllm_tp: int, paper: tuple[float, float],
+                    roofline: bool = False, **kw) -> ml_collections.ConfigDict:
+  """One of DistServe's Figure 8/9 panels: vLLM colocated at `vllm_tp` against
+  DistServe at our planner's placement, their ratio per GPU beside the paper's
+  `paper` (low, high). `roofline` runs both on the roofline model (a model without
+  published coefficients); `kw` goes to `experiment`."""
+  tag = " (roofline)" if roofline else ""
+  return experiment(
+      model=model, source=f"DistServe (arXiv 2401.09670), {kw.pop('figure')}, section 6.2",
+      systems=dict(
+          vllm=system(f"vLLM, colocated tp{vllm_tp}{tag}", "roofline" if roofline else "vllm",
+                      "colocated_prefill_first", tp=vllm_tp),
+          distserve=system(f"DistServe, planned{tag}",
+                           "roofline" if roofline else "distserve", "disaggregated",
+                           plan=True)),
+      ratios=dict(distserve_over_vllm=("distserve", "vllm", *paper)), **kw)
+
+
+def trace_workload(name: str, num_requests: int = 1000):
+  """A workload block sampling `../shared/data/traces/<name>.csv`."""
+  return workloads.config(source="trace", trace=f"../shared/data/traces/{name}.csv",
+                          num_requests=num_requests)
+
+
 # --- one experiment ----------------------------------------------------------------------
 
 
