@@ -270,9 +270,10 @@ def planner_goodput(rows: list[tuple], path, title: str = "",
                              for v, e in zip(values, errors)], padding=3, fontsize="small")
   ax.set_yticks(ys, labels=labels)
   ax.invert_yaxis()  # best first, read top-down
-  ax.set_xlabel("goodput per device (req/s/device)"
-                + (", 95% intervals over seeds" if any(errors) else ""))
-  ax.set_xlim(0.0, max(v + e for v, e in zip(values, errors)) * 1.25 or 1e-9)
+  ax.set_xlabel("goodput per device (req/s/device)" + (", ± 95%" if any(errors) else ""))
+  # Room for the value labels beyond the longest bar (and its error bar).
+  ax.set_xlim(0.0, max(v + e for v, e in zip(values, errors)) * (1.45 if any(errors) else 1.15)
+              or 1e-9)
   ax.grid(True, axis="x", alpha=0.35)
   if highlight_best:
     ax.legend(handles=[bars[0]], labels=["best placement"], loc="lower right",

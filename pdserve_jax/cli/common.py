@@ -56,7 +56,10 @@ def run(main: Callable, default_config: Optional[str] = None,
 
 
 def default_cache_dir() -> str:
-  """`$XDG_CACHE_HOME/pdserve_jax/jax` (~/.cache by default)."""
+  """`$JAX_COMPILATION_CACHE_DIR` when set, else `$XDG_CACHE_HOME/pdserve_jax/jax`
+  (~/.cache by default)."""
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   return os.path.join(base, "pdserve_jax", "jax")
 
@@ -80,7 +83,7 @@ def use_compilation_cache(path: str) -> None:
       jax.config.update(k, v)
   else:  # jax reads these when it is imported; the simulator-only apps never import it
     for k, v in settings.items():
-      os.environ.setdefault(k.upper(), str(v))
+      os.environ[k.upper()] = str(v)
 
 
 def fail(message: str) -> None:
