@@ -197,6 +197,16 @@ class RequestHandle:
   def request_id(self) -> int:
     return self._req.request_id
 
+  @property
+  def prompt(self) -> List[int]:
+    """The prompt's token ids."""
+    return list(self._req.payload.prompt)
+
+  @property
+  def done(self) -> bool:
+    """Whether every completion has ended (finished, aborted or failed)."""
+    return all(r.payload.finished.is_set() for r in self._reqs)
+
   def __iter__(self):
     if len(self._reqs) != 1:
       raise TypeError(f"request {self.request_id} has n={len(self._reqs)} completions; "
@@ -418,6 +428,11 @@ class Engine:
     change (the first replica's)."""
     hist = self.coordinator.share_history()
     return list(next(iter(hist.values()))) if hist else []
+
+  @property
+  def failure(self) -> Optional[BaseException]:
+    """What stopped the engine thread, or None while it serves."""
+    return self._error
 
   def allocators(self) -> List[PageAllocator]:
     return self.coordinator.allocators()

@@ -1,0 +1,28 @@
+"""`python -m pdserve_jax.cli.api`: the committed demo model behind an OpenAI-compatible
+HTTP API, colocated on 2 devices (`--config.mode=disaggregated` etc. for the others).
+"""
+
+import ml_collections
+
+from pdserve_jax.cli import modes
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.model = "small"  # a preset with random weights, when hf_path and checkpoint are ""
+  c.hf_path = ""
+  c.checkpoint = "demo"  # the committed demo model; or a `Model.save` folder
+  c.model_name = ""  # the name /v1/models reports; "" derives it from the above
+  c.dtype = "float32"
+  c.init_std = 0.1
+  c.seed = 0
+  c.mode = "colocated_prefill_first"
+  c.ttft_slo = 0.5
+  c.tpot_slo = 0.08
+  c.update(modes.blocks(instance=dict(tp=2, max_batch=16, max_tokens=256, chunk_tokens=64),
+                        semi_pd=dict(dynamic=True, partitioner=dict(window=8))))
+  c.engine = ml_collections.ConfigDict(dict(
+      page_size=16, num_pages=160, max_prefill_batch=4, max_seq_len=256, warmup=True,
+      min_prefill_bucket=128, min_pages_bucket=16, attn_impl="auto", max_queued=256))
+  c.drain_seconds = 10.0  # on shutdown: serve in-flight requests this long, then abort
+  return c

@@ -1,0 +1,223 @@
+"""The OpenAI-compatible HTTP front end: a real server process (`pdserve_jax.cli.api`)
+answering the official `openai` client, streamed text that is never taken back, and
+bad HTTP input refused with a 4xx naming the field while the server keeps serving."""
+
+import concurrent.futures
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+import pdserve_jax as pdj
+from pdserve_jax.serving import openai_api as api
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --- pieces ------------------------------------------------------------------------------
+
+
+def _bytes_decode(ids):
+  return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_text_stream_holds_back_stop_prefixes_and_partial_characters():
+  text = "Amen. And the LORD said: é"
+  ids = list(text.encode())
+  stream = api.TextStream(_bytes_decode, stop=("LORD",))
+  sent = ""
+  for t in ids:  # up to the token that completes "LORD", where the engine stops
+    sent += stream.push(t)
+    if "LORD" in _bytes_decode(stream.tokens):
+      break
+    assert "L" not in sent  # "L", "LO", "LOR" wait: they may become the stop string
+  assert sent == "Amen. And the "
+  assert stream.finish("Amen. And the ") == ""
+  # Without a stop the whole text comes out, the two-byte character once whole.
+  stream = api.TextStream(_bytes_decode)
+  deltas = [stream.push(t) for t in ids]
+  assert deltas[-2] == "" and deltas[-1] == "é"
+  assert "".join(deltas) + stream.finish(text) == text
+  # A held-back prefix that turns out not to be a stop string is released.
+  stream = api.TextStream(_bytes_decode, stop=("LORD",))
+  out = "".join(stream.push(t) for t in b"LOVE")
+  assert out == "LOVE"
+  assert api.TextStream(None).push(5) == ""
+
+
+@pytest.mark.parametrize("body, param, status", [
+    ([1, 2], None, 400),
+    ({"max_tokens": 4}, "prompt", 400),
+    ({"prompt": 5}, "prompt", 400),
+    ({"prompt": [1, "a"]}, "prompt", 400),
+    ({"prompt": ["a", "b"]}, "prompt", 400),
+    ({"prompt": "a", "max_tokens": "8"}, "max_tokens", 400),
+    ({"prompt": "a", "max_tokens": True}, "max_tokens", 400),
+    ({"prompt": "a", "temperature": "hot"}, "temperature", 400),
+    ({"prompt": "a", "stream": "yes"}, "stream", 400),
+    ({"prompt": "a", "stop": [1]}, "stop", 400),
+    ({"prompt": "a", "echo": True}, "echo", 400),
+    ({"prompt": "a", "frobnicate": 1}, "frobnicate", 400),
+    ({"prompt": "a", "model": "gpt-4"}, "model", 404),
+    ({"prompt": "a", "n": 2, "stream": True}, "n", 400),
+    ({"prompt": "a", "stream_options": {"x": 1}}, "stream_options", 400),
+])
+def test_parse_completion_names_the_bad_field(body, param, status):
+  with pytest.raises(api.BadRequest) as e:
+    api.parse_completion(body, "demo")
+  assert e.value.param == param and e.value.status == status
+
+
+def test_parse_completion_defaults_are_openai_s():
+  prompt, p, stream, usage = api.parse_completion({"prompt": ["hi"]}, "demo")
+  assert prompt == "hi" and not stream and not usage
+  assert (p.max_tokens, p.temperature, p.top_p, p.n) == (16, 1.0, 1.0, 1)
+  _, p, stream, usage = api.parse_completion(
+      {"prompt": [1, 2], "model": "demo", "stop": "x", "stream": True, "seed": 3,
+       "stream_options": {"include_usage": True}, "top_k": 5}, "demo")
+  assert p.stop == ("x",) and stream and usage and p.seed == 3 and p.top_k == 5
+
+
+# --- a real server -----------------------------------------------------------------------
+
+ENGINE = ("--config.engine.max_seq_len=96", "--config.engine.num_pages=96",
+          "--config.engine.min_prefill_bucket=64", "--config.engine.max_prefill_batch=4",
+          "--config.instance.max_batch=8", "--config.instance.max_tokens=128")
+
+
+@pytest.fixture(scope="module")
+def server():
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "pdserve_jax.cli.api", "--port=0", *ENGINE],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  line = proc.stdout.readline()  # printed once bound and warmed up
+  m = re.search(r"on (http://\S+)", line)
+  if not m:
+    proc.kill()
+    pytest.fail(f"server did not start: {line!r} {proc.stderr.read()[-3000:]}")
+  url = m.group(1)
+  deadline = time.monotonic() + 60
+  while time.monotonic() < deadline:
+    try:
+      if httpx.get(url + "/health", timeout=5).status_code == 200:
+        break
+    except httpx.HTTPError:
+      time.sleep(0.2)
+  yield proc, url
+  if proc.poll() is None:
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+  rng = np.random.default_rng(0)
+  words = ["And", "the", "king", "said", "unto", "them", "In", "beginning", "LORD", "land"]
+  return [" ".join(rng.choice(words, size=rng.integers(1, 8))) for _ in range(32)]
+
+
+@pytest.mark.slow
+def test_openai_client_gets_the_engine_s_greedy_tokens(server, prompts):
+  openai = pytest.importorskip("openai")
+  _, url = server
+  client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+  model = client.models.list().data[0].id
+  assert model == "demo"
+
+  def ask(prompt):
+    return client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True})
+
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:  # all 32 in flight together
+    answers = list(pool.map(ask, prompts))
+  demo = pdj.load_demo()
+  tok = demo.tokenizer
+  want = pdj.greedy_reference(demo, [tok.encode(p) for p in prompts], 12)
+  for a, w in zip(answers, want):
+    c = a.choices[0]
+    assert c.token_ids == list(w) and c.text == tok.decode(list(w))
+    assert c.finish_reason == "length" and a.usage.completion_tokens == 12
+  # Streamed: the same text, piece by piece, with the usage at the end.
+  for prompt, a in list(zip(prompts, answers))[:4]:
+    chunks = list(client.completions.create(
+        model=model, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == a.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+@pytest.mark.slow
+def test_stop_strings_stream_what_the_final_text_keeps(server):
+  _, url = server
+  body = {"prompt": "And the king said", "max_tokens": 40, "temperature": 0,
+          "ignore_eos": True}
+  full = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+  text = full["choices"][0]["text"]
+  stop = text[len(text) // 2:len(text) // 2 + 3]  # three characters from the middle
+  cut = httpx.post(url + "/v1/completions", json=dict(body, stop=[stop]), timeout=60).json()
+  want = text[:text.find(stop)]
+  assert cut["choices"][0]["text"] == want and cut["choices"][0]["finish_reason"] == "stop"
+  streamed = ""
+  with httpx.stream("POST", url + "/v1/completions", json=dict(body, stop=[stop], stream=True),
+                    timeout=60) as r:
+    for line in r.iter_lines():
+      if line.startswith("data: ") and line != "data: [DONE]":
+        streamed += json.loads(line[6:])["choices"][0]["text"]
+  assert streamed == want
+
+
+@pytest.mark.slow
+def test_bad_http_input_gets_a_4xx_and_the_server_keeps_serving(server):
+  _, url = server
+  post = lambda **kw: httpx.post(url + "/v1/completions", timeout=60, **kw)
+  cases = [
+      (dict(content=b"{not json"), 400, None),
+      (dict(content=b"\xff\xfe"), 400, None),
+      (dict(json={"prompt": "a", "max_tokens": "ten"}), 400, "max_tokens"),
+      (dict(json={"prompt": "a", "max_tokens": 10_000}), 400, None),  # too long for 96
+      (dict(json={"prompt": "a" * 500}), 400, None),  # prompt beyond the context
+      (dict(json={"prompt": [1, 2, 10**9]}), 400, None),  # id outside the vocabulary
+      (dict(json={"prompt": "a", "temperature": -1}), 400, None),
+      (dict(json={"prompt": "a", "top_p": 0}), 400, None),
+      (dict(json={"prompt": "a", "unknown": 1}), 400, "unknown"),
+      (dict(json={"prompt": "a", "model": "other"}), 404, "model"),
+  ]
+  for kw, status, param in cases:
+    r = post(**kw)
+    assert r.status_code == status, (kw, r.text)
+    err = r.json()["error"]
+    assert err["message"] and (param is None or err["param"] == param), (kw, err)
+  assert httpx.get(url + "/v1/nothing", timeout=10).status_code == 404
+  assert httpx.get(url + "/v1/completions", timeout=10).status_code == 405
+  ok = post(json={"prompt": "And", "max_tokens": 3, "temperature": 0})
+  assert ok.status_code == 200 and len(ok.json()["choices"][0]["token_ids"]) >= 1
+  health = httpx.get(url + "/health", timeout=10).json()
+  assert health["status"] == "ok" and health["pages_in_use"] == 0
+  metrics = httpx.get(url + "/metrics", timeout=10).text
+  assert re.search(r'pdserve_responses_total\{outcome="http_400"\} (\d+)', metrics)
+  assert "pdserve_ttft_seconds_bucket" in metrics and "pdserve_kv_pages_total" in metrics
+
+
+@pytest.mark.slow
+def test_sigterm_drains_and_exits(server):
+  proc, url = server
+  with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                    json={"prompt": "And", "max_tokens": 40, "stream": True,
+                          "temperature": 0}) as r:
+    lines = r.iter_lines()
+    first = next(lines)
+    proc.send_signal(signal.SIGTERM)
+    rest = list(lines)
+  # The stream in flight ends properly (served to its end or aborted), and the process
+  # exits: uvicorn drains, then re-raises the signal it caught (exit by SIGTERM).
+  assert first.startswith("data: ") and "data: [DONE]" in rest
+  assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
