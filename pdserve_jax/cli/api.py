@@ -8,8 +8,9 @@ The config names the model (as `serve`'s: `checkpoint`, `hf_path` or a random
 `model` preset), one `mode` and its deployment blocks (`cli.modes`), the engine
 knobs and the SLOs. The engine warms up before the server serves; on Ctrl-C
 (SIGINT) or SIGTERM uvicorn stops taking connections and lets those open finish for
-up to `drain_seconds`, then exits by the signal it caught. Binds 127.0.0.1 unless `--host` says otherwise: the server has no
-authentication, so binding a public address lets anyone who reaches it use it.
+up to `drain_seconds`, then exits by the signal it caught. Binds 127.0.0.1 unless
+`--host` says otherwise: the server has no authentication, so binding a public
+address lets anyone who reaches it use it.
 """
 
 from pdserve_jax.cli import serving  # first: sets XLA_FLAGS before jax loads
