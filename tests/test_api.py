@@ -208,6 +208,33 @@ def test_bad_http_input_gets_a_4xx_and_the_server_keeps_serving(server):
 
 
 @pytest.mark.slow
+def test_bench_client_measures_the_server_in_the_result_schema(server, tmp_path):
+  from pdserve_jax import results
+
+  _, url = server
+  out = tmp_path / "bench.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "pdserve_jax.cli.bench", f"--config.url={url}",
+       "--config.rates=5,20", "--config.workload.num_requests=8",
+       "--config.max_total_tokens=96", "--config.num_devices=2", f"--output_json={out}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  doc = json.loads(out.read_text())
+  results.validate(doc)
+  assert doc["app"] == "bench" and [r["rate_rps"] for r in doc["runs"]] == [5.0, 20.0]
+  for run in doc["runs"]:
+    assert run["executor"] == "endpoint" and run["failed_requests"] == 0
+    assert run["num_devices"] == 2 and run["deployment"] == f"endpoint {url}"
+    for q in run["requests"]:  # ignore_eos: every request got its whole output
+      assert q["output_tokens"] == q["max_tokens"] and q["finish_reason"] == "length"
+      assert 0 <= q["arrival_s"] <= q["first_token_s"] <= q["finish_s"]
+  assert "goodput (highest rate with attainment" in proc.stdout
+  bad = subprocess.run([sys.executable, "-m", "pdserve_jax.cli.bench", "--config.url=ftp://x"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 1 and "url: expected http(s)://host:port" in bad.stderr
+
+
+@pytest.mark.slow
 def test_sigterm_drains_and_exits(server):
   proc, url = server
   with httpx.stream("POST", url + "/v1/completions", timeout=60,
