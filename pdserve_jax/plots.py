@@ -278,6 +278,6 @@ def planner_goodput(rows: list[tuple], path, title: str = "",
   if highlight_best:
     ax.legend(handles=[bars[0]], labels=["best placement"], loc="lower right",
               fontsize="small")
-  if title:
-    ax.set_title(title)
+  if title:  # over the whole figure: the long labels push the axes right
+    fig.suptitle(title)
   return _save(fig, path)
