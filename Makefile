@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export XLA_FLAGS := --xla_force_host_platform_device_count=8
 export JAX_PLATFORMS := cpu
 
-.PHONY: test test-fast lint demo wheel install clean
+.PHONY: test test-fast test-tpu lint demo wheel install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,6 +36,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	rm -rf $(TEST_CACHE)
 	$(TEST_ENV) $(BIN)/python -m pytest -q -x -m "not slow" tests
+
+# The TPU compile checks, with the whole Llama-3-8B programs for a v5e-8 (minutes).
+test-tpu: $(STAMP)
+	PDSERVE_TPU_PROGRAMS=1 $(BIN)/python -m pytest -q tests/test_tpu_compile.py
 
 demo: $(STAMP)
 	$(BIN)/python -m pdserve_jax.cli.serve --config=configs/serve_demo.py --plots_dir=demo_plots

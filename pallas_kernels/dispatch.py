@@ -32,12 +32,24 @@ IMPLS = ("auto", "reference", "pallas_gpu", "pallas_tpu",
 INTERPRET_ENV_VAR = "PDSERVE_PALLAS_INTERPRET"
 
 
+def traced_platform() -> str:
+  """The platform being traced for: the abstract mesh's, when one is set (compiling
+  for devices that are not here, e.g. a TPU topology on a CPU host), else JAX's
+  default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is not None and not mesh.empty:
+    device = getattr(mesh, "abstract_device", None)
+    if device is not None and device.platform:
+      return device.platform
+  return jax.default_backend()
+
+
 def resolve_impl(impl: str) -> str:
   """Maps `impl` to a concrete implementation name; raises ValueError."""
   if impl not in IMPLS:
     raise ValueError(f"Unknown attention impl {impl!r}; expected one of "
                      f"{', '.join(IMPLS)}.")
-  backend = jax.default_backend()
+  backend = traced_platform()
   if impl == "auto":
     forced = os.environ.get(INTERPRET_ENV_VAR, "").strip().lower()
     if forced:

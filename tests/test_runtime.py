@@ -7,6 +7,7 @@ import pytest
 import pdserve_jax as pdj
 from pdserve_jax.kv.allocator import PageAllocator
 from pdserve_jax.model import sharding
+from pdserve_jax.runtime import programs
 from pdserve_jax.runtime.programs import CompileCounter, InstanceRunner, RunnerShape, SamplingRows
 
 CFG = pdj.get_preset("tiny").replace(num_heads=8, num_kv_heads=4, head_dim=8)
@@ -50,6 +51,28 @@ def test_greedy_matches_reference_forward(model, tp):
   got = generate(runner, prompts, 48, SHAPE.page_size)
   want = pdj.greedy_reference(model, prompts, 48)
   assert got == want
+
+
+@pytest.mark.parametrize("heads, kv_heads, tp, split", [
+    (8, 2, 4, "kv_replicated"),  # each device reads the one KV head its q heads use
+    (6, 2, 4, "none"),  # 6 q heads do not split 4 ways: all heads on every device
+    (8, 4, 2, "heads"),
+])
+def test_attention_splits_over_heads(heads, kv_heads, tp, split):
+  """The kernels run per tp shard of the heads (a shard_map: XLA cannot partition a
+  Pallas call), in each way heads and devices can divide, with the reference's
+  tokens."""
+  cfg = pdj.get_preset("tiny").replace(num_heads=heads, num_kv_heads=kv_heads, head_dim=8)
+  model = pdj.random_model(cfg, seed=3, std=0.25)
+  mesh = sharding.make_mesh(jax.devices()[:tp])
+  assert programs._head_split(mesh, cfg) == split
+  shape = RunnerShape(page_size=8, num_pages=40, max_decode_batch=4, max_prefill_batch=4,
+                      max_prefill_len=32, max_seq_len=64, min_prefill_len=32,
+                      min_table_width=8)
+  rng = np.random.default_rng(tp)
+  prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 17, 30)]
+  got = generate(InstanceRunner(model, mesh, shape), prompts, 12, shape.page_size)
+  assert got == pdj.greedy_reference(model, prompts, 12)
 
 
 def test_chunked_prefill_matches_whole_prefill(model):

@@ -23,10 +23,10 @@ from typing import List, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 import pallas_kernels
-from pdserve_jax.kv.pool import PagePool, SCRATCH_PAGE
+from pdserve_jax.kv.pool import POOL_AXES, PagePool, SCRATCH_PAGE
 from pdserve_jax.model import llama, sharding
 from pdserve_jax.model.model import Model
 from pdserve_jax.runtime.buckets import RunnerShape
@@ -110,7 +110,42 @@ def _write_kv(pool, i, pages, slots, k, v):
           "v": pool["v"].at[i, :, pages, slots].set(v)}
 
 
-def _prefill_program(cfg, page_size, attn_impl, params, pool, tokens, starts, lengths,
+def _head_split(mesh: Mesh, cfg) -> str:
+  """How attention splits over the mesh's tp axis. "heads": both head counts divide
+  tp, each device attends with its own q and KV heads. "kv_replicated": q heads
+  divide, tp is a multiple of the KV heads (which the pool replicates), each device
+  picks the one KV head its q heads read. "none": every device computes all heads."""
+  tp = mesh.shape[sharding.TP]
+  if tp == 1 or cfg.num_heads % tp:
+    return "none"
+  if cfg.num_kv_heads % tp == 0:
+    return "heads"
+  return "kv_replicated" if tp % cfg.num_kv_heads == 0 else "none"
+
+
+def _on_heads(mesh: Mesh, cfg, kernel, q, k, v, rest, q_axis: int, kv_axis: int):
+  """`kernel(q, k, v, *rest)` per tp shard of the heads (a shard_map: Pallas kernels
+  cannot be partitioned by XLA). `q_axis` / `kv_axis`: the head axis of q and of k, v;
+  `rest` (lengths, offsets, page tables) is replicated."""
+  split = _head_split(mesh, cfg)
+  spec = lambda nd, axis: P(*[sharding.TP if d == axis else None for d in range(nd)])
+  rep = lambda a: P(*([None] * a.ndim))
+  q_spec = spec(q.ndim, q_axis) if split != "none" else rep(q)
+  kv_spec = spec(k.ndim, kv_axis) if split == "heads" else rep(k)
+
+  def local(q, k, v, *rest):
+    if split == "kv_replicated":
+      per = mesh.shape[sharding.TP] // cfg.num_kv_heads  # devices sharing a KV head
+      i = jax.lax.axis_index(sharding.TP) // per
+      k, v = (jax.lax.dynamic_slice_in_dim(a, i, 1, axis=kv_axis) for a in (k, v))
+    return kernel(q, k, v, *rest)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec)
+                       + tuple(rep(a) for a in rest), out_specs=q_spec,
+                       check_vma=False)(q, k, v, *rest)
+
+
+def _prefill_program(cfg, page_size, attn_impl, mesh, params, pool, tokens, starts, lengths,
                      page_tables, temperature, top_k, top_p, seeds, token_index):
   B, T = tokens.shape
   positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
@@ -124,8 +159,8 @@ def _prefill_program(cfg, page_size, attn_impl, params, pool, tokens, starts, le
     ctx = {n: jnp.take(a[i], page_tables, axis=1) for n, a in pool.items()}
     ctx = {n: c.reshape(c.shape[0], B, -1, c.shape[-1]).transpose(1, 2, 0, 3)
            for n, c in ctx.items()}
-    o = pallas_kernels.prefill_attention(q, ctx["k"], ctx["v"], starts, kv_lengths,
-                                         impl=attn_impl)
+    kernel = functools.partial(pallas_kernels.prefill_attention, impl=attn_impl)
+    o = _on_heads(mesh, cfg, kernel, q, ctx["k"], ctx["v"], (starts, kv_lengths), 2, 2)
     return pool, o
 
   x, pool = llama.decoder_layers(cfg, params, llama.embed(params, tokens), positions, attend,
@@ -135,21 +170,70 @@ def _prefill_program(cfg, page_size, attn_impl, params, pool, tokens, starts, le
   return pool, sample(logits, temperature, top_k, top_p, seeds, token_index)
 
 
-def _decode_program(cfg, page_size, attn_impl, params, pool, tokens, positions, active,
+def _decode_program(cfg, page_size, attn_impl, mesh, params, pool, tokens, positions, active,
                     page_tables, temperature, top_k, top_p, seeds, token_index):
   pages, slots = _write_positions(page_tables, positions[:, None], active[:, None], page_size)
   lengths = jnp.where(active, positions + 1, 0)
 
   def attend(pool, i, q, k, v):
     pool = _write_kv(pool, i, pages[:, 0], slots[:, 0], k[:, 0], v[:, 0])
-    o = pallas_kernels.paged_decode_attention(q[:, 0], pool["k"][i], pool["v"][i], lengths,
-                                              page_tables, impl=attn_impl)
+    kernel = functools.partial(pallas_kernels.paged_decode_attention, impl=attn_impl)
+    o = _on_heads(mesh, cfg, kernel, q[:, 0], pool["k"][i], pool["v"][i],
+                  (lengths, page_tables), 1, 0)
     return pool, o[:, None]
 
   x, pool = llama.decoder_layers(cfg, params, llama.embed(params, tokens[:, None]),
                                  positions[:, None], attend, pool)
   logits = llama.lm_logits(cfg, params, x[:, 0])
   return pool, sample(logits, temperature, top_k, top_p, seeds, token_index)
+
+
+def _jit_programs(cfg, page_size, attn_impl, mesh, param_sh, pool_sh):
+  """The prefill and decode programs, jitted with explicit shardings; the pool is
+  donated."""
+  rep = sharding.replicated(mesh)
+  host_args = (rep,) * 9
+  return tuple(jax.jit(functools.partial(program, cfg, page_size, attn_impl, mesh),
+                       in_shardings=(param_sh, pool_sh) + host_args,
+                       out_shardings=(pool_sh, rep), donate_argnums=(1,))
+               for program in (_prefill_program, _decode_program))
+
+
+def lower_programs(cfg, mesh: Mesh, shape: RunnerShape, dtype=jnp.bfloat16,
+                   attn_impl: str = "auto") -> dict:
+  """The prefill and decode programs lowered at the largest buckets of `shape`, from
+  shapes alone: no weights or pool are allocated, so they compile for devices that
+  are not here (a TPU topology from `jax.experimental.topologies` on a CPU host).
+  Lowering runs under `jax.sharding.use_abstract_mesh(mesh.abstract_mesh)`, so
+  `attn_impl="auto"` picks the kernels of the mesh's platform. Returns {"prefill":
+  Lowered, "decode": Lowered}; `.compile()` gives `memory_analysis()` and
+  `cost_analysis()`."""
+  sds = jax.ShapeDtypeStruct
+  shapes = llama.param_shapes(cfg, dtype)
+  param_sh = sharding.tree_shardings(mesh, llama.logical_axes(cfg), shapes)
+  params = jax.tree.map(lambda s, sh: sds(s.shape, s.dtype, sharding=sh), shapes, param_sh)
+  pool_shape = (cfg.num_layers, cfg.num_kv_heads, shape.num_pages, shape.page_size,
+                cfg.head_dim)
+  pool_sh = sharding.logical_sharding(mesh, POOL_AXES, pool_shape)
+  pool = {n: sds(pool_shape, dtype, sharding=pool_sh) for n in ("k", "v")}
+  prefill, decode = _jit_programs(cfg, shape.page_size, attn_impl, mesh, param_sh,
+                                  {"k": pool_sh, "v": pool_sh})
+  rep = sharding.replicated(mesh)
+  host = lambda s, dt: sds(s, dt, sharding=rep)
+  i32, f32 = jnp.int32, jnp.float32
+
+  def sampling(b):
+    return (host((b,), f32), host((b,), i32), host((b,), f32), host((b,), i32),
+            host((b,), i32))
+
+  b, t, w = max(shape.compiled_prefill_shapes())
+  bd, wd = max(shape.compiled_decode_shapes())
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    return {"prefill": prefill.lower(params, pool, host((b, t), i32), host((b,), i32),
+                                     host((b,), i32), host((b, w), i32), *sampling(b)),
+            "decode": decode.lower(params, pool, host((bd,), i32), host((bd,), i32),
+                                   host((bd,), jnp.bool_), host((bd, wd), i32),
+                                   *sampling(bd))}
 
 
 class InstanceRunner:
@@ -162,18 +246,9 @@ class InstanceRunner:
     self.cfg, self.mesh, self.shape, self.attn_impl = cfg, mesh, shape, attn_impl
     self.params = params if params is not None else model.shard(mesh).params
     self.pool = PagePool(cfg, mesh, shape.num_pages, shape.page_size, model.dtype)
-    rep = sharding.replicated(mesh)
     param_sh = jax.tree.map(lambda a: a.sharding, self.params)
-    pool_sh = self.pool.pool_shardings
-    host_args = (rep,) * 9
-    self._prefill = jax.jit(
-        functools.partial(_prefill_program, cfg, shape.page_size, attn_impl),
-        in_shardings=(param_sh, pool_sh) + host_args, out_shardings=(pool_sh, rep),
-        donate_argnums=(1,))
-    self._decode = jax.jit(
-        functools.partial(_decode_program, cfg, shape.page_size, attn_impl),
-        in_shardings=(param_sh, pool_sh) + host_args, out_shardings=(pool_sh, rep),
-        donate_argnums=(1,))
+    self._prefill, self._decode = _jit_programs(cfg, shape.page_size, attn_impl, mesh,
+                                                param_sh, self.pool.pool_shardings)
 
   # -- host-level calls ------------------------------------------------------
 

@@ -1,0 +1,121 @@
+"""The TPU kernels compiled for real TPUs, on this CPU-only machine.
+
+`libtpu` (the test extra pins the version `jax[tpu]` does) gives compile-only TPU
+devices through `jax.experimental.topologies.get_topology_desc`; tracing under
+`jax.sharding.use_abstract_mesh` makes Pallas see the TPU kind, so `compile()` runs
+Mosaic and XLA:TPU as a TPU host would. Every shape of the kernel tests
+(`test_kernels.py`, where the interpreters check the numbers) is compiled for TPU v4,
+v5e, v5p and v6e in float32, and in bfloat16 for v5e; and the engine's whole
+Llama-3-8B programs for a v5e-8 at tp=8 and tp=4 (`make test-tpu`), checked to fit a
+chip's HBM. Skipped, saying why, where libtpu is not installed.
+"""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from pallas_kernels import flash_prefill_tpu, paged_decode_tpu
+from test_kernels import DECODE_SHAPES, PREFILL_SHAPES
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                reason="libtpu is not installed (pip install -e '.[test]')")
+
+# Topology names get_topology_desc takes, and the device kind each reports.
+GENERATIONS = {"v4:2x2x1": "TPU v4", "v5e:2x2": "TPU v5 lite", "v5p:2x2x1": "TPU v5",
+               "v6e:2x2": "TPU v6 lite"}
+
+
+@pytest.fixture(scope="module", params=sorted(GENERATIONS))
+def tpu(request):
+  from jax.experimental import topologies
+
+  topo = topologies.get_topology_desc(request.param, "tpu")
+  assert topo.devices[0].device_kind == GENERATIONS[request.param]
+  return request.param, Mesh(np.array(topo.devices[:1]), ("x",))
+
+
+def _compile(mesh, fn, shapes):
+  rep = NamedSharding(mesh, P())
+  args = [jax.ShapeDtypeStruct(s, d, sharding=rep) for s, d in shapes]
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    return jax.jit(fn).lower(*args).compile()
+
+
+def _dtypes(name):
+  return [jnp.float32, jnp.bfloat16] if name.startswith("v5e") else [jnp.float32]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", DECODE_SHAPES)
+def test_paged_decode_compiles_for_tpu(tpu, shape):
+  name, mesh = tpu
+  batch, kv_heads, group, page_size, head_dim, max_pages = shape
+  num_pages = batch * max_pages + 1
+  for dt in _dtypes(name):
+    c = _compile(mesh, paged_decode_tpu.paged_decode_attention, [
+        ((batch, kv_heads * group, head_dim), dt),
+        ((kv_heads, num_pages, page_size, head_dim), dt),
+        ((kv_heads, num_pages, page_size, head_dim), dt),
+        ((batch,), jnp.int32), ((batch, max_pages), jnp.int32)])
+    mem = c.memory_analysis()
+    assert "tpu_custom_call" in c.as_text() and mem.generated_code_size_in_bytes > 0
+    # TPU layouts pad to whole tiles: at least the logical bytes.
+    assert mem.output_size_in_bytes >= batch * kv_heads * group * head_dim * dt(0).itemsize
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", PREFILL_SHAPES)
+def test_flash_prefill_compiles_for_tpu(tpu, shape):
+  name, mesh = tpu
+  batch, q_len, kv_len, kv_heads, group, head_dim = shape
+  for dt in _dtypes(name):
+    c = _compile(mesh, flash_prefill_tpu.prefill_attention, [
+        ((batch, q_len, kv_heads * group, head_dim), dt),
+        ((batch, kv_len, kv_heads, head_dim), dt), ((batch, kv_len, kv_heads, head_dim), dt),
+        ((batch,), jnp.int32), ((batch,), jnp.int32)])
+    assert "tpu_custom_call" in c.as_text()
+    assert c.memory_analysis().output_size_in_bytes >= (
+        batch * q_len * kv_heads * group * head_dim * dt(0).itemsize)
+
+
+# v5e HBM per chip (Google Cloud's TPU v5e documentation: 16 GiB).
+V5E_HBM = 16 * 2**30
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("PDSERVE_TPU_PROGRAMS") != "1",
+                    reason="compiles two 32-layer programs per tp, 68-77 s each tp on this "
+                           "2-core machine, beyond the suite's budget: `make test-tpu` runs it")
+@pytest.mark.parametrize("tp", [8, 4])
+def test_llama3_8b_programs_compile_for_v5e_8_and_fit(tp):
+  """The engine's whole prefill and decode programs for Llama-3-8B in bfloat16, with a
+  pool of 4,096 16-token pages (64k tokens, 8 GiB of K and V), compiled for a v5e-8
+  topology with the Mosaic kernels per tp shard of the heads; each fits a chip's HBM."""
+  from jax.experimental import topologies
+
+  from pdserve_jax.model import sharding
+  from pdserve_jax.model.config import get_preset
+  from pdserve_jax.runtime.buckets import RunnerShape
+  from pdserve_jax.runtime.programs import lower_programs
+
+  devices = topologies.get_topology_desc("v5e:2x4", "tpu").devices
+  assert len(devices) == 8 and devices[0].device_kind == "TPU v5 lite"
+  shape = RunnerShape(page_size=16, num_pages=4096, max_decode_batch=64, max_prefill_batch=4,
+                      max_prefill_len=512, max_seq_len=2048, min_prefill_len=512,
+                      min_table_width=128)
+  lowered = lower_programs(get_preset("llama3-8b"), sharding.make_mesh(devices[:tp]), shape,
+                           jnp.bfloat16)
+  for name, low in lowered.items():
+    c = low.compile()
+    assert "tpu_custom_call" in c.as_text(), name  # the Pallas kernels, not the reference
+    m = c.memory_analysis()
+    peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            + m.temp_size_in_bytes)
+    # Weights (16 GB / tp) and the pool (8 GiB / tp) at least; within one chip's HBM.
+    assert (16e9 + 8 * 2**30) / tp < peak < V5E_HBM, (name, tp, peak / 2**30)
+    assert c.cost_analysis()["flops"] > 0
