@@ -75,6 +75,23 @@ def test_attention_splits_over_heads(heads, kv_heads, tp, split):
   assert got == pdj.greedy_reference(model, prompts, 12)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("impl, tp, kv_heads", [("pallas_gpu_interpret", 2, 4),
+                                                ("pallas_tpu_interpret", 4, 2)])
+def test_pallas_kernels_in_the_sharded_programs(impl, tp, kv_heads):
+  """The kernels an accelerator runs (here interpreted) inside the programs, per tp
+  shard of the heads, give the reference forward's tokens."""
+  cfg = pdj.get_preset("tiny").replace(num_heads=8, num_kv_heads=kv_heads, head_dim=16)
+  model = pdj.random_model(cfg, seed=3, std=0.25)
+  shape = RunnerShape(page_size=8, num_pages=40, max_decode_batch=4, max_prefill_batch=4,
+                      max_prefill_len=32, max_seq_len=64, min_prefill_len=32,
+                      min_table_width=8)
+  runner = InstanceRunner(model, sharding.make_mesh(jax.devices()[:tp]), shape,
+                          attn_impl=impl)
+  prompts = [[1, 2, 3], list(range(5, 22))]
+  assert generate(runner, prompts, 6, shape.page_size) == pdj.greedy_reference(model, prompts, 6)
+
+
 def test_chunked_prefill_matches_whole_prefill(model):
   mesh = sharding.make_mesh(jax.devices()[:2])
   runner = InstanceRunner(model, mesh, SHAPE)
