@@ -204,7 +204,8 @@ def test_bad_http_input_gets_a_4xx_and_the_server_keeps_serving(server):
   assert health["status"] == "ok" and health["pages_in_use"] == 0
   metrics = httpx.get(url + "/metrics", timeout=10).text
   assert re.search(r'pdserve_responses_total\{outcome="http_400"\} (\d+)', metrics)
-  assert "pdserve_ttft_seconds_bucket" in metrics and "pdserve_kv_pages_total" in metrics
+  series = ("pdserve_ttft_seconds_bucket", "pdserve_tpot_seconds_count", "pdserve_kv_pages_total")
+  assert all(name in metrics for name in series)
 
 
 @pytest.mark.slow
