@@ -187,7 +187,7 @@ def run_experiment(exp, seeds: dict, num_requests: int = 0, curve_seeds: int = 3
   from pdserve_jax.model.config import get_preset
 
   make = workloads.from_config(w, get_preset(exp.model).max_position_embeddings)
-  systems, per_device = {}, {}
+  systems, per_device, placed = {}, {}, {}
   for key, s in exp.systems.items():
     s = s.to_dict()
     progress(f"{exp.name}: {s['label']}")
@@ -203,15 +203,13 @@ def run_experiment(exp, seeds: dict, num_requests: int = 0, curve_seeds: int = 3
         kv_tokens_per_device=_kv_tokens_per_device(setup, dep), goodput_rps=est.to_dict(),
         per_device=per_device[key].to_dict(), paper_per_device=paper,
         ours_over_paper=None if paper is None else per_device[key].mean / paper)
-    systems[key]["_run"] = (setup, dep)
+    placed[key] = (setup, dep)
   ratios = {}
   for name, (num, den, lo, hi) in exp.ratios.items():
     r = _ratio(per_device[num], per_device[den])
     ratios[name] = dict(numerator=num, denominator=den, ours=r, paper=[lo, hi],
                         within_paper=r["mean"] is not None and lo <= r["mean"] <= hi)
-  curves = _curves(exp, systems, per_device, make, curve_seeds)
-  for s in systems.values():
-    del s["_run"]
+  curves = _curves(exp, placed, per_device, make, curve_seeds)
   return dict(name=exp.name, title=exp.title, source=exp.source, model=exp.model,
               hardware=exp.hardware, overheads=exp.overheads, ttft_slo=exp.ttft_slo,
               tpot_slo=exp.tpot_slo, target=exp.target, num_requests=w.num_requests,
@@ -219,14 +217,13 @@ def run_experiment(exp, seeds: dict, num_requests: int = 0, curve_seeds: int = 3
               systems=systems, ratios=ratios, curves=curves, notes=exp.notes)
 
 
-def _curves(exp, systems, per_device, make, curve_seeds) -> dict:
+def _curves(exp, placed, per_device, make, curve_seeds) -> dict:
   """Attainment (mean over `curve_seeds` seeds) at rates per device around each
   system's goodput, DistServe's Figure 8 axes."""
   rates = sorted({round(e.mean * f, 6) for e in per_device.values() for f in CURVE_POINTS
                   if e.mean > 0})
   out = {}
-  for key, s in systems.items():
-    setup, dep = s["_run"]
+  for key, (setup, dep) in placed.items():
     atts = []
     for r in rates:
       vals = []
