@@ -365,6 +365,15 @@ def _lower(fn, platform, *shapes):
         lowering_platforms=(platform,)).as_text()
 
 
+def _export_cuda(fn, *shapes):
+  """`jax.export` for CUDA. The Triton call has no serialization guarantee, so the
+  export is lowered, not serialized: its safety check for that target is waived."""
+  from jax import export
+
+  waive = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=waive)(*shapes)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16],
                          ids=["f32", "bf16"])
 def test_kernels_lower_for_gpu_and_tpu(dtype):
@@ -376,10 +385,11 @@ def test_kernels_lower_for_gpu_and_tpu(dtype):
              sds((2, 300, 2, 128), dtype), sds((2,), i32), sds((2,), i32))
   prefill_d64 = (sds((2, 24, 4, 64), dtype), sds((2, 24, 4, 64), dtype),
                  sds((2, 24, 4, 64), dtype), sds((2,), i32), sds((2,), i32))
-  gpu = _lower(paged_decode_gpu.paged_decode_attention, "cuda", *decode)
-  assert "triton" in gpu
-  assert "triton" in _lower(flash_prefill_gpu.prefill_attention, "cuda",
-                            *prefill)
+  for fn, args in ((paged_decode_gpu.paged_decode_attention, decode),
+                   (flash_prefill_gpu.prefill_attention, prefill)):
+    exp = _export_cuda(fn, *args)
+    assert exp.platforms == ("cuda",) and "__gpu$xla.gpu.triton" in exp.mlir_module()
+    assert exp.out_avals[0].shape == args[0].shape
   tpu = _lower(paged_decode_tpu.paged_decode_attention, "tpu", *decode)
   assert "tpu_custom_call" in tpu
   for args in (prefill, prefill_d64):
