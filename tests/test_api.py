@@ -187,6 +187,7 @@ def test_bad_http_input_gets_a_4xx_and_the_server_keeps_serving(server):
       (dict(json={"prompt": "a" * 500}), 400, None),  # prompt beyond the context
       (dict(json={"prompt": [1, 2, 10**9]}), 400, None),  # id outside the vocabulary
       (dict(json={"prompt": "a", "temperature": -1}), 400, None),
+      (dict(content=b'{"prompt": "a", "temperature": NaN}'), 400, "temperature"),
       (dict(json={"prompt": "a", "top_p": 0}), 400, None),
       (dict(json={"prompt": "a", "unknown": 1}), 400, "unknown"),
       (dict(json={"prompt": "a", "model": "other"}), 404, "model"),

@@ -26,8 +26,7 @@ import numpy as np
 from pdserve_jax import results, workloads
 from pdserve_jax.cli import common, figures
 
-RULES = {"ttft_slo": common.positive, "tpot_slo": common.positive,
-         "target": common.fraction, "vocab_size": common.at_least(2),
+RULES = {**common.RULES, "target": common.fraction, "vocab_size": common.at_least(2),
          "timeout": common.positive, "concurrency": common.at_least(1)}
 
 

@@ -32,7 +32,7 @@ import time
 import ml_collections
 
 from pdserve_jax import deploy, workloads
-from pdserve_jax.cli import common, modes
+from pdserve_jax.cli import common, modes, simulation
 from pdserve_jax.serving.share import ShareScaling
 from pdserve_jax.sim import goodput as gp
 from pdserve_jax.sim import planner
@@ -99,13 +99,19 @@ def trace_workload(name: str, num_requests: int = 1000):
 # --- one experiment ----------------------------------------------------------------------
 
 
+def _experiment_names(folder: str) -> tuple[str, ...]:
+  """The experiments in `folder`: its .py files, without the suffix."""
+  if not os.path.isdir(folder):
+    return ()
+  return tuple(sorted(f[:-3] for f in os.listdir(folder)
+                      if f.endswith(".py") and not f.startswith("_")))
+
+
 def _load(name: str, folder: str) -> ml_collections.ConfigDict:
   path = os.path.abspath(os.path.join(folder, f"{name}.py"))
   if not os.path.isfile(path):
-    known = sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py")) if os.path.isdir(
-        folder) else []
     raise common.ConfigError(f"experiments: no experiment {name!r} in {folder} "
-                             f"(known: {', '.join(known) or 'none'})")
+                             f"(known: {', '.join(_experiment_names(folder)) or 'none'})")
   spec = importlib.util.spec_from_file_location(f"reproduce_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -113,13 +119,12 @@ def _load(name: str, folder: str) -> ml_collections.ConfigDict:
 
 
 def _setup(exp, kind: str) -> sim.Setup:
-  from pdserve_jax.model.config import get_preset
-  from pdserve_jax.sim.hardware import get_hardware
-  from pdserve_jax.sim.latency import latency_source
-
-  model, hw = get_preset(exp.model), get_hardware(exp.hardware)
-  return sim.Setup(model, hw, latency_source(kind, model, hw, overheads=exp.overheads),
-                   page_size=exp.page_size, memory_utilization=exp.memory_utilization)
+  """The simulator's Setup of a system on latency source `kind`, as every app builds
+  it (`cli.simulation.setup`, checks and messages included)."""
+  cfg = ml_collections.ConfigDict({k: exp[k] for k in (
+      "model", "hardware", "page_size", "memory_utilization", "overheads")})
+  cfg.latency = kind
+  return simulation.setup(cfg)
 
 
 def _fixed(exp, s: dict):
@@ -307,8 +312,7 @@ def main(cfg, out: common.Outputs):
   if names == ("all",):
     if not os.path.isdir(folder):
       raise common.ConfigError(f"experiments_dir: no such folder {folder!r}")
-    names = tuple(sorted(f[:-3] for f in os.listdir(folder)
-                         if f.endswith(".py") and not f.startswith("_")))
+    names = _experiment_names(folder)
   exps = [_load(n, folder) for n in names]
   for n, e in zip(names, exps):
     e.name = n

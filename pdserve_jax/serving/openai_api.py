@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from typing import Any, Callable, List, Optional, Sequence
 
@@ -54,10 +53,6 @@ class BadRequest(ValueError):
 # --- the request body --------------------------------------------------------------------
 
 
-def _is_number(v) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _int(body: dict, key: str) -> Optional[int]:
   v = body.get(key)
   if v is None:
@@ -71,7 +66,7 @@ def _float(body: dict, key: str) -> Optional[float]:
   v = body.get(key)
   if v is None:
     return None
-  if not _is_number(v):
+  if not validate.is_real(v):  # NaN and inf pass here; the engine's checks refuse them
     raise BadRequest(f"{key}: expected a number, got {json.dumps(v)}", key)
   return float(v)
 

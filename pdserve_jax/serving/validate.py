@@ -39,7 +39,8 @@ def is_int(x: Any) -> bool:
 
 
 
-def _is_real(x: Any) -> bool:
+def is_real(x: Any) -> bool:
+  """A Python or numpy real number, not a bool."""
   return (isinstance(x, (numbers.Real, np.integer, np.floating))
           and not isinstance(x, (bool, np.bool_)))
 
@@ -59,7 +60,7 @@ def _int_field(name: str, x: Any, lo: int, hi: float, what: str) -> int:
 
 
 def _real_field(name: str, x: Any) -> float:
-  if not _is_real(x):
+  if not is_real(x):
     raise TypeError(f"{name} must be a real number, got {_describe(x)}")
   v = float(x)
   if not math.isfinite(v):

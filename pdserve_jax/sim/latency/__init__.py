@@ -35,7 +35,8 @@ from pdserve_jax.model.config import ModelConfig
 from pdserve_jax.serving.share import ShareScaling
 from pdserve_jax.sim.hardware import HardwareSpec
 from pdserve_jax.sim.latency.base import LatencyModel, transfer_time
-from pdserve_jax.sim.latency.overheads import StepOverheads, WithOverheads, get_overheads
+from pdserve_jax.sim.latency.overheads import (NONE as NO_OVERHEADS, StepOverheads,
+                                               WithOverheads, get_overheads)
 from pdserve_jax.sim.latency.polynomial import (A100_SYSTEMS, DISTSERVE_MODELS,
                                                 PolynomialLatencyModel, distserve_a100,
                                                 fit_polynomial, load_distserve_json)
@@ -63,7 +64,7 @@ def latency_source(kind: str, model: ModelConfig, hardware: HardwareSpec,
   """
   base = _base_source(kind, model, hardware, **roofline_kw)
   extra = get_overheads(overheads)
-  if extra == StepOverheads():
+  if extra == NO_OVERHEADS:
     return base
   return lambda tp, pp: WithOverheads(base(tp, pp), extra, pp)
 
