@@ -9,9 +9,11 @@ from pallas_kernels.dispatch import IMPLS
 from pallas_kernels.dispatch import INTERPRET_ENV_VAR
 from pallas_kernels.dispatch import paged_decode_attention
 from pallas_kernels.dispatch import prefill_attention
+from pallas_kernels.dispatch import ragged_paged_attention
 from pallas_kernels.dispatch import resolve_impl
 from pallas_kernels.reference import paged_decode_attention_ref
 from pallas_kernels.reference import prefill_attention_ref
+from pallas_kernels.reference import ragged_paged_attention_ref
 
 __all__ = [
     "IMPLS",
@@ -20,5 +22,7 @@ __all__ = [
     "paged_decode_attention_ref",
     "prefill_attention",
     "prefill_attention_ref",
+    "ragged_paged_attention",
+    "ragged_paged_attention_ref",
     "resolve_impl",
 ]

@@ -88,6 +88,23 @@ def paged_decode_attention(q, k_pages, v_pages, lengths, page_tables, *,
       *args, scale=scale, interpret=interpret)
 
 
+def ragged_paged_attention(q, k_pages, v_pages, q_starts, q_lens, kv_lens, page_tables, *,
+                           scale=None, impl="auto"):
+  """Attention of a packed batch of query tokens (decode rows, prompt chunks at any
+  offset, whole prompts) straight from the page pool.
+
+  Shapes and semantics: see `reference.ragged_paged_attention_ref` (q [T, Hq, D];
+  k_pages/v_pages [Hkv, P, S, D]; int32 q_starts, q_lens, kv_lens [R]; int32
+  page_tables [R, max_pages]; returns [T, Hq, D] in q.dtype).
+  """
+  validation.check_ragged_args(q, k_pages, v_pages, q_starts, q_lens, kv_lens, page_tables)
+  impl = resolve_impl(impl)
+  args = (q, k_pages, v_pages, q_starts, q_lens, kv_lens, page_tables)
+  if impl == "reference":
+    return reference.ragged_paged_attention_ref(*args, scale=scale)
+  raise ValueError(f"no {impl} ragged paged attention kernel yet; use impl='reference'")
+
+
 def prefill_attention(q, k, v, q_offsets, kv_lengths, *, scale=None,
                       impl="auto"):
   """Causal (optionally chunked) prefill attention.

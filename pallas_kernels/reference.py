@@ -120,3 +120,73 @@ def prefill_attention_ref(q, k, v, q_offsets, kv_lengths, *, scale=None):
   o = _normalise(o, l)  # [B, Hkv, G, T, D]
   o = jnp.transpose(o, (0, 3, 1, 2, 4))
   return o.reshape(batch, q_len, num_q_heads, head_dim).astype(q.dtype)
+
+
+@jax.named_call
+def ragged_paged_attention_ref(q, k_pages, v_pages, q_starts, q_lens, kv_lens, page_tables,
+                               *, scale=None, block_tokens=64):
+  """Causal attention of a packed batch of query tokens, each row reading its own
+  pages of the pool.
+
+  Row r owns query tokens q_starts[r] .. q_starts[r] + q_lens[r] - 1 of the token
+  axis; its context holds kv_lens[r] tokens (this step's included), laid out in
+  the pages page_tables[r] in sequence order, so its query token j sits at position
+  kv_lens[r] - q_lens[r] + j and attends positions 0 .. that position. One call
+  carries decode rows (q_lens 1), prompt chunks at any offset and whole prompts.
+  Rows with q_lens 0 are empty; tokens no row owns return 0. Rows' token ranges
+  must not overlap.
+
+  Args:
+    q: [T, Hq, D] packed query tokens.
+    k_pages, v_pages: [Hkv, P, S, D] one layer of the page pool.
+    q_starts, q_lens, kv_lens: int32 [R].
+    page_tables: int32 [R, max_pages] page ids in sequence order.
+    scale: softmax scale, default D**-0.5.
+    block_tokens: query tokens gathered at once (bounds memory to
+      block_tokens * max_pages * S * Hkv * D per operand).
+
+  Returns:
+    [T, Hq, D] in q.dtype.
+  """
+  validation.check_ragged_args(q, k_pages, v_pages, q_starts, q_lens, kv_lens, page_tables)
+  num_tokens, num_q_heads, head_dim = q.shape
+  num_kv_heads, _, page_size, _ = k_pages.shape
+  group = num_q_heads // num_kv_heads
+  max_tokens = page_tables.shape[1] * page_size
+  scale = validation.default_scale(scale, head_dim)
+  prec = _precision(q.dtype)
+
+  # The row owning each token, and the token's position in its sequence.
+  t = jnp.arange(num_tokens, dtype=jnp.int32)
+  ends = q_starts + q_lens
+  owned = (t[None, :] >= q_starts[:, None]) & (t[None, :] < ends[:, None])  # [R, T]
+  has_row = jnp.any(owned, axis=0)
+  row = jnp.argmax(owned, axis=0)
+  pos = kv_lens[row] - q_lens[row] + (t - q_starts[row])
+  pos = jnp.where(has_row, pos, -1)  # attends nothing
+
+  bt = min(block_tokens, num_tokens)
+  pad = -num_tokens % bt
+  blocks = lambda a, fill: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1),
+                                   constant_values=fill).reshape(-1, bt, *a.shape[1:])
+
+  def attend(args):
+    qb, rb, pb = args  # [bt, Hq, D], [bt], [bt]
+    tables = page_tables[rb]  # [bt, W]
+    k = jnp.take(k_pages, tables, axis=1, mode="clip").reshape(
+        num_kv_heads, bt, max_tokens, head_dim)
+    v = jnp.take(v_pages, tables, axis=1, mode="clip").reshape(
+        num_kv_heads, bt, max_tokens, head_dim)
+    valid = (jnp.arange(max_tokens)[None, :] <= pb[:, None]) \
+        & (jnp.arange(max_tokens)[None, :] < kv_lens[rb][:, None])  # [bt, Tk]
+    v = jnp.where(valid[None, :, :, None], v, jnp.zeros((), v.dtype))
+    qg = qb.reshape(bt, num_kv_heads, group, head_dim)
+    s = jnp.einsum("bhgd,hbtd->bhgt", qg, k, precision=prec,
+                   preferred_element_type=jnp.float32) * scale
+    p, l = _masked_softmax_weights(s, valid[:, None, None, :])
+    o = jnp.einsum("bhgt,hbtd->bhgd", p, v.astype(jnp.float32),
+                   precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    return _normalise(o, l).reshape(bt, num_q_heads, head_dim).astype(q.dtype)
+
+  out = lax.map(attend, (blocks(q, 0), blocks(row, 0), blocks(pos, -1)))
+  return out.reshape(-1, num_q_heads, head_dim)[:num_tokens]

@@ -32,9 +32,8 @@ def _check_heads(num_q_heads: int, num_kv_heads: int, k_name: str) -> None:
         f"the number of KV heads ({num_kv_heads}) of `{k_name}`.")
 
 
-def check_decode_args(q, k_pages, v_pages, lengths, page_tables) -> None:
-  """Validates `paged_decode_attention` arguments; raises ValueError."""
-  _check_rank("q", q, 3, "[batch, q_heads, head_dim]")
+def _check_pool(q, k_pages, v_pages) -> None:
+  """q [..., q_heads, head_dim] against one layer of the page pool."""
   _check_rank("k_pages", k_pages, 4,
               "[kv_heads, num_pages, page_size, head_dim]")
   _check_rank("v_pages", v_pages, 4,
@@ -49,7 +48,7 @@ def check_decode_args(q, k_pages, v_pages, lengths, page_tables) -> None:
     raise ValueError(
         f"`q`, `k_pages` and `v_pages` must share a dtype, got {q.dtype}, "
         f"{k_pages.dtype} and {v_pages.dtype}.")
-  batch, num_q_heads, head_dim = q.shape
+  num_q_heads, head_dim = q.shape[-2:]
   num_kv_heads, num_pages, page_size, kv_head_dim = k_pages.shape
   if kv_head_dim != head_dim:
     raise ValueError(
@@ -60,19 +59,42 @@ def check_decode_args(q, k_pages, v_pages, lengths, page_tables) -> None:
         f"`k_pages` must hold at least one non-empty page, got shape "
         f"{tuple(k_pages.shape)}.")
   _check_heads(num_q_heads, num_kv_heads, "k_pages")
-  _check_rank("lengths", lengths, 1, "[batch]")
-  _check_int32("lengths", lengths)
-  if lengths.shape[0] != batch:
-    raise ValueError(
-        f"`lengths` has {lengths.shape[0]} entries but `q` has batch {batch}.")
-  _check_rank("page_tables", page_tables, 2, "[batch, max_pages]")
+
+
+def _check_rows(name: str, x, rows: int, rows_of: str) -> None:
+  _check_rank(name, x, 1, "[rows]")
+  _check_int32(name, x)
+  if x.shape[0] != rows:
+    raise ValueError(f"`{name}` has {x.shape[0]} entries but {rows_of} has {rows}.")
+
+
+def _check_tables(page_tables, rows: int, rows_of: str) -> None:
+  _check_rank("page_tables", page_tables, 2, "[rows, max_pages]")
   _check_int32("page_tables", page_tables)
-  if page_tables.shape[0] != batch:
+  if page_tables.shape[0] != rows:
     raise ValueError(
-        f"`page_tables` has {page_tables.shape[0]} rows but `q` has batch "
-        f"{batch}.")
+        f"`page_tables` has {page_tables.shape[0]} rows but {rows_of} has {rows}.")
   if page_tables.shape[1] == 0:
     raise ValueError("`page_tables` must have at least one column.")
+
+
+def check_decode_args(q, k_pages, v_pages, lengths, page_tables) -> None:
+  """Validates `paged_decode_attention` arguments; raises ValueError."""
+  _check_rank("q", q, 3, "[batch, q_heads, head_dim]")
+  _check_pool(q, k_pages, v_pages)
+  _check_rows("lengths", lengths, q.shape[0], "the batch of `q`")
+  _check_tables(page_tables, q.shape[0], "the batch of `q`")
+
+
+def check_ragged_args(q, k_pages, v_pages, q_starts, q_lens, kv_lens, page_tables) -> None:
+  """Validates `ragged_paged_attention` arguments; raises ValueError."""
+  _check_rank("q", q, 3, "[tokens, q_heads, head_dim]")
+  _check_pool(q, k_pages, v_pages)
+  _check_rank("page_tables", page_tables, 2, "[rows, max_pages]")
+  rows = page_tables.shape[0]
+  for name, x in (("q_starts", q_starts), ("q_lens", q_lens), ("kv_lens", kv_lens)):
+    _check_rows(name, x, rows, "`page_tables`")
+  _check_tables(page_tables, rows, "`page_tables`")
 
 
 def check_prefill_args(q, k, v, q_offsets, kv_lengths) -> None:
