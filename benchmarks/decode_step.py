@@ -44,8 +44,7 @@ def main(_):
   ctx, page = FLAGS.context, 16
   max_b = max(FLAGS.batch)
   shape = RunnerShape(page_size=page, num_pages=max_b * (ctx // page + 2) + 1,
-                      max_decode_batch=max_b, max_prefill_batch=1, max_prefill_len=16,
-                      max_seq_len=ctx + 2 * page, min_table_width=(ctx + 2 * page) // page)
+                      max_rows=max_b, max_step_tokens=16, max_seq_len=ctx + 2 * page)
   runner = InstanceRunner(model, sharding.make_mesh(jax.devices()[:1]), shape)
   alloc = PageAllocator(shape.num_pages, page, reserved=1)
   tables = [alloc.ensure(i, ctx + 1) for i in range(max_b)]

@@ -37,8 +37,8 @@ flags.DEFINE_list("modes", ["colocated_prefill_first", "colocated_chunked",
 FLAGS = flags.FLAGS
 
 # Runtime knobs shared by every mode; batch limits and parallelism are the deployments'.
-COMMON = dict(page_size=16, num_pages=192, max_prefill_batch=4, max_seq_len=128,
-              min_prefill_bucket=32, min_pages_bucket=2)
+COMMON = dict(page_size=16, num_pages=192, max_seq_len=128,
+              min_token_bucket=32)
 TP2 = pdj.InstanceSpec(tp=2, max_batch=16, max_tokens=256)
 MODES = {
     "colocated_prefill_first": pdj.Colocated(TP2, policy="prefill_first"),

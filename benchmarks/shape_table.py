@@ -38,15 +38,15 @@ PREFILLS = [([20, 9], [[10, 11, 12], [13, 14]]),
 
 def main(_):
   model = pdj.random_model(pdj.get_preset(FLAGS.model), seed=0)
-  shape = RunnerShape(page_size=8, num_pages=40, max_decode_batch=4, max_prefill_batch=2,
-                      max_prefill_len=32, max_seq_len=64, min_prefill_len=16)
+  shape = RunnerShape(page_size=8, num_pages=40, max_rows=4, max_step_tokens=64, max_seq_len=64,
+                      min_step_tokens=16)
   runner = InstanceRunner(model, sharding.split_devices([1])[0], shape)
   runner.warmup()
   table = profiler.profile_shapes(runner, reps=FLAGS.reps)
   print(f"{'call':<34} {'bucket':<12} {'measured ms':>11} {'table ms':>9} {'ratio':>6}")
   ratios = []
   for positions, tables in DECODES:
-    key = shape.decode_shape([len(t) for t in tables])
+    key = shape.decode_shape(len(tables))
     rows = SamplingRows.greedy(len(tables))
     t = profiler.median_time(lambda: np.asarray(runner.decode(
         [1] * len(tables), positions, tables, rows).tokens), FLAGS.reps)
@@ -54,13 +54,13 @@ def main(_):
     print(f"{f'decode context {positions}':<34} {str(key):<12} {t * 1e3:>11.2f} "
           f"{table.decode[key] * 1e3:>9.2f} {ratios[-1]:>6.2f}")
   for lens, tables in PREFILLS:
-    key = shape.prefill_shape(lens, [len(t) for t in tables])
+    (key,), _ = shape.step_calls(lens, 0)
     prompts, rows = [[1] * n for n in lens], SamplingRows.greedy(len(lens))
-    t = profiler.median_time(lambda: np.asarray(runner.prefill(
+    t = profiler.median_time(lambda: np.asarray(runner.packed(
         prompts, [0] * len(lens), tables, rows).tokens), FLAGS.reps)
-    ratios.append(t / table.prefill[key])
-    print(f"{f'prefill prompts {lens}':<34} {str(key):<12} {t * 1e3:>11.2f} "
-          f"{table.prefill[key] * 1e3:>9.2f} {ratios[-1]:>6.2f}")
+    ratios.append(t / table.packed[key])
+    print(f"{f'packed prompts {lens}':<34} {str(key):<12} {t * 1e3:>11.2f} "
+          f"{table.packed[key] * 1e3:>9.2f} {ratios[-1]:>6.2f}")
   inside = sum(0.5 < r < 2.0 for r in ratios)
   print(f"{inside}/{len(ratios)} calls within 0.5..2x of the table "
         f"(ratios {min(ratios):.2f}..{max(ratios):.2f})")

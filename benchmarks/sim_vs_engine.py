@@ -48,8 +48,8 @@ flags.DEFINE_float("max_step_error", 0.1, "how far the engine's median step may 
 FLAGS = flags.FLAGS
 
 # Runtime knobs of the engine; the simulator gets its pool size from them.
-ENGINE = dict(page_size=16, num_pages=128, max_prefill_batch=4, max_seq_len=256,
-              min_prefill_bucket=32, min_pages_bucket=2, warmup=True, ttft_slo=1.0,
+ENGINE = dict(page_size=16, num_pages=128, max_seq_len=256,
+              min_token_bucket=32, warmup=True, ttft_slo=1.0,
               tpot_slo=0.1)
 # One device per instance; each deployment is served by the engine and simulated as is.
 INSTANCE = pdj.InstanceSpec(tp=1, max_batch=16, max_tokens=256)
@@ -66,7 +66,7 @@ def step_model_error(records, latency) -> float:
   """Median of measured / predicted step time over the engine's steps, minus one:
   how far this run's machine strayed from the profile (noise, other tenants)."""
   # A record spans a step's calls, not the loop's time between steps.
-  ratios = [(r.finished - r.started) / latency.calls_time(r.prefill_calls, r.decode_calls)
+  ratios = [(r.finished - r.started) / latency.calls_time(r.packed_calls, r.decode_calls)
             for r in records]
   return float(np.median(ratios)) - 1
 

@@ -62,7 +62,6 @@ class SoakConfig:
   max_batch: int = 8
   max_tokens: int = 64  # prompt tokens per prefill step
   token_budget: int = 32  # chunked prefill: tokens per step
-  max_prefill_batch: int = 4
   max_queued: int = 64
   page_policy: str = "on_demand"
   result_timeout: float = 600.0  # s to wait for the last request of a mode
@@ -84,11 +83,10 @@ def deployment(mode: str, c: SoakConfig):
 
 
 def engine_config(c: SoakConfig) -> "pdj.EngineConfig":
-  # One prefill-length and one page-table bucket: few programs to compile.
+  # Few token buckets: few programs to compile.
   return pdj.EngineConfig(page_size=c.page_size, num_pages=c.num_pages,
-                          max_prefill_batch=c.max_prefill_batch, max_seq_len=c.max_seq_len,
-                          min_prefill_bucket=c.max_seq_len,
-                          min_pages_bucket=c.max_seq_len // c.page_size,
+                          max_seq_len=c.max_seq_len,
+                          min_token_bucket=c.max_seq_len,
                           max_queued=c.max_queued, warmup=True)
 
 

@@ -22,7 +22,7 @@ def get_config():
   c.update(modes.blocks(instance=dict(tp=2, max_batch=16, max_tokens=256, chunk_tokens=64),
                         semi_pd=dict(dynamic=True, partitioner=dict(window=8))))
   c.engine = ml_collections.ConfigDict(dict(
-      page_size=16, num_pages=160, max_prefill_batch=4, max_seq_len=256, warmup=True,
-      min_prefill_bucket=128, min_pages_bucket=16, attn_impl="auto", max_queued=256))
+      page_size=16, num_pages=160, max_seq_len=256, warmup=True,
+      min_token_bucket=128, attn_impl="auto", max_queued=256))
   c.drain_seconds = 10.0  # on shutdown: serve in-flight requests this long, then abort
   return c

@@ -12,10 +12,8 @@ def get_config():
   c.page_size = 16
   c.num_pages = 128
   c.max_batch = 16
-  c.max_prefill_batch = 4
   c.max_seq_len = 256
-  c.min_prefill_bucket = 32
-  c.min_pages_bucket = 2
+  c.min_token_bucket = 32
   # Lengths between bucket edges too, so the fit averages the padding a workload pays.
   c.prefill_batches = (1, 2, 3, 4)
   c.prefill_lens = (16, 24, 40, 56, 72, 96, 112, 128)

@@ -40,8 +40,8 @@ def get_config():
       # The SloPartitioner every 8 finished requests.
       semi_pd=dict(dynamic=True, partitioner=dict(window=8))))
   c.engine = ml_collections.ConfigDict(dict(
-      page_size=16, num_pages=160, max_prefill_batch=4, max_seq_len=256, warmup=True,
-      min_prefill_bucket=128, min_pages_bucket=16, attn_impl="auto"))
+      page_size=16, num_pages=160, max_seq_len=256, warmup=True,
+      min_token_bucket=128, attn_impl="auto"))
   c.workload = workloads.config(
       num_requests=40, rate=6.0, lengths="lognormal", prompt_mean=64, prompt_spread=0.5,
       output_mean=24, output_spread=0.5)

@@ -36,11 +36,11 @@ def get_config():
   c.update(modes.blocks(
       instance=dict(tp=1, max_batch=8, max_tokens=128, chunk_tokens=64),
       semi_pd=dict(dynamic=True, partitioner=dict(window=8))))
-  # Few shape buckets (each compiles in seconds on a CPU): prompts pad to 128
-  # tokens, page tables to 8 or 16 pages.
+  # Few shape buckets (each compiles in seconds on a CPU): packed calls pad to 128
+  # tokens.
   c.engine = ml_collections.ConfigDict(dict(
-      page_size=16, num_pages=128, max_prefill_batch=2, max_seq_len=256, warmup=True,
-      min_prefill_bucket=128, min_pages_bucket=8, attn_impl="auto"))
+      page_size=16, num_pages=128, max_seq_len=256, warmup=True,
+      min_token_bucket=128, attn_impl="auto"))
   c.workload = workloads.config(
       num_requests=30, lengths="uniform", prompt_mean=72, prompt_spread=0.35,
       output_mean=28, output_spread=0.35)

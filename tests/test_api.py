@@ -88,8 +88,8 @@ def test_parse_completion_defaults_are_openai_s():
 # --- a real server -----------------------------------------------------------------------
 
 ENGINE = ("--config.engine.max_seq_len=96", "--config.engine.num_pages=96",
-          "--config.engine.min_prefill_bucket=64", "--config.engine.max_prefill_batch=4",
-          "--config.instance.max_batch=8", "--config.instance.max_tokens=128")
+          "--config.engine.min_token_bucket=64", "--config.instance.max_batch=8",
+          "--config.instance.max_tokens=128")
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,7 @@ CONFIGS = os.path.join(ROOT, "configs")
 DEMO = os.path.join(ROOT, "pdserve_jax", "assets", "demo_model", "pdserve_config.json")
 # The engine apps on the tiny model with few shape buckets: seconds of compilation.
 TINY_ENGINE = ["--config.model=tiny", "--config.engine.max_seq_len=64",
-               "--config.engine.num_pages=32", "--config.engine.max_prefill_batch=1",
-               "--config.engine.min_prefill_bucket=32", "--config.engine.min_pages_bucket=4",
+               "--config.engine.num_pages=32", "--config.engine.min_token_bucket=32",
                "--config.instance.max_batch=2", "--config.instance.max_tokens=32",
                "--config.instance.chunk_tokens=16", "--config.workload.prompt_mean=12",
                "--config.workload.output_mean=6", "--config.workload.num_requests=6"]

@@ -7,8 +7,8 @@ import pdserve_jax as pdj
 from pdserve_jax.serving.request import Request
 
 CFG = pdj.get_preset("tiny").replace(num_heads=8, num_kv_heads=4, head_dim=8)
-BASE = dict(page_size=8, num_pages=72, max_prefill_batch=4, max_seq_len=64, warmup=False,
-            min_prefill_bucket=64, min_pages_bucket=8)
+BASE = dict(page_size=8, num_pages=72, max_seq_len=64, warmup=False,
+            min_token_bucket=64)
 
 
 def _inst(tp, chunked=False, **kw):
@@ -69,9 +69,32 @@ def test_greedy_tokens_match_reference(model, workload, name):
       alloc.check()
 
 
+# Pipeline-parallel instances: stages of layers on their own meshes, pp virtual
+# engines per replica; a disaggregated pair with a different pp per phase moves each
+# overlap of layer ranges.
+PP_MODES = {
+    "colocated_chunked_tp2pp2": pdj.Colocated(_inst(2, True, pp=2), policy="chunked"),
+    "disagg_tp2pp1_to_tp1pp2": pdj.Disaggregated(_inst(2), _inst(1, pp=2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PP_MODES))
+def test_pipeline_parallel_greedy_tokens_match_reference(model, workload, name):
+  reqs, want = workload
+  with pdj.Engine(model, PP_MODES[name], pdj.EngineConfig(**BASE, log_steps=True)) as engine:
+    runners = [i.handle for i in engine.coordinator.instances]
+    assert any(len(r.meshes) == 2 for r in runners)  # two stages, one mesh each
+    assert {len(r.pools[0].layers) for r in runners if len(r.meshes) == 2} == {1}
+    report = engine.run_workload([r.fresh() for r in reqs], timeout=600)
+    assert [res.token_ids for res in report.results] == want
+    _check_step_log(engine, reqs)
+    assert engine.pages_in_use() == 0
+
+
 def _check_step_log(engine, reqs):
-  """One step at a time per instance, every call in a compiled shape, and decode
-  rows that account for every token after the first (padding at most doubles them)."""
+  """One step at a time per instance, every call in a compiled shape and holding its
+  step's work: a step with prompt chunks runs as packed calls (its decodes as rows of
+  them), a pure decode step as decode calls (padding at most doubles its rows)."""
   shapes = {i.name: i.handle.shape for i in engine.coordinator.instances}
   log = engine.step_log
   assert log
@@ -81,11 +104,18 @@ def _check_step_log(engine, reqs):
     assert all(r.started <= r.finished for r in mine)
   for r in log:
     shape = shapes[r.instance]
-    assert set(r.prefill_calls) <= set(shape.compiled_prefill_shapes())
+    assert set(r.packed_calls) <= set(shape.compiled_packed_shapes())
     assert set(r.decode_calls) <= set(shape.compiled_decode_shapes())
-  rows = sum(r.max_tokens - 1 for r in reqs)
-  padded = sum(c[0] for r in log for c in r.decode_calls)
-  assert rows <= padded < 2 * rows
+    chunks, decodes = r.work
+    tokens = sum(end - start for _, start, end in chunks) + len(decodes)
+    if chunks:
+      assert not r.decode_calls and sum(c[0] for c in r.packed_calls) >= tokens
+    else:
+      rows = sum(c[0] for c in r.decode_calls)
+      assert not r.packed_calls and len(decodes) <= rows < 2 * len(decodes)
+  # Every output token after a request's first comes from a decode row (or from the
+  # prefill that recomputes it after a preemption).
+  assert 0 < sum(len(r.work[1]) for r in log) <= sum(r.max_tokens - 1 for r in reqs)
 
 
 @pytest.mark.parametrize("name", ["colocated_chunked", "disagg_2p1_1d2", "semi_pd_tp4"])
@@ -141,8 +171,8 @@ def test_config_errors(model):
     pdj.Engine(model, pdj.Colocated(policy="pipelined"))
   with pytest.raises(ValueError, match="needs 12 devices"):
     pdj.Engine(model, pdj.Disaggregated(_inst(4), _inst(2), num_prefill=2, num_decode=2))
-  with pytest.raises(ValueError, match="pipeline parallelism"):
-    pdj.Engine(model, pdj.Colocated(pdj.InstanceSpec(pp=2)))
+  with pytest.raises(ValueError, match="pp=3 does not divide the model's 2 layers"):
+    pdj.Engine(model, pdj.Colocated(pdj.InstanceSpec(pp=3)))
   with pytest.raises(ValueError, match="SM caps"):
     pdj.Engine(model, pdj.SemiPD(concurrent=True))
   with pytest.raises(ValueError, match="PhaseOnly"):

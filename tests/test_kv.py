@@ -53,7 +53,7 @@ def test_transfer_between_meshes_is_bit_identical(src_tp, dst_tp):
   src.arrays = jax.device_put(fill, src.pool_shardings)
   src_pages, dst_pages = np.array([3, 7, 1, 0]), np.array([5, 2, 9, 0])
   moved = transfer_pages(src, src_pages, dst, dst_pages)
-  assert {s.device for a in moved.values() for s in a.addressable_shards} == set(
+  assert {s.device for buf in moved for a in buf.values() for s in a.addressable_shards} == set(
       dst_mesh.devices.flat)
   got = dst.read_pages(dst_pages[:3])
   for k in ("k", "v"):
@@ -61,3 +61,29 @@ def test_transfer_between_meshes_is_bit_identical(src_tp, dst_tp):
   # Pages not named stay untouched (zero).
   untouched = [p for p in range(1, 12) if p not in dst_pages]
   assert not np.asarray(dst.read_pages(untouched)["k"]).any()
+
+
+@pytest.mark.parametrize("src_stages,dst_stages", [(1, 2), (2, 1), (2, 2)])
+def test_transfer_between_pipelines_of_any_depth(src_stages, dst_stages):
+  """Stage pools hold consecutive layers; every layer lands once, in its stage."""
+  cfg = CFG.replace(num_layers=4)
+  meshes = sharding.split_devices([1] * (src_stages + dst_stages))
+
+  def stages(n, ms):
+    per = cfg.num_layers // n
+    return [PagePool(cfg.replace(num_layers=per), m, num_pages=10, page_size=4,
+                     first_layer=i * per) for i, m in enumerate(ms)]
+
+  src, dst = stages(src_stages, meshes[:src_stages]), stages(dst_stages, meshes[src_stages:])
+  rng = np.random.default_rng(src_stages * 10 + dst_stages)
+  full = {k: rng.standard_normal((4,) + src[0].shape[1:]).astype(np.float32) for k in "kv"}
+  for p in src:
+    p.arrays = jax.device_put({k: a[p.layers.start:p.layers.stop] for k, a in full.items()},
+                              p.pool_shardings)
+  src_pages, dst_pages = np.array([2, 5, 9, 0]), np.array([7, 1, 3, 0])
+  transfer_pages(src, src_pages, dst, dst_pages)
+  for p in dst:
+    got = p.read_pages(dst_pages[:3])
+    for k in "kv":
+      np.testing.assert_array_equal(
+          got[k], full[k][p.layers.start:p.layers.stop][:, :, src_pages[:3]])

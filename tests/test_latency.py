@@ -127,41 +127,42 @@ def test_share_scaling_and_transfer():
 
 def test_shape_table_rounds_steps_as_the_runner_does(tmp_path):
   from pdserve_jax.runtime.buckets import RunnerShape
-  shape = RunnerShape(page_size=4, num_pages=64, max_decode_batch=4, max_prefill_batch=2,
-                      max_prefill_len=16, max_seq_len=32, min_prefill_len=4)
+  shape = RunnerShape(page_size=4, num_pages=64, max_rows=4, max_step_tokens=32, max_seq_len=32,
+                      min_step_tokens=4)
+  assert shape.token_buckets == (4, 8, 16, 32) and shape.decode_batches == (1, 2, 4)
   # Every measured time names its own shape, so a sum shows which shapes were used.
-  pre = {(b, t, w): b * 1e4 + t * 1e2 + w for b, t, w in shape.compiled_prefill_shapes()}
-  dec = {(b, w): b * 1e6 + w * 1e3 for b, w in shape.compiled_decode_shapes()}
-  m = L.ShapeTableLatencyModel(shape, pre, dec)
+  packed = {(t,): t * 1e2 for (t,) in shape.compiled_packed_shapes()}
+  dec = {(b,): b * 1e6 for (b,) in shape.compiled_decode_shapes()}
+  m = L.ShapeTableLatencyModel(shape, packed, dec)
   reqs = [Request(i, 10 + i, 8) for i in range(3)]
-  # Three chunks go in calls of two and one: batch 2, chunk bucket 16 (longest 11), 4
-  # pages from the lengths alone; then batch 1, bucket 8 (5 tokens), 4 pages (ends at 12).
+  # 10 + 11 tokens go in one packed call of bucket 32; 12 more would pass 32: a second
+  # call, bucket 16.
   step = Step([PrefillChunk(reqs[0], 0, 10), PrefillChunk(reqs[1], 0, 11),
-               PrefillChunk(reqs[2], 7, 12)], [])
-  assert m.step_time(step) == pre[2, 16, 4] + pre[1, 8, 4]
-  # With the pages each request holds (lifetime reservation), the tables widen.
-  held = {0: 5, 1: 5, 2: 7}
-  pages = lambda r: [0] * held[r.request_id]
-  assert m.step_time(step, pages) == pre[2, 16, 8] + pre[1, 8, 8]
-  # Decodes: 3 rows pad to batch 4; contexts 11..13 need 3 and 4 pages -> width 4.
+               PrefillChunk(reqs[2], 0, 12)], [])
+  assert m.step_time(step) == packed[32,] + packed[16,]
+  # The pages requests hold do not matter: one table width.
+  assert m.step_time(step, lambda r: [0] * 7) == m.step_time(step)
+  # Decodes alone: 3 rows pad to batch 4.
   for r in reqs:
     r.num_prefilled, r.num_output = r.prompt_len, 1
-  assert m.step_time(Step([], reqs)) == dec[4, 4]
-  assert m.step_time(Step([PrefillChunk(reqs[0], 0, 10)], reqs[1:]), pages) == (
-      pre[1, 16, 8] + dec[2, 8])
-  assert m.decode_totals(3, 36) == dec[4, 4] and m.prefill_totals(2, 20, 200) == pre[2, 16, 4]
+  assert m.step_time(Step([], reqs)) == dec[4,]
+  # A chunk with decodes: one packed call of 10 + 2 tokens, bucket 16.
+  assert m.step_time(Step([PrefillChunk(reqs[0], 0, 10)], reqs[1:])) == packed[16,]
+  assert m.decode_totals(3, 36) == dec[4,] and m.prefill_totals(2, 20, 200) == packed[32,]
   path = tmp_path / "table.json"
   m.save(path)
   assert L.latency_source(str(path), get_preset("tiny"), H.get_hardware("a100-80gb"))(1, 1) == m
   with pytest.raises(ValueError, match="pp=2"):
     L.latency_source(str(path), get_preset("tiny"), H.get_hardware("a100-80gb"))(1, 2)
-  with pytest.raises(ValueError, match=r"no measured decode program of shape \(8, 4\)"):
-    L.ShapeTableLatencyModel(shape, pre, {}).calls_time(decode_calls=[(8, 4)])
-  # Five decodes over the batch cap of 4 run as two calls, as the executor groups them.
+  with pytest.raises(ValueError, match=r"no measured decode program of shape \(8,\)"):
+    L.ShapeTableLatencyModel(shape, packed, {}).calls_time(decode_calls=[(8,)])
+  # Five decodes over the row cap of 4 run as two calls, as the executor groups them;
+  # five one-token rows with a chunk as two packed calls.
   five = [Request(i, 4, 4, num_prefilled=4, num_output=1) for i in range(5)]
-  assert m.step_time(Step([], five)) == dec[4, 2] + dec[1, 2]
-  with pytest.raises(ValueError, match="page-table width 9 exceeds"):
-    m.step_time(Step([], five), lambda r: [0] * 9)
+  assert m.step_time(Step([], five)) == dec[4,] + dec[1,]
+  assert m.step_time(Step([PrefillChunk(reqs[0], 0, 3)], five)) == packed[8,] + packed[4,]
+  with pytest.raises(ValueError, match="a row of 40 tokens exceeds"):
+    m.step_time(Step([PrefillChunk(Request(9, 40, 2), 0, 40)], []))
 
 
 def test_step_overhead_reads_gaps_between_steps(tmp_path):
@@ -178,13 +179,14 @@ def test_step_overhead_reads_gaps_between_steps(tmp_path):
   assert step_overhead(seq, lambda r: 0) == pytest.approx(0.2)
   with pytest.raises(ValueError, match="no consecutive steps"):
     step_overhead([rec("decode", 0.0, 1.0)])
-  shape = RunnerShape(page_size=4, num_pages=16, max_decode_batch=2, max_prefill_batch=1,
-                      max_prefill_len=8, max_seq_len=16, min_prefill_len=8)
-  m = L.ShapeTableLatencyModel(shape, {k: 1.0 for k in shape.compiled_prefill_shapes()},
+  shape = RunnerShape(page_size=4, num_pages=16, max_rows=2, max_step_tokens=16, max_seq_len=16,
+                      min_step_tokens=8)
+  m = L.ShapeTableLatencyModel(shape, {k: 1.0 for k in shape.compiled_packed_shapes()},
                                {k: 2.0 for k in shape.compiled_decode_shapes()}, 0.25)
   d = Request(0, 4, 4, num_prefilled=4, num_output=1)
   assert m.step_time(Step([], [d])) == 2.25
-  assert m.step_time(Step([PrefillChunk(Request(1, 6, 2), 0, 6)], [d])) == 3.25
-  assert m.mixed_totals(1, 6, 36, 1, 5) == 3.25
+  # A chunk and a decode: one packed call.
+  assert m.step_time(Step([PrefillChunk(Request(1, 6, 2), 0, 6)], [d])) == 1.25
+  assert m.mixed_totals(1, 6, 36, 1, 5) == 1.25
   m.save(tmp_path / "t.json")
   assert L.ShapeTableLatencyModel.from_json((tmp_path / "t.json").read_text()) == m

@@ -22,10 +22,10 @@ from pdserve_jax import workloads as W
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 SMALL_GRID = ["--config.model=tiny", "--config.reps=2", "--config.num_pages=32",
-              "--config.max_batch=4", "--config.max_prefill_batch=2", "--config.max_seq_len=64",
+              "--config.max_batch=4", "--config.max_seq_len=64",
               "--config.prefill_batches=(1, 2)", "--config.prefill_lens=(16, 24, 40, 48)",
               "--config.max_prefill_tokens=96", "--config.decode_batches=(1, 2, 3, 4)",
-              "--config.decode_contexts=(8, 24, 40, 64)"]
+              "--config.decode_contexts=(8, 24, 40, 64)", "--config.min_token_bucket=32"]
 
 
 @pytest.mark.slow
@@ -47,7 +47,7 @@ def test_profile_cli_writes_what_the_simulator_reads(tmp_path, kind):
   else:
     table = latency(1, 1)
     assert set(table.decode) == set(table.shape.compiled_decode_shapes())
-    assert all(t > 0 for t in list(table.prefill.values()) + list(table.decode.values()))
+    assert all(t > 0 for t in list(table.packed.values()) + list(table.decode.values()))
   setup = sim.Setup(model, H.get_hardware("a100-80gb"), latency, kv_tokens=31 * 16)
   reqs = W.synthetic(20, 5.0, W.Uniform(8, 40), W.Uniform(2, 20), seed=0)
   res = sim.simulate(reqs, setup, sim.Colocated(sim.InstanceSpec(1, 1, 4, 96)))
@@ -61,28 +61,28 @@ def test_shape_table_prices_a_call_it_did_not_time_at_its_bucket():
   # compiled shape, a ragged call lands in one of them (the runner compiles nothing
   # for it), and the table prices it at that bucket's measured time.
   model = pdj.random_model(pdj.get_preset("tiny"), seed=0)
-  shape = RunnerShape(page_size=8, num_pages=40, max_decode_batch=4, max_prefill_batch=2,
-                      max_prefill_len=32, max_seq_len=32, min_prefill_len=16)
+  shape = RunnerShape(page_size=8, num_pages=40, max_rows=4, max_step_tokens=64, max_seq_len=32,
+                      min_step_tokens=16)
   runner = InstanceRunner(model, sharding.split_devices([1])[0], shape)
   table = profiler.profile_shapes(runner, reps=1)  # its untimed calls compile every shape
-  assert set(table.prefill) == set(shape.compiled_prefill_shapes())
+  assert set(table.packed) == set(shape.compiled_packed_shapes())
   assert set(table.decode) == set(shape.compiled_decode_shapes())
-  assert all(t > 0 for t in list(table.prefill.values()) + list(table.decode.values()))
-  # Three decode rows with ragged tables run as the (4, 4) bucket; two prompts of 20
-  # and 9 tokens over 3 and 2 pages as the (2, 32, 4) one.
+  assert all(t > 0 for t in list(table.packed.values()) + list(table.decode.values()))
+  # Three decode rows run as the (4,) bucket; two prompts of 20 and 9 tokens as the
+  # (32,) one.
   tables = [[1, 2], [3, 4, 5], [6, 7, 8, 9]]
-  assert shape.decode_shape([len(t) for t in tables]) == (4, 4)
-  assert shape.prefill_shape([20, 9], [3, 2]) == (2, 32, 4)
+  assert shape.decode_shape(3) == (4,)
+  assert shape.step_calls([20, 9], 0) == (((32,),), ())
   with CompileCounter() as counter:
     np.asarray(runner.decode([1, 2, 3], [10, 20, 30], tables, SamplingRows.greedy(3)).tokens)
-    np.asarray(runner.prefill([[1] * 20, [2] * 9], [0, 0], [[10, 11, 12], [13, 14]],
-                              SamplingRows.greedy(2)).tokens)
+    np.asarray(runner.packed([[1] * 20, [2] * 9], [0, 0], [[10, 11, 12], [13, 14]],
+                             SamplingRows.greedy(2)).tokens)
   assert counter.count == 0
-  assert table.calls_time(decode_calls=[(4, 4)]) == table.decode[4, 4]
-  assert table.calls_time(prefill_calls=[(2, 32, 4)], decode_calls=[(4, 4)]) == (
-      table.prefill[2, 32, 4] + table.decode[4, 4])
+  assert table.calls_time(decode_calls=[(4,)]) == table.decode[4,]
+  assert table.calls_time(packed_calls=[(32,)], decode_calls=[(4,)]) == (
+      table.packed[32,] + table.decode[4,])
   with pytest.raises(ValueError, match="no measured decode program"):
-    table.calls_time(decode_calls=[(3, 4)])  # 3 is no decode bucket
+    table.calls_time(decode_calls=[(3,)])  # 3 is no decode bucket
 
 
 def test_profile_transfers_and_overlap_between_meshes():

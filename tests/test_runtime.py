@@ -1,4 +1,4 @@
-"""Prefill + decode programs on a mesh against the cache-less reference forward."""
+"""Packed and decode programs on a mesh against the cache-less reference forward."""
 
 import jax
 import numpy as np
@@ -11,8 +11,7 @@ from pdserve_jax.runtime import programs
 from pdserve_jax.runtime.programs import CompileCounter, InstanceRunner, RunnerShape, SamplingRows
 
 CFG = pdj.get_preset("tiny").replace(num_heads=8, num_kv_heads=4, head_dim=8)
-SHAPE = RunnerShape(page_size=8, num_pages=160, max_decode_batch=8, max_prefill_batch=8,
-                    max_prefill_len=64, max_seq_len=128)
+SHAPE = RunnerShape(page_size=8, num_pages=160, max_rows=8, max_step_tokens=256, max_seq_len=128)
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +20,11 @@ def model():
 
 
 def generate(runner, prompts, num_tokens, page_size):
-  """Greedy generation with the runner's programs; one prefill, then decode steps."""
+  """Greedy generation with the runner's programs; one packed call, then decode steps."""
   alloc = PageAllocator(runner.shape.num_pages, page_size, reserved=1)
   tables = [alloc.ensure(i, len(p) + num_tokens) for i, p in enumerate(prompts)]
   n = len(prompts)
-  first = np.asarray(runner.prefill(prompts, [0] * n, tables, SamplingRows.greedy(n)).tokens)[:n]
+  first = np.asarray(runner.packed(prompts, [0] * n, tables, SamplingRows.greedy(n)).tokens)[:n]
   out = [[int(t)] for t in first]
   for step in range(1, num_tokens):
     positions = [len(p) + step - 1 for p in prompts]
@@ -66,9 +65,8 @@ def test_attention_splits_over_heads(heads, kv_heads, tp, split):
   model = pdj.random_model(cfg, seed=3, std=0.25)
   mesh = sharding.make_mesh(jax.devices()[:tp])
   assert programs._head_split(mesh, cfg) == split
-  shape = RunnerShape(page_size=8, num_pages=40, max_decode_batch=4, max_prefill_batch=4,
-                      max_prefill_len=32, max_seq_len=64, min_prefill_len=32,
-                      min_table_width=8)
+  shape = RunnerShape(page_size=8, num_pages=40, max_rows=4, max_step_tokens=64, max_seq_len=64,
+                      min_step_tokens=64)
   rng = np.random.default_rng(tp)
   prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 17, 30)]
   got = generate(InstanceRunner(model, mesh, shape), prompts, 12, shape.page_size)
@@ -83,13 +81,46 @@ def test_pallas_kernels_in_the_sharded_programs(impl, tp, kv_heads):
   shard of the heads, give the reference forward's tokens."""
   cfg = pdj.get_preset("tiny").replace(num_heads=8, num_kv_heads=kv_heads, head_dim=16)
   model = pdj.random_model(cfg, seed=3, std=0.25)
-  shape = RunnerShape(page_size=8, num_pages=40, max_decode_batch=4, max_prefill_batch=4,
-                      max_prefill_len=32, max_seq_len=64, min_prefill_len=32,
-                      min_table_width=8)
+  shape = RunnerShape(page_size=8, num_pages=40, max_rows=4, max_step_tokens=64, max_seq_len=64,
+                      min_step_tokens=64)
   runner = InstanceRunner(model, sharding.make_mesh(jax.devices()[:tp]), shape,
                           attn_impl=impl)
   prompts = [[1, 2, 3], list(range(5, 22))]
   assert generate(runner, prompts, 6, shape.page_size) == pdj.greedy_reference(model, prompts, 6)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_packed_calls_mix_chunks_and_decode_rows(model, tp):
+  """One packed call carries decode rows, a prompt chunk at a non-zero start and a
+  whole prompt, in any order, and every row continues as the reference does."""
+  runner = InstanceRunner(model, sharding.make_mesh(jax.devices()[:tp]), SHAPE)
+  rng = np.random.default_rng(5)
+  prompts = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (9, 20, 33, 7)]
+  want = pdj.greedy_reference(model, prompts, 6)
+  alloc = PageAllocator(SHAPE.num_pages, SHAPE.page_size, reserved=1)
+  tables = [alloc.ensure(i, len(p) + 6) for i, p in enumerate(prompts)]
+  g = lambda n: SamplingRows.greedy(n)
+  take = lambda out, n: np.asarray(out.tokens)[:n].tolist()
+  # Prompts 0 and 1 whole, and the first 12 tokens of prompt 2.
+  first = take(runner.packed([prompts[0], prompts[1], prompts[2][:12]], [0, 0, 0],
+                             tables[:3], g(3)), 3)
+  out = {0: [first[0]], 1: [first[1]]}
+  # Decode rows of 1 and 0, the rest of prompt 2 from token 12, all of prompt 3.
+  mixed = take(runner.packed([[out[1][-1]], prompts[2][12:], [out[0][-1]], prompts[3]],
+                             [len(prompts[1]), 12, len(prompts[0]), 0],
+                             [tables[1], tables[2], tables[0], tables[3]], g(4)), 4)
+  out[1].append(mixed[0])
+  out[2] = [mixed[1]]
+  out[0].append(mixed[2])
+  out[3] = [mixed[3]]
+  while any(len(o) < 6 for o in out.values()):
+    ids = [i for i in range(4) if len(out[i]) < 6]
+    nxt = take(runner.decode([out[i][-1] for i in ids],
+                             [len(prompts[i]) + len(out[i]) - 1 for i in ids],
+                             [tables[i] for i in ids], g(len(ids))), len(ids))
+    for i, t in zip(ids, nxt):
+      out[i].append(t)
+  assert [out[i] for i in range(4)] == want
 
 
 def test_chunked_prefill_matches_whole_prefill(model):
@@ -100,7 +131,7 @@ def test_chunked_prefill_matches_whole_prefill(model):
   table = alloc.ensure("r", 40)
   g = SamplingRows.greedy(1)
   for start, end in ((0, 16), (16, 21), (21, 37)):
-    tok = int(np.asarray(runner.prefill([prompt[start:end]], [start], [table], g).tokens)[0])
+    tok = int(np.asarray(runner.packed([prompt[start:end]], [start], [table], g).tokens)[0])
   assert tok == pdj.greedy_reference(model, [prompt], 1)[0][0]
 
 
@@ -117,14 +148,14 @@ def test_sampling_is_reproducible_and_seed_dependent(model):
                         np.arange(seed, seed + 1 + batch_mates, dtype=np.int32),
                         np.zeros(1 + batch_mates, np.int32))
     n = 1 + batch_mates
-    return [int(np.asarray(runner.prefill([prompt] * n, [0] * n, [table] * n, rows).tokens)[0])
+    return [int(np.asarray(runner.packed([prompt] * n, [0] * n, [table] * n, rows).tokens)[0])
             for _ in range(1)][0]
 
   draws = [draw(s) for s in range(40)]
   assert draws == [draw(s) for s in range(40)]  # same seed, same token
   assert draw(11, batch_mates=3) == draws[11]  # batch composition does not matter
   assert len(set(draws)) > 5  # temperature 1 over random logits spreads out
-  greedy = int(np.asarray(runner.prefill([prompt], [0], [table], SamplingRows.greedy(1)).tokens)[0])
+  greedy = int(np.asarray(runner.packed([prompt], [0], [table], SamplingRows.greedy(1)).tokens)[0])
   assert {draw(s, top_k=1) for s in range(10)} == {greedy}
   assert {draw(s, top_p=1e-6) for s in range(10)} == {greedy}
   assert set(draw(s, top_k=3) for s in range(40)) <= set(
@@ -132,8 +163,7 @@ def test_sampling_is_reproducible_and_seed_dependent(model):
 
 
 def test_no_compilation_after_warmup(model):
-  shape = RunnerShape(page_size=8, num_pages=200, max_decode_batch=8, max_prefill_batch=4,
-                      max_prefill_len=32, max_seq_len=64)
+  shape = RunnerShape(page_size=8, num_pages=200, max_rows=8, max_step_tokens=128, max_seq_len=64)
   runner = InstanceRunner(model, sharding.make_mesh(jax.devices()[:2]), shape)
   runner.warmup()
   rng = np.random.default_rng(0)
@@ -145,7 +175,7 @@ def test_no_compilation_after_warmup(model):
       prompts = [rng.integers(0, CFG.vocab_size, int(rng.integers(1, 33))).tolist()
                  for _ in range(nb)]
       tables = [alloc.ensure((served, i), len(p) + 3) for i, p in enumerate(prompts)]
-      first = np.asarray(runner.prefill(prompts, [0] * nb, tables, SamplingRows.greedy(nb)).tokens)
+      first = np.asarray(runner.packed(prompts, [0] * nb, tables, SamplingRows.greedy(nb)).tokens)
       runner.decode(first[:nb].tolist(), [len(p) for p in prompts], tables,
                     SamplingRows.greedy(nb))
       for i in range(nb):

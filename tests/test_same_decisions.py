@@ -17,8 +17,8 @@ from pdserve_jax.model import sharding
 from pdserve_jax.sim import hardware, planner, profiler, simulator as sim
 
 CFG = pdj.get_preset("tiny").replace(num_heads=8, num_kv_heads=4, head_dim=8)
-ENGINE = dict(page_size=8, max_prefill_batch=4, max_seq_len=64, warmup=False,
-              min_prefill_bucket=64, min_pages_bucket=8, log_steps=True)
+ENGINE = dict(page_size=8, max_seq_len=64, warmup=False,
+              min_token_bucket=64, log_steps=True)
 HOST = hardware.HardwareSpec("host-cpu", 1e12, 1e10, 1e10, 1e10, 1e10, 4)
 
 
@@ -90,10 +90,9 @@ def test_planner_pick_is_served_by_the_engine(model):
   """Plan with a latency model profiled here; the best placement serves greedy tokens
   equal to the reference."""
   mesh = sharding.split_devices([1])[0]
-  runner = InstanceRunner(model, mesh, RunnerShape(page_size=8, num_pages=72,
-                                                   max_decode_batch=8, max_prefill_batch=4,
-                                                   max_prefill_len=64, max_seq_len=64,
-                                                   min_prefill_len=64, min_table_width=8))
+  runner = InstanceRunner(model, mesh, RunnerShape(page_size=8, num_pages=72, max_rows=8,
+                                                   max_step_tokens=256, max_seq_len=64,
+                                                   min_step_tokens=16))
   latency, _, _ = profiler.profile(runner, [1, 2, 4], [16, 32, 64], [1, 2, 4, 8],
                                    [16, 32, 64], max_tokens=128, reps=3)
   setup = sim.Setup(model.config, HOST, lambda tp, pp: latency, page_size=8, kv_tokens=71 * 8)

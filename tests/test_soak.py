@@ -36,7 +36,7 @@ def test_every_request_is_accounted_for(model, mode):
   c = soak.SoakConfig(requests=150, rate=600.0, abort_fraction=0.2, abort_within=0.02,
                       max_queued=32, result_timeout=120.0,
                       # fewer program shapes to compile than the benchmark's engines
-                      max_batch=4, max_prefill_batch=2, num_pages=16)
+                      max_batch=4, num_pages=16)
   r = soak.run_mode(model, mode, c)
   print(soak.format_row(r))
   assert r.problems() == []

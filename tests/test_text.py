@@ -13,8 +13,8 @@ import pdserve_jax as pdj
 from pdserve_jax.model.tokenizer import byte_tokenizer
 
 CFG = pdj.get_preset("tiny").replace(vocab_size=264, num_heads=8, num_kv_heads=4, head_dim=8)
-BASE = dict(page_size=8, num_pages=96, max_prefill_batch=4, max_seq_len=96, warmup=False,
-            min_prefill_bucket=64, min_pages_bucket=8)
+BASE = dict(page_size=8, num_pages=96, max_seq_len=96, warmup=False,
+            min_token_bucket=64)
 PROMPT = "Once upon a time"
 
 

@@ -18,9 +18,8 @@ from pdserve_jax.cli import common
 
 RULES = {"kind": common.one_of("polynomial", "shapes"), "tp": common.at_least(1),
          "reps": common.at_least(1), "num_pages": common.at_least(2),
-         **{k: common.at_least(1) for k in ("page_size", "max_batch", "max_prefill_batch",
-                                            "max_seq_len", "min_prefill_bucket",
-                                            "min_pages_bucket", "max_prefill_tokens")}}
+         **{k: common.at_least(1) for k in ("page_size", "max_batch", "max_seq_len",
+                                            "min_token_bucket", "max_prefill_tokens")}}
 
 
 def runner_from_config(c):
@@ -29,10 +28,9 @@ def runner_from_config(c):
   from pdserve_jax.runtime.programs import InstanceRunner, RunnerShape
 
   model = pdj.random_model(serving.preset(c.model), seed=0, std=c.init_std)
-  shape = RunnerShape(page_size=c.page_size, num_pages=c.num_pages, max_decode_batch=c.max_batch,
-                      max_prefill_batch=c.max_prefill_batch,
-                      max_prefill_len=max(c.prefill_lens), max_seq_len=c.max_seq_len,
-                      min_prefill_len=c.min_prefill_bucket, min_table_width=c.min_pages_bucket)
+  shape = RunnerShape(page_size=c.page_size, num_pages=c.num_pages, max_rows=c.max_batch,
+                      max_step_tokens=max(c.max_prefill_tokens, c.max_seq_len),
+                      max_seq_len=c.max_seq_len, min_step_tokens=c.min_token_bucket)
   return InstanceRunner(model, sharding.split_devices([c.tp])[0], shape)
 
 
@@ -49,8 +47,8 @@ def main(c, out: common.Outputs):
   if c.kind == "shapes":
     table = profiler.profile_shapes(runner, c.reps)
     table.save(path)
-    print(f"backend={jax.default_backend()} model={c.model} tp={c.tp}: {len(table.prefill)} "
-          f"prefill and {len(table.decode)} decode shapes timed")
+    print(f"backend={jax.default_backend()} model={c.model} tp={c.tp}: {len(table.packed)} "
+          f"packed and {len(table.decode)} decode shapes timed")
     print(f"wrote {os.path.abspath(path)}")
     return
   fit, pre, dec = profiler.profile(runner, c.prefill_batches, c.prefill_lens,

@@ -6,7 +6,9 @@ attention kernels read), with KV heads sharded over the mesh's `tp` axis. Layers
 stay stacked so one gather moves a request's pages for every layer at once.
 `gather_pages` / `scatter_pages` are jitted per mesh (the pool donated to the
 scatter); `transfer_pages` is the in-process move between meshes with
-`jax.device_put`, resharding from the source `tp` to the destination's. Which pages
+`jax.device_put`, resharding from the source `tp` to the destination's. A
+pipeline stage's pool holds only its layers (`first_layer` on): a transfer between
+pipelines of different depths moves each overlap of layer ranges. Which pages
 belong to whom is the host-side `PageAllocator`'s business, not this module's.
 """
 
@@ -31,8 +33,10 @@ class PagePool:
   """Device arrays of one instance's KV pages plus their jitted movers."""
 
   def __init__(self, cfg: ModelConfig, mesh: Mesh, num_pages: int, page_size: int,
-               dtype=jnp.float32):
+               dtype=jnp.float32, first_layer: int = 0):
+    """`cfg.num_layers` layers of the model, from `first_layer` on."""
     self.cfg, self.mesh = cfg, mesh
+    self.layers = range(first_layer, first_layer + cfg.num_layers)
     self.num_pages, self.page_size, self.dtype = num_pages, page_size, jnp.dtype(dtype)
     self.shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
     self.sharding = sharding.logical_sharding(mesh, POOL_AXES, self.shape)
@@ -41,8 +45,9 @@ class PagePool:
                           out_shardings=self.sharding)
     self.arrays: Pool = {}
     self.reset()
-    self._gather = jax.jit(_gather, out_shardings=self.sharding)
-    self._scatter = jax.jit(_scatter, out_shardings=self.sharding, donate_argnums=(0,))
+    self._gather = jax.jit(_gather, static_argnums=(2,), out_shardings=self.sharding)
+    self._scatter = jax.jit(_scatter, static_argnums=(3,), out_shardings=self.sharding,
+                            donate_argnums=(0,))
 
   def reset(self) -> None:
     """Fresh zeroed pages: every request's KV here is gone."""
@@ -67,13 +72,20 @@ class PagePool:
   def bytes(self) -> int:
     return 2 * int(np.prod(self.shape)) * self.dtype.itemsize
 
-  def gather(self, page_ids: np.ndarray) -> Pool:
-    """Copies the listed pages (all layers) into a contiguous buffer on this mesh."""
-    return self._gather(self.arrays, np.asarray(page_ids, np.int32))
+  def gather(self, page_ids: np.ndarray, layers: range = None) -> Pool:
+    """Copies the listed pages (of `layers`, model layer numbers; default all held
+    here) into a contiguous buffer on this mesh."""
+    return self._gather(self.arrays, np.asarray(page_ids, np.int32), self._local(layers))
 
-  def scatter(self, buffer: Pool, page_ids: np.ndarray) -> None:
-    """Writes `buffer` (as made by `gather`) into the listed pages, in place."""
-    self.arrays = self._scatter(self.arrays, buffer, np.asarray(page_ids, np.int32))
+  def scatter(self, buffer: Pool, page_ids: np.ndarray, layers: range = None) -> None:
+    """Writes `buffer` (as made by `gather`, of `layers`) into the listed pages, in
+    place."""
+    self.arrays = self._scatter(self.arrays, buffer, np.asarray(page_ids, np.int32),
+                                self._local(layers))
+
+  def _local(self, layers):
+    layers = self.layers if layers is None else layers
+    return (layers.start - self.layers.start, layers.stop - self.layers.start)
 
   def read_pages(self, page_ids) -> Dict[str, np.ndarray]:
     """Host copy of some pages, for tests and debugging."""
@@ -81,24 +93,36 @@ class PagePool:
     return {k: np.asarray(v) for k, v in buf.items()}
 
 
-def _gather(pool: Pool, page_ids):
-  return {k: jnp.take(a, page_ids, axis=2) for k, a in pool.items()}
+def _gather(pool: Pool, page_ids, layers):
+  lo, hi = layers
+  return {k: jnp.take(a[lo:hi], page_ids, axis=2) for k, a in pool.items()}
 
 
-def _scatter(pool: Pool, buffer: Pool, page_ids):
-  return {k: a.at[:, :, page_ids].set(buffer[k]) for k, a in pool.items()}
+def _scatter(pool: Pool, buffer: Pool, page_ids, layers):
+  lo, hi = layers
+  return {k: a.at[lo:hi, :, page_ids].set(buffer[k]) for k, a in pool.items()}
 
 
-def transfer_pages(src: PagePool, src_pages, dst: PagePool, dst_pages) -> Pool:
+def transfer_pages(src, src_pages, dst, dst_pages) -> list:
   """Copies pages from `src`'s pool into `dst`'s, across meshes, bit for bit.
 
-  Both page lists have the same (bucketed) length; padding entries point at the
-  scratch page on both sides. Returns at once (async dispatch) with the buffer as it
-  landed on `dst`'s mesh: once it `is_ready()`, the source pages may be reused.
+  `src` and `dst` are a `PagePool` or a pipeline's stage pools (a list, layers in
+  order); each overlap of a source and a destination stage's layers moves on its
+  own. Both page lists have the same (bucketed) length; padding entries point at
+  the scratch page on both sides. Returns at once (async dispatch) with the buffers
+  as they landed on `dst`'s meshes: once they are ready, the source pages may be
+  reused.
   """
   if len(src_pages) != len(dst_pages):
     raise ValueError(f"page lists differ in length: {len(src_pages)} vs {len(dst_pages)}")
-  buf = src.gather(src_pages)
-  moved = jax.device_put(buf, dst.pool_shardings)
-  dst.scatter(moved, dst_pages)
+  srcs = [src] if isinstance(src, PagePool) else list(src)
+  dsts = [dst] if isinstance(dst, PagePool) else list(dst)
+  moved = []
+  for d in dsts:
+    for s in srcs:
+      layers = range(max(s.layers.start, d.layers.start), min(s.layers.stop, d.layers.stop))
+      if layers:
+        buf = jax.device_put(s.gather(src_pages, layers), d.pool_shardings)
+        d.scatter(buf, dst_pages, layers)
+        moved.append(buf)
   return moved

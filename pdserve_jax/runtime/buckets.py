@@ -39,15 +39,19 @@ def groups(items: Sequence, size: int) -> list:
 
 @dataclasses.dataclass(frozen=True)
 class RunnerShape:
-  """Sizes that fix an instance's buckets."""
+  """Sizes that fix an instance's buckets.
+
+  Two programs, each bucketed on one axis: a packed call carries any mix of prompt
+  chunks and decode rows on one token axis, bucketed by its total tokens (its rows
+  axis is min(tokens, max_rows): every row holds a token); a decode call carries
+  one token per row, bucketed by rows. Page tables have one width, `max_seq_len /
+  page_size`, so with the defaults an instance compiles a dozen or so programs."""
   page_size: int = 16
   num_pages: int = 256
-  max_decode_batch: int = 32
-  max_prefill_batch: int = 8
-  max_prefill_len: int = 256  # longest chunk one prefill row carries
-  max_seq_len: int = 512  # prompt + output, bounds the page-table width
-  min_prefill_len: int = 16  # smallest chunk bucket
-  min_table_width: int = 1  # smallest page-table bucket (pages); raise it for fewer shapes
+  max_rows: int = 32  # requests in one call (decode batch; rows of a packed call)
+  max_step_tokens: int = 512  # largest packed call
+  max_seq_len: int = 512  # prompt + output, fixes the page-table width
+  min_step_tokens: int = 16  # smallest packed bucket
 
   def __post_init__(self):
     if self.max_seq_len % self.page_size:
@@ -56,44 +60,55 @@ class RunnerShape:
 
   @property
   def decode_batches(self):
-    return powers_of_two(1, self.max_decode_batch)
+    return powers_of_two(1, self.max_rows)
 
   @property
-  def prefill_batches(self):
-    return powers_of_two(1, self.max_prefill_batch)
+  def token_buckets(self):
+    return powers_of_two(min(self.min_step_tokens, self.max_step_tokens), self.max_step_tokens)
 
   @property
-  def prefill_lens(self):
-    return powers_of_two(min(self.min_prefill_len, self.max_prefill_len), self.max_prefill_len)
+  def table_width(self) -> int:
+    return self.max_seq_len // self.page_size
 
-  @property
-  def table_widths(self):
-    widest = self.max_seq_len // self.page_size
-    return powers_of_two(min(self.min_table_width, widest), widest)
+  def packed_rows(self, tokens_bucket: int) -> int:
+    """Rows of a packed call of this token bucket."""
+    return min(tokens_bucket, self.max_rows)
 
-  def table_width(self, page_counts: Sequence[int]) -> int:
-    """Page-table columns of a call whose rows hold these many pages."""
-    return bucket(max(max(page_counts, default=1), 1), self.table_widths, "page-table width")
+  def packed_shape(self, num_tokens: int) -> tuple:
+    return (bucket(num_tokens, self.token_buckets, "tokens in a packed call"),)
 
-  def prefill_shape(self, chunk_lens: Sequence[int], page_counts: Sequence[int]):
-    """(batch, chunk length, table width) of one prefill call."""
-    return (bucket(len(chunk_lens), self.prefill_batches, "prefill batch"),
-            bucket(max(chunk_lens), self.prefill_lens, "prefill chunk length"),
-            self.table_width(page_counts))
+  def decode_shape(self, batch: int) -> tuple:
+    return (bucket(batch, self.decode_batches, "decode batch"),)
 
-  def decode_shape(self, page_counts: Sequence[int]):
-    """(batch, table width) of one decode call."""
-    return (bucket(len(page_counts), self.decode_batches, "decode batch"),
-            self.table_width(page_counts))
-
-  def compiled_prefill_shapes(self):
-    """Every (batch, chunk length, table width) a prefill call can land in."""
-    lens, out = self.prefill_lens, []
-    for B in self.prefill_batches:
-      for j, T in enumerate(lens):
-        shortest = lens[j - 1] + 1 if j else 1  # the shortest chunk padded to T
-        out += [(B, T, W) for W in self.table_widths if shortest <= W * self.page_size]
+  def packed_groups(self, row_tokens: Sequence[int]) -> list:
+    """Consecutive rows [lo, hi) of each packed call: as many rows as fit
+    `max_rows` and `max_step_tokens`."""
+    out, lo, total = [], 0, 0
+    for i, n in enumerate(row_tokens):
+      if n > self.max_step_tokens:
+        raise ValueError(f"a row of {n} tokens exceeds the largest packed call "
+                         f"({self.max_step_tokens} tokens)")
+      if i > lo and (total + n > self.max_step_tokens or i - lo == self.max_rows):
+        out.append((lo, i))
+        lo, total = i, 0
+      total += n
+    if lo < len(row_tokens):
+      out.append((lo, len(row_tokens)))
     return out
 
+  def step_calls(self, chunk_lens: Sequence[int], num_decodes: int) -> tuple:
+    """(packed call shapes, decode call shapes) of a step: with prompt chunks, every
+    row (a decode is a one-token row) goes into packed calls; without, the decodes
+    go into decode calls."""
+    if not chunk_lens:
+      return (), tuple(self.decode_shape(len(g)) for g in groups(range(num_decodes),
+                                                                self.max_rows))
+    rows = list(chunk_lens) + [1] * num_decodes
+    return tuple(self.packed_shape(sum(rows[lo:hi]))
+                 for lo, hi in self.packed_groups(rows)), ()
+
+  def compiled_packed_shapes(self):
+    return [(t,) for t in self.token_buckets]
+
   def compiled_decode_shapes(self):
-    return [(B, W) for B in self.decode_batches for W in self.table_widths]
+    return [(b,) for b in self.decode_batches]

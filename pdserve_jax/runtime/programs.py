@@ -1,16 +1,19 @@
-"""The jitted prefill and decode programs of one instance, bound to one mesh.
+"""The jitted programs of one instance, bound to one mesh.
 
 `InstanceRunner` owns an instance's sharded weights and its `PagePool`, and exposes
 host-level calls that take numpy rows, pad them to shape buckets and run:
 
-- `prefill`: prompt chunks (a whole prompt, or a piece of one for chunked prefill)
-  write their K/V into their pages, attend over everything cached so far, and
-  sample a token from each chunk's last position;
-- `decode`: one token per running request appends K/V and samples the next token.
+- `packed`: any mix of prompt chunks (whole prompts, pieces at any offset) and
+  decode rows, concatenated on one token axis; each token's K/V is written to its
+  page, ragged paged attention reads every row's context straight from the pool,
+  and each row samples a token at its end. Bucketed by total tokens only.
+- `decode`: one token per row, the paged decode kernel; bucketed by rows. Pure
+  decode steps use it: one query per row needs no token bookkeeping.
 
-Both are `jax.jit` programs with explicit in/out shardings and the pool donated.
-`warmup()` compiles every bucket; `CompileCounter` proves nothing compiles after it.
-The runner knows nothing of requests or scheduling: callers pass page tables.
+Page tables have one width per instance. Both are `jax.jit` programs with explicit
+in/out shardings and the pool donated. `warmup()` compiles every bucket;
+`CompileCounter` proves nothing compiles after it. The runner knows nothing of
+requests or scheduling: callers pass page tables.
 """
 
 from __future__ import annotations
@@ -95,17 +98,8 @@ class SamplingRows:
     return (self.temperature, self.top_k, self.top_p, self.seed, self.token_index)
 
 
-def _write_positions(page_tables, positions, valid, page_size):
-  """Page and slot of each position; invalid positions go to the scratch page."""
-  idx = jnp.clip(positions // page_size, 0, page_tables.shape[1] - 1)
-  pages = jnp.take_along_axis(page_tables, idx, axis=1)
-  pages = jnp.where(valid, pages, SCRATCH_PAGE)
-  slots = jnp.where(valid, positions % page_size, 0)
-  return pages, slots
-
-
 def _write_kv(pool, i, pages, slots, k, v):
-  # Indices (layer, pages, slots) broadcast to the batch shape of k/v.
+  # Indices (layer, pages, slots) broadcast to the leading shape of k/v.
   return {"k": pool["k"].at[i, :, pages, slots].set(k),
           "v": pool["v"].at[i, :, pages, slots].set(v)}
 
@@ -145,69 +139,91 @@ def _on_heads(mesh: Mesh, cfg, kernel, q, k, v, rest, q_axis: int, kv_axis: int)
                        check_vma=False)(q, k, v, *rest)
 
 
-def _prefill_program(cfg, page_size, attn_impl, mesh, params, pool, tokens, starts, lengths,
-                     page_tables, temperature, top_k, top_p, seeds, token_index):
-  B, T = tokens.shape
-  positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-  valid = jnp.arange(T)[None, :] < lengths[:, None]
-  pages, slots = _write_positions(page_tables, positions, valid, page_size)
-  kv_lengths = jnp.where(lengths > 0, starts + lengths, 0)
-
+def _packed_program(cfg, attn_impl, mesh, ends, params, pool, inp, positions, pages, slots,
+                    q_starts, q_lens, kv_lens, page_tables, temperature, top_k, top_p, seeds,
+                    token_index):
+  """Query tokens of many rows on one axis (prompt chunks at any offset, decode rows):
+  each token's K/V goes to (pages, slots), attention reads every row's pages straight
+  from the pool, and each row samples at its last token. `ends` = (first, last):
+  whether this pipeline stage embeds `inp` (tokens; else it is the previous stage's
+  hidden states) and whether it samples (else it returns hidden states)."""
   def attend(pool, i, q, k, v):
-    pool = _write_kv(pool, i, pages, slots, k, v)
-    # Everything cached for these rows, this chunk included: [B, W*S, Hkv, D].
-    ctx = {n: jnp.take(a[i], page_tables, axis=1) for n, a in pool.items()}
-    ctx = {n: c.reshape(c.shape[0], B, -1, c.shape[-1]).transpose(1, 2, 0, 3)
-           for n, c in ctx.items()}
-    kernel = functools.partial(pallas_kernels.prefill_attention, impl=attn_impl)
-    o = _on_heads(mesh, cfg, kernel, q, ctx["k"], ctx["v"], (starts, kv_lengths), 2, 2)
-    return pool, o
+    pool = _write_kv(pool, i, pages, slots, k[0], v[0])
+    kernel = functools.partial(pallas_kernels.ragged_paged_attention, impl=attn_impl)
+    o = _on_heads(mesh, cfg, kernel, q[0], pool["k"][i], pool["v"][i],
+                  (q_starts, q_lens, kv_lens, page_tables), 1, 0)
+    return pool, o[None]
 
-  x, pool = llama.decoder_layers(cfg, params, llama.embed(params, tokens), positions, attend,
-                                 pool)
-  last = x[jnp.arange(B), jnp.maximum(lengths - 1, 0)]
+  x = llama.embed(params, inp[None]) if ends[0] else inp[None]
+  x, pool = llama.decoder_layers(cfg, params, x, positions[None], attend, pool)
+  if not ends[1]:
+    return pool, x[0]
+  last = x[0, jnp.maximum(q_starts + q_lens - 1, 0)]
   logits = llama.lm_logits(cfg, params, last)
   return pool, sample(logits, temperature, top_k, top_p, seeds, token_index)
 
 
-def _decode_program(cfg, page_size, attn_impl, mesh, params, pool, tokens, positions, active,
+def _decode_program(cfg, attn_impl, mesh, ends, params, pool, inp, positions, pages, slots,
                     page_tables, temperature, top_k, top_p, seeds, token_index):
-  pages, slots = _write_positions(page_tables, positions[:, None], active[:, None], page_size)
-  lengths = jnp.where(active, positions + 1, 0)
+  """One token per row (`pages` is the scratch page for padded rows); the paged
+  decode kernel. `ends` as for `_packed_program`."""
+  lengths = jnp.where(pages != SCRATCH_PAGE, positions + 1, 0)
 
   def attend(pool, i, q, k, v):
-    pool = _write_kv(pool, i, pages[:, 0], slots[:, 0], k[:, 0], v[:, 0])
+    pool = _write_kv(pool, i, pages, slots, k[:, 0], v[:, 0])
     kernel = functools.partial(pallas_kernels.paged_decode_attention, impl=attn_impl)
     o = _on_heads(mesh, cfg, kernel, q[:, 0], pool["k"][i], pool["v"][i],
                   (lengths, page_tables), 1, 0)
     return pool, o[:, None]
 
-  x, pool = llama.decoder_layers(cfg, params, llama.embed(params, tokens[:, None]),
-                                 positions[:, None], attend, pool)
+  x = llama.embed(params, inp[:, None]) if ends[0] else inp[:, None]
+  x, pool = llama.decoder_layers(cfg, params, x, positions[:, None], attend, pool)
+  if not ends[1]:
+    return pool, x[:, 0]
   logits = llama.lm_logits(cfg, params, x[:, 0])
   return pool, sample(logits, temperature, top_k, top_p, seeds, token_index)
 
 
-def _jit_programs(cfg, page_size, attn_impl, mesh, param_sh, pool_sh):
-  """The prefill and decode programs, jitted with explicit shardings; the pool is
-  donated."""
+_PROGRAMS = {"packed": (_packed_program, 13), "decode": (_decode_program, 10)}
+
+
+def _jit_programs(cfg, attn_impl, mesh, param_sh, pool_sh, ends=(True, True)) -> dict:
+  """{"packed", "decode"}: jitted with explicit shardings (host arrays and hidden
+  states replicated); the pool is donated."""
   rep = sharding.replicated(mesh)
-  host_args = (rep,) * 9
-  return tuple(jax.jit(functools.partial(program, cfg, page_size, attn_impl, mesh),
-                       in_shardings=(param_sh, pool_sh) + host_args,
-                       out_shardings=(pool_sh, rep), donate_argnums=(1,))
-               for program in (_prefill_program, _decode_program))
+  return {name: jax.jit(functools.partial(program, cfg, attn_impl, mesh, ends),
+                        in_shardings=(param_sh, pool_sh) + (rep,) * n_host,
+                        out_shardings=(pool_sh, rep), donate_argnums=(1,))
+          for name, (program, n_host) in _PROGRAMS.items()}
+
+
+def _packed_args(shape: RunnerShape, T: int, f=np.zeros):
+  """Host arguments of a packed call of T tokens (`f(shape, dtype)` makes each)."""
+  R, W = shape.packed_rows(T), shape.table_width
+  i32 = np.int32
+  return ((f((T,), i32),) * 4 + (f((R,), i32),) * 3 + (f((R, W), i32),)
+          + _sampling_args(R, f))
+
+
+def _decode_args(shape: RunnerShape, B: int, f=np.zeros):
+  i32 = np.int32
+  return (f((B,), i32),) * 4 + (f((B, shape.table_width), i32),) + _sampling_args(B, f)
+
+
+def _sampling_args(n, f):
+  return (f((n,), np.float32), f((n,), np.int32), f((n,), np.float32), f((n,), np.int32),
+          f((n,), np.int32))
 
 
 def lower_programs(cfg, mesh: Mesh, shape: RunnerShape, dtype=jnp.bfloat16,
-                   attn_impl: str = "auto") -> dict:
-  """The prefill and decode programs lowered at the largest buckets of `shape`, from
-  shapes alone: no weights or pool are allocated, so they compile for devices that
-  are not here (a TPU topology from `jax.experimental.topologies` on a CPU host).
-  Lowering runs under `jax.sharding.use_abstract_mesh(mesh.abstract_mesh)`, so
-  `attn_impl="auto"` picks the kernels of the mesh's platform. Returns {"prefill":
-  Lowered, "decode": Lowered}; `.compile()` gives `memory_analysis()` and
-  `cost_analysis()`."""
+                   attn_impl: str = "auto", tokens=None, batch=None) -> dict:
+  """The packed program at `tokens` (default: the largest bucket) and the decode
+  program at `batch` (default: the largest), lowered from shapes alone: no weights
+  or pool are allocated, so they compile for devices that are not here (a TPU
+  topology from `jax.experimental.topologies` on a CPU host). Lowering runs under
+  `jax.sharding.use_abstract_mesh(mesh.abstract_mesh)`, so `attn_impl="auto"` picks
+  the kernels of the mesh's platform. Returns {"packed": Lowered, "decode":
+  Lowered}; `.compile()` gives `memory_analysis()` and `cost_analysis()`."""
   sds = jax.ShapeDtypeStruct
   shapes = llama.param_shapes(cfg, dtype)
   param_sh = sharding.tree_shardings(mesh, llama.logical_axes(cfg), shapes)
@@ -216,102 +232,169 @@ def lower_programs(cfg, mesh: Mesh, shape: RunnerShape, dtype=jnp.bfloat16,
                 cfg.head_dim)
   pool_sh = sharding.logical_sharding(mesh, POOL_AXES, pool_shape)
   pool = {n: sds(pool_shape, dtype, sharding=pool_sh) for n in ("k", "v")}
-  prefill, decode = _jit_programs(cfg, shape.page_size, attn_impl, mesh, param_sh,
-                                  {"k": pool_sh, "v": pool_sh})
+  programs = _jit_programs(cfg, attn_impl, mesh, param_sh, {"k": pool_sh, "v": pool_sh})
   rep = sharding.replicated(mesh)
   host = lambda s, dt: sds(s, dt, sharding=rep)
-  i32, f32 = jnp.int32, jnp.float32
-
-  def sampling(b):
-    return (host((b,), f32), host((b,), i32), host((b,), f32), host((b,), i32),
-            host((b,), i32))
-
-  b, t, w = max(shape.compiled_prefill_shapes())
-  bd, wd = max(shape.compiled_decode_shapes())
+  T = tokens or shape.token_buckets[-1]
+  B = batch or shape.decode_batches[-1]
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-    return {"prefill": prefill.lower(params, pool, host((b, t), i32), host((b,), i32),
-                                     host((b,), i32), host((b, w), i32), *sampling(b)),
-            "decode": decode.lower(params, pool, host((bd,), i32), host((bd,), i32),
-                                   host((bd,), jnp.bool_), host((bd, wd), i32),
-                                   *sampling(bd))}
+    return {"packed": programs["packed"].lower(params, pool, *_packed_args(shape, T, host)),
+            "decode": programs["decode"].lower(params, pool, *_decode_args(shape, B, host))}
+
+
+def _stage_params(params, ends, layers: range = None):
+  """A pipeline stage's share of the weights (or of their logical axes, with no
+  `layers` to slice): its layers, the embedding on the first stage, the final norm
+  and LM head on the last (the embedding too if tied)."""
+  out = {"layers": params["layers"] if layers is None else
+         jax.tree.map(lambda a: a[layers.start:layers.stop], params["layers"])}
+  keep = ({"embed"} if ends[0] else set()) | ({"final_norm", "lm_head", "embed"}
+                                              if ends[1] else set())
+  out.update({k: v for k, v in params.items() if k in keep and k != "layers"})
+  return out
+
+
+class _Stage(NamedTuple):
+  mesh: Mesh
+  params: dict
+  programs: dict
 
 
 class InstanceRunner:
-  """One instance's weights, page pool and compiled programs on `mesh`."""
+  """One instance's weights, page pool and compiled programs: on one mesh, or on one
+  mesh per pipeline stage (pp > 1), each holding an equal share of the layers with
+  their weights and KV pages. A call runs the stages in order, the hidden states
+  moving mesh to mesh with `jax.device_put`; calls are dispatched asynchronously, so
+  a pipeline's virtual engines (`sibling`) keep several calls in flight, one per
+  stage."""
 
-  def __init__(self, model: Model, mesh: Mesh, shape: RunnerShape = RunnerShape(),
-               attn_impl: str = "auto", params=None):
-    """`params`: weights already laid out on `mesh` (semi-PD shares one copy)."""
+  def __init__(self, model: Model, mesh, shape: RunnerShape = RunnerShape(),
+               attn_impl: str = "auto", _stages=None):
+    """`mesh`: a Mesh, or a list of them, one per pipeline stage."""
     cfg = model.config
-    self.cfg, self.mesh, self.shape, self.attn_impl = cfg, mesh, shape, attn_impl
-    self.params = params if params is not None else model.shard(mesh).params
-    self.pool = PagePool(cfg, mesh, shape.num_pages, shape.page_size, model.dtype)
-    param_sh = jax.tree.map(lambda a: a.sharding, self.params)
-    self._prefill, self._decode = _jit_programs(cfg, shape.page_size, attn_impl, mesh,
-                                                param_sh, self.pool.pool_shardings)
+    meshes = [mesh] if isinstance(mesh, Mesh) else list(mesh)
+    pp = len(meshes)
+    if cfg.num_layers % pp:
+      raise ValueError(f"{cfg.num_layers} layers do not split into {pp} equal pipeline stages")
+    per = cfg.num_layers // pp
+    self.model, self.cfg, self.shape, self.attn_impl = model, cfg, shape, attn_impl
+    self.mesh, self.meshes = meshes[0], meshes
+    self.stage_cfg = cfg.replace(num_layers=per)
+    self.pools = [PagePool(self.stage_cfg, m, shape.num_pages, shape.page_size, model.dtype,
+                           first_layer=s * per) for s, m in enumerate(meshes)]
+    self.stages = _stages or [self._build_stage(model, m, s, pp)
+                              for s, m in enumerate(meshes)]
+
+  def _build_stage(self, model, mesh, s, pp) -> _Stage:
+    ends = (s == 0, s == pp - 1)
+    if pp == 1:
+      params = model.shard(mesh).params
+    else:
+      layers = self.pools[s].layers
+      params = _stage_params(model.params, ends, layers)
+      axes = _stage_params(llama.logical_axes(self.cfg), ends)
+      params = jax.device_put(params, sharding.tree_shardings(mesh, axes, params))
+    param_sh = jax.tree.map(lambda a: a.sharding, params)
+    return _Stage(mesh, params, _jit_programs(self.stage_cfg, self.attn_impl, mesh, param_sh,
+                                              self.pools[s].pool_shardings, ends))
+
+  def sibling(self, num_pages: int) -> "InstanceRunner":
+    """A runner on the same meshes sharing these weights and compiled programs, with
+    a pool of its own of `num_pages` pages (a pipeline's next virtual engine)."""
+    shape = dataclasses.replace(self.shape, num_pages=num_pages)
+    return InstanceRunner(self.model, self.meshes, shape, self.attn_impl, _stages=self.stages)
+
+  @property
+  def pool(self) -> PagePool:
+    """The KV pool of a single-stage runner."""
+    if len(self.pools) != 1:
+      raise ValueError(f"a pipelined runner holds one pool per stage ({len(self.pools)}): "
+                       "use `pools`")
+    return self.pools[0]
+
+  @property
+  def params(self):
+    return self.stages[0].params if len(self.stages) == 1 else [st.params for st in
+                                                                 self.stages]
+
+  def pools_lost(self) -> bool:
+    return any(p.lost() for p in self.pools)
+
+  def reset_pools(self) -> None:
+    for p in self.pools:
+      p.reset()
+
+  def _run(self, program: str, inp, args):
+    """Runs `program` through every stage; returns the last stage's outputs."""
+    x = inp
+    for st, pool in zip(self.stages, self.pools):
+      if st is not self.stages[0]:
+        x = jax.device_put(x, sharding.replicated(st.mesh))
+      pool.arrays, x = st.programs[program](st.params, pool.arrays, x, *args)
+    return x
 
   # -- host-level calls ------------------------------------------------------
 
-  def _table(self, tables: Sequence[Sequence[int]], rows: int, width: int) -> np.ndarray:
-    out = np.full((rows, width), SCRATCH_PAGE, np.int32)
-    for r, t in enumerate(tables):
-      out[r, :len(t)] = t
-    return out
+  def _write_slots(self, pages, positions):
+    """(page, slot) of each position, given the pages of its row (a numpy array)."""
+    size = self.shape.page_size
+    return pages[positions // size], positions % size
 
-  def prefill(self, chunks: Sequence[Sequence[int]], starts: Sequence[int],
-              page_tables: Sequence[Sequence[int]], sampling: SamplingRows):
-    """Runs prompt chunks; returns device arrays (`Sampled`) whose first `len(chunks)`
-    rows are the tokens sampled at each chunk's end (slice them on the host, after
-    `np.asarray`: slicing on device would compile). Row r holds tokens at positions
-    starts[r] .. starts[r] + len(chunks[r]) - 1 and its pages cover them."""
-    B, T, W = self.shape.prefill_shape([len(c) for c in chunks], [len(t) for t in page_tables])
-    tokens = np.zeros((B, T), np.int32)
-    lengths = np.zeros(B, np.int32)
-    st = np.zeros(B, np.int32)
-    for r, c in enumerate(chunks):
-      tokens[r, :len(c)] = c
-      lengths[r], st[r] = len(c), starts[r]
-    tables = self._table(page_tables, B, W)
-    self.pool.arrays, out = self._prefill(self.params, self.pool.arrays, tokens, st, lengths,
-                                          tables, *sampling.padded(B).arrays())
-    return Sampled(*out)
+  def packed(self, chunks: Sequence[Sequence[int]], starts: Sequence[int],
+             page_tables: Sequence[Sequence[int]], sampling: SamplingRows):
+    """One packed call: row r feeds `chunks[r]` (a prompt chunk, or one decode
+    token) at positions starts[r] .. starts[r] + len(chunks[r]) - 1, which its pages
+    cover. Returns device arrays (`Sampled`) whose first `len(chunks)` rows are the
+    tokens sampled at each row's end (slice them on the host, after `np.asarray`:
+    slicing on device would compile)."""
+    (T,) = self.shape.packed_shape(sum(len(c) for c in chunks))
+    R, n = self.shape.packed_rows(T), len(chunks)
+    if n > R:
+      raise ValueError(f"{n} rows exceed the {R} rows of a packed call of {T} tokens")
+    tokens, positions, pages, slots, q_starts, q_lens, kv_lens, tables = (
+        a.copy() for a in _packed_args(self.shape, T)[:8])
+    q_starts[:] = T  # empty rows own no token
+    at = 0
+    for r, (c, start, table) in enumerate(zip(chunks, starts, page_tables)):
+      m, table = len(c), np.asarray(table, np.int32)
+      pos = np.arange(start, start + m, dtype=np.int32)
+      tokens[at:at + m], positions[at:at + m] = c, pos
+      pages[at:at + m], slots[at:at + m] = self._write_slots(table, pos)
+      q_starts[r], q_lens[r], kv_lens[r] = at, m, start + m
+      tables[r, :len(table)] = table
+      at += m
+    return Sampled(*self._run("packed", tokens, (positions, pages, slots, q_starts, q_lens,
+                                                 kv_lens, tables, *sampling.padded(R).arrays())))
 
   def decode(self, tokens: Sequence[int], positions: Sequence[int],
              page_tables: Sequence[Sequence[int]], sampling: SamplingRows):
     """One decode step; row r feeds `tokens[r]` at `positions[r]`. Returns device
     arrays (`Sampled`) whose first `len(tokens)` rows are the next tokens."""
     n = len(tokens)
-    B, W = self.shape.decode_shape([len(t) for t in page_tables])
-    tok = np.zeros(B, np.int32)
-    pos = np.zeros(B, np.int32)
-    active = np.zeros(B, bool)
-    tok[:n], pos[:n], active[:n] = tokens, positions, True
-    tables = self._table(page_tables, B, W)
-    self.pool.arrays, out = self._decode(self.params, self.pool.arrays, tok, pos, active,
-                                         tables, *sampling.padded(B).arrays())
-    return Sampled(*out)
+    (B,) = self.shape.decode_shape(n)
+    tok, pos, pages, slots, tables = (a.copy() for a in _decode_args(self.shape, B)[:5])
+    tok[:n], pos[:n] = tokens, positions
+    for r, table in enumerate(page_tables):
+      table = np.asarray(table, np.int32)
+      tables[r, :len(table)] = table
+      pages[r], slots[r] = self._write_slots(table, pos[r])
+    return Sampled(*self._run("decode", tok, (pos, pages, slots, tables,
+                                              *sampling.padded(B).arrays())))
 
-  def warmup(self, prefill: bool = True, decode: bool = True, progress=None) -> int:
-    """Compiles every bucket by running it on scratch data; returns how many shapes.
-    `progress()`, if given, is called after each."""
-    progress = progress or (lambda: None)
-    count = 0
-    if prefill:
-      for B, T, W in self.shape.compiled_prefill_shapes():
-        z = np.zeros((B, T), np.int32)
-        zb = np.zeros(B, np.int32)
-        self.pool.arrays, out = self._prefill(
-            self.params, self.pool.arrays, z, zb, zb, np.zeros((B, W), np.int32),
-            *SamplingRows.greedy(B).arrays())
-        count += 1
+  def compiled_shapes(self, packed: bool = True, decode: bool = True) -> list:
+    """(program, shape) of every bucket the phases use."""
+    return ([("packed", k) for k in self.shape.compiled_packed_shapes()] * packed
+            + [("decode", k) for k in self.shape.compiled_decode_shapes()] * decode)
+
+  def warmup(self, packed: bool = True, decode: bool = True, progress=None) -> int:
+    """Compiles every bucket by running it on scratch data (everything lands in the
+    scratch page); returns how many programs. `progress()`, if given, is called
+    after each."""
+    shapes = self.compiled_shapes(packed, decode)
+    for program, (n,) in shapes:
+      args = (_packed_args if program == "packed" else _decode_args)(self.shape, n)
+      self._run(program, args[0], args[1:])
+      if progress:
         progress()
-    if decode:
-      for B, W in self.shape.compiled_decode_shapes():
-        zb = np.zeros(B, np.int32)
-        self.pool.arrays, out = self._decode(
-            self.params, self.pool.arrays, zb, zb, np.zeros(B, bool),
-            np.zeros((B, W), np.int32), *SamplingRows.greedy(B).arrays())
-        count += 1
-        progress()
-    jax.block_until_ready(self.pool.arrays)
-    return count
+    jax.block_until_ready([p.arrays for p in self.pools])
+    return len(shapes)

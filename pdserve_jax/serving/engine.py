@@ -18,8 +18,10 @@ step's requests with the error; the engine goes on serving the others. If the
 thread itself dies, every request it holds, queued ones included, ends at once
 with the error.
 
-Limits: pipeline stages (pp > 1) and SM-partitioned semi-PD run in the simulator
-only, and are refused here with the reason.
+Pipeline-parallel instances (pp > 1) run as the simulator models them: pp virtual
+engines per replica, each with 1/pp of the pool, their calls in flight through the
+stages at once. Limits: SM-partitioned semi-PD runs in the simulator only, and is
+refused here with the reason.
 """
 
 from __future__ import annotations
@@ -54,14 +56,12 @@ class EngineConfig:
   """Runtime knobs: what the deployment does not say (pool, buckets, kernels)."""
   page_size: int = 16
   num_pages: int = 256  # per device group; page 0 is scratch
-  max_prefill_batch: int = 8  # prompt rows per prefill program call
   max_seq_len: int = 512  # prompt + output
   attn_impl: str = "auto"
   warmup: bool = True
   log_steps: bool = False  # keep a `StepRecord` of every step and an event log
-  # Smallest shape buckets: raising them trades padding for fewer compiled shapes.
-  min_prefill_bucket: int = 16
-  min_pages_bucket: int = 1
+  # Smallest packed-call bucket (tokens): raising it trades padding for fewer programs.
+  min_token_bucket: int = 64
   # SLOs (seconds): semi-PD's partitioner steers by them; reports count attainment.
   ttft_slo: float = 1.0
   tpot_slo: float = 0.1
@@ -69,8 +69,7 @@ class EngineConfig:
   max_queued: int = 1024
 
   def check(self) -> None:
-    for f in ("page_size", "max_prefill_batch", "max_seq_len", "min_prefill_bucket",
-              "min_pages_bucket", "max_queued"):
+    for f in ("page_size", "max_seq_len", "min_token_bucket", "max_queued"):
       v = getattr(self, f)
       if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{f} must be an int >= 1, got {v!r}")
@@ -93,9 +92,9 @@ def check_servable(deployment, model: Model) -> None:
   specs = ([deployment.prefill, deployment.decode]
            if isinstance(deployment, deploy.Disaggregated) else [deployment.instance])
   for s in specs:
-    if s.pp != 1:
-      raise ValueError(f"pipeline parallelism (pp={s.pp}) is not implemented by the "
-                       "engine; the simulator models it")
+    if model.config.num_layers % s.pp:
+      raise ValueError(f"pp={s.pp} does not divide the model's {model.config.num_layers} "
+                       "layers into equal pipeline stages")
     heads = model.config.num_kv_heads
     if heads % s.tp and s.tp % heads:
       raise ValueError(f"tp={s.tp} neither divides nor is a multiple of the model's "
@@ -271,9 +270,7 @@ class Engine:
     self.max_prompt_len = max_prompt_len(deployment, config)
     self.clock = wall_clock(time.perf_counter())
     self._inbox: "queue.Queue" = queue.Queue()
-    chunked = isinstance(deployment, deploy.Colocated) and deployment.policy == "chunked"
-    self.executor = JaxExecutor(model, config, chunked, self.clock, self._inbox.put,
-                                self._ended)
+    self.executor = JaxExecutor(model, config, self.clock, self._inbox.put, self._ended)
     self.coordinator = C.build(deployment, self.executor, config.ttft_slo, config.tpot_slo,
                                start_time=self.clock())
     self.executor.bind(self.coordinator.instances)

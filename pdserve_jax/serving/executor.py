@@ -36,7 +36,7 @@ from pdserve_jax.runtime.buckets import groups
 from pdserve_jax.runtime.programs import InstanceRunner, RunnerShape, SamplingRows
 from pdserve_jax.serving.params import SamplingParams
 from pdserve_jax.serving.request import Request
-from pdserve_jax.serving.step import Step
+from pdserve_jax.serving.step import PrefillChunk, Step
 
 STEP, FAILED, COPY = "step", "failed", "copy"  # inbox event kinds
 
@@ -136,12 +136,12 @@ class Watcher:
 class StepRecord:
   """One finished step as it ran: which instance, when (engine clock, seconds; the
   end is when the engine saw it done), the shape bucket of each program call,
-  (batch, chunk length, table width) for prefill and (batch, table width) for
-  decode, and what it computed (`Step.describe`)."""
+  (tokens,) for packed calls and (batch,) for decode calls, and what it computed
+  (`Step.describe`)."""
   instance: str
   started: float
   finished: float
-  prefill_calls: tuple
+  packed_calls: tuple
   decode_calls: tuple
   work: tuple = ((), ())
 
@@ -150,32 +150,32 @@ class StepRecord:
 class Launched:
   step: Step
   started: float
-  prefill_outs: list  # (chunks, device tokens)
-  decode_outs: list  # (requests, device tokens)
+  outs: list  # (rows, device tokens): a row is a PrefillChunk or a decoding Request
   calls: tuple = ((), ())  # program shapes, when the engine keeps a log
 
 
-def runner_shape(cfg, spec, chunked: bool) -> RunnerShape:
-  """The buckets of an instance: chunked prefill bounds a chunk by the step's token
-  budget; otherwise one prefill row may carry a recomputation up to `max_seq_len`."""
-  longest = min(spec.max_tokens, cfg.max_seq_len) if chunked else cfg.max_seq_len
-  return RunnerShape(page_size=cfg.page_size, num_pages=cfg.num_pages,
-                     max_decode_batch=spec.max_batch, max_prefill_batch=cfg.max_prefill_batch,
-                     max_prefill_len=longest, max_seq_len=cfg.max_seq_len,
-                     min_prefill_len=cfg.min_prefill_bucket,
-                     min_table_width=cfg.min_pages_bucket)
+def runner_shape(cfg, spec, num_pages: int) -> RunnerShape:
+  """The buckets of an instance: a packed call holds a step's whole token budget, or
+  a prompt (a recomputation) of up to `max_seq_len` running alone; never more
+  tokens than the pool holds, as each writes its K/V to a page."""
+  pool_tokens = (num_pages - 1) * cfg.page_size
+  return RunnerShape(page_size=cfg.page_size, num_pages=num_pages,
+                     max_rows=spec.max_batch,
+                     max_step_tokens=min(max(spec.max_tokens, cfg.max_seq_len), pool_tokens),
+                     max_seq_len=cfg.max_seq_len, min_step_tokens=cfg.min_token_bucket)
 
 
 class JaxExecutor:
   """The executor seam (see `serving.coordinator`) over real programs."""
 
-  def __init__(self, model, cfg, chunked: bool, clock: Callable[[], float],
+  def __init__(self, model, cfg, clock: Callable[[], float],
                post: Callable[[tuple], None], ended: Callable[[Request, float], None]):
     """`post(event)` puts an event in the engine's inbox; `ended(req, now)` is the
     engine's word that a request ended (the seam's `ended`)."""
-    self.model, self.cfg, self.chunked, self.clock, self._post = model, cfg, chunked, clock, post
+    self.model, self.cfg, self.clock, self._post = model, cfg, clock, post
     self.ended = ended
-    self.runners: dict[str, InstanceRunner] = {}
+    # Per device group: one runner, or a pipeline's virtual engines (`sibling`s).
+    self.runners: dict[str, List[InstanceRunner]] = {}
     self.roles: dict[str, set] = {}
     self.watchers: dict[str, Watcher] = {}
     self._copy_watchers: dict[str, Watcher] = {}
@@ -187,24 +187,37 @@ class JaxExecutor:
   # -- building --------------------------------------------------------------------
 
   def allocator(self, group: str, spec, fraction: float) -> PageAllocator:
-    if fraction != 1.0:
-      raise ValueError("pipeline stages are not implemented by the engine")
-    n = spec.tp
-    if len(self._devices) < n:
-      raise ValueError(f"{group} needs {n} devices; only {len(self._devices)} are left")
-    mesh = sharding.split_devices([n], self._devices[:n])[0]
-    self._devices = self._devices[n:]
-    self.runners[group] = InstanceRunner(self.model, mesh,
-                                         runner_shape(self.cfg, spec, self.chunked),
-                                         self.cfg.attn_impl)
-    self.watchers[group] = Watcher(lambda inst: self._post((STEP, inst)),
-                                   f"pdserve-watch-{group}")
-    return PageAllocator(self.cfg.num_pages, self.cfg.page_size, reserved=1)
+    """A pool of `fraction` of `num_pages` on `group`'s devices: tp x pp of them, one
+    tp mesh per pipeline stage. A pipeline's pp virtual engines (one call each) share
+    its weights and programs, each with its own pool."""
+    num_pages = round(self.cfg.num_pages * fraction)
+    if num_pages < 2:
+      raise ValueError(f"{group}: {fraction:.3g} of {self.cfg.num_pages} pages leaves "
+                       f"{num_pages}; a pool needs 2 (page 0 is scratch)")
+    if group in self.runners:
+      self.runners[group].append(self.runners[group][0].sibling(num_pages))
+    else:
+      n = spec.tp * spec.pp
+      if len(self._devices) < n:
+        raise ValueError(f"{group} needs {n} devices; only {len(self._devices)} are left")
+      meshes = sharding.split_devices([spec.tp] * spec.pp, self._devices[:n])
+      self._devices = self._devices[n:]
+      self.runners[group] = [InstanceRunner(self.model, meshes if spec.pp > 1 else meshes[0],
+                                            runner_shape(self.cfg, spec, num_pages),
+                                            self.cfg.attn_impl)]
+      self.watchers[group] = Watcher(lambda inst: self._post((STEP, inst)),
+                                     f"pdserve-watch-{group}")
+    return PageAllocator(num_pages, self.cfg.page_size, reserved=1)
 
   def bind(self, instances) -> None:
+    """The i-th instance of a group runs on its i-th runner (semi-PD's two phases
+    share the one)."""
     self._bound = list(instances)
+    seen: dict[str, int] = {}
     for inst in instances:
-      inst.handle = self.runners[inst.group]
+      runners, i = self.runners[inst.group], seen.get(inst.group, 0)
+      inst.handle = runners[i % len(runners)]
+      seen[inst.group] = i + 1
       self.roles.setdefault(inst.group, set()).add(inst.phase)
 
   def warmup(self, pairs) -> None:
@@ -213,18 +226,17 @@ class JaxExecutor:
     a progress bar on a terminal."""
     start = time.perf_counter()
     plan, total = {}, 0
-    for group, runner in self.runners.items():
+    for group, (runner, *_) in self.runners.items():
       roles = self.roles[group]
-      prefill, decode = roles != {"decode"}, roles != {"prefill"}
-      plan[group] = (prefill, decode)
-      n_prefill = len(runner.shape.compiled_prefill_shapes()) if prefill else 0
-      n_decode = len(runner.shape.compiled_decode_shapes()) if decode else 0
-      total += n_prefill + n_decode
-      logging.info("warm-up %s: %d prefill and %d decode programs", group, n_prefill,
+      plan[group] = (roles != {"decode"}, roles != {"prefill"})  # (packed, decode)
+      n_packed, n_decode = (len(runner.compiled_shapes(*p)) for p in
+                            ((plan[group][0], False), (False, plan[group][1])))
+      total += n_packed + n_decode
+      logging.info("warm-up %s: %d packed and %d decode programs", group, n_packed,
                    n_decode)
     with tqdm.tqdm(total=total, desc="warm-up", unit="program", disable=None,
                    leave=False) as bar:
-      for group, runner in self.runners.items():
+      for group, (runner, *_) in self.runners.items():
         runner.warmup(*plan[group], progress=lambda: bar.update(1))
     if pairs:
       logging.info("warm-up: KV copies of %d sizes between %d group pairs",
@@ -232,8 +244,10 @@ class JaxExecutor:
     for src, dst in pairs:
       for n in self.page_buckets:
         scratch = np.full(n, SCRATCH_PAGE)
-        transfer_pages(self.runners[src].pool, scratch, self.runners[dst].pool, scratch)
-    jax.block_until_ready([r.pool.arrays for r in self.runners.values()])
+        transfer_pages(self.runners[src][0].pools, scratch, self.runners[dst][0].pools,
+                       scratch)
+    jax.block_until_ready([p.arrays for rs in self.runners.values() for r in rs
+                           for p in r.pools])
     logging.info("warm-up done: %d programs in %.1f s", total, time.perf_counter() - start)
 
   def close(self) -> None:
@@ -252,47 +266,46 @@ class JaxExecutor:
       self._post((FAILED, inst, e))
       return
     self._inflight[inst.name] = launched
-    self.watchers[inst.group].watch(
-        [out for _, out in launched.prefill_outs + launched.decode_outs], inst)
+    self.watchers[inst.group].watch([out for _, out in launched.outs], inst)
 
   def _launch(self, inst, step: Step) -> Launched:
     runner, pages = inst.handle, inst.sched.allocator.pages
     started = self.clock()  # the host's share of a step counts: it is serving time too
-    shape, logging = runner.shape, self.log is not None
-    prefill_outs, decode_outs, prefill_calls, decode_calls = [], [], [], []
-    for group in groups(step.prefills, shape.max_prefill_batch):
-      reqs = [c.request for c in group]
-      tables = [pages(r) for r in reqs]
-      out = runner.prefill([_prefill_tokens(c) for c in group], [c.start for c in group],
-                           tables, _sampling_rows(reqs, [r.num_output for r in reqs]))
-      prefill_outs.append((group, out))
-      if logging:
-        prefill_calls.append(shape.prefill_shape([c.end - c.start for c in group],
-                                                 [len(t) for t in tables]))
-    for group in groups(step.decodes, shape.max_decode_batch):
-      tables = [pages(r) for r in group]
-      out = runner.decode([r.payload.tokens[-1] for r in group], [r.kv_len for r in group],
-                          tables, _sampling_rows(group, [r.num_output for r in group]))
-      decode_outs.append((group, out))
-      if logging:
-        decode_calls.append(shape.decode_shape([len(t) for t in tables]))
-    return Launched(step, started, prefill_outs, decode_outs,
-                    (tuple(prefill_calls), tuple(decode_calls)))
+    shape, outs = runner.shape, []
+    packed_calls, decode_calls = shape.step_calls([c.num_tokens for c in step.prefills],
+                                                  len(step.decodes))
+    if step.prefills:
+      # Prompt chunks and decodes as rows of packed calls; a decode is a one-token row.
+      rows = list(step.prefills) + list(step.decodes)
+      for lo, hi in shape.packed_groups([_row_tokens(r) for r in rows]):
+        group = rows[lo:hi]
+        reqs = [_request(r) for r in group]
+        out = runner.packed([_row_input(r) for r in group],
+                            [r.start if _is_chunk(r) else r.kv_len for r in group],
+                            [pages(r) for r in reqs],
+                            _sampling_rows(reqs, [r.num_output for r in reqs]))
+        outs.append((group, out))
+    else:
+      for group in groups(step.decodes, shape.max_rows):
+        out = runner.decode([r.payload.tokens[-1] for r in group], [r.kv_len for r in group],
+                            [pages(r) for r in group],
+                            _sampling_rows(group, [r.num_output for r in group]))
+        outs.append((group, out))
+    calls = (packed_calls, decode_calls) if self.log is not None else ((), ())
+    return Launched(step, started, outs, calls)
 
   def collect(self, inst) -> tuple[float, float]:
     """Reads a finished step's tokens into its requests; returns when it was seen
     done and its seconds. Raises if the step's programs failed."""
     launched = self._inflight.pop(inst.name)
     now = self.clock()
-    for group, out in launched.prefill_outs:
+    for group, out in launched.outs:
       out = jax.device_get(out)
-      for i, c in enumerate(group):
-        if c.last:
-          _take(c.request, out, i)
-    for group, out in launched.decode_outs:
-      out = jax.device_get(out)
-      for i, r in enumerate(group):
-        _take(r, out, i)
+      for i, row in enumerate(group):
+        if not _is_chunk(row):
+          _take(row, out, i)
+        elif row.last:
+          _take(row.request, out, i)
     if self.log is not None:
       self.log.append(StepRecord(inst.name, launched.started, now, *launched.calls,
                                  launched.step.describe()))
@@ -308,12 +321,12 @@ class JaxExecutor:
   def recover_pool(self, inst) -> list:
     """After `inst`'s step failed: if its pool was lost with it, a fresh one takes
     its place; returns the requests whose KV was in it (empty if none was lost)."""
-    runner = self.runners[inst.group]
-    if not runner.pool.lost():
+    runner = inst.handle
+    if not runner.pools_lost():
       return []
-    runner.pool.reset()
+    runner.reset_pools()
     held = {}
-    for other in self._instances_of(inst.group):
+    for other in (i for i in self._bound if i.handle is runner):
       for r in other.sched.allocator.owners():
         held[r] = None
     for r in held:
@@ -321,17 +334,14 @@ class JaxExecutor:
           f"the KV pool of {inst.group} was lost when a step failed")
     return list(held)
 
-  def _instances_of(self, group: str):
-    return [i for i in self._bound if i.group == group]
-
   def start_copy(self, req: Request, src, dst, now: float) -> None:
     try:
       src_pages = src.sched.allocator.pages(req)
       n = bk.bucket(len(src_pages), self.page_buckets, "pages per transfer")
       pad = [SCRATCH_PAGE] * (n - len(src_pages))
       dst_pages = dst.sched.allocator.pages(req)[:len(src_pages)]
-      moved = transfer_pages(src.handle.pool, np.array(src_pages + pad),
-                             dst.handle.pool, np.array(dst_pages + pad))
+      moved = transfer_pages(src.handle.pools, np.array(src_pages + pad),
+                             dst.handle.pools, np.array(dst_pages + pad))
     except Exception as e:  # noqa: BLE001 - this request fails; its pages come back
       req.payload.error = RuntimeError(f"KV copy {src.name} -> {dst.name} failed: {e!r}")
       req.end_reason = "error"
@@ -344,11 +354,27 @@ class JaxExecutor:
     w.watch(moved, req)
 
 
-def _prefill_tokens(c) -> List[int]:
-  job, n = c.request.payload, len(c.request.payload.prompt)
-  if c.end <= n:
-    return job.prompt[c.start:c.end]
-  return (job.prompt + job.tokens)[c.start:c.end]  # recomputing output tokens
+def _is_chunk(row) -> bool:
+  return isinstance(row, PrefillChunk)
+
+
+def _request(row) -> Request:
+  return row.request if _is_chunk(row) else row
+
+
+def _row_tokens(row) -> int:
+  return row.num_tokens if _is_chunk(row) else 1
+
+
+def _row_input(row) -> List[int]:
+  """A chunk's tokens (its prompt's, or output tokens to recompute after a
+  preemption), or a decode's last token."""
+  if not _is_chunk(row):
+    return row.payload.tokens[-1:]
+  job, n = row.request.payload, len(row.request.payload.prompt)
+  if row.end <= n:
+    return job.prompt[row.start:row.end]
+  return (job.prompt + job.tokens)[row.start:row.end]
 
 
 def _take(req: Request, out, row: int) -> None:

@@ -65,7 +65,7 @@ def profile_runner(runner: InstanceRunner, prefill_grid: Sequence[Tuple[int, int
     prompts = [rng.integers(0, vocab, length).tolist() for _ in range(batch)]
     rows = SamplingRows.greedy(batch)
     t = median_time(lambda: np.asarray(
-        runner.prefill(prompts, [0] * batch, tables, rows).tokens), reps)
+        runner.packed(prompts, [0] * batch, tables, rows).tokens), reps)
     prefill.append(([length] * batch, t))
     for i in range(batch):
       alloc.free(i)
@@ -97,41 +97,44 @@ def profile(runner: InstanceRunner, prefill_batches, prefill_lens, decode_batche
             decode_contexts, max_tokens: int, reps: int = 5):
   """Profiles `runner` over the grids (points that do not fit its shapes are left
   out); returns the fitted model and the prefill and decode samples."""
-  prefill_lens = [l for l in prefill_lens if l <= runner.shape.max_prefill_len]
+  max_tokens = min(max_tokens, runner.shape.max_step_tokens)
   pre, dec = profile_runner(runner, grid(prefill_batches, prefill_lens, max_tokens),
                             grid(decode_batches, decode_contexts, (runner.shape.num_pages - 1)
                                  * runner.shape.page_size), reps)
   return fit(pre, dec), pre, dec
 
 
-def profile_shapes(runner: InstanceRunner, reps: int = 5, prefill: bool = True,
+def profile_shapes(runner: InstanceRunner, reps: int = 5, packed: bool = True,
                    decode: bool = True) -> ShapeTableLatencyModel:
-  """Times every compiled prefill and decode shape of `runner` (either phase may
-  be left out, as for one side of a disaggregated pair)."""
+  """Times every compiled packed and decode shape of `runner` (either may be left
+  out, as for one side of a disaggregated pair)."""
   shape = runner.shape
-  pre = {key: median_time(_prefill_call(runner, *key), reps)
-         for key in (shape.compiled_prefill_shapes() if prefill else [])}
+  pre = {key: median_time(_packed_call(runner, *key), reps)
+         for key in (shape.compiled_packed_shapes() if packed else [])}
   dec = {key: median_time(_decode_call(runner, *key), reps)
          for key in (shape.compiled_decode_shapes() if decode else [])}
   return ShapeTableLatencyModel(shape, pre, dec)
 
 
-def _tables(runner: InstanceRunner, batch: int, width: int):
-  # Any pages do: a call reads and writes whole tables whatever they hold.
+def _tables(runner: InstanceRunner, rows: int, width: int):
   usable = runner.shape.num_pages - 1
-  return [[1 + (r * width + j) % usable for j in range(width)] for r in range(batch)]
+  return [[1 + (r * width + j) % usable for j in range(width)] for r in range(rows)]
 
 
-def _prefill_call(runner: InstanceRunner, B: int, T: int, W: int):
-  """A prefill call landing in shape (B, T, W), read back to the host."""
-  # The longest chunk of bucket T that fits W pages still lands in bucket T.
-  chunks = [[1] * min(T, W * runner.shape.page_size)] * B
-  tables, rows = _tables(runner, B, W), SamplingRows.greedy(B)
-  return lambda: np.asarray(runner.prefill(chunks, [0] * B, tables, rows).tokens)
+def _packed_call(runner: InstanceRunner, T: int):
+  """A packed call filling bucket T (whole prompts as long as a row's pages allow),
+  read back to the host."""
+  longest = runner.shape.max_seq_len
+  lens = [longest] * (T // longest) + ([T % longest] if T % longest else [])
+  chunks = [[1] * n for n in lens]
+  tables = _tables(runner, len(lens), runner.shape.table_width)
+  rows = SamplingRows.greedy(len(lens))
+  return lambda: np.asarray(runner.packed(chunks, [0] * len(lens), tables, rows).tokens)
 
 
-def _decode_call(runner: InstanceRunner, B: int, W: int):
-  """A decode call landing in shape (B, W), read back to the host."""
+def _decode_call(runner: InstanceRunner, B: int):
+  """A decode call of batch B at the longest context, read back to the host."""
+  W = runner.shape.table_width
   tables, rows = _tables(runner, B, W), SamplingRows.greedy(B)
   last = W * runner.shape.page_size - 1  # attends over every page of its table
   return lambda: np.asarray(runner.decode([1] * B, [last] * B, tables, rows).tokens)
@@ -170,7 +173,7 @@ def step_overhead(records, device=lambda r: r.instance) -> float:
 def profile_overlap(busy: InstanceRunner, timed: InstanceRunner, reps: int = 9) -> float:
   """How many times slower a mid-sized decode call of `timed` runs while `busy`
   runs its largest prefill back to back beside it (>= 1)."""
-  prefill = _prefill_call(busy, *max(busy.shape.compiled_prefill_shapes()))
+  prefill = _packed_call(busy, *max(busy.shape.compiled_packed_shapes()))
   shapes = timed.shape.compiled_decode_shapes()
   decode = _decode_call(timed, *shapes[len(shapes) // 2])
   alone = median_time(decode, reps)
@@ -213,7 +216,7 @@ def setup_from_engine(engine, reps: int = 5):
     pre = next(i.handle for i in instances if i.phase == "prefill")
     dec = next(i.handle for i in instances if i.phase == "decode")
     latency = dataclasses.replace(profile_shapes(pre, reps, decode=False),
-                                  decode=profile_shapes(dec, reps, prefill=False).decode)
+                                  decode=profile_shapes(dec, reps, packed=False).decode)
     copy_s, copy_bw = profile_transfers(pre.pool, dec.pool, engine.executor.page_buckets,
                                         reps)
     overlap = profile_overlap(pre, dec)
