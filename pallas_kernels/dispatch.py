@@ -24,6 +24,8 @@ from pallas_kernels import flash_prefill_gpu
 from pallas_kernels import flash_prefill_tpu
 from pallas_kernels import paged_decode_gpu
 from pallas_kernels import paged_decode_tpu
+from pallas_kernels import ragged_paged_gpu
+from pallas_kernels import ragged_paged_tpu
 from pallas_kernels import reference
 from pallas_kernels import validation
 
@@ -102,7 +104,10 @@ def ragged_paged_attention(q, k_pages, v_pages, q_starts, q_lens, kv_lens, page_
   args = (q, k_pages, v_pages, q_starts, q_lens, kv_lens, page_tables)
   if impl == "reference":
     return reference.ragged_paged_attention_ref(*args, scale=scale)
-  raise ValueError(f"no {impl} ragged paged attention kernel yet; use impl='reference'")
+  interpret = impl.endswith("_interpret")
+  if impl.startswith("pallas_gpu"):
+    return ragged_paged_gpu.ragged_paged_attention(*args, scale=scale, interpret=interpret)
+  return ragged_paged_tpu.ragged_paged_attention(*args, scale=scale, interpret=interpret)
 
 
 def prefill_attention(q, k, v, q_offsets, kv_lengths, *, scale=None,

@@ -4,8 +4,9 @@
 devices through `jax.experimental.topologies.get_topology_desc`; tracing under
 `jax.sharding.use_abstract_mesh` makes Pallas see the TPU kind, so `compile()` runs
 Mosaic and XLA:TPU as a TPU host would. Every shape of the kernel tests
-(`test_kernels.py`, where the interpreters check the numbers) is compiled for TPU v4,
-v5e, v5p and v6e in float32, and in bfloat16 for v5e; and the engine's whole
+(`test_kernels.py`, where the interpreters check the numbers) and a few ragged paged
+attention shapes are compiled for TPU v4, v5e, v5p and v6e in float32, and in bfloat16
+for v5e; and the engine's whole
 Llama-3-8B programs for a v5e-8 at tp=8 and tp=4 (`make test-tpu`), checked to fit a
 chip's HBM. Skipped, saying why, where libtpu is not installed.
 """
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pallas_kernels import flash_prefill_tpu, paged_decode_tpu
+from pallas_kernels import flash_prefill_tpu, paged_decode_tpu, ragged_paged_tpu
 from test_kernels import DECODE_SHAPES, PREFILL_SHAPES
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -81,6 +82,32 @@ def test_flash_prefill_compiles_for_tpu(tpu, shape):
     assert "tpu_custom_call" in c.as_text()
     assert c.memory_analysis().output_size_in_bytes >= (
         batch * q_len * kv_heads * group * head_dim * dt(0).itemsize)
+
+
+# (tokens, rows, kv_heads, group, page_size, head_dim, max_pages): one query block and
+# several (the default 128-row blocks), GQA 1/4/8, pages 8/16/32.
+RAGGED_SHAPES = [
+    pytest.param((40, 6, 2, 1, 8, 64, 4), id="T40-R6-mha-S8-D64"),
+    pytest.param((300, 9, 1, 4, 16, 128, 6), id="T300-R9-gqa4-S16-D128"),
+    pytest.param((96, 5, 2, 8, 32, 128, 3), id="T96-R5-gqa8-S32-D128"),
+]
+
+
+@pytest.mark.parametrize("shape", RAGGED_SHAPES)
+def test_ragged_paged_compiles_for_tpu(tpu, shape):
+  name, mesh = tpu
+  tokens, rows, kv_heads, group, page_size, head_dim, max_pages = shape
+  num_pages = rows * max_pages + 1
+  for dt in _dtypes(name):
+    c = _compile(mesh, ragged_paged_tpu.ragged_paged_attention, [
+        ((tokens, kv_heads * group, head_dim), dt),
+        ((kv_heads, num_pages, page_size, head_dim), dt),
+        ((kv_heads, num_pages, page_size, head_dim), dt),
+        ((rows,), jnp.int32), ((rows,), jnp.int32), ((rows,), jnp.int32),
+        ((rows, max_pages), jnp.int32)])
+    mem = c.memory_analysis()
+    assert "tpu_custom_call" in c.as_text() and mem.generated_code_size_in_bytes > 0
+    assert mem.output_size_in_bytes >= tokens * kv_heads * group * head_dim * dt(0).itemsize
 
 
 # v5e HBM per chip (Google Cloud's TPU v5e documentation: 16 GiB).
