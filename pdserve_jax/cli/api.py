@@ -1,8 +1,19 @@
-"""absl app: an OpenAI-compatible HTTP server over one engine (`serving.openai_api`).
+"""absl app: an OpenAI-compatible HTTP server over one engine (`serving.openai_api`),
+in one process or as a router over prefill and decode worker processes.
 
   python -m pdserve_jax.cli.api --config=configs/api_demo.py --port=8000
   curl localhost:8000/v1/completions -H 'Content-Type: application/json' \
       -d '{"prompt": "And the king said", "max_tokens": 24, "temperature": 0}'
+
+With `--role` the instances run in processes of their own (`cli.serve --role=...`
+is the same app): each worker holds one instance's devices, weights and pool, and
+the router (the disaggregated coordinator over `serving.remote.RemoteExecutor`)
+serves HTTP and schedules everything:
+
+  python -m pdserve_jax.cli.api --config=configs/cluster_demo.py --role=prefill --port=5601
+  python -m pdserve_jax.cli.api --config=configs/cluster_demo.py --role=decode --port=5602
+  python -m pdserve_jax.cli.api --config=configs/cluster_demo.py --role=router --port=8000 \
+      --prefill=tcp://127.0.0.1:5601 --decode=tcp://127.0.0.1:5602
 
 The config names the model (as `serve`'s: `checkpoint`, `hf_path` or a random
 `model` preset), one `mode` and its deployment blocks (`cli.modes`), the engine
@@ -15,6 +26,7 @@ address lets anyone who reaches it use it.
 
 from pdserve_jax.cli import serving  # first: sets XLA_FLAGS before jax loads
 
+import dataclasses  # noqa: E402
 import logging  # noqa: E402
 import socket  # noqa: E402
 
@@ -24,7 +36,28 @@ from pdserve_jax.cli import common, modes  # noqa: E402
 
 flags.DEFINE_string("host", "127.0.0.1", "address to bind (loopback by default; the "
                     "server has no authentication)")
-flags.DEFINE_integer("port", 8000, "port to bind (0: any free port, printed)")
+flags.DEFINE_integer("port", 8000, "port to bind (0: any free port, printed): HTTP, or "
+                     "a worker's control channel")
+flags.DEFINE_enum("role", "engine", ["engine", "router", "prefill", "decode"],
+                  "engine: every instance in this process; router: HTTP and scheduling "
+                  "over the --prefill and --decode workers; prefill/decode: one worker")
+flags.DEFINE_list("prefill", [], "router: the prefill workers' control addresses "
+                  "(tcp://host:port), one instance each")
+flags.DEFINE_list("decode", [], "router: the decode workers' control addresses")
+flags.DEFINE_string("transfer_host", "", "worker: the address its KV transfer server "
+                    "binds (default: --host); it has no authentication either")
+
+
+def worker(cfg, role: str) -> None:
+  """One prefill or decode instance; serves until the process is stopped."""
+  from pdserve_jax.serving.worker import Worker
+
+  host = flags.FLAGS.host
+  model = serving.load_model(cfg)
+  w = Worker(model, role, f"tcp://{host}:{flags.FLAGS.port}",
+             flags.FLAGS.transfer_host or host)
+  print(f"{role} worker ready on {w.address} (KV transfer {w.transfer_address})", flush=True)
+  w.serve()
 
 
 def main(cfg, out: common.Outputs):
@@ -33,14 +66,31 @@ def main(cfg, out: common.Outputs):
   import pdserve_jax as pdj
   from pdserve_jax.serving import openai_api
 
-  mode = cfg.mode
+  role = flags.FLAGS.role
+  if role in ("prefill", "decode"):
+    return worker(cfg, role)
+  mode = "disaggregated" if role == "router" else cfg.mode
   if mode not in modes.MODES:
     raise common.ConfigError(f"mode: unknown mode {mode!r}; known: {', '.join(modes.MODES)}")
   dep = modes.deployment(cfg, mode)
+  executor = None
+  if role == "router":
+    from pdserve_jax.serving import remote
+
+    workers = {"prefill": flags.FLAGS.prefill, "decode": flags.FLAGS.decode}
+    for kind, addresses in workers.items():
+      if not addresses:
+        raise common.ConfigError(f"{kind}: the router needs at least one {kind} worker "
+                                 f"address (--{kind}=tcp://host:port)")
+    dep = dataclasses.replace(dep, num_prefill=len(workers["prefill"]),
+                              num_decode=len(workers["decode"]))
+    remote.wait_for_workers(workers["prefill"] + workers["decode"])
+    executor = remote.RemoteExecutor.factory(workers["prefill"], workers["decode"])
   ec = serving.engine_config(cfg)
   model = serving.load_model(cfg)
-  serving.check_servable({mode: dep}, model)
-  name = cfg.model_name or (cfg.checkpoint if cfg.checkpoint == "demo" else
+  if executor is None:
+    serving.check_servable({mode: dep}, model)
+  name = cfg.get("model_name", "") or (cfg.checkpoint if cfg.checkpoint == "demo" else
                             cfg.hf_path or cfg.checkpoint or cfg.model)
   # Bound before the engine warms up, so a taken port fails at once; connections
   # wait in the backlog until uvicorn serves.
@@ -52,15 +102,15 @@ def main(cfg, out: common.Outputs):
     raise common.ConfigError(f"port: cannot bind {flags.FLAGS.host}:{flags.FLAGS.port}: "
                              f"{e.strerror}") from None
   host, port = sock.getsockname()[:2]
-  engine = pdj.Engine(model, dep, ec)
+  engine = pdj.Engine(model, dep, ec, executor=executor)
   server = uvicorn.Server(uvicorn.Config(
       openai_api.create_app(engine, name), log_level="warning",
-      timeout_graceful_shutdown=cfg.drain_seconds))
+      timeout_graceful_shutdown=cfg.get("drain_seconds", 10.0)))
   print(f"serving {name!r} ({dep.describe()}) on http://{host}:{port}", flush=True)
   try:
     server.run(sockets=[sock])  # returns on SIGINT / SIGTERM
   finally:
-    engine.close(timeout=cfg.drain_seconds)
+    engine.close(timeout=cfg.get("drain_seconds", 10.0))
     logging.info("engine closed: %s", engine.stats())
 
 

@@ -3,6 +3,9 @@
   python -m pdserve_jax.cli.serve --config=configs/serve_demo.py \
       --config.modes=semi_pd --config.workload.rate=4 --output_json=out.json
 
+With `--role=prefill|decode|router` it is `cli.api`'s multi-process server instead:
+instances as worker processes, the router serving HTTP (see `cli.api`).
+
 Each mode (`cli.modes`) runs on its own engine built from the config's
 deployment blocks and `config.engine` (`pdj.EngineConfig`), and serves the
 `config.workload` block at its `rate`. With `prompts` and a model that has a
@@ -14,7 +17,9 @@ continuations. Prints one table row per mode; `--output_json` writes the result
 import time
 
 from pdserve_jax.cli import serving  # first: sets XLA_FLAGS before jax loads
-from pdserve_jax.cli import common, figures, modes
+from absl import flags
+
+from pdserve_jax.cli import api, common, figures, modes
 from pdserve_jax import results, workloads
 
 RULES = {"generation.max_tokens": common.at_least(1),
@@ -22,6 +27,8 @@ RULES = {"generation.max_tokens": common.at_least(1),
 
 
 def main(cfg, out: common.Outputs):
+  if flags.FLAGS.role != "engine":
+    return api.main(cfg, out)
   start = time.perf_counter()
   import pdserve_jax as pdj
 

@@ -13,7 +13,10 @@ It reaches devices only through an executor (the seam):
   `launch(inst, step, now)`         run a step; later `step_done(inst, now, seconds)`
                                     or `fail(inst, now)`,
   `start_copy(req, src, dst, now)`  move a request's KV; later `copy_done(req, now)`,
-  `ended(req, now)`                 a request finished, was aborted or failed.
+  `ended(req, now)`                 a request finished, was aborted or failed;
+and it calls `lose(inst, now)` when an instance's devices are gone for good (a
+worker process died): the requests there end with an error, and no new work goes
+to it.
 The JAX executor (`serving.executor`) runs real programs on the wall clock; the
 latency-model executor (`sim.simulator`) advances a virtual clock. Both call the
 same entry points in the order events happen, so one trace gives one sequence of
@@ -38,7 +41,7 @@ class Instance:
   """One scheduler on one device group (a mesh, or in the simulator a pipeline's
   virtual engine). `handle` is the executor's own data for it."""
   __slots__ = ("name", "group", "sched", "spec", "phase", "step", "unit", "slowdown",
-               "handle")
+               "handle", "lost")
 
   def __init__(self, name, group, sched, spec, phase=None):
     self.name, self.group, self.sched, self.spec, self.phase = name, group, sched, spec, phase
@@ -46,6 +49,7 @@ class Instance:
     self.unit = None  # semi-PD: the replica both phases belong to
     self.slowdown = None  # semi-PD SM partitioning: () -> factor on its step time
     self.handle = None
+    self.lost = False  # its devices are gone: it takes no more work
 
   @property
   def num_waiting(self) -> int:
@@ -96,6 +100,25 @@ class Coordinator:
       if r.end_reason is None:
         r.end_reason = "error"
     self.step_done(inst, now, 0.0)
+
+  def lose(self, inst: Instance, now: float) -> None:
+    """`inst`'s devices are gone: its step fails, every request it holds ends with an
+    error (but those in a KV copy, which the executor ends when the copy fails),
+    and it takes no more work. Its pages are freed, as it holds nothing now."""
+    inst.lost = True
+    if inst.step is not None:
+      self.fail(inst, now)
+    for r in inst.sched.held():
+      if r in self._copies or r.finish_time is not None:
+        continue
+      r.end_reason = r.end_reason or "error"
+      if inst.sched.remove(r):
+        r.finish_time = now
+        self._end([r], now)
+    self._relaunch(now)
+
+  def _alive(self, instances) -> list[Instance]:
+    return [i for i in instances if not i.lost]
 
   def copy_done(self, req: Request, now: float) -> None:
     raise RuntimeError(f"{type(self).__name__} starts no KV copies")
@@ -161,7 +184,7 @@ class Coordinator:
 
   def _launch(self, inst: Instance, now: float) -> bool:
     """Starts `inst`'s next step if it is free and has work."""
-    if inst.step is not None or not self.ex.can_launch(inst, now):
+    if inst.step is not None or inst.lost or not self.ex.can_launch(inst, now):
       return False
     step = inst.sched.schedule()
     if inst.phase == DECODE:
@@ -210,7 +233,9 @@ class ColocatedCoordinator(Coordinator):
       self._make("colocated", spec, k, make)
 
   def add(self, req, now):
-    inst = least_loaded(self.instances)
+    inst = least_loaded(self.instances, lambda i: not i.lost)
+    if inst is None:
+      raise ValueError("every instance is lost")
     inst.sched.add(req)
     self._launch(inst, now)
 
@@ -244,7 +269,10 @@ class DisaggregatedCoordinator(Coordinator):
 
   def add(self, req, now):
     self.check(req)
-    inst = least_loaded(self.prefills)
+    for kind, instances in (("prefill", self.prefills), ("decode", self.decodes)):
+      if not self._alive(instances):
+        raise ValueError(f"every {kind} instance is lost")
+    inst = least_loaded(self._alive(self.prefills))
     inst.sched.add(req)
     self._launch(inst, now)
 
@@ -254,10 +282,13 @@ class DisaggregatedCoordinator(Coordinator):
     self._launch(inst, now)
 
   def _pull(self, now: float) -> None:
-    decodes = self.decodes
+    decodes = self._alive(self.decodes)
+    if not decodes:
+      self._drop_handoffs(now)
+      return
     while True:
       req, src = None, None
-      for p in self.prefills:
+      for p in self._alive(self.prefills):
         h = p.sched.peek_handoff()
         if h is not None and (req is None or h.token_times[0] < req.token_times[0]):
           req, src = h, p
@@ -284,12 +315,25 @@ class DisaggregatedCoordinator(Coordinator):
     self._launch(dst, now)
     self._launch(src, now)
 
+  def _drop_handoffs(self, now: float) -> None:
+    """No decode instance is left: finished prompts have nowhere to go."""
+    for p in self._alive(self.prefills):
+      while (r := p.sched.take_handoff()) is not None:
+        p.sched.release_handoff(r)
+        r.end_reason, r.finish_time = r.end_reason or "error", now
+        self._end([r], now)
+
   def _relaunch(self, now):
     self._pull(now)  # an abort may have freed decode pages
     super()._relaunch(now)
 
   def _recompute(self, inst, reqs, now):
-    target = least_loaded(self.prefills)
+    target = least_loaded(self._alive(self.prefills))
+    if target is None:
+      for r in reqs:
+        r.end_reason, r.finish_time = r.end_reason or "error", now
+      self._end(reqs, now)
+      return
     for r in reversed(reqs):  # oldest ends up first
       target.sched.requeue(r)
     self._launch(target, now)
@@ -426,7 +470,9 @@ class PrefillOnlyCoordinator(Coordinator):
           a, spec.max_batch, spec.max_tokens, spec.page_policy), PREFILL)
 
   def add(self, req, now):
-    inst = least_loaded(self.instances)
+    inst = least_loaded(self.instances, lambda i: not i.lost)
+    if inst is None:
+      raise ValueError("every instance is lost")
     inst.sched.add(req)
     self._launch(inst, now)
 

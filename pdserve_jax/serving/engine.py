@@ -42,7 +42,7 @@ from pdserve_jax.kv.allocator import PageAllocator
 from pdserve_jax.model.model import Model
 from pdserve_jax.serving import coordinator as C
 from pdserve_jax.serving import metrics, validate
-from pdserve_jax.serving.executor import COPY, FAILED, STEP, JaxExecutor, Job, wall_clock
+from pdserve_jax.serving.executor import COPY, FAILED, LOST, STEP, JaxExecutor, Job, wall_clock
 from pdserve_jax.serving.params import SamplingParams
 from pdserve_jax.serving.request import Request
 
@@ -83,8 +83,9 @@ class EngineConfig:
                        f"tpot_slo={self.tpot_slo}")
 
 
-def check_servable(deployment, model: Model) -> None:
-  """Raises ValueError naming why the engine cannot run `deployment` here."""
+def check_servable(deployment, model: Model, local: bool = True) -> None:
+  """Raises ValueError naming why the engine cannot run `deployment` here (`local`:
+  on this process's devices)."""
   if not isinstance(deployment, (deploy.Colocated, deploy.Disaggregated, deploy.SemiPD)):
     raise ValueError(f"the engine serves Colocated, Disaggregated or SemiPD deployments, "
                      f"got {type(deployment).__name__}")
@@ -103,7 +104,7 @@ def check_servable(deployment, model: Model) -> None:
     raise ValueError("SM-partitioned semi-PD (concurrent=True) needs MPS-style SM caps, "
                      "which JAX lacks; the engine time-shares (concurrent=False)")
   have = jax.device_count()
-  if deployment.num_devices > have:
+  if local and deployment.num_devices > have:
     raise ValueError(f"{deployment.describe()} needs {deployment.num_devices} devices; "
                      f"{have} available")
 
@@ -253,7 +254,11 @@ _CLOSE = object()
 class Engine:
   """Serves `model` as `deployment` says; see the module docstring."""
 
-  def __init__(self, model: Model, deployment=None, config: Optional[EngineConfig] = None):
+  def __init__(self, model: Model, deployment=None, config: Optional[EngineConfig] = None,
+               executor=None):
+    """`executor(model, config, clock, post, ended)`, if given, builds the executor
+    instead of the local `JaxExecutor` (`serving.remote`: instances in processes of
+    their own)."""
     config = config or EngineConfig()
     deployment = deployment or deploy.Colocated(deploy.InstanceSpec(max_batch=16,
                                                                     max_tokens=512))
@@ -263,14 +268,15 @@ class Engine:
     config.check()
     if not model.config.executable:
       raise ValueError(f"model {model.config.name!r} ({model.config.arch}) cannot be served")
-    check_servable(deployment, model)
+    check_servable(deployment, model, local=executor is None)
     self.model, self.deployment, self.config = model, deployment, config
     self.tokenizer = model.tokenizer
     self._seeds = np.random.default_rng()  # OS entropy: fresh seeds per engine
     self.max_prompt_len = max_prompt_len(deployment, config)
     self.clock = wall_clock(time.perf_counter())
     self._inbox: "queue.Queue" = queue.Queue()
-    self.executor = JaxExecutor(model, config, self.clock, self._inbox.put, self._ended)
+    self.executor = (executor or JaxExecutor)(model, config, self.clock, self._inbox.put,
+                                              self._ended)
     self.coordinator = C.build(deployment, self.executor, config.ttft_slo, config.tpot_slo,
                                start_time=self.clock())
     self.executor.bind(self.coordinator.instances)
@@ -504,6 +510,8 @@ class Engine:
       coord.step_done(obj, now, seconds)
     elif kind == FAILED:
       self._fail(obj, item[2])
+    elif kind == LOST:
+      self._lose(obj, item[2])
     elif kind == COPY:
       now = self.clock()
       if self.config.log_steps:
@@ -516,11 +524,28 @@ class Engine:
     """A step could not run or be read: its requests end with the error; if the
     instance's pool went with it, so do the other requests whose KV was there."""
     ex, coord = self.executor, self.coordinator
+    if inst.step is None:
+      return  # already ended (its instance was lost)
     ex.fail_step(inst, error)
     now = self.clock()
     coord.fail(inst, now)
     for r in ex.recover_pool(inst):
       coord.abort(r, now, "error")
+
+  def _lose(self, inst, error: BaseException) -> None:
+    """`inst`'s devices are gone: every request it holds ends with the error."""
+    if inst.lost:
+      return
+    logging.error("instance %s lost: %s", inst.name, error)
+    self.executor.fail_step(inst, error)
+    for r in inst.sched.held():
+      r.payload.error = r.payload.error or RuntimeError(f"instance {inst.name} was lost: "
+                                                        f"{error}")
+    self.coordinator.lose(inst, self.clock())
+
+  def health(self) -> dict:
+    """{instance name: "ok" or "lost"}."""
+    return {i.name: "lost" if i.lost else "ok" for i in self.coordinator.instances}
 
   def _loop(self) -> None:
     deadline, closing = None, False

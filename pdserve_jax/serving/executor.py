@@ -38,7 +38,7 @@ from pdserve_jax.serving.params import SamplingParams
 from pdserve_jax.serving.request import Request
 from pdserve_jax.serving.step import PrefillChunk, Step
 
-STEP, FAILED, COPY = "step", "failed", "copy"  # inbox event kinds
+STEP, FAILED, COPY, LOST = "step", "failed", "copy", "lost"  # inbox event kinds
 
 
 @dataclasses.dataclass(eq=False)
@@ -280,19 +280,27 @@ class JaxExecutor:
       for lo, hi in shape.packed_groups([_row_tokens(r) for r in rows]):
         group = rows[lo:hi]
         reqs = [_request(r) for r in group]
-        out = runner.packed([_row_input(r) for r in group],
-                            [r.start if _is_chunk(r) else r.kv_len for r in group],
-                            [pages(r) for r in reqs],
-                            _sampling_rows(reqs, [r.num_output for r in reqs]))
+        out = self._call(runner, "packed", [_row_input(r) for r in group],
+                         [r.start if _is_chunk(r) else r.kv_len for r in group],
+                         [pages(r) for r in reqs],
+                         _sampling_rows(reqs, [r.num_output for r in reqs]))
         outs.append((group, out))
     else:
       for group in groups(step.decodes, shape.max_rows):
-        out = runner.decode([r.payload.tokens[-1] for r in group], [r.kv_len for r in group],
-                            [pages(r) for r in group],
-                            _sampling_rows(group, [r.num_output for r in group]))
+        out = self._call(runner, "decode", [r.payload.tokens[-1] for r in group],
+                         [r.kv_len for r in group], [pages(r) for r in group],
+                         _sampling_rows(group, [r.num_output for r in group]))
         outs.append((group, out))
     calls = (packed_calls, decode_calls) if self.log is not None else ((), ())
     return Launched(step, started, outs, calls)
+
+  def _call(self, runner, program: str, *args):
+    """Dispatches one program call; returns its (device) outputs."""
+    return getattr(runner, program)(*args)
+
+  def _read(self, out):
+    """A call's outputs on the host."""
+    return jax.device_get(out)
 
   def collect(self, inst) -> tuple[float, float]:
     """Reads a finished step's tokens into its requests; returns when it was seen
@@ -300,7 +308,7 @@ class JaxExecutor:
     launched = self._inflight.pop(inst.name)
     now = self.clock()
     for group, out in launched.outs:
-      out = jax.device_get(out)
+      out = self._read(out)
       for i, row in enumerate(group):
         if not _is_chunk(row):
           _take(row, out, i)
@@ -314,7 +322,7 @@ class JaxExecutor:
   def fail_step(self, inst, error: BaseException) -> None:
     """The step of `inst` could not run or be read: its requests carry the error."""
     self._inflight.pop(inst.name, None)
-    for r in inst.step.requests:
+    for r in (inst.step.requests if inst.step is not None else ()):
       r.payload.error = r.payload.error or RuntimeError(
           f"step on {inst.name} failed: {error!r}")
 

@@ -365,8 +365,11 @@ def create_app(engine: Engine, model_name: str):
     except Exception as e:  # noqa: BLE001
       return JSONResponse({"status": "error", "error": repr(e)}, 503)
     failed = engine.failure is not None
-    body = {"status": "error" if failed else "ok", "model": model_name,
-            "deployment": engine.deployment.describe(), **stats}
+    instances = engine.health()
+    lost = sorted(n for n, state in instances.items() if state == "lost")
+    body = {"status": "error" if failed else "degraded" if lost else "ok",
+            "model": model_name, "deployment": engine.deployment.describe(),
+            "instances": instances, "lost_instances": lost, **stats}
     if failed:
       body["error"] = repr(engine.failure)
     return JSONResponse(body, 503 if failed else 200)

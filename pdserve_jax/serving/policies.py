@@ -275,6 +275,14 @@ class _Scheduler:
   def num_waiting(self) -> int:
     return len(self._waiting)
 
+  def held(self) -> list[Request]:
+    """Every request here: queued, in the step in flight, or holding pages."""
+    out = dict.fromkeys(self._waiting)
+    if self._in_flight is not None:
+      out.update(dict.fromkeys(self._in_flight.requests))
+    out.update(dict.fromkeys(self.allocator.owners()))
+    return list(out)
+
 
 def _seq(r: Request) -> int:
   return r.admitted_seq

@@ -1,0 +1,221 @@
+"""A prefill or decode instance as a process of its own, driven by a router.
+
+The worker holds one instance's devices, mesh, weights, KV pool and programs (an
+`InstanceRunner`) and does what the router's `RemoteExecutor` asks over a ZeroMQ
+ROUTER socket, one JSON message per command: build the runner, warm it up, run a
+packed or decode call on rows the router scheduled (its page tables included: the
+router's schedulers own every page), offer a request's KV pages to a peer, or pull
+a peer's offer into its own pages. KV moves with `jax.experimental.transfer`: the
+prefill side gathers the pages into a buffer and offers it under the request's
+transfer id (`await_pull`); the decode side pulls it, lays it out on its own mesh
+and scatters it into its pool. The buffer is staged on one device of each side, so
+any tp meets any tp.
+
+Three kinds of threads: the socket thread answers heartbeats at once (a busy
+worker still proves it is alive) and sends every reply; the command thread runs
+commands in arrival order, so the pool sees them as the router sent them; each
+pull runs on a thread of its own, so a pull from a dead peer cannot stall the
+steps, and its scatter joins the command queue.
+
+Limits: one router per worker; no authentication on either port, so bind them to
+loopback or a private network; pipeline stages (pp > 1) are not offered across
+processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import queue
+import threading
+from typing import Optional
+
+import jax
+import numpy as np
+import zmq
+
+from pdserve_jax import deploy
+from pdserve_jax.model import sharding
+from pdserve_jax.runtime.programs import InstanceRunner, SamplingRows
+
+ROLES = ("prefill", "decode")
+
+
+def encode(msg: dict) -> bytes:
+  return json.dumps(msg, separators=(",", ":")).encode()
+
+
+def decode(raw: bytes) -> dict:
+  return json.loads(raw)
+
+
+def sampled_to_json(out, n: int) -> dict:
+  """The first `n` rows of a call's `Sampled` output, as lists."""
+  out = jax.device_get(out)
+  return {"tokens": np.asarray(out.tokens[:n]).tolist(),
+          "logprobs": np.asarray(out.logprobs[:n]).tolist(),
+          "top_ids": np.asarray(out.top_ids[:n]).tolist(),
+          "top_logprobs": np.asarray(out.top_logprobs[:n]).tolist()}
+
+
+def sampling_from_json(d: dict) -> SamplingRows:
+  return SamplingRows(np.array(d["temperature"], np.float32), np.array(d["top_k"], np.int32),
+                      np.array(d["top_p"], np.float32), np.array(d["seed"], np.int32),
+                      np.array(d["token_index"], np.int32))
+
+
+class Worker:
+  """One instance process; `serve()` runs until a "stop" command or the process ends."""
+
+  def __init__(self, model, role: str, control: str = "tcp://127.0.0.1:0",
+               transfer_host: str = "127.0.0.1", transfer_streams: int = 4):
+    from jax.experimental import transfer
+
+    if role not in ROLES:
+      raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    self.model, self.role = model, role
+    self._ctx = zmq.Context()
+    self._sock = self._ctx.socket(zmq.ROUTER)
+    self._sock.setsockopt(zmq.LINGER, 0)
+    self._sock.bind(control)
+    self.address = self._sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+    self._device = jax.devices()[0]
+    self._transfer = transfer.start_transfer_server(
+        self._device.client, f"{transfer_host}:0", [f"{transfer_host}:0"] * transfer_streams)
+    self.transfer_address = self._transfer.address()
+    self._conns: dict = {}
+    self.runner: Optional[InstanceRunner] = None
+    self._commands: "queue.Queue" = queue.Queue()
+    self._replies: "queue.Queue" = queue.Queue()
+    self._stop = threading.Event()
+
+  # -- the socket thread ---------------------------------------------------------
+
+  def serve(self) -> None:
+    threading.Thread(target=self._run_commands, name="pdserve-worker-commands",
+                     daemon=True).start()
+    poller = zmq.Poller()
+    poller.register(self._sock, zmq.POLLIN)
+    while not self._stop.is_set():
+      if poller.poll(5):
+        ident, raw = self._sock.recv_multipart()
+        msg = decode(raw)
+        if msg["op"] == "ping":
+          self._sock.send_multipart([ident, encode({"id": msg["id"], "ok": True})])
+        elif msg["op"] == "stop":
+          self._sock.send_multipart([ident, encode({"id": msg["id"], "ok": True})])
+          self._stop.set()
+        else:
+          self._commands.put((ident, msg))
+      while True:
+        try:
+          ident, reply = self._replies.get_nowait()
+        except queue.Empty:
+          break
+        self._sock.send_multipart([ident, encode(reply)])
+    self._sock.close()
+    self._ctx.term()
+
+  # -- the command thread --------------------------------------------------------
+
+  def _run_commands(self) -> None:
+    while True:
+      ident, msg = self._commands.get()
+      try:
+        reply = getattr(self, "_op_" + msg["op"])(ident, msg)
+      except Exception as e:  # noqa: BLE001 - the router learns why; the worker goes on
+        logging.exception("command %s failed", msg.get("op"))
+        reply = {"ok": False, "error": f"{type(e).__name__}: {e}",
+                 "pool_reset": self._reset_if_lost()}
+      if reply is not None:
+        self._replies.put((ident, {"id": msg["id"], "ok": True, **reply}))
+
+  def _reset_if_lost(self) -> bool:
+    if self.runner is not None and self.runner.pools_lost():
+      self.runner.reset_pools()
+      return True
+    return False
+
+  def _op_hello(self, ident, msg) -> dict:
+    return {"role": self.role, "devices": jax.device_count(),
+            "transfer": self.transfer_address, "model": self.model.config.name}
+
+  def _op_setup(self, ident, msg) -> dict:
+    from pdserve_jax.serving.engine import EngineConfig
+    from pdserve_jax.serving.executor import runner_shape
+
+    spec = deploy.InstanceSpec(**msg["spec"])
+    cfg = EngineConfig(**msg["config"])
+    if spec.pp != 1:
+      raise ValueError("pipeline stages (pp > 1) are not served across processes")
+    if spec.tp > jax.device_count():
+      raise ValueError(f"tp={spec.tp} needs {spec.tp} devices; this worker has "
+                       f"{jax.device_count()}")
+    mesh = sharding.make_mesh(jax.devices()[:spec.tp])
+    self.runner = InstanceRunner(self.model, mesh, runner_shape(cfg, spec, msg["num_pages"]),
+                                 cfg.attn_impl)
+    return {"num_pages": self.runner.shape.num_pages}
+
+  def _op_warmup(self, ident, msg) -> dict:
+    n = self.runner.warmup(msg["packed"], msg["decode"])
+    pool = self.runner.pool
+    for size in msg["page_buckets"]:  # the KV movers, at every transfer size
+      scratch = np.zeros(size, np.int32)
+      staged = jax.device_put(pool.gather(scratch), self._device)
+      pool.scatter(jax.device_put(staged, pool.pool_shardings), scratch)
+    jax.block_until_ready(pool.arrays)
+    return {"programs": n}
+
+  def _op_packed(self, ident, msg) -> dict:
+    out = self.runner.packed(msg["chunks"], msg["starts"], msg["tables"],
+                             sampling_from_json(msg["sampling"]))
+    return sampled_to_json(out, len(msg["chunks"]))
+
+  def _op_decode(self, ident, msg) -> dict:
+    out = self.runner.decode(msg["tokens"], msg["positions"], msg["tables"],
+                             sampling_from_json(msg["sampling"]))
+    return sampled_to_json(out, len(msg["tokens"]))
+
+  def _op_offer(self, ident, msg) -> dict:
+    """Gathers the pages and offers them under the transfer id; the pages may be
+    reused at once (the buffer is a copy)."""
+    buf = jax.device_put(self.runner.pool.gather(np.asarray(msg["pages"], np.int32)),
+                         self._device)
+    jax.block_until_ready(buf)
+    self._transfer.await_pull(msg["uuid"], [buf["k"], buf["v"]])
+    return {}
+
+  def _op_pull(self, ident, msg) -> None:
+    """Pulls a peer's offer on a thread of its own; the scatter comes back here."""
+    threading.Thread(target=self._pull, args=(ident, msg), daemon=True,
+                     name=f"pdserve-pull-{msg['uuid']}").start()
+    return None
+
+  def _pull(self, ident, msg) -> None:
+    try:
+      pool = self.runner.pool
+      conn = self._conns.get(msg["src"])
+      if conn is None:
+        conn = self._conns[msg["src"]] = self._transfer.connect(msg["src"])
+      shape = (pool.shape[0], pool.shape[1], len(msg["pages"]), pool.shape[3], pool.shape[4])
+      spec = jax.ShapeDtypeStruct(shape, pool.dtype,
+                                  sharding=jax.sharding.SingleDeviceSharding(self._device))
+      k, v = conn.pull(msg["uuid"], [spec, spec])
+      jax.block_until_ready((k, v))
+    except Exception as e:  # noqa: BLE001 - the router fails this request only
+      self._replies.put((ident, {"id": msg["id"], "ok": False,
+                                 "error": f"pull failed: {type(e).__name__}: {e}"}))
+      return
+    self._commands.put((ident, dict(msg, op="scatter", buffer={"k": k, "v": v})))
+
+  def _op_scatter(self, ident, msg) -> dict:
+    pool = self.runner.pool
+    pool.scatter(jax.device_put(msg["buffer"], pool.pool_shardings),
+                 np.asarray(msg["pages"], np.int32))
+    jax.block_until_ready(pool.arrays)
+    return {}
+
+
+def spec_json(spec) -> dict:
+  return dataclasses.asdict(spec)
