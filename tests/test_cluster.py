@@ -6,8 +6,10 @@ import concurrent.futures
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -26,26 +28,57 @@ MAX_TOKENS = 12
 pytestmark = pytest.mark.slow
 
 
-def _start(role, *args):
+def _start(role, *args, devices=8, wait=True):
   """A `cli.serve --role=...` process and the address it printed once ready."""
+  # stderr to a file: a pipe nobody reads would stall a process that logs much.
+  log = tempfile.TemporaryFile("w+")
   proc = subprocess.Popen([sys.executable, "-m", "pdserve_jax.cli.serve", f"--role={role}",
                            "--port=0", *CONFIG, *args],
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  line = proc.stdout.readline()
-  m = re.search(r"on ((?:tcp|http)://\S+)", line)
+                          cwd=ROOT, stdout=subprocess.PIPE if wait else subprocess.DEVNULL,
+                          stderr=log, text=True,
+                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_"
+                                   f"device_count={devices}"))
+  if not wait:
+    return proc, None
+  for _ in range(100):  # gloo prints its connections to stdout first
+    line = proc.stdout.readline()
+    m = re.search(r"on ((?:tcp|http)://\S+)", line)
+    if m or not line:
+      break
   if not m:
     proc.kill()
-    pytest.fail(f"{role} did not start: {line!r} {proc.stderr.read()[-3000:]}")
+    proc.wait()
+    log.seek(0)
+    pytest.fail(f"{role} did not start: {line!r} {log.read()[-3000:]}")
   return proc, m.group(1)
 
 
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
 class Cluster:
-  def __init__(self, num_prefill, num_decode):
-    self.workers = {"prefill": [_start("prefill") for _ in range(num_prefill)],
-                    "decode": [_start("decode") for _ in range(num_decode)]}
-    addresses = {k: ",".join(a for _, a in v) for k, v in self.workers.items()}
+  def __init__(self, num_prefill, num_decode, decode_processes=1):
+    self.workers = {"prefill": [_start("prefill") for _ in range(num_prefill)], "decode": []}
+    extra = []
+    for _ in range(num_decode):
+      if decode_processes == 1:
+        self.workers["decode"].append(_start("decode"))
+        continue
+      # One instance over 2 processes x 4 devices: one 8-device mesh (jax.distributed).
+      extra = ["--config.disaggregated.decode_tp=8"]
+      span = [f"--num_processes={decode_processes}",
+              f"--coordinator=127.0.0.1:{_free_port()}", f"--peers=tcp://127.0.0.1:{_free_port()}"]
+      followers = [_start("decode", *span, *extra, f"--process_id={i}", devices=4, wait=False)
+                   for i in range(1, decode_processes)]
+      self.workers["decode"].append(_start("decode", *span, *extra, "--process_id=0",
+                                           devices=4))
+      self.workers["decode"] += followers
+    addresses = {k: ",".join(a for _, a in v if a) for k, v in self.workers.items()}
     self.router, self.url = _start("router", f"--prefill={addresses['prefill']}",
-                                   f"--decode={addresses['decode']}")
+                                   f"--decode={addresses['decode']}", *extra)
 
   def health(self):
     return httpx.get(self.url + "/health", timeout=10).json()
@@ -98,7 +131,21 @@ def test_router_and_workers_give_the_single_process_tokens(prompts_and_tokens, n
     assert _ask_all(client, prompts[:8], stream=True) == [tok.decode(w) for w in want[:8]]
     h = cluster.health()
     assert h["status"] == "ok" and h["pages_in_use"] == 0 and h["failed"] == 0
-    assert sorted(h["instances"]) == [f"decode0"] + [f"prefill{i}" for i in range(num_prefill)]
+    assert sorted(h["instances"]) == ["decode0"] + [f"prefill{i}" for i in range(num_prefill)]
+  finally:
+    cluster.close()
+
+
+def test_a_decode_instance_over_two_processes_gives_the_same_tokens(prompts_and_tokens):
+  """The decode instance spans 2 processes x 4 virtual CPU devices (one 8-device
+  mesh, gloo collectives); each pulls its own copy of every KV hand-off."""
+  prompts, want = prompts_and_tokens
+  cluster = Cluster(1, 1, decode_processes=2)
+  try:
+    assert _ask_all(cluster.client(), prompts) == want
+    h = cluster.health()
+    assert h["deployment"] == "1x prefill tp1pp1 + 1x decode tp8pp1"
+    assert h["status"] == "ok" and h["pages_in_use"] == 0
   finally:
     cluster.close()
 
@@ -149,7 +196,7 @@ def test_killed_workers_end_their_requests_and_the_rest_go_on(prompts_and_tokens
     def stream(prompt):
       n = 0
       try:
-        for c in client.completions.create(prompt=prompt, stream=True, **dict(
+        for _ in client.completions.create(prompt=prompt, stream=True, **dict(
             long, max_tokens=110)):
           n += 1
           if n >= 2:

@@ -46,18 +46,43 @@ flags.DEFINE_list("prefill", [], "router: the prefill workers' control addresses
 flags.DEFINE_list("decode", [], "router: the decode workers' control addresses")
 flags.DEFINE_string("transfer_host", "", "worker: the address its KV transfer server "
                     "binds (default: --host); it has no authentication either")
+flags.DEFINE_integer("num_processes", 1, "worker: processes (hosts) of this one instance, "
+                     "one mesh over all their devices (jax.distributed)")
+flags.DEFINE_integer("process_id", 0, "worker: this process's index; 0 talks to the router")
+flags.DEFINE_string("coordinator", "", "worker with num_processes > 1: jax.distributed's "
+                    "coordinator address (host:port, served by process 0)")
+flags.DEFINE_string("peers", "", "worker with num_processes > 1: the ZeroMQ address "
+                    "process 0 binds for the others (tcp://host:port)")
 
 
 def worker(cfg, role: str) -> None:
   """One prefill or decode instance; serves until the process is stopped."""
   from pdserve_jax.serving.worker import Worker
 
-  host = flags.FLAGS.host
+  F = flags.FLAGS
+  if F.num_processes > 1:
+    import jax
+
+    if not (F.coordinator and F.peers):
+      raise common.ConfigError("num_processes: a worker spanning processes needs "
+                               "--coordinator and --peers")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # no-op off CPU
+    jax.distributed.initialize(F.coordinator, F.num_processes, F.process_id)
   model = serving.load_model(cfg)
-  w = Worker(model, role, f"tcp://{host}:{flags.FLAGS.port}",
-             flags.FLAGS.transfer_host or host)
-  print(f"{role} worker ready on {w.address} (KV transfer {w.transfer_address})", flush=True)
+  w = Worker(model, role, f"tcp://{F.host}:{F.port}", F.transfer_host or F.host,
+             peers=F.peers)
+  if w.address is None:
+    print(f"{role} worker process {F.process_id} following", flush=True)
+  else:
+    print(f"{role} worker ready on {w.address} (KV transfer {w.transfer_address}; "
+          f"{w.processes} process(es), {len(jax_devices())} devices)", flush=True)
   w.serve()
+
+
+def jax_devices():
+  import jax
+
+  return jax.devices()
 
 
 def main(cfg, out: common.Outputs):

@@ -86,6 +86,10 @@ def main(cfg, out: common.Outputs):
     result = planner.plan(spec, names, step)
   seconds = time.perf_counter() - start
   cands = [candidate(c) for c in result.candidates]
+  # What turns the latency model's counts into seconds, beside the ranking.
+  params = getattr(spec.setup.latency, "parameters", None)
+  if params:
+    print("latency model: " + ", ".join(f"{k}={v}" for k, v in params.items()))
   print(table(cands))
   print(f"\nsearch took {seconds:.1f} s")
   best = {}  # the candidates come ranked
@@ -99,7 +103,8 @@ def main(cfg, out: common.Outputs):
           for m, c in best.items()]
   plan = dict(candidates=cands, best={m: candidate(best[m]) if m in best else None
                                       for m in names}, phase_goodput_rps=result.phase_goodput,
-              skipped_configs=result.skipped, search_seconds=seconds)
+              skipped_configs=result.skipped, search_seconds=seconds,
+              latency_parameters=params or None)
   plots = []
   if out.plots_dir:
     rows = [(f"{c['mode']}: {c['placement']}", c["goodput_per_device"]) for c in cands

@@ -18,7 +18,8 @@ def setup(cfg) -> sim.Setup:
   """The simulator's fixed part; `latency` is "distserve", "vllm", "roofline" or a
   profiled JSON (`cli.profile`) relative to the current directory, plus the
   optional `overheads` ("none", the default, or "distserve": DistServe's per-step
-  costs, `sim.latency.overheads`)."""
+  costs, `sim.latency.overheads`), and the optional `latency_params`: the
+  roofline's or a TPU cost table's efficiency factors by name."""
   from pdserve_jax.model.config import get_preset
   from pdserve_jax.sim.hardware import get_hardware
   from pdserve_jax.sim.latency import latency_source
@@ -39,8 +40,9 @@ def setup(cfg) -> sim.Setup:
       raise common.ConfigError(f"latency: no such file {cfg.latency!r} (relative to "
                                f"{os.getcwd()}); or one of {', '.join(LATENCY_NAMES)}")
   try:
-    latency = latency_source(kind, model, hw, overheads=cfg.get("overheads", "none"))
-  except (ValueError, KeyError) as e:
+    latency = latency_source(kind, model, hw, overheads=cfg.get("overheads", "none"),
+                             **dict(cfg.get("latency_params", None) or {}))
+  except (ValueError, KeyError, TypeError) as e:
     raise common.ConfigError(f"latency: {e}") from None
   return sim.Setup(model, hw, latency, page_size=cfg.page_size,
                    memory_utilization=cfg.memory_utilization)

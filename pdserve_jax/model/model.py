@@ -79,7 +79,9 @@ def random_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, std: float 
 
 
 def load(path: str, mesh: Optional[Mesh] = None, dtype=None) -> Model:
-  """Restores a checkpoint written by `Model.save`, sharded over `mesh` if given."""
+  """Restores a checkpoint written by `Model.save`, sharded over `mesh` if given
+  (default: one device; with several processes, every device of every process, so
+  each restores only its own shards)."""
   path = os.path.abspath(path)
   cfg_file = os.path.join(path, CONFIG_FILE)
   if not os.path.exists(cfg_file):
@@ -92,7 +94,8 @@ def load(path: str, mesh: Optional[Mesh] = None, dtype=None) -> Model:
     shapes = llama.param_shapes(cfg)
     stored = jax.tree.map(lambda m: m.dtype, dict(tree))
     if mesh is None:
-      mesh = sharding.make_mesh(jax.devices()[:1])
+      mesh = sharding.make_mesh(jax.devices()[:1] if jax.process_count() == 1 else
+                                jax.devices())
     shardings = sharding.tree_shardings(mesh, llama.logical_axes(cfg), shapes)
     target = jax.tree.map(
         lambda s, dt, sh: jax.ShapeDtypeStruct(s.shape, dt, sharding=sh), shapes, stored,

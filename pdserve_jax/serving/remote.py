@@ -44,6 +44,9 @@ from pdserve_jax.serving import worker as W
 from pdserve_jax.serving.executor import COPY, FAILED, LOST, STEP, JaxExecutor, runner_shape
 
 
+MAX_PROCESSES = 64  # per instance: the transfer ids of one copy
+
+
 class WorkerLost(RuntimeError):
   """A worker process stopped answering."""
 
@@ -316,7 +319,9 @@ class RemoteExecutor(JaxExecutor):
     n = bk.bucket(len(src_pages), self.page_buckets, "pages per transfer")
     pad = [SCRATCH_PAGE] * (n - len(src_pages))
     dst_pages = dst.sched.allocator.pages(req)[:len(src_pages)] + pad
-    uuid = next(self._copy_ids)
+    # One transfer id per destination process: each pulls its own copy.
+    processes = dst.handle.info.get("processes", 1)
+    uuid = next(self._copy_ids) * MAX_PROCESSES
     settled, lock = threading.Event(), threading.Lock()
 
     def finish(error: Optional[BaseException]) -> None:
@@ -343,8 +348,9 @@ class RemoteExecutor(JaxExecutor):
         f"not landed within {self.copy_timeout_s:g} s")))
     timer.daemon = True
     timer.start()
-    self._channel.request(src.handle, {"op": "offer", "uuid": uuid,
-                                       "pages": src_pages + pad}).add_done_callback(offered)
+    self._channel.request(src.handle, {
+        "op": "offer", "uuids": [uuid + i for i in range(processes)],
+        "pages": src_pages + pad}).add_done_callback(offered)
 
 
 def wait_for_workers(addresses: List[str], timeout: float = 120.0) -> None:

@@ -17,9 +17,19 @@ commands in arrival order, so the pool sees them as the router sent them; each
 pull runs on a thread of its own, so a pull from a dead peer cannot stall the
 steps, and its scatter joins the command queue.
 
-Limits: one router per worker; no authentication on either port, so bind them to
-loopback or a private network; pipeline stages (pp > 1) are not offered across
-processes.
+One instance may span several processes (hosts): each calls
+`jax.distributed.initialize` (on CPU with the gloo collectives) and the instance's
+mesh covers all their devices. Process 0 (the leader) talks to the router and
+forwards every device command, in its order, to the followers over a ZeroMQ channel
+of its own; every process then runs the same programs (multi-controller JAX), and
+the leader answers. For a KV pull each process pulls its own copy of the offer
+(the source offers it once per destination process), the followers inside the
+scatter command, so every process scatters at the same point of the sequence.
+
+Limits: one router per worker; no authentication on any port, so bind them to
+loopback or a private network; pipeline stages (pp > 1) are not served across
+processes, and an instance spanning processes takes KV (decode) but does not offer
+it (prefill).
 """
 
 from __future__ import annotations
@@ -50,13 +60,22 @@ def decode(raw: bytes) -> dict:
   return json.loads(raw)
 
 
+# Commands that run programs or move pool data: every process of an instance runs them.
+DEVICE_OPS = ("setup", "warmup", "packed", "decode", "scatter")
+
+
+def _host(a) -> np.ndarray:
+  # Outputs are replicated: this process's copy is the whole array (and the only one
+  # it can read when the mesh spans processes).
+  return np.asarray(a.addressable_data(0))
+
+
 def sampled_to_json(out, n: int) -> dict:
   """The first `n` rows of a call's `Sampled` output, as lists."""
-  out = jax.device_get(out)
-  return {"tokens": np.asarray(out.tokens[:n]).tolist(),
-          "logprobs": np.asarray(out.logprobs[:n]).tolist(),
-          "top_ids": np.asarray(out.top_ids[:n]).tolist(),
-          "top_logprobs": np.asarray(out.top_logprobs[:n]).tolist()}
+  return {"tokens": _host(out.tokens)[:n].tolist(),
+          "logprobs": _host(out.logprobs)[:n].tolist(),
+          "top_ids": _host(out.top_ids)[:n].tolist(),
+          "top_logprobs": _host(out.top_logprobs)[:n].tolist()}
 
 
 def sampling_from_json(d: dict) -> SamplingRows:
@@ -69,18 +88,39 @@ class Worker:
   """One instance process; `serve()` runs until a "stop" command or the process ends."""
 
   def __init__(self, model, role: str, control: str = "tcp://127.0.0.1:0",
-               transfer_host: str = "127.0.0.1", transfer_streams: int = 4):
+               transfer_host: str = "127.0.0.1", transfer_streams: int = 4,
+               peers: str = ""):
+    """`peers`: with several processes (`jax.distributed` initialized), the address
+    the leader binds for its followers and they connect to."""
     from jax.experimental import transfer
 
     if role not in ROLES:
       raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    self.process, self.processes = jax.process_index(), jax.process_count()
+    if self.processes > 1 and not peers:
+      raise ValueError("a worker spanning processes needs the leader's peers address")
     self.model, self.role = model, role
     self._ctx = zmq.Context()
-    self._sock = self._ctx.socket(zmq.ROUTER)
-    self._sock.setsockopt(zmq.LINGER, 0)
-    self._sock.bind(control)
-    self.address = self._sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-    self._device = jax.devices()[0]
+    self._followers: list = []
+    if self.processes > 1 and self.process > 0:
+      self.address = None  # a follower: the leader talks to the router
+      self._sock = self._ctx.socket(zmq.DEALER)
+      self._sock.setsockopt(zmq.LINGER, 0)
+      self._sock.connect(peers)
+      self._sock.send_multipart([b"", encode({"op": "follow", "process": self.process})])
+    else:
+      self._sock = self._ctx.socket(zmq.ROUTER)
+      self._sock.setsockopt(zmq.LINGER, 0)
+      self._sock.bind(control)
+      self.address = self._sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+      if self.processes > 1:
+        self._peers = self._ctx.socket(zmq.ROUTER)
+        self._peers.setsockopt(zmq.LINGER, 0)
+        self._peers.bind(peers)
+        while len(self._followers) < self.processes - 1:
+          ident, _, raw = self._peers.recv_multipart()
+          self._followers.append(ident)
+    self._device = jax.local_devices()[0]  # its own: the global list starts with process 0
     self._transfer = transfer.start_transfer_server(
         self._device.client, f"{transfer_host}:0", [f"{transfer_host}:0"] * transfer_streams)
     self.transfer_address = self._transfer.address()
@@ -93,6 +133,8 @@ class Worker:
   # -- the socket thread ---------------------------------------------------------
 
   def serve(self) -> None:
+    if self.address is None:
+      return self._follow()
     threading.Thread(target=self._run_commands, name="pdserve-worker-commands",
                      daemon=True).start()
     poller = zmq.Poller()
@@ -119,9 +161,32 @@ class Worker:
 
   # -- the command thread --------------------------------------------------------
 
+  def _follow(self) -> None:
+    """A follower: runs the leader's device commands in its order; answers nothing."""
+    while True:
+      _, raw = self._sock.recv_multipart()
+      msg = decode(raw)
+      if msg["op"] == "stop":
+        return
+      try:
+        getattr(self, "_op_" + msg["op"])(None, msg)
+      except Exception:  # noqa: BLE001 - the leader meets the same error and reports it
+        logging.exception("follower command %s failed", msg.get("op"))
+        self._reset_if_lost()
+
+  def _forward(self, msg: dict) -> None:
+    """The leader sends a device command to every follower before running it."""
+    if not self._followers:
+      return
+    wire = encode({k: v for k, v in msg.items() if k != "buffer"})
+    for ident in self._followers:
+      self._peers.send_multipart([ident, b"", wire])
+
   def _run_commands(self) -> None:
     while True:
       ident, msg = self._commands.get()
+      if msg["op"] in DEVICE_OPS:
+        self._forward(msg)
       try:
         reply = getattr(self, "_op_" + msg["op"])(ident, msg)
       except Exception as e:  # noqa: BLE001 - the router learns why; the worker goes on
@@ -138,7 +203,7 @@ class Worker:
     return False
 
   def _op_hello(self, ident, msg) -> dict:
-    return {"role": self.role, "devices": jax.device_count(),
+    return {"role": self.role, "devices": jax.device_count(), "processes": self.processes,
             "transfer": self.transfer_address, "model": self.model.config.name}
 
   def _op_setup(self, ident, msg) -> dict:
@@ -162,8 +227,11 @@ class Worker:
     pool = self.runner.pool
     for size in msg["page_buckets"]:  # the KV movers, at every transfer size
       scratch = np.zeros(size, np.int32)
-      staged = jax.device_put(pool.gather(scratch), self._device)
-      pool.scatter(jax.device_put(staged, pool.pool_shardings), scratch)
+      if self.role == "prefill":
+        jax.block_until_ready(jax.device_put(pool.gather(scratch), self._device))
+      else:
+        zeros = np.zeros(pool.shape[:2] + (size,) + pool.shape[3:], pool.dtype)
+        pool.scatter(jax.device_put({"k": zeros, "v": zeros}, pool.pool_shardings), scratch)
     jax.block_until_ready(pool.arrays)
     return {"programs": n}
 
@@ -178,12 +246,15 @@ class Worker:
     return sampled_to_json(out, len(msg["tokens"]))
 
   def _op_offer(self, ident, msg) -> dict:
-    """Gathers the pages and offers them under the transfer id; the pages may be
-    reused at once (the buffer is a copy)."""
+    """Gathers the pages and offers them under each transfer id (one per destination
+    process); the pages may be reused at once (the buffer is a copy)."""
+    if self.processes > 1:
+      raise ValueError("an instance spanning processes does not offer KV")
     buf = jax.device_put(self.runner.pool.gather(np.asarray(msg["pages"], np.int32)),
                          self._device)
     jax.block_until_ready(buf)
-    self._transfer.await_pull(msg["uuid"], [buf["k"], buf["v"]])
+    for uuid in msg["uuids"]:
+      self._transfer.await_pull(uuid, [buf["k"], buf["v"]])
     return {}
 
   def _op_pull(self, ident, msg) -> None:
@@ -192,27 +263,34 @@ class Worker:
                      name=f"pdserve-pull-{msg['uuid']}").start()
     return None
 
+  def _pull_own(self, msg) -> dict:
+    """This process's copy of the offer, on its first device."""
+    pool = self.runner.pool
+    conn = self._conns.get(msg["src"])
+    if conn is None:
+      conn = self._conns[msg["src"]] = self._transfer.connect(msg["src"])
+    shape = (pool.shape[0], pool.shape[1], len(msg["pages"]), pool.shape[3], pool.shape[4])
+    spec = jax.ShapeDtypeStruct(shape, pool.dtype,
+                                sharding=jax.sharding.SingleDeviceSharding(self._device))
+    k, v = conn.pull(msg["uuid"] + self.process, [spec, spec])
+    jax.block_until_ready((k, v))
+    return {"k": k, "v": v}
+
   def _pull(self, ident, msg) -> None:
     try:
-      pool = self.runner.pool
-      conn = self._conns.get(msg["src"])
-      if conn is None:
-        conn = self._conns[msg["src"]] = self._transfer.connect(msg["src"])
-      shape = (pool.shape[0], pool.shape[1], len(msg["pages"]), pool.shape[3], pool.shape[4])
-      spec = jax.ShapeDtypeStruct(shape, pool.dtype,
-                                  sharding=jax.sharding.SingleDeviceSharding(self._device))
-      k, v = conn.pull(msg["uuid"], [spec, spec])
-      jax.block_until_ready((k, v))
+      buf = self._pull_own(msg)
     except Exception as e:  # noqa: BLE001 - the router fails this request only
       self._replies.put((ident, {"id": msg["id"], "ok": False,
                                  "error": f"pull failed: {type(e).__name__}: {e}"}))
       return
-    self._commands.put((ident, dict(msg, op="scatter", buffer={"k": k, "v": v})))
+    self._commands.put((ident, dict(msg, op="scatter", buffer=buf)))
 
   def _op_scatter(self, ident, msg) -> dict:
     pool = self.runner.pool
-    pool.scatter(jax.device_put(msg["buffer"], pool.pool_shardings),
-                 np.asarray(msg["pages"], np.int32))
+    buf = msg["buffer"] if "buffer" in msg else self._pull_own(msg)  # a follower pulls now
+    if self.processes > 1:  # onto the global mesh from each process's host copy
+      buf = {k: np.asarray(a) for k, a in buf.items()}
+    pool.scatter(jax.device_put(buf, pool.pool_shardings), np.asarray(msg["pages"], np.int32))
     jax.block_until_ready(pool.arrays)
     return {}
 

@@ -15,6 +15,10 @@ Three families behind one interface (`LatencyModel`, in `base`), one module each
     compiled program shape, a step costing the calls the runner makes for it
     (same groups, same buckets). Exact for the instance it was profiled on, and
     for nothing else: it knows no other model, tp or pp.
+  * `TpuCostLatencyModel` (`tpu_cost`): XLA's flops, bytes and collectives of
+    this library's programs compiled for TPU (`runtime.cost`, `cli.tpu_cost`),
+    per tp and bucket, over a chip's peaks at named efficiencies; attention
+    added from each step's contexts. Any pp; only the tp the table compiled.
   * `WithOverheads` (`overheads`): any of them plus a serving system's per-step
     costs (`StepOverheads`; `DISTSERVE` is what DistServe's simulator adds).
   * `ShareScaling`: semi-PD's slowdown of a phase given a share s of the device's
@@ -42,6 +46,8 @@ from pdserve_jax.sim.latency.polynomial import (A100_SYSTEMS, DISTSERVE_MODELS,
                                                 fit_polynomial, load_distserve_json)
 from pdserve_jax.sim.latency.roofline import RooflineLatencyModel
 from pdserve_jax.sim.latency.shape_table import ShapeTableLatencyModel
+from pdserve_jax.sim.latency.tpu_cost import (KIND as TPU_COST_KIND, TpuCostLatencyModel,
+                                              load_table)
 
 
 def latency_source(kind: str, model: ModelConfig, hardware: HardwareSpec,
@@ -54,19 +60,27 @@ def latency_source(kind: str, model: ModelConfig, hardware: HardwareSpec,
       "roofline" (analytic, any model and hardware), or the path of a profiled
       JSON: a polynomial (`PolynomialLatencyModel.save`), which describes the tp it
       was profiled at and is returned for every tp (so plan with that tp alone), pp
-      dividing its times DistServe's way; or a shape table
-      (`ShapeTableLatencyModel.save`), for the one instance it measured (pp = 1).
+      dividing its times DistServe's way; a shape table
+      (`ShapeTableLatencyModel.save`), for the one instance it measured (pp = 1);
+      or a TPU cost table (`cli.tpu_cost`), for the tp it compiled, any pp.
     model, hardware: what runs.
     overheads: per-step serving costs added to every step: "none", "distserve"
       (what DistServe's simulator adds, to reproduce its paper) or a
       `StepOverheads`.
-    roofline_kw: efficiency factors of `RooflineLatencyModel`.
+    roofline_kw: efficiency factors of `RooflineLatencyModel`, or of
+      `TpuCostLatencyModel` with a TPU cost table.
+
+  The factory's `parameters` attribute, when it has one, names the factors a
+  model applies (printed with a plan).
   """
   base = _base_source(kind, model, hardware, **roofline_kw)
   extra = get_overheads(overheads)
   if extra == NO_OVERHEADS:
     return base
-  return lambda tp, pp: WithOverheads(base(tp, pp), extra, pp)
+  wrapped = lambda tp, pp: WithOverheads(base(tp, pp), extra, pp)
+  if hasattr(base, "parameters"):
+    wrapped.parameters = base.parameters
+  return wrapped
 
 
 def _base_source(kind, model, hardware, **roofline_kw):
@@ -80,7 +94,17 @@ def _base_source(kind, model, hardware, **roofline_kw):
     return lambda tp, pp: RooflineLatencyModel(model, hardware, tp, pp, **roofline_kw)
   with open(kind) as f:
     text = f.read()
-  if json.loads(text).get("kind") == "shape_table":
+  kind_of = json.loads(text).get("kind")
+  if kind_of == TPU_COST_KIND:
+    table = load_table(text)
+
+    def compiled(tp, pp):
+      return TpuCostLatencyModel(table, model, hardware, tp, pp, **roofline_kw)
+    compiled.parameters = dict(TpuCostLatencyModel(
+        table, model, hardware, int(min(table["tp"], key=int)), 1,
+        **roofline_kw).parameters(), table=kind, compiled_for=table["device_kind"])
+    return compiled
+  if kind_of == "shape_table":
     table = ShapeTableLatencyModel.from_json(text)
 
     def measured(tp, pp):
@@ -95,4 +119,4 @@ def _base_source(kind, model, hardware, **roofline_kw):
 __all__ = ["LatencyModel", "transfer_time", "PolynomialLatencyModel", "distserve_a100",
            "StepOverheads", "WithOverheads", "get_overheads",
            "fit_polynomial", "load_distserve_json", "RooflineLatencyModel",
-           "ShapeTableLatencyModel", "ShareScaling", "latency_source"]
+           "ShapeTableLatencyModel", "TpuCostLatencyModel", "ShareScaling", "latency_source"]
