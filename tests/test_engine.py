@@ -392,17 +392,20 @@ def test_submit_racing_close_leaves_no_handle_waiting(model):
 def test_a_failed_step_that_consumed_the_pool_fails_its_holders_and_recovers(model):
   with pdj.Engine(model, MODES["colocated_chunked"], pdj.EngineConfig(**BASE)) as engine:
     runner = engine.coordinator.instances[0].handle
-    real = runner._decode
+    real, calls = runner._run, []
 
-    def consume_and_raise(params, pool, *args):
-      runner._decode = real
-      for a in pool.values():
+    def consume_and_raise(program, inp, args):
+      calls.append(program)
+      if len(calls) < 3:  # a few steps run first, so requests hold KV in the pool
+        return real(program, inp, args)
+      runner._run = real
+      for a in runner.pool.arrays.values():
         a.delete()  # as a donated program that failed on the device would leave it
       raise RuntimeError("injected fault after donation")
 
+    runner._run = consume_and_raise
     handles = [engine.submit([3, 4, 5] * (i + 1), pdj.SamplingParams(max_tokens=8))
                for i in range(6)]
-    runner._decode = consume_and_raise
     errors = []
     for h in handles:
       try:
