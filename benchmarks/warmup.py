@@ -1,21 +1,25 @@
-"""Engine warm-up per mode: seconds, programs compiled, and memory mappings added.
+"""Engine warm-up per mode: programs per instance, seconds cold and with the cache
+warm, and memory mappings.
 
-Builds one engine per mode in this one process, as a notebook comparing modes would,
-and reports for each the wall time of `Engine(...)` (its warm-up compiles every
-program bucket), the XLA compilations counted while it ran (per instance too), and
-the growth of the process's memory mappings (`/proc/self/maps`; Linux's default
-`vm.max_map_count` is 65,530, and each XLA:CPU executable holds about 200). Issue
-13's goal is at most 16 programs per instance for the default configuration.
+Builds engines of every mode one after another in this one process, as a notebook
+comparing modes would. For each mode it reports the programs each instance
+compiles, the wall time of `Engine(...)` (its warm-up runs every program bucket)
+cold and again with JAX's persistent compilation cache warm (a second engine of the
+same mode: new jitted functions, their executables loaded from the cache), the XLA
+compilations counted each time, and the process's memory mappings after each
+(`/proc/self/maps`; Linux's default `vm.max_map_count` is 65,530, and each
+XLA:CPU executable holds about 200). Issue 13's goal: at most 16 programs per
+instance for the default configuration.
 
-  python benchmarks/warmup.py                      # the demo engine config, 2 devices
-  python benchmarks/warmup.py --default_config     # EngineConfig() (minutes per mode)
-  python benchmarks/warmup.py --compilation_cache=/tmp/jaxcache   # a second run loads
+  python benchmarks/warmup.py                      # the demo engine config
+  python benchmarks/warmup.py --default_config     # EngineConfig() and default instances
 """
 
 import argparse
 import importlib.util
 import os
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -40,11 +44,11 @@ def main():
   p.add_argument("--default_config", action="store_true",
                  help="EngineConfig() and default instances instead of the demo's")
   p.add_argument("--compilation_cache", default="",
-                 help="JAX's persistent compilation cache folder ('' : none)")
+                 help="the persistent compilation cache folder (default: a fresh "
+                      "temporary one, so the first engine of each mode is cold)")
   args = p.parse_args()
-  if args.compilation_cache:
-    from pdserve_jax.cli.common import use_compilation_cache
-    use_compilation_cache(args.compilation_cache)
+  from pdserve_jax.cli.common import use_compilation_cache
+  use_compilation_cache(args.compilation_cache or tempfile.mkdtemp(prefix="pdserve-warmup-"))
 
   import pdserve_jax as pdj
   from pdserve_jax.cli import modes as M
@@ -59,30 +63,33 @@ def main():
     spec.loader.exec_module(module)
     demo = module.get_config()
   model = pdj.load_demo()
-  print(f"{'mode':<26}{'instances':>10}{'warm-up s':>11}{'programs':>10}{'per inst':>10}"
-        f"{'maps added':>12}{'maps now':>10}")
+  print(f"process memory mappings at start: {map_count()}")
+  print(f"{'mode':<26}{'programs per instance':>24}{'cold s':>8}{'compiles':>9}"
+        f"{'maps':>8}{'warm s':>8}{'compiles':>9}{'maps':>8}")
   for mode in args.modes.split(","):
     if args.default_config:
       dep = {"colocated_prefill_first": pdj.Colocated(),
-             "colocated_chunked": pdj.Colocated(pdj.InstanceSpec(max_tokens=512),
-                                                policy="chunked"),
-             "disaggregated": pdj.Disaggregated(),
+             "colocated_chunked": pdj.Colocated(policy="chunked"),
+             "disaggregated": pdj.Disaggregated(num_prefill=2),
              "semi_pd": pdj.SemiPD()}[mode]
       cfg = pdj.EngineConfig()
     else:
       dep = M.deployment(demo, mode)
       cfg = pdj.EngineConfig(**demo.engine.to_dict(), ttft_slo=demo.ttft_slo,
                              tpot_slo=demo.tpot_slo)
-    before = map_count()
-    with CompileCounter() as c:
-      t = time.perf_counter()
-      engine = pdj.Engine(model, dep, cfg)
-      seconds = time.perf_counter() - t
-    instances = len(engine.coordinator.instances)
-    engine.close()
-    after = map_count()
-    print(f"{mode:<26}{instances:>10}{seconds:>11.1f}{c.count:>10}"
-          f"{c.count / instances:>10.1f}{after - before:>12}{after:>10}", flush=True)
+    row = []
+    for _ in ("cold", "warm"):
+      with CompileCounter() as c:
+        t = time.perf_counter()
+        engine = pdj.Engine(model, dep, cfg)
+        seconds = time.perf_counter() - t
+      ex = engine.executor
+      per = [len(rs[0].compiled_shapes(ex.roles[g] != {"decode"}, ex.roles[g] != {"prefill"}))
+             for g, rs in ex.runners.items()]
+      engine.close()
+      row.append((seconds, c.count, map_count()))
+    print(f"{mode:<26}{' '.join(map(str, per)):>24}"
+          + "".join(f"{s:>8.1f}{n:>9}{m:>8}" for s, n, m in row), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,78 @@
+"""Warm-up: few programs per instance, nothing compiled after it, and engines built one
+after another in one process without running out of memory mappings."""
+
+import os
+
+import numpy as np
+import pytest
+
+import pdserve_jax as pdj
+from pdserve_jax.runtime.programs import CompileCounter
+from pdserve_jax.serving.executor import runner_shape
+
+CFG = pdj.get_preset("tiny")
+
+
+def map_count() -> int:
+  with open("/proc/self/maps") as f:
+    return sum(1 for _ in f)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return pdj.random_model(CFG, seed=2, std=0.25)
+
+
+def test_default_instances_compile_at_most_16_programs():
+  cfg = pdj.EngineConfig()
+  for spec in (pdj.InstanceSpec(), pdj.InstanceSpec(max_batch=64, max_tokens=8192),
+               pdj.InstanceSpec(max_batch=512, max_tokens=2048)):
+    shape = runner_shape(cfg, spec, cfg.num_pages)
+    programs = len(shape.compiled_packed_shapes()) + len(shape.compiled_decode_shapes())
+    assert programs <= 16, (spec, shape.token_buckets, shape.decode_batches)
+    # A packed call holds a whole step: the token budget, or a longest prompt alone.
+    assert shape.max_step_tokens == min(max(spec.max_tokens, cfg.max_seq_len),
+                                        (cfg.num_pages - 1) * cfg.page_size)
+
+
+@pytest.mark.parametrize("deployment", [
+    pdj.Colocated(pdj.InstanceSpec(tp=2, max_batch=8, max_tokens=40), policy="chunked"),
+    pdj.Disaggregated(pdj.InstanceSpec(tp=1, max_batch=8, max_tokens=96),
+                      pdj.InstanceSpec(tp=2, max_batch=8, max_tokens=96)),
+], ids=["colocated_chunked", "disaggregated"])
+def test_nothing_compiles_after_warmup_over_200_mixed_requests(model, deployment):
+  """Mixed steps (chunks at any offset beside decode rows), varied lengths, batch
+  sizes and sampling: every call lands in a program warm-up compiled."""
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(0, CFG.vocab_size, int(rng.integers(1, 60))).tolist()
+             for _ in range(200)]
+  params = [pdj.SamplingParams(max_tokens=int(rng.integers(1, 12)), seed=i,
+                               temperature=float(rng.choice([0.0, 0.7])),
+                               top_k=int(rng.choice([0, 5])), ignore_eos=True)
+            for i in range(200)]
+  cfg = pdj.EngineConfig(page_size=8, num_pages=96, max_seq_len=72, min_token_bucket=16)
+  with pdj.Engine(model, deployment, cfg) as engine:
+    with CompileCounter() as counter:
+      results = engine.generate(prompts, params)
+    assert engine.pages_in_use() == 0
+  assert [len(r.token_ids) for r in results] == [p.max_tokens for p in params]
+  assert counter.count == 0, f"{counter.count} compilations after warm-up"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/sys/vm/max_map_count"),
+                    reason="needs Linux's /proc")
+def test_engines_of_every_mode_one_after_another_stay_within_the_map_limit(model):
+  """Default configs, warm-up on: one engine per mode (2 prefill + 1 decode included)
+  built, used and closed in turn, as a notebook comparing modes does; the process's
+  memory mappings stay under a quarter of `vm.max_map_count`."""
+  with open("/proc/sys/vm/max_map_count") as f:
+    limit = int(f.read())
+  prompts = [[1, 2, 3], list(range(40)), [7] * 20]
+  want = pdj.greedy_reference(model, prompts, 5)
+  for deployment in (pdj.Colocated(), pdj.Colocated(policy="chunked"),
+                     pdj.Disaggregated(num_prefill=2, num_decode=1), pdj.SemiPD()):
+    with pdj.Engine(model, deployment) as engine:
+      got = engine.generate(prompts, pdj.SamplingParams(max_tokens=5, ignore_eos=True))
+    assert [r.token_ids for r in got] == want
+    assert map_count() < limit // 4, (deployment.describe(), map_count(), limit)
