@@ -266,7 +266,11 @@ class JaxExecutor:
       self._post((FAILED, inst, e))
       return
     self._inflight[inst.name] = launched
-    self.watchers[inst.group].watch([out for _, out in launched.outs], inst)
+    self._watch(inst, [out for _, out in launched.outs])
+
+  def _watch(self, inst, outs) -> None:
+    """Posts a STEP event once every output of `inst`'s step is ready."""
+    self.watchers[inst.group].watch(outs, inst)
 
   def _launch(self, inst, step: Step) -> Launched:
     runner, pages = inst.handle, inst.sched.allocator.pages

@@ -261,14 +261,9 @@ class RemoteExecutor(JaxExecutor):
 
   # -- the seam ---------------------------------------------------------------------
 
-  def launch(self, inst, step, now: float) -> None:
-    try:
-      launched = self._launch(inst, step)
-    except Exception as e:  # noqa: BLE001 - the step's requests fail, the rest go on
-      self._post((FAILED, inst, e))
-      return
-    self._inflight[inst.name] = launched
-    futs = [out for _, out in launched.outs]
+  def _watch(self, inst, futs) -> None:
+    """Posts STEP once every call of the step answered, FAILED if one failed (a lost
+    worker's steps end with its LOST event instead)."""
     left = [len(futs)]
     lock = threading.Lock()
 
