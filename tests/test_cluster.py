@@ -120,18 +120,22 @@ def _ask_all(client, prompts, stream=False):
     return list(pool.map(ask, prompts))
 
 
-@pytest.mark.parametrize("num_prefill", [1, 2])
-def test_router_and_workers_give_the_single_process_tokens(prompts_and_tokens, num_prefill):
-  prompts, want = prompts_and_tokens
+def _check_tokens(cluster, prompts, want, num_prefill):
+  """32 greedy requests at once, then 8 streamed: the single-process tokens."""
   tok = pdj.load_demo().tokenizer
-  cluster = Cluster(num_prefill, 1)
+  client = cluster.client()
+  assert _ask_all(client, prompts) == want
+  assert _ask_all(client, prompts[:8], stream=True) == [tok.decode(w) for w in want[:8]]
+  h = cluster.health()
+  assert h["status"] == "ok" and h["pages_in_use"] == 0 and h["failed"] == 0
+  assert sorted(h["instances"]) == ["decode0"] + [f"prefill{i}" for i in range(num_prefill)]
+
+
+def test_router_and_one_prefill_one_decode_give_the_single_process_tokens(
+    prompts_and_tokens):
+  cluster = Cluster(1, 1)
   try:
-    client = cluster.client()
-    assert _ask_all(client, prompts) == want
-    assert _ask_all(client, prompts[:8], stream=True) == [tok.decode(w) for w in want[:8]]
-    h = cluster.health()
-    assert h["status"] == "ok" and h["pages_in_use"] == 0 and h["failed"] == 0
-    assert sorted(h["instances"]) == ["decode0"] + [f"prefill{i}" for i in range(num_prefill)]
+    _check_tokens(cluster, *prompts_and_tokens, 1)
   finally:
     cluster.close()
 
@@ -159,14 +163,16 @@ def _wait_for(cond, seconds, what):
   pytest.fail(f"not within {seconds} s: {what}")
 
 
-def test_killed_workers_end_their_requests_and_the_rest_go_on(prompts_and_tokens):
-  """SIGKILL a prefill worker mid-run: its requests end with an error naming it, the
-  other prefill worker serves the rest and later requests. Then SIGKILL the decode
-  worker mid-run: every request in flight ends with an error within the heartbeat
-  timeout, nothing hangs, no page stays held, and /health names the lost instances."""
+def test_two_prefill_one_decode_then_killed_workers(prompts_and_tokens):
+  """Router + 2 prefill + 1 decode give the single-process tokens. Then SIGKILL a
+  prefill worker mid-run: its requests end with an error naming it, the other prefill
+  worker serves the rest and later requests. Then SIGKILL the decode worker mid-run:
+  every request in flight ends with an error within the heartbeat timeout, nothing
+  hangs, no page stays held, and /health names the lost instances."""
   prompts, want = prompts_and_tokens
   cluster = Cluster(2, 1)
   try:
+    _check_tokens(cluster, prompts, want, 2)
     client = cluster.client()
     long = dict(model="demo", max_tokens=60, temperature=0, extra_body={"ignore_eos": True})
 
