@@ -731,3 +731,36 @@ def test_decode_only_abort_queued():
   assert b.finish_time == h.now, "a queued request did not end at once"
   h.drain()
   assert a.finish_reason == "length"
+
+
+def test_a_lost_instance_ends_what_it_holds_and_takes_no_more_work():
+  """`lose`: an instance whose devices are gone (a worker process died). Its step
+  and every request it holds end with an error, copies to it fail, arrivals go
+  elsewhere, and with no decode instance left arrivals are refused."""
+  h = Harness(deploy.Disaggregated(SPEC, SPEC, num_prefill=2, num_decode=1), 64)
+  for _ in range(6):
+    h.submit(8, 6)
+  p0, p1 = h.coord.prefills
+  held = p0.sched.held()
+  assert held and p0.step is not None
+  h.ex.steps = [(i, s) for i, s in h.ex.steps if i is not p0]  # its step never returns
+  h.coord.lose(p0, h._tick())
+  h.check()
+  assert all(r.finish_reason == "error" for r in held)
+  assert not p0.sched.held() and p0.sched.allocator.num_free == p0.sched.allocator.capacity
+  late = h.submit(8, 6)
+  assert late in p1.sched.held()
+  # Copies under way to the decode instance when it is lost fail their requests.
+  h.run_until(lambda: h.ex.copies)
+  d0 = h.coord.decodes[0]
+  h.ex.steps = [(i, s) for i, s in h.ex.steps if i is not d0]
+  h.coord.lose(d0, h._tick())
+  h.check()
+  with pytest.raises(ValueError, match="every decode instance is lost"):
+    h.submit(8, 6)
+  h.run_until(lambda: not h.ex.steps and not h.ex.copies)
+  assert h.coord.idle and all(r.finish_time is not None for r in h.reqs)
+  done = [r for r in h.reqs if r.finish_reason != "error"]
+  assert all(r.num_output == r.max_tokens for r in done)
+  for alloc in h.coord.allocators():
+    assert alloc.num_free == alloc.capacity

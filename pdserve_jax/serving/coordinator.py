@@ -305,6 +305,8 @@ class DisaggregatedCoordinator(Coordinator):
   def copy_done(self, req, now):
     src, dst = self._copies.pop(req)
     src.sched.release_handoff(req)
+    if dst.lost:
+      req.end_reason = req.end_reason or "error"
     if req.end_reason is not None:
       dst.sched.cancel_reserved(req)
       req.finish_time = now
