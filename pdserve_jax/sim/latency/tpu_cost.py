@@ -134,7 +134,11 @@ class TpuCostLatencyModel(LatencyModel):
     else:
       hq, hkv = q // tp, (kv // tp if kv % tp == 0 else 1 if tp % kv == 0 else kv)
     consts = {
-        "shape": RunnerShape(**t["shape"]),
+        # As the engine sizes its largest packed call (at least the longest
+        # sequence, so any prompt fits one call); buckets past the compiled
+        # points follow the last segment's line.
+        "shape": RunnerShape(**dict(t["shape"], max_step_tokens=max(
+            t["shape"]["max_step_tokens"], m.max_position_embeddings))),
         "_programs": {n: _Program.from_rows(rows[n], tp) for n in ("packed", "decode")},
         "_layers": m.num_layers // self.pp,
         "_pair_flops": 4 * hq * m.head_dim * (m.num_layers // self.pp),
