@@ -120,7 +120,7 @@ V5E_HBM = 16 * 2**30
                            "2-core machine, beyond the suite's budget: `make test-tpu` runs it")
 @pytest.mark.parametrize("tp", [8, 4])
 def test_llama3_8b_programs_compile_for_v5e_8_and_fit(tp):
-  """The engine's whole prefill and decode programs for Llama-3-8B in bfloat16, with a
+  """The engine's whole packed and decode programs for Llama-3-8B in bfloat16, with a
   pool of 4,096 16-token pages (64k tokens, 8 GiB of K and V), compiled for a v5e-8
   topology with the Mosaic kernels per tp shard of the heads; each fits a chip's HBM."""
   from jax.experimental import topologies
@@ -132,9 +132,8 @@ def test_llama3_8b_programs_compile_for_v5e_8_and_fit(tp):
 
   devices = topologies.get_topology_desc("v5e:2x4", "tpu").devices
   assert len(devices) == 8 and devices[0].device_kind == "TPU v5 lite"
-  shape = RunnerShape(page_size=16, num_pages=4096, max_decode_batch=64, max_prefill_batch=4,
-                      max_prefill_len=512, max_seq_len=2048, min_prefill_len=512,
-                      min_table_width=128)
+  shape = RunnerShape(page_size=16, num_pages=4096, max_rows=64, max_step_tokens=2048,
+                      max_seq_len=2048, min_step_tokens=512)
   lowered = lower_programs(get_preset("llama3-8b"), sharding.make_mesh(devices[:tp]), shape,
                            jnp.bfloat16)
   for name, low in lowered.items():
