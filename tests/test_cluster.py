@@ -129,6 +129,9 @@ def _check_tokens(cluster, prompts, want, num_prefill):
   h = cluster.health()
   assert h["status"] == "ok" and h["pages_in_use"] == 0 and h["failed"] == 0
   assert sorted(h["instances"]) == ["decode0"] + [f"prefill{i}" for i in range(num_prefill)]
+  metrics = httpx.get(cluster.url + "/metrics", timeout=10).text
+  assert re.search(r'^pdserve_responses_total\{outcome="length"\} 40$', metrics, re.M), metrics
+  assert re.search(r"^pdserve_kv_pages_in_use 0$", metrics, re.M), metrics
 
 
 def test_router_and_one_prefill_one_decode_give_the_single_process_tokens(
