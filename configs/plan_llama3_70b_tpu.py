@@ -18,43 +18,9 @@ searches tp 8 with pipeline stages across hosts. The counts are of programs
 compiled for a v5e; a v6e plan applies them at v6e's peaks.
 """
 
-import ml_collections
-
-from pdserve_jax import workloads
-from pdserve_jax.cli import modes
+from pdserve_jax.cli.plan import tpu_config
 
 
 def get_config():
-  c = ml_collections.ConfigDict()
-  c.model = "llama3-70b"
-  c.hardware = "v5e"
-  c.latency = "configs/latency/llama3-70b_v5e.json"
-  # TpuCostLatencyModel's factors (its defaults, written out to be seen and set).
-  c.latency_params = ml_collections.ConfigDict(dict(
-      mxu_efficiency=0.6, hbm_efficiency=0.8, ici_efficiency=0.7, step_overhead_s=2e-3))
-  c.overheads = "none"
-  c.page_size = 16
-  c.memory_utilization = 0.9
-  c.ttft_slo = 1.0
-  c.tpot_slo = 0.1
-  c.modes = ("disaggregated", "colocated_prefill_first", "colocated_chunked")
-  blocks = modes.blocks()
-  c.instance = blocks["instance"]
-  # The table's buckets: 128 rows, 2048-token packed calls.
-  c.instance.max_batch = 128
-  c.instance.max_tokens = 2048
-  c.instance.chunk_tokens = 512
-  c.semi_pd = blocks["semi_pd"]
-  c.workload = workloads.config(source="trace", trace="../shared/data/traces/splitwise_conv.csv",
-                                num_requests=300)
-  c.num_nodes = 2
-  c.tp_options = (8,)
-  c.pp_options = (1, 2, 4)
-  c.semi_pd_shares = (0.5, 0.6, 0.7)
-  c.target = 0.9
-  c.tol = 0.05
-  c.target_rate = 0.0
-  c.max_spread = 0.0  # one seed: a quick ranking
-  c.min_seeds = 3
-  c.max_seeds = 8
-  return c
+  return tpu_config("llama3-70b", "configs/latency/llama3-70b_v5e.json", ttft_slo=1.0,
+                    tpot_slo=0.1, num_nodes=2, tp_options=(8,), pp_options=(1, 2, 4))

@@ -25,6 +25,41 @@ RULES = {
 }
 
 
+def tpu_config(model: str, latency: str, ttft_slo: float, tpot_slo: float, num_nodes: int,
+               tp_options: tuple, pp_options: tuple):
+  """A plan on TPU from a compiled-program cost table (`configs/plan_llama3*_tpu.py`):
+  the conversation trace, instances at the table's buckets (128 rows, 2048-token packed
+  calls), the cost model's factors written out to be seen and set."""
+  import ml_collections
+
+  c = ml_collections.ConfigDict()
+  c.model, c.hardware, c.latency = model, "v5e", latency
+  c.latency_params = ml_collections.ConfigDict(dict(
+      mxu_efficiency=0.6, hbm_efficiency=0.8, ici_efficiency=0.7, step_overhead_s=2e-3))
+  c.overheads = "none"
+  c.page_size = 16
+  c.memory_utilization = 0.9
+  c.ttft_slo, c.tpot_slo = ttft_slo, tpot_slo
+  c.modes = ("disaggregated", "colocated_prefill_first", "colocated_chunked")
+  blocks = modes.blocks()
+  c.instance = blocks["instance"]
+  c.instance.max_batch = 128
+  c.instance.max_tokens = 2048
+  c.instance.chunk_tokens = 512
+  c.semi_pd = blocks["semi_pd"]
+  c.workload = workloads.config(source="trace", trace="../shared/data/traces/splitwise_conv.csv",
+                                num_requests=300)
+  c.num_nodes, c.tp_options, c.pp_options = num_nodes, tp_options, pp_options
+  c.semi_pd_shares = (0.5, 0.6, 0.7)
+  c.target = 0.9
+  c.tol = 0.05
+  c.target_rate = 0.0
+  c.max_spread = 0.0  # one seed: a quick ranking
+  c.min_seeds = 3
+  c.max_seeds = 8
+  return c
+
+
 def build_spec(cfg) -> planner.PlanSpec:
   """A `PlanSpec` from a config (see `configs/plan_opt13b.py`)."""
   common.check(cfg, {**RULES, **modes.RULES})
