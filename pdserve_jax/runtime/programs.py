@@ -99,9 +99,14 @@ class SamplingRows:
 
 
 def _write_kv(pool, i, pages, slots, k, v):
-  # Indices (layer, pages, slots) broadcast to the leading shape of k/v.
-  return {"k": pool["k"].at[i, :, pages, slots].set(k),
-          "v": pool["v"].at[i, :, pages, slots].set(v)}
+  """k, v [N, Hkv, D] into (layer i, every head, pages[n], slots[n]). Every dim but
+  head_dim is indexed (heads by an iota, which XLA's SPMD partitioner splits with the
+  heads): a scatter whose window is only the minor dim keeps the pool's layout, where
+  a window over heads and head_dim made XLA:TPU copy the whole pool to and from a
+  layout of its own each call when a device held more than one KV head."""
+  heads = jnp.arange(k.shape[-2], dtype=jnp.int32)[None, :]
+  at = (i, heads, pages[:, None], slots[:, None])
+  return {"k": pool["k"].at[at].set(k), "v": pool["v"].at[at].set(v)}
 
 
 def _head_split(mesh: Mesh, cfg) -> str:
