@@ -150,11 +150,6 @@ def ragged_paged_attention_ref(q, k_pages, v_pages, q_starts, q_lens, kv_lens, p
   """
   validation.check_ragged_args(q, k_pages, v_pages, q_starts, q_lens, kv_lens, page_tables)
   num_tokens, num_q_heads, head_dim = q.shape
-  num_kv_heads, _, page_size, _ = k_pages.shape
-  group = num_q_heads // num_kv_heads
-  max_tokens = page_tables.shape[1] * page_size
-  scale = validation.default_scale(scale, head_dim)
-  prec = _precision(q.dtype)
 
   # The row owning each token, and the token's position in its sequence.
   t = jnp.arange(num_tokens, dtype=jnp.int32)
@@ -171,22 +166,11 @@ def ragged_paged_attention_ref(q, k_pages, v_pages, q_starts, q_lens, kv_lens, p
                                    constant_values=fill).reshape(-1, bt, *a.shape[1:])
 
   def attend(args):
+    # A token is one decode query over its row's pages, its keys the positions up to
+    # its own (pos < kv_lens for an owned token; pos = -1 attends nothing).
     qb, rb, pb = args  # [bt, Hq, D], [bt], [bt]
-    tables = page_tables[rb]  # [bt, W]
-    k = jnp.take(k_pages, tables, axis=1, mode="clip").reshape(
-        num_kv_heads, bt, max_tokens, head_dim)
-    v = jnp.take(v_pages, tables, axis=1, mode="clip").reshape(
-        num_kv_heads, bt, max_tokens, head_dim)
-    valid = (jnp.arange(max_tokens)[None, :] <= pb[:, None]) \
-        & (jnp.arange(max_tokens)[None, :] < kv_lens[rb][:, None])  # [bt, Tk]
-    v = jnp.where(valid[None, :, :, None], v, jnp.zeros((), v.dtype))
-    qg = qb.reshape(bt, num_kv_heads, group, head_dim)
-    s = jnp.einsum("bhgd,hbtd->bhgt", qg, k, precision=prec,
-                   preferred_element_type=jnp.float32) * scale
-    p, l = _masked_softmax_weights(s, valid[:, None, None, :])
-    o = jnp.einsum("bhgt,hbtd->bhgd", p, v.astype(jnp.float32),
-                   precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-    return _normalise(o, l).reshape(bt, num_q_heads, head_dim).astype(q.dtype)
+    return paged_decode_attention_ref(qb, k_pages, v_pages, pb + 1, page_tables[rb],
+                                      scale=scale)
 
   out = lax.map(attend, (blocks(q, 0), blocks(row, 0), blocks(pos, -1)))
   return out.reshape(-1, num_q_heads, head_dim)[:num_tokens]
