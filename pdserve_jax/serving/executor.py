@@ -276,8 +276,6 @@ class JaxExecutor:
     runner, pages = inst.handle, inst.sched.allocator.pages
     started = self.clock()  # the host's share of a step counts: it is serving time too
     shape, outs = runner.shape, []
-    packed_calls, decode_calls = shape.step_calls([c.num_tokens for c in step.prefills],
-                                                  len(step.decodes))
     if step.prefills:
       # Prompt chunks and decodes as rows of packed calls; a decode is a one-token row.
       rows = list(step.prefills) + list(step.decodes)
@@ -295,7 +293,9 @@ class JaxExecutor:
                          [r.kv_len for r in group], [pages(r) for r in group],
                          _sampling_rows(group, [r.num_output for r in group]))
         outs.append((group, out))
-    calls = (packed_calls, decode_calls) if self.log is not None else ((), ())
+    calls = ((), ())
+    if self.log is not None:  # only the step log needs the call shapes
+      calls = shape.step_calls([c.num_tokens for c in step.prefills], len(step.decodes))
     return Launched(step, started, outs, calls)
 
   def _call(self, runner, program: str, *args):
