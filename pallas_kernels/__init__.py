@@ -11,6 +11,7 @@ from pallas_kernels.dispatch import paged_decode_attention
 from pallas_kernels.dispatch import prefill_attention
 from pallas_kernels.dispatch import ragged_paged_attention
 from pallas_kernels.dispatch import resolve_impl
+from pallas_kernels.dispatch import traced_platform
 from pallas_kernels.reference import paged_decode_attention_ref
 from pallas_kernels.reference import prefill_attention_ref
 from pallas_kernels.reference import ragged_paged_attention_ref
@@ -25,4 +26,5 @@ __all__ = [
     "ragged_paged_attention",
     "ragged_paged_attention_ref",
     "resolve_impl",
+    "traced_platform",
 ]

@@ -6,13 +6,11 @@ devices through `jax.experimental.topologies.get_topology_desc`; tracing under
 Mosaic and XLA:TPU as a TPU host would. Every shape of the kernel tests
 (`test_kernels.py`, where the interpreters check the numbers) and a few ragged paged
 attention shapes are compiled for TPU v4, v5e, v5p and v6e in float32, and in bfloat16
-for v5e; and the engine's whole
-Llama-3-8B programs for a v5e-8 at tp=8 and tp=4 (`make test-tpu`), checked to fit a
-chip's HBM. Skipped, saying why, where libtpu is not installed.
+for v5e; and the engine's whole Llama-3-8B programs for a v5e-8 at tp=8 and tp=4,
+checked to fit a chip's HBM. Skipped, saying why, where libtpu is not installed.
 """
 
 import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -114,10 +112,7 @@ def test_ragged_paged_compiles_for_tpu(tpu, shape):
 V5E_HBM = 16 * 2**30
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("PDSERVE_TPU_PROGRAMS") != "1",
-                    reason="compiles two 32-layer programs per tp, 68-77 s each tp on this "
-                           "2-core machine, beyond the suite's budget: `make test-tpu` runs it")
+@pytest.mark.slow  # about 40 s per tp on 2 cores
 @pytest.mark.parametrize("tp", [8, 4])
 def test_llama3_8b_programs_compile_for_v5e_8_and_fit(tp):
   """The engine's whole packed and decode programs for Llama-3-8B in bfloat16, with a
