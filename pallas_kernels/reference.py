@@ -75,7 +75,8 @@ def paged_decode_attention_ref(q, k_pages, v_pages, lengths, page_tables, *,
   # Normalised before the product (fully masked rows stay 0): the output is then the
   # product itself, which XLA:CPU hands to the output projection as a buffer. A
   # normalisation after it was fused into that projection's one-row matmul and
-  # recomputed for every output column (5 GB/s instead of 28; decode_step.py).
+  # recomputed for every output column (llama-100m decode step at batch 1: 19.8 ->
+  # 18.9 ms on the 2-core host, timed alternately in one process).
   p = p / jnp.where(l > 0, l, 1.0)
   o = jnp.einsum("bhgt,hbtd->bhgd", p, v.astype(jnp.float32),
                  precision=lax.Precision.HIGHEST,
