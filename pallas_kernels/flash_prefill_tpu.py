@@ -26,10 +26,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
-from pallas_kernels import validation
+from pallas_kernels import tpu_flash, validation
 
 _NT_DIMS = (((1,), (1,)), ((), ()))
-_NN_DIMS = (((1,), (0,)), ((), ()))
 
 
 def _num_needed_blocks(b, qi, q_offsets_ref, kv_lengths_ref, *, q_len,
@@ -49,9 +48,7 @@ def _prefill_kernel(q_offsets_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref,
 
   @pl.when(kj == 0)
   def _init():
-    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
-    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    tpu_flash.init(m_ref, l_ref, acc_ref)
 
   @pl.when(kj < needed)
   def _compute():
@@ -63,29 +60,15 @@ def _prefill_kernel(q_offsets_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref,
     s = lax.dot_general(q_ref[...], k_ref[...], _NT_DIMS, precision=precision,
                         preferred_element_type=jnp.float32) * scale
     s = jnp.where((k_pos < kv_length) & (k_pos <= q_pos), s, -jnp.inf)
-    m_prev = m_ref[...]
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    # Rows with nothing admissible yet keep m = -inf; shift them by 0 so the
-    # exps give 0 rather than nan.
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    alpha = jnp.exp(m_prev - m_safe)
-    p = jnp.exp(s - m_safe)
     v = v_ref[...]
     v_pos = kj * block_k + lax.broadcasted_iota(jnp.int32, v.shape, 0)
-    # Rows past kv_length (or past Tk in the edge block) hold arbitrary data;
-    # 0 * nan would poison the output.
+    # Rows past kv_length (or past Tk in the edge block) hold arbitrary data.
     v = jnp.where(v_pos < kv_length, v, jnp.zeros((), v.dtype))
-    m_ref[...] = m_new
-    l_ref[...] = l_ref[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
-    acc_ref[...] = acc_ref[...] * alpha + lax.dot_general(
-        p.astype(v.dtype), v, _NN_DIMS, precision=precision,
-        preferred_element_type=jnp.float32)
+    tpu_flash.update(m_ref, l_ref, acc_ref, s, v, precision)
 
   @pl.when(kj == pl.num_programs(3) - 1)
   def _finalize():
-    l = l_ref[...]
-    out = acc_ref[...] / jnp.where(l > 0, l, 1.0)
-    o_ref[...] = jnp.where(l > 0, out, 0.0).astype(o_ref.dtype)
+    tpu_flash.finalize(o_ref, l_ref, acc_ref)
 
 
 def _block_size(name, block, length):

@@ -27,10 +27,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
-from pallas_kernels import validation
+from pallas_kernels import tpu_flash, validation
 
 _NT_DIMS = (((1,), (1,)), ((), ()))  # contract the last dims: q @ k.T
-_NN_DIMS = (((1,), (0,)), ((), ()))  # p @ v
 
 
 def _decode_kernel(lengths_ref, page_ids_ref, q_ref, *refs, scale, page_size,
@@ -46,45 +45,25 @@ def _decode_kernel(lengths_ref, page_ids_ref, q_ref, *refs, scale, page_size,
 
   @pl.when(j == 0)
   def _init():
-    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
-    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    tpu_flash.init(m_ref, l_ref, acc_ref)
 
-  # A visited block always holds a valid token (its first one), so the running
-  # max is finite after the first visit.
   @pl.when(start < length)
   def _compute():
-    # Gather the block's pages into one [tokens, D] VMEM slab so both matmuls
-    # are lane-dense (tokens = 128 by default) instead of page-sized slivers.
-    for i in range(pages_per_block):
-      rows_i = pl.ds(i * page_size, page_size)
-      k_stage[rows_i, :] = k_refs[i][...].astype(k_stage.dtype)
-      v_stage[rows_i, :] = v_refs[i][...].astype(v_stage.dtype)
+    tpu_flash.stage_pages(k_refs, v_refs, k_stage, v_stage, page_size)
     q = q_ref[...].astype(k_stage.dtype)
     s = lax.dot_general(q, k_stage[...], _NT_DIMS, precision=precision,
                         preferred_element_type=jnp.float32) * scale
     pos = start + lax.broadcasted_iota(jnp.int32, (rows, block_tokens), 1)
     s = jnp.where(pos < length, s, -jnp.inf)
-
-    m_prev = m_ref[...]
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    alpha = jnp.exp(m_prev - m_new)
-    p = jnp.exp(s - m_new)
     v = v_stage[...]
     v_pos = start + lax.broadcasted_iota(jnp.int32, v.shape, 0)
-    # Stale or non-finite values past the length must not reach 0 * v.
+    # Stale or non-finite values past the length.
     v = jnp.where(v_pos < length, v, jnp.zeros((), v.dtype))
-    m_ref[...] = m_new
-    l_ref[...] = l_ref[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
-    acc_ref[...] = acc_ref[...] * alpha + lax.dot_general(
-        p.astype(v.dtype), v, _NN_DIMS, precision=precision,
-        preferred_element_type=jnp.float32)
+    tpu_flash.update(m_ref, l_ref, acc_ref, s, v, precision)
 
   @pl.when(j == pl.num_programs(2) - 1)
   def _finalize():
-    l = l_ref[...]
-    out = acc_ref[...] / jnp.where(l > 0, l, 1.0)
-    o_ref[...] = jnp.where(l > 0, out, 0.0).astype(o_ref.dtype)
+    tpu_flash.finalize(o_ref, l_ref, acc_ref)
 
 
 def _page_index_map(i, *, page_size, pages_per_block, table_width):

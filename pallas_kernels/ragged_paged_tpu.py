@@ -44,10 +44,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
-from pallas_kernels import validation
+from pallas_kernels import tpu_flash, validation
 
 _NT_DIMS = (((1,), (1,)), ((), ()))  # contract the last dims: q @ k.T
-_NN_DIMS = (((1,), (0,)), ((), ()))  # p @ v
 
 # Fields of one pair's entry in the flat pair table.
 _ROW, _BLOCK, _NEEDED, _LAST_PAGE, _KV_END, _ROW_LO, _ROW_HI, _OFFSET, _FLAGS = range(9)
@@ -122,18 +121,11 @@ def _ragged_kernel(meta_ref, page_ids_ref, q_ref, *refs, scale, group, page_size
 
   @pl.when((j == 0) & (flags & _FIRST != 0))
   def _init():
-    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
-    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    tpu_flash.init(m_ref, l_ref, acc_ref)
 
   @pl.when(j < field(_NEEDED))
   def _compute():
-    # Stage the block's pages into one [tokens, D] slab so both matmuls are
-    # lane-dense instead of page-sized slivers.
-    for i in range(pages_per_block):
-      rows_i = pl.ds(i * page_size, page_size)
-      k_stage[rows_i, :] = k_refs[i][...].astype(k_stage.dtype)
-      v_stage[rows_i, :] = v_refs[i][...].astype(v_stage.dtype)
+    tpu_flash.stage_pages(k_refs, v_refs, k_stage, v_stage, page_size)
     kv_end = field(_KV_END)
     q = q_ref[...].astype(k_stage.dtype)
     s = lax.dot_general(q, k_stage[...], _NT_DIMS, precision=precision,
@@ -144,31 +136,17 @@ def _ragged_kernel(meta_ref, page_ids_ref, q_ref, *refs, scale, group, page_size
     # (pos - offset) * G <= r for integers.
     mask = ((r >= field(_ROW_LO)) & (r < field(_ROW_HI)) & (pos < kv_end)
             & ((pos - field(_OFFSET)) * group <= r))
+    # Rows of other rows' tokens have no admissible key here: update keeps them at 0.
     s = jnp.where(mask, s, -jnp.inf)
-
-    m_prev = m_ref[...]
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    # Rows of other rows' tokens (or with nothing admissible yet) keep
-    # m = -inf; shift them by 0 so the exps give 0 rather than nan.
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    alpha = jnp.exp(m_prev - m_safe)
-    p_ = jnp.exp(s - m_safe)
     v = v_stage[...]
     v_pos = j * block_kv + lax.broadcasted_iota(jnp.int32, v.shape, 0)
-    # Slots past kv_end (stale tails, pages repeated by the clamp) may hold
-    # non-finite values; 0 * nan would poison the row.
+    # Slots past kv_end: stale tails, pages repeated by the clamp.
     v = jnp.where(v_pos < kv_end, v, jnp.zeros((), v.dtype))
-    m_ref[...] = m_new
-    l_ref[...] = l_ref[...] * alpha + jnp.sum(p_, axis=1, keepdims=True)
-    acc_ref[...] = acc_ref[...] * alpha + lax.dot_general(
-        p_.astype(v.dtype), v, _NN_DIMS, precision=precision,
-        preferred_element_type=jnp.float32)
+    tpu_flash.update(m_ref, l_ref, acc_ref, s, v, precision)
 
   @pl.when((j == pl.num_programs(2) - 1) & (flags & _LAST != 0))
   def _finalize():
-    l = l_ref[...]
-    out = acc_ref[...] / jnp.where(l > 0, l, 1.0)
-    o_ref[...] = jnp.where(l > 0, out, 0.0).astype(o_ref.dtype)
+    tpu_flash.finalize(o_ref, l_ref, acc_ref)
 
 
 def _page_index_map(i, *, pages_per_block, table_width):
