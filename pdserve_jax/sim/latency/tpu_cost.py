@@ -37,6 +37,7 @@ from pdserve_jax.runtime.buckets import RunnerShape
 from pdserve_jax.serving.step import Step
 from pdserve_jax.sim.hardware import HardwareSpec
 from pdserve_jax.sim.latency.base import LatencyModel
+from pdserve_jax.sim.latency.roofline import RooflineLatencyModel as _Roofline
 
 KIND = "tpu_cost"
 _COUNTS = ("flops", "bytes", "collectives")
@@ -106,10 +107,10 @@ class TpuCostLatencyModel(LatencyModel):
   hardware: HardwareSpec
   tp: int = 1
   pp: int = 1
-  mxu_efficiency: float = 0.6
-  hbm_efficiency: float = 0.8
-  ici_efficiency: float = 0.7
-  step_overhead_s: float = 2e-3
+  mxu_efficiency: float = _Roofline.flops_efficiency
+  hbm_efficiency: float = _Roofline.bandwidth_efficiency
+  ici_efficiency: float = _Roofline.link_efficiency
+  step_overhead_s: float = _Roofline.step_overhead_s
   dtype_bytes: int = 2
 
   def __post_init__(self):
