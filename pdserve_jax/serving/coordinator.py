@@ -83,8 +83,11 @@ class Coordinator:
       check_fits(inst.sched.allocator, req, req.lifetime_tokens, self._pool_name(inst))
 
   def add(self, req: Request, now: float) -> None:
-    """An arrival; raises ValueError (and keeps nothing) if it cannot be served."""
-    raise NotImplementedError
+    """An arrival; raises ValueError (and keeps nothing) if it cannot be served.
+    Here: queued on the least-loaded instance still alive."""
+    inst = self._pick(self.instances, "instance")
+    inst.sched.add(req)
+    self._launch(inst, now)
 
   def step_done(self, inst: Instance, now: float, seconds: float) -> None:
     """`inst`'s step finished at `now` after `seconds` of device time; the executor
@@ -119,6 +122,19 @@ class Coordinator:
 
   def _alive(self, instances) -> list[Instance]:
     return [i for i in instances if not i.lost]
+
+  def _pick(self, instances, what: str) -> Instance:
+    """The least-loaded of `instances` still alive; ValueError when none is."""
+    inst = least_loaded(self._alive(instances))
+    if inst is None:
+      raise ValueError(f"every {what} is lost")
+    return inst
+
+  def _end_with_error(self, reqs, now: float) -> None:
+    """`reqs`, held nowhere now, end (with an error unless they had a reason)."""
+    for r in reqs:
+      r.end_reason, r.finish_time = r.end_reason or "error", now
+    self._end(reqs, now)
 
   def copy_done(self, req: Request, now: float) -> None:
     raise RuntimeError(f"{type(self).__name__} starts no KV copies")
@@ -232,13 +248,6 @@ class ColocatedCoordinator(Coordinator):
     for k in range(dep.replicas):
       self._make("colocated", spec, k, make)
 
-  def add(self, req, now):
-    inst = least_loaded(self.instances, lambda i: not i.lost)
-    if inst is None:
-      raise ValueError("every instance is lost")
-    inst.sched.add(req)
-    self._launch(inst, now)
-
 
 class DisaggregatedCoordinator(Coordinator):
   """DistServe: prefill instances hand finished prompts to decode instances.
@@ -269,10 +278,9 @@ class DisaggregatedCoordinator(Coordinator):
 
   def add(self, req, now):
     self.check(req)
-    for kind, instances in (("prefill", self.prefills), ("decode", self.decodes)):
-      if not self._alive(instances):
-        raise ValueError(f"every {kind} instance is lost")
-    inst = least_loaded(self._alive(self.prefills))
+    inst = self._pick(self.prefills, "prefill instance")
+    if not self._alive(self.decodes):
+      raise ValueError("every decode instance is lost")
     inst.sched.add(req)
     self._launch(inst, now)
 
@@ -322,8 +330,7 @@ class DisaggregatedCoordinator(Coordinator):
     for p in self._alive(self.prefills):
       while (r := p.sched.take_handoff()) is not None:
         p.sched.release_handoff(r)
-        r.end_reason, r.finish_time = r.end_reason or "error", now
-        self._end([r], now)
+        self._end_with_error([r], now)
 
   def _relaunch(self, now):
     self._pull(now)  # an abort may have freed decode pages
@@ -332,9 +339,7 @@ class DisaggregatedCoordinator(Coordinator):
   def _recompute(self, inst, reqs, now):
     target = least_loaded(self._alive(self.prefills))
     if target is None:
-      for r in reqs:
-        r.end_reason, r.finish_time = r.end_reason or "error", now
-      self._end(reqs, now)
+      self._end_with_error(reqs, now)
       return
     for r in reversed(reqs):  # oldest ends up first
       target.sched.requeue(r)
@@ -470,13 +475,6 @@ class PrefillOnlyCoordinator(Coordinator):
     for k in range(dep.replicas):
       self._make("prefill", spec, k, lambda a: PrefillScheduler(
           a, spec.max_batch, spec.max_tokens, spec.page_policy), PREFILL)
-
-  def add(self, req, now):
-    inst = least_loaded(self.instances, lambda i: not i.lost)
-    if inst is None:
-      raise ValueError("every instance is lost")
-    inst.sched.add(req)
-    self._launch(inst, now)
 
   def _after_step(self, inst, finished, now, seconds):
     sched, drained = inst.sched, []
