@@ -33,13 +33,11 @@ import threading
 import time
 from typing import Dict, List, Optional
 
-import numpy as np
 import zmq
 
 from pdserve_jax.kv.allocator import PageAllocator
 from pdserve_jax.kv.pool import SCRATCH_PAGE
 from pdserve_jax.runtime import buckets as bk
-from pdserve_jax.runtime.programs import Sampled
 from pdserve_jax.serving import worker as W
 from pdserve_jax.serving.executor import COPY, FAILED, LOST, STEP, JaxExecutor, runner_shape
 
@@ -179,20 +177,6 @@ class Channel:
     self._on_lost(link)
 
 
-def _sampling_json(rows) -> dict:
-  return {"temperature": rows.temperature.tolist(), "top_k": rows.top_k.tolist(),
-          "top_p": rows.top_p.tolist(), "seed": rows.seed.tolist(),
-          "token_index": rows.token_index.tolist()}
-
-
-def _sampled(reply: dict) -> Sampled:
-  return Sampled(np.asarray(reply["tokens"], np.int32),
-                 np.asarray(reply["logprobs"], np.float32),
-                 np.asarray(reply["top_ids"], np.int32).reshape(len(reply["tokens"]), -1),
-                 np.asarray(reply["top_logprobs"], np.float32).reshape(
-                     len(reply["tokens"]), -1))
-
-
 class RemoteExecutor(JaxExecutor):
   """The executor seam over worker processes (see the module docstring)."""
 
@@ -286,11 +270,11 @@ class RemoteExecutor(JaxExecutor):
     rows, starts, tables, sampling = args
     names = (("chunks", "starts") if program == "packed" else ("tokens", "positions"))
     msg = {"op": program, names[0]: rows, names[1]: list(starts),
-           "tables": [list(t) for t in tables], "sampling": _sampling_json(sampling)}
+           "tables": [list(t) for t in tables], "sampling": W.sampling_to_json(sampling)}
     return self._channel.request(link, msg)
 
   def _read(self, fut):
-    return _sampled(fut.result())
+    return W.sampled_from_json(fut.result())
 
   def recover_pool(self, inst) -> list:
     """After a failed step: if the worker reset its pool, the requests whose KV was

@@ -47,7 +47,7 @@ import zmq
 
 from pdserve_jax import deploy
 from pdserve_jax.model import sharding
-from pdserve_jax.runtime.programs import InstanceRunner, SamplingRows
+from pdserve_jax.runtime.programs import InstanceRunner, Sampled, SamplingRows
 
 ROLES = ("prefill", "decode")
 
@@ -76,6 +76,20 @@ def sampled_to_json(out, n: int) -> dict:
           "logprobs": _host(out.logprobs)[:n].tolist(),
           "top_ids": _host(out.top_ids)[:n].tolist(),
           "top_logprobs": _host(out.top_logprobs)[:n].tolist()}
+
+
+def sampled_from_json(reply: dict) -> Sampled:
+  n = len(reply["tokens"])
+  return Sampled(np.asarray(reply["tokens"], np.int32),
+                 np.asarray(reply["logprobs"], np.float32),
+                 np.asarray(reply["top_ids"], np.int32).reshape(n, -1),
+                 np.asarray(reply["top_logprobs"], np.float32).reshape(n, -1))
+
+
+def sampling_to_json(rows: SamplingRows) -> dict:
+  return {"temperature": rows.temperature.tolist(), "top_k": rows.top_k.tolist(),
+          "top_p": rows.top_p.tolist(), "seed": rows.seed.tolist(),
+          "token_index": rows.token_index.tolist()}
 
 
 def sampling_from_json(d: dict) -> SamplingRows:
