@@ -12,6 +12,8 @@ so this module knows nothing of KV caches.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any, Callable, Dict
 
@@ -193,6 +195,21 @@ def _as_matrices(layers: Params) -> Params:
   return out
 
 
+_UNROLLED = contextvars.ContextVar("unrolled_layers", default=False)
+
+
+@contextlib.contextmanager
+def unrolled_layers():
+  """`decoder_layers` traced in this context runs its layers as straight-line code
+  (the scan fully unrolled): XLA's cost analysis counts a loop body once whatever
+  its trip count (`runtime.cost`)."""
+  token = _UNROLLED.set(True)
+  try:
+    yield
+  finally:
+    _UNROLLED.reset(token)
+
+
 def decoder_layers(cfg: ModelConfig, params: Params, x, positions,
                    attend: Callable, carry: Any = None):
   """Runs every layer under `lax.scan`.
@@ -216,7 +233,8 @@ def decoder_layers(cfg: ModelConfig, params: Params, x, positions,
     return (x, carry), None
 
   (x, carry), _ = jax.lax.scan(
-      body, (x, carry), (layers, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
+      body, (x, carry), (layers, jnp.arange(cfg.num_layers, dtype=jnp.int32)),
+      unroll=_UNROLLED.get())
   return x, carry
 
 

@@ -10,8 +10,8 @@ this module is its only JAX side (the simulator imports no JAX).
 Three things the raw counts get wrong, and what is done about each:
   * XLA's cost analysis counts a while loop's body once, whatever its trip count,
     so the scan over layers is counted as one layer (found by compiling 2, 3 and 4
-    layers: equal flops). The programs are lowered with the layer scan unrolled
-    (`unrolled_scans`) at 1 and 2 layers; the latency model takes cost(L) =
+    layers: equal flops). The programs are lowered with the layers unrolled
+    (`llama.unrolled_layers`) at 1 and 2 layers; the latency model takes cost(L) =
     cost(1) + (L - 1) * (cost(2) - cost(1)), so no 32- or 80-layer program is
     compiled, and a pipeline stage is the same line at L / pp layers.
   * A Pallas call is a custom call: its flops are not counted (the flops do not
@@ -29,16 +29,15 @@ per kind and the latency model times them over ICI.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import re
 import time
 from typing import Callable, Optional, Sequence
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
 
-from pdserve_jax.model import sharding
+from pdserve_jax.model import llama, sharding
 from pdserve_jax.model.config import ModelConfig
 from pdserve_jax.runtime.buckets import RunnerShape
 from pdserve_jax.runtime.programs import lower_programs
@@ -50,20 +49,6 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16
                 "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 _COLLECTIVE_RE = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
 _ARRAY_RE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
-
-
-@contextlib.contextmanager
-def unrolled_scans():
-  """`jax.lax.scan` fully unrolled while tracing, so the layers are straight-line
-  code that cost analysis counts once each (a while loop's body it counts once)."""
-  scan = jax.lax.scan
-
-  def unrolled(f, init, xs=None, length=None, **kw):
-    kw["unroll"] = True
-    return scan(f, init, xs, length, **kw)
-
-  with mock.patch.object(jax.lax, "scan", unrolled):
-    yield
 
 
 def _array_bytes(text: str) -> int:
@@ -108,14 +93,6 @@ def compiled_counts(compiled) -> dict:
           "code_bytes": int(mem.generated_code_size_in_bytes)}
 
 
-def cost_shape(shape: RunnerShape) -> RunnerShape:
-  """`shape` with a 2-page pool: the Pallas calls' pool operands then add no bytes
-  (the kernels' reads are added from contexts by the latency model)."""
-  return RunnerShape(page_size=shape.page_size, num_pages=2, max_rows=shape.max_rows,
-                     max_step_tokens=shape.max_step_tokens, max_seq_len=shape.max_seq_len,
-                     min_step_tokens=shape.min_step_tokens)
-
-
 def build_cost_table(cfg: ModelConfig, devices: Sequence, topology: str,
                      shape: RunnerShape, tps: Sequence[int], token_points: Sequence[int],
                      batch_points: Sequence[int], dtype=jnp.bfloat16,
@@ -138,7 +115,9 @@ def build_cost_table(cfg: ModelConfig, devices: Sequence, topology: str,
     if b not in shape.decode_batches:
       raise ValueError(f"{b} is not a decode bucket of {shape}: {shape.decode_batches}")
   say = progress or (lambda s: None)
-  small = cost_shape(shape)
+  # A 2-page pool: the Pallas calls' pool operands then add no bytes (the kernels'
+  # reads are added from contexts by the latency model).
+  small = dataclasses.replace(shape, num_pages=2)
   per_tp = {}
   table = {"kind": KIND, "model": cfg.name, "topology": topology,
            "device_kind": list(devices)[0].device_kind, "dtype": jnp.dtype(dtype).name,
@@ -157,7 +136,7 @@ def build_cost_table(cfg: ModelConfig, devices: Sequence, topology: str,
       by_layers = {}
       for layers in (1, 2):
         t0 = time.perf_counter()
-        with unrolled_scans():
+        with llama.unrolled_layers():
           lowered = lower_programs(cfg.replace(num_layers=layers), mesh, small, dtype,
                                    "auto", tokens=T, batch=B)
         by_layers[layers] = {n: compiled_counts(low.compile()) for n, low in lowered.items()}
