@@ -16,6 +16,7 @@ import time
 from pdserve_jax import workloads
 from pdserve_jax.cli import common, figures, modes, simulation
 from pdserve_jax.sim import planner
+from pdserve_jax.sim.latency import tpu_cost
 
 RULES = {
     "num_nodes": common.at_least(1), "target": common.fraction, "tol": common.positive,
@@ -34,8 +35,8 @@ def tpu_config(model: str, latency: str, ttft_slo: float, tpot_slo: float, num_n
 
   c = ml_collections.ConfigDict()
   c.model, c.hardware, c.latency = model, "v5e", latency
-  c.latency_params = ml_collections.ConfigDict(dict(
-      mxu_efficiency=0.6, hbm_efficiency=0.8, ici_efficiency=0.7, step_overhead_s=2e-3))
+  c.latency_params = ml_collections.ConfigDict(
+      {k: getattr(tpu_cost.TpuCostLatencyModel, k) for k in tpu_cost.PARAMETERS})
   c.overheads = "none"
   c.page_size = 16
   c.memory_utilization = 0.9

@@ -41,6 +41,8 @@ from pdserve_jax.sim.latency.roofline import RooflineLatencyModel as _Roofline
 
 KIND = "tpu_cost"
 _COUNTS = ("flops", "bytes", "collectives")
+# TpuCostLatencyModel's fields that turn counts into seconds.
+PARAMETERS = ("mxu_efficiency", "hbm_efficiency", "ici_efficiency", "step_overhead_s")
 
 
 def _ring_factor(kind: str, tp: int) -> float:
@@ -155,8 +157,7 @@ class TpuCostLatencyModel(LatencyModel):
 
   def parameters(self) -> dict:
     """The named factors that turn counts into seconds (printed with a plan)."""
-    return {"mxu_efficiency": self.mxu_efficiency, "hbm_efficiency": self.hbm_efficiency,
-            "ici_efficiency": self.ici_efficiency, "step_overhead_s": self.step_overhead_s}
+    return {k: getattr(self, k) for k in PARAMETERS}
 
   def call_time(self, program: str, size: int, tokens: int = 0, attn_pairs: float = 0.0,
                 kv_tokens: float = 0.0) -> float:
