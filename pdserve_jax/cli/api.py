@@ -57,12 +57,12 @@ flags.DEFINE_string("peers", "", "worker with num_processes > 1: the ZeroMQ addr
 
 def worker(cfg, role: str) -> None:
   """One prefill or decode instance; serves until the process is stopped."""
+  import jax
+
   from pdserve_jax.serving.worker import Worker
 
   F = flags.FLAGS
   if F.num_processes > 1:
-    import jax
-
     if not (F.coordinator and F.peers):
       raise common.ConfigError("num_processes: a worker spanning processes needs "
                                "--coordinator and --peers")
@@ -75,14 +75,8 @@ def worker(cfg, role: str) -> None:
     print(f"{role} worker process {F.process_id} following", flush=True)
   else:
     print(f"{role} worker ready on {w.address} (KV transfer {w.transfer_address}; "
-          f"{w.processes} process(es), {len(jax_devices())} devices)", flush=True)
+          f"{w.processes} process(es), {len(jax.devices())} devices)", flush=True)
   w.serve()
-
-
-def jax_devices():
-  import jax
-
-  return jax.devices()
 
 
 def main(cfg, out: common.Outputs):
@@ -128,14 +122,15 @@ def main(cfg, out: common.Outputs):
                              f"{e.strerror}") from None
   host, port = sock.getsockname()[:2]
   engine = pdj.Engine(model, dep, ec, executor=executor)
+  drain = cfg.get("drain_seconds", 10.0)  # `serve --role=router` configs may lack it
   server = uvicorn.Server(uvicorn.Config(
       openai_api.create_app(engine, name), log_level="warning",
-      timeout_graceful_shutdown=cfg.get("drain_seconds", 10.0)))
+      timeout_graceful_shutdown=drain))
   print(f"serving {name!r} ({dep.describe()}) on http://{host}:{port}", flush=True)
   try:
     server.run(sockets=[sock])  # returns on SIGINT / SIGTERM
   finally:
-    engine.close(timeout=cfg.get("drain_seconds", 10.0))
+    engine.close(timeout=drain)
     logging.info("engine closed: %s", engine.stats())
 
 
