@@ -33,6 +33,7 @@ def main():
   from pdserve_jax.model import sharding
   from pdserve_jax.model.config import get_preset
   from pdserve_jax.runtime.buckets import RunnerShape
+  from pdserve_jax.runtime.cost import peak_bytes
   from pdserve_jax.runtime.programs import lower_programs
 
   cfg = get_preset("llama3-8b")
@@ -45,15 +46,14 @@ def main():
   print(f"{'tp':>3} {'program':<8}{'args':>8}{'outputs':>9}{'aliased':>9}{'temps':>8}"
         f"{'peak':>8}  {'pages that fit':>15}")
   for tp in (int(t) for t in args.tp.split(",")):
-    heads = min(tp, cfg.num_kv_heads)  # KV heads split over tp (replicated past 8)
-    page_bytes = 2 * cfg.num_layers * (cfg.num_kv_heads // heads) * 16 * cfg.head_dim * 2
+    splits = min(tp, cfg.num_kv_heads)  # KV heads split over tp (replicated past 8)
+    page_bytes = shape.page_size * cfg.kv_bytes_per_token(2) // splits
     lowered = lower_programs(cfg, sharding.make_mesh(devices[:tp]), shape, jnp.bfloat16)
     temps, resident = 0, 0
     rows = []
     for name, low in lowered.items():
       m = low.compile().memory_analysis()
-      peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-              + m.temp_size_in_bytes)
+      peak = peak_bytes(m)
       temps = max(temps, m.temp_size_in_bytes)
       resident = max(resident, m.argument_size_in_bytes - m.alias_size_in_bytes)
       rows.append((name, m, peak))

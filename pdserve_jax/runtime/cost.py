@@ -77,6 +77,14 @@ def collective_bytes(hlo_text: str) -> dict:
   return out
 
 
+def peak_bytes(memory) -> int:
+  """A compiled program's peak device bytes from its `memory_analysis()`: arguments
+  and outputs (a donated argument aliased by an output counted once) plus
+  temporaries."""
+  return (memory.argument_size_in_bytes + memory.output_size_in_bytes
+          - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+
+
 def compiled_counts(compiled) -> dict:
   """What one compiled program costs by XLA's counts (per device)."""
   cost = compiled.cost_analysis()
