@@ -71,11 +71,34 @@ def _assert_close(out, ref, seed, tol, what):
 # Input builders.
 
 
+def _poisoned_pool(rng, lengths, *, kv_heads, page_size, head_dim, max_pages, free_pages):
+  """K and V pools (numpy float64) and page tables for rows of `lengths` tokens: each
+  row owns `max_pages` pages in random order, NaN in every slot past its length and
+  in the `free_pages` pages nobody owns; table entries past a row's pages are
+  arbitrary valid ids. A kernel that reads a slot it should not returns NaN."""
+  rows = len(lengths)
+  num_pages = rows * max_pages + free_pages
+  order = rng.permutation(num_pages)
+  used = order[:rows * max_pages].reshape(rows, max_pages)
+  page_tables = used.copy()
+  k = rng.standard_normal((kv_heads, num_pages, page_size, head_dim))
+  v = rng.standard_normal((kv_heads, num_pages, page_size, head_dim))
+  for r in range(rows):
+    n = int(lengths[r])
+    for p in range(max_pages):
+      tail = slice(max(n - p * page_size, 0), page_size)
+      k[:, used[r, p], tail] = np.nan
+      v[:, used[r, p], tail] = np.nan
+    n_pages = -(-n // page_size)
+    page_tables[r, n_pages:] = rng.integers(0, num_pages, max_pages - n_pages)
+  k[:, order[rows * max_pages:]] = np.nan
+  v[:, order[rows * max_pages:]] = np.nan
+  return k, v, page_tables
+
+
 def _decode_inputs(rng, *, batch, kv_heads, group, page_size, head_dim,
                    max_pages, dtype=jnp.float32):
   """Random paged-decode inputs with permuted pages and NaN in unused slots."""
-  free_pages = 3
-  num_pages = batch * max_pages + free_pages
   full = max_pages * page_size
   # Ragged lengths: always a length-1 and a full sequence, an empty slot when
   # batch > 2, the rest random and never a page multiple.
@@ -85,23 +108,8 @@ def _decode_inputs(rng, *, batch, kv_heads, group, page_size, head_dim,
     lengths.append(n if n % page_size else n - 1)
   lengths = rng.permutation(np.array(lengths, np.int32))
 
-  order = rng.permutation(num_pages)
-  used = order[:batch * max_pages].reshape(batch, max_pages)
-  page_tables = used.copy()
-  k = rng.standard_normal((kv_heads, num_pages, page_size, head_dim))
-  v = rng.standard_normal((kv_heads, num_pages, page_size, head_dim))
-  for b in range(batch):
-    n_pages = -(-int(lengths[b]) // page_size)
-    for p in range(max_pages):
-      first = p * page_size
-      tail = slice(max(int(lengths[b]) - first, 0), page_size)
-      k[:, used[b, p], tail] = np.nan
-      v[:, used[b, p], tail] = np.nan
-    # Entries past the sequence's pages are arbitrary valid ids.
-    page_tables[b, n_pages:] = rng.integers(0, num_pages,
-                                            max_pages - n_pages)
-  k[:, order[batch * max_pages:]] = np.nan  # free pages
-  v[:, order[batch * max_pages:]] = np.nan
+  k, v, page_tables = _poisoned_pool(rng, lengths, kv_heads=kv_heads, page_size=page_size,
+                                     head_dim=head_dim, max_pages=max_pages, free_pages=3)
   q = rng.standard_normal((batch, kv_heads * group, head_dim))
   return (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype),
           jnp.asarray(lengths, jnp.int32),

@@ -20,7 +20,8 @@ from pallas_kernels import ragged_paged_gpu
 from pallas_kernels import ragged_paged_tpu
 from pallas_kernels import reference
 import test_kernels
-from test_kernels import BF16_TOL, F32_TOL, _assert_close, _export_cuda, _lower, _tpu_params
+from test_kernels import (BF16_TOL, F32_TOL, _assert_close, _export_cuda, _lower,
+                          _poisoned_pool, _tpu_params)
 
 # test_kernels' fixtures: the seed, and the TPU interpreter reset (autouse).
 seed = test_kernels.seed
@@ -64,25 +65,8 @@ def _ragged_inputs(rng, *, kv_heads, group, page_size, head_dim, max_pages,
     order = rng.permutation(len(rows))
     q_starts, q_lens, kv_lens = q_starts[order], q_lens[order], kv_lens[order]
 
-  num_rows = len(rows)
-  free_pages = 3
-  num_pages = num_rows * max_pages + free_pages
-  order = rng.permutation(num_pages)
-  used = order[:num_rows * max_pages].reshape(num_rows, max_pages)
-  page_tables = used.copy()
-  k = rng.standard_normal((kv_heads, num_pages, page_size, head_dim))
-  v = rng.standard_normal((kv_heads, num_pages, page_size, head_dim))
-  for r in range(num_rows):
-    n = int(kv_lens[r])
-    for p in range(max_pages):
-      tail = slice(max(n - p * page_size, 0), page_size)
-      k[:, used[r, p], tail] = np.nan
-      v[:, used[r, p], tail] = np.nan
-    # Entries past the row's pages are arbitrary valid ids.
-    n_pages = -(-n // page_size)
-    page_tables[r, n_pages:] = rng.integers(0, num_pages, max_pages - n_pages)
-  k[:, order[num_rows * max_pages:]] = np.nan  # free pages
-  v[:, order[num_rows * max_pages:]] = np.nan
+  k, v, page_tables = _poisoned_pool(rng, kv_lens, kv_heads=kv_heads, page_size=page_size,
+                                     head_dim=head_dim, max_pages=max_pages, free_pages=3)
   q = rng.standard_normal((num_tokens, kv_heads * group, head_dim))
   return (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype),
           jnp.asarray(q_starts), jnp.asarray(q_lens), jnp.asarray(kv_lens),
