@@ -21,5 +21,15 @@ def shared_data():
   return os.path.abspath(SHARED_DATA)
 
 
+def demo_prompts(seed: int, count: int, max_words: int) -> list:
+  """`count` prompts of 1 to `max_words` words the demo model's tokenizer knows."""
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+  words = ["And", "the", "king", "said", "unto", "them", "In", "beginning", "LORD", "land"]
+  return [" ".join(rng.choice(words, size=rng.integers(1, max_words + 1)))
+          for _ in range(count)]
+
+
 def pytest_report_header(config):
   return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"

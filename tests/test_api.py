@@ -12,10 +12,10 @@ import sys
 import time
 
 import httpx
-import numpy as np
 import pytest
 
 import pdserve_jax as pdj
+from conftest import demo_prompts
 from pdserve_jax.serving import openai_api as api
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,9 +118,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def prompts():
-  rng = np.random.default_rng(0)
-  words = ["And", "the", "king", "said", "unto", "them", "In", "beginning", "LORD", "land"]
-  return [" ".join(rng.choice(words, size=rng.integers(1, 8))) for _ in range(32)]
+  return demo_prompts(seed=0, count=32, max_words=7)
 
 
 @pytest.mark.slow

@@ -14,10 +14,10 @@ import threading
 import time
 
 import httpx
-import numpy as np
 import pytest
 
 import pdserve_jax as pdj
+from conftest import demo_prompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = ["--config=configs/cluster_demo.py", "--config.engine.max_seq_len=128",
@@ -98,9 +98,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def prompts_and_tokens():
-  rng = np.random.default_rng(1)
-  words = ["And", "the", "king", "said", "unto", "them", "In", "beginning", "LORD", "land"]
-  prompts = [" ".join(rng.choice(words, size=rng.integers(1, 9))) for _ in range(32)]
+  prompts = demo_prompts(seed=1, count=32, max_words=8)
   demo = pdj.load_demo()
   want = pdj.greedy_reference(demo, [demo.tokenizer.encode(p) for p in prompts], MAX_TOKENS)
   return prompts, [list(w) for w in want]
