@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import pdserve_jax as pdj
-from pdserve_jax.kv.allocator import PageAllocator
+from pdserve_jax.core.pages import PageAllocator
 from pdserve_jax.model import sharding
 from pdserve_jax.runtime.programs import InstanceRunner, RunnerShape, SamplingRows
-from pdserve_jax.sim.profiler import median_time
+from pdserve_jax.runtime.profiler import median_time
 
 flags.DEFINE_integer("context", 256, "tokens of context per request")
 flags.DEFINE_integer("steps", 20, "timed steps per batch size and round")

@@ -39,10 +39,10 @@ FLAGS = flags.FLAGS
 # Runtime knobs shared by every mode; batch limits and parallelism are the deployments'.
 COMMON = dict(page_size=16, num_pages=192, max_seq_len=128,
               min_token_bucket=32)
-TP2 = pdj.InstanceSpec(tp=2, max_batch=16, max_tokens=256)
+TP2 = pdj.InstanceSpec(tp=2, max_batch=16, max_step_tokens=256)
 MODES = {
     "colocated_prefill_first": pdj.Colocated(TP2, policy="prefill_first"),
-    "colocated_chunked": pdj.Colocated(dataclasses.replace(TP2, max_tokens=64),
+    "colocated_chunked": pdj.Colocated(dataclasses.replace(TP2, max_step_tokens=64),
                                        policy="chunked"),
     "disaggregated_1p2_1d2": pdj.Disaggregated(TP2, TP2, num_prefill=1, num_decode=1),
     "semi_pd_tp2": pdj.SemiPD(TP2, prefill_share=0.5,
@@ -53,7 +53,7 @@ MODES = {
 def decode_runner(engine):
   """The `InstanceRunner` of the engine's first instance that decodes."""
   inst = next(i for i in engine.coordinator.instances if i.phase in (None, "decode"))
-  return inst.handle
+  return engine.executor.runner(inst).runner
 
 
 def bare_decode_rate(runner, batch, steps, prompt_len):

@@ -26,6 +26,7 @@ if importlib.util.find_spec("pdserve_jax") is None:
   sys.path.insert(0, ROOT)
 
 from pdserve_jax import workloads  # noqa: E402
+from pdserve_jax.core import deploy  # noqa: E402
 from pdserve_jax.model.config import get_preset  # noqa: E402
 from pdserve_jax.sim import hardware, latency, planner, simulator  # noqa: E402
 
@@ -33,7 +34,7 @@ TRACE = os.path.join(ROOT, "..", "shared", "data", "traces", "splitwise_conv.csv
 
 
 POLICIES = ("on_demand", "reserve")
-MODES = ("disaggregated", "semi_pd", "colocated")
+MODES = ("disaggregated", "semi_pd", deploy.COLOCATED)
 
 
 def _cell(c) -> str:
@@ -67,14 +68,15 @@ def main():
     seconds[policy] = time.perf_counter() - start
     # vLLM, DistServe's colocated baseline, had no pipeline parallelism.
     no_pp[policy] = planner.plan(dataclasses.replace(spec, pp_options=(1,)),
-                                 modes=("colocated",)).best("colocated")
+                                 modes=deploy.COLOCATED).best()
   print(f"OPT-13B, 8x A100-80GB, splitwise_conv ({len(trace)} requests fit 2048 tokens; "
         f"{args.requests} sampled), TTFT <= 0.25 s, TPOT <= 0.1 s, 90% attainment\n")
   width = 66  # a cell and a gap
   print((f"{'':<15}" + "".join(f"{'page_policy=' + p:<{width}}" for p in POLICIES)).rstrip())
   head = f"{'placement':<40}{'GPUs':>5}{'req/s':>8}{'req/s/GPU':>10}"
   print(f"{'mode':<15}" + "".join(f"{head:<{width}}" for _ in POLICIES).rstrip())
-  rows = [(m, [plans[p].best(m) for p in POLICIES]) for m in MODES]
+  rows = [(m if isinstance(m, str) else "colocated", [plans[p].best(m) for p in POLICIES])
+          for m in MODES]
   rows.append(("colocated pp=1", [no_pp[p] for p in POLICIES]))
   for name, cands in rows:
     print(f"{name:<15}" + "".join(f"{_cell(c):<{width}}" for c in cands).rstrip())

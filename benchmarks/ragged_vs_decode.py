@@ -29,10 +29,10 @@ def main(_):
   import numpy as np
 
   import pdserve_jax as pdj
-  from pdserve_jax.kv.allocator import PageAllocator
+  from pdserve_jax.core.pages import PageAllocator
   from pdserve_jax.model import sharding
   from pdserve_jax.runtime.programs import InstanceRunner, RunnerShape, SamplingRows
-  from pdserve_jax.sim.profiler import median_time
+  from pdserve_jax.runtime.profiler import median_time
 
   batches = [int(b) for b in FLAGS.batch]
   ctx, page = FLAGS.context, 16

@@ -20,7 +20,7 @@ from absl import app, flags  # noqa: E402
 import pdserve_jax as pdj  # noqa: E402
 from pdserve_jax.model import sharding  # noqa: E402
 from pdserve_jax.runtime.programs import InstanceRunner, RunnerShape, SamplingRows  # noqa: E402
-from pdserve_jax.sim import profiler  # noqa: E402
+from pdserve_jax.runtime import profiler  # noqa: E402
 
 flags.DEFINE_string("model", "tiny", "model preset")
 flags.DEFINE_integer("reps", 9, "timed calls per shape (the median is kept)")

@@ -2,12 +2,12 @@
 and through the simulator with a latency model profiled here, per serving mode.
 
 The engine's instances are profiled just before they serve: every compiled
-program shape of the same runners (`sim.profiler.profile_shapes`), the loop's host
+program shape of the same runners (`runtime.profiler.profile_shapes`), the loop's host
 time per step from a closed batch of other requests (`profiler.step_overhead`),
 and for disaggregated mode the KV hand-off (`profile_transfers`) and how much the
 two instances slow each other on shared cores (`profile_overlap`). That is the
 simulator's latency model; it also gets the engine's pool size, and both serve
-the same requests as the same deployment (one `pdserve_jax.deploy` object handed to
+the same requests as the same deployment (one `pdserve_jax.core.deploy` object handed to
 `Engine` and to `simulate`). Prints median TTFT and TPOT side by side and
 their relative differences, and how far the engine's own steps ran from their
 profiled times in that run (its step log): on a shared machine that drifts by tens
@@ -35,7 +35,8 @@ import numpy as np  # noqa: E402
 
 import pdserve_jax as pdj  # noqa: E402
 from pdserve_jax import workloads  # noqa: E402
-from pdserve_jax.sim import profiler, simulator as sim  # noqa: E402
+from pdserve_jax.runtime import profiler  # noqa: E402
+from pdserve_jax.sim import simulator as sim  # noqa: E402
 
 flags.DEFINE_string("model", "llama-30m", "model preset")
 flags.DEFINE_list("modes", ["prefill_first", "chunked", "disaggregated", "semi_pd"], "modes")
@@ -52,10 +53,10 @@ ENGINE = dict(page_size=16, num_pages=128, max_seq_len=256,
               min_token_bucket=32, warmup=True, ttft_slo=1.0,
               tpot_slo=0.1)
 # One device per instance; each deployment is served by the engine and simulated as is.
-INSTANCE = pdj.InstanceSpec(tp=1, max_batch=16, max_tokens=256)
+INSTANCE = pdj.InstanceSpec(tp=1, max_batch=16, max_step_tokens=256)
 DEPLOYMENTS = {
     "prefill_first": pdj.Colocated(INSTANCE, policy="prefill_first"),
-    "chunked": pdj.Colocated(dataclasses.replace(INSTANCE, max_tokens=64), policy="chunked"),
+    "chunked": pdj.Colocated(dataclasses.replace(INSTANCE, max_step_tokens=64), policy="chunked"),
     "disaggregated": pdj.Disaggregated(INSTANCE, INSTANCE, num_prefill=1, num_decode=1),
     "semi_pd": pdj.SemiPD(INSTANCE, prefill_share=0.5, partitioner=pdj.PartitionerConfig(
         window=16, step=0.1, min_share=0.1, max_share=0.9, hysteresis=0.1)),

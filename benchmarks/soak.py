@@ -60,20 +60,20 @@ class SoakConfig:
   num_pages: int = 24
   max_seq_len: int = 64
   max_batch: int = 8
-  max_tokens: int = 64  # prompt tokens per prefill step
-  token_budget: int = 32  # chunked prefill: tokens per step
+  max_step_tokens: int = 64  # prompt tokens per prefill step
+  chunked_max_step_tokens: int = 32  # chunked prefill: tokens per step
   max_queued: int = 64
   page_policy: str = "on_demand"
   result_timeout: float = 600.0  # s to wait for the last request of a mode
 
 
 def deployment(mode: str, c: SoakConfig):
-  inst = pdj.InstanceSpec(tp=1, max_batch=c.max_batch, max_tokens=c.max_tokens,
+  inst = pdj.InstanceSpec(tp=1, max_batch=c.max_batch, max_step_tokens=c.max_step_tokens,
                           page_policy=c.page_policy)
   if mode == "colocated_prefill_first":
     return pdj.Colocated(inst, policy="prefill_first")
   if mode == "colocated_chunked":
-    return pdj.Colocated(dataclasses.replace(inst, max_tokens=c.token_budget),
+    return pdj.Colocated(dataclasses.replace(inst, max_step_tokens=c.chunked_max_step_tokens),
                          policy="chunked")
   if mode == "disaggregated":
     return pdj.Disaggregated(inst, inst, num_prefill=1, num_decode=1)

@@ -51,7 +51,7 @@ def main():
   use_compilation_cache(args.compilation_cache or tempfile.mkdtemp(prefix="pdserve-warmup-"))
 
   import pdserve_jax as pdj
-  from pdserve_jax.cli import modes as M
+  from pdserve_jax.cli import deployments as M
   from pdserve_jax.runtime.programs import CompileCounter
 
   demo = None
@@ -83,9 +83,7 @@ def main():
         t = time.perf_counter()
         engine = pdj.Engine(model, dep, cfg)
         seconds = time.perf_counter() - t
-      ex = engine.executor
-      per = [len(rs[0].compiled_shapes(ex.roles[g] != {"decode"}, ex.roles[g] != {"prefill"}))
-             for g, rs in ex.runners.items()]
+      per = list(engine.executor.program_counts().values())
       engine.close()
       row.append((seconds, c.count, map_count()))
     print(f"{mode:<26}{' '.join(map(str, per)):>24}"

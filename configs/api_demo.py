@@ -4,7 +4,7 @@ HTTP API, colocated on 2 devices (`--config.mode=disaggregated` etc. for the oth
 
 import ml_collections
 
-from pdserve_jax.cli import modes
+from pdserve_jax.cli import deployments
 
 
 def get_config():
@@ -19,8 +19,9 @@ def get_config():
   c.mode = "colocated_prefill_first"
   c.ttft_slo = 0.5
   c.tpot_slo = 0.08
-  c.update(modes.blocks(instance=dict(tp=2, max_batch=16, max_tokens=256, chunk_tokens=64),
-                        semi_pd=dict(dynamic=True, partitioner=dict(window=8))))
+  c.update(deployments.blocks(
+      instance=dict(tp=2, max_batch=16, max_step_tokens=256, chunked_max_step_tokens=64),
+      semi_pd=dict(dynamic=True, partitioner=dict(window=8))))
   c.engine = ml_collections.ConfigDict(dict(
       page_size=16, num_pages=160, max_seq_len=256, warmup=True,
       min_token_bucket=128, attn_impl="auto", max_queued=256))

@@ -8,7 +8,7 @@ sends to each worker) and the instance limits.
 
 import ml_collections
 
-from pdserve_jax.cli import modes
+from pdserve_jax.cli import deployments
 
 
 def get_config():
@@ -23,7 +23,7 @@ def get_config():
   c.mode = "disaggregated"
   c.ttft_slo = 0.5
   c.tpot_slo = 0.08
-  c.update(modes.blocks(instance=dict(max_batch=16, max_tokens=256),
+  c.update(deployments.blocks(instance=dict(max_batch=16, max_step_tokens=256),
                         disaggregated=dict(prefill_tp=1, decode_tp=2)))
   c.engine = ml_collections.ConfigDict(dict(
       page_size=16, num_pages=160, max_seq_len=256, warmup=True,

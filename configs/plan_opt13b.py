@@ -8,14 +8,14 @@ the current directory).
   ... --config.latency=roofline --config.tp_options=1,2,4,8
 
 The planner searches tp, pp, instance counts and semi-PD shares; of the deployment
-blocks it reads `instance`'s max_batch, max_tokens (a prefill step's prompt
-tokens), chunk_tokens and page_policy, and `semi_pd`'s concurrent and partitioner.
+blocks it reads `instance`'s max_batch, max_step_tokens (a prefill step's prompt
+tokens), chunked_max_step_tokens and page_policy, and `semi_pd`'s concurrent and partitioner.
 """
 
 import ml_collections
 
 from pdserve_jax import workloads
-from pdserve_jax.cli import modes
+from pdserve_jax.cli import deployments
 
 
 def get_config():
@@ -29,7 +29,7 @@ def get_config():
   c.ttft_slo = 0.25
   c.tpot_slo = 0.1
   c.modes = ("disaggregated", "semi_pd", "colocated_prefill_first", "colocated_chunked")
-  blocks = modes.blocks()
+  blocks = deployments.blocks()
   c.instance = blocks["instance"]
   c.semi_pd = blocks["semi_pd"]
   # Trace lengths with Poisson arrivals at each rate the search tries.

@@ -17,7 +17,7 @@ def get_config():
   # Lengths between bucket edges too, so the fit averages the padding a workload pays.
   c.prefill_batches = (1, 2, 3, 4)
   c.prefill_lens = (16, 24, 40, 56, 72, 96, 112, 128)
-  c.max_prefill_tokens = 512
+  c.max_step_tokens = 512
   c.decode_batches = (1, 2, 3, 4, 6, 8, 12, 16)
   c.decode_contexts = (24, 40, 56, 72, 100, 128, 160, 200, 256)
   c.reps = 5

@@ -1,10 +1,10 @@
 """`make demo`: the committed demo model (a byte-level Llama, `pdj.load_demo`) in the
 four modes on 2 devices each: each engine prints its continuations of `prompts`,
-then serves one Poisson workload; a table compares the modes.
+then serves one Poisson workload; a table compares the deployments.
 
 Colocated and semi-PD run one instance of `instance.tp` devices, disaggregated one
 prefill and one decode instance of `disaggregated.prefill_tp` / `decode_tp`
-devices (deployment blocks: `pdserve_jax.cli.modes`; workload block:
+devices (deployment blocks: `pdserve_jax.cli.deployments`; workload block:
 `pdserve_jax.workloads.DEFAULTS`). `engine` holds the runtime knobs
 (`pdj.EngineConfig`) but the SLOs, which are top-level.
 
@@ -15,7 +15,7 @@ devices (deployment blocks: `pdserve_jax.cli.modes`; workload block:
 import ml_collections
 
 from pdserve_jax import workloads
-from pdserve_jax.cli import modes
+from pdserve_jax.cli import deployments
 
 
 def get_config():
@@ -35,8 +35,8 @@ def get_config():
   c.modes = ("colocated_prefill_first", "colocated_chunked", "disaggregated", "semi_pd")
   c.ttft_slo = 0.5
   c.tpot_slo = 0.08
-  c.update(modes.blocks(
-      instance=dict(tp=2, max_batch=16, max_tokens=256, chunk_tokens=64),
+  c.update(deployments.blocks(
+      instance=dict(tp=2, max_batch=16, max_step_tokens=256, chunked_max_step_tokens=64),
       # The SloPartitioner every 8 finished requests.
       semi_pd=dict(dynamic=True, partitioner=dict(window=8))))
   c.engine = ml_collections.ConfigDict(dict(

@@ -8,7 +8,7 @@ A100-80GB with DistServe's latency figures, served by 2 prefill + 1 decode GPUs.
 import ml_collections
 
 from pdserve_jax import workloads
-from pdserve_jax.cli import modes
+from pdserve_jax.cli import deployments
 
 
 def get_config():
@@ -24,7 +24,7 @@ def get_config():
   c.ttft_slo = 0.4
   c.tpot_slo = 0.04
   c.modes = ("disaggregated",)
-  c.update(modes.blocks(disaggregated=dict(num_prefill=2, num_decode=1)))
+  c.update(deployments.blocks(disaggregated=dict(num_prefill=2, num_decode=1)))
   c.workload = workloads.config(num_requests=1000, rate=9.9, prompt_mean=512, output_mean=64)
   c.num_seeds = 5  # workload seeds from workload.seed on; attainment as mean ± 95% interval
   return c

@@ -11,7 +11,7 @@ relative to the current directory).
 import ml_collections
 
 from pdserve_jax import workloads
-from pdserve_jax.cli import modes
+from pdserve_jax.cli import deployments
 
 
 def get_config():
@@ -25,7 +25,7 @@ def get_config():
   c.ttft_slo = 0.25
   c.tpot_slo = 0.1
   c.modes = ("semi_pd",)
-  c.update(modes.blocks(semi_pd=dict(prefill_share=0.7, dynamic=True,
+  c.update(deployments.blocks(semi_pd=dict(prefill_share=0.7, dynamic=True,
                                      partitioner=dict(window=64))))
   # rate 0 replays the trace's own arrivals (4.7/s, too many for one GPU).
   c.workload = workloads.config(source="trace", trace="../shared/data/traces/splitwise_conv.csv",

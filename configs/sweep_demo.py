@@ -9,7 +9,7 @@ model is profiled from each engine's own runners. A few minutes on 2 cores.
 import ml_collections
 
 from pdserve_jax import workloads
-from pdserve_jax.cli import modes
+from pdserve_jax.cli import deployments
 
 
 def get_config():
@@ -33,8 +33,8 @@ def get_config():
   c.target = 0.9  # the attainment goal drawn on the plot
   c.ttft_slo = 0.1
   c.tpot_slo = 0.02
-  c.update(modes.blocks(
-      instance=dict(tp=1, max_batch=8, max_tokens=128, chunk_tokens=64),
+  c.update(deployments.blocks(
+      instance=dict(tp=1, max_batch=8, max_step_tokens=128, chunked_max_step_tokens=64),
       semi_pd=dict(dynamic=True, partitioner=dict(window=8))))
   # Few shape buckets (each compiles in seconds on a CPU): packed calls pad to 128
   # tokens.

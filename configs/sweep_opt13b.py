@@ -10,7 +10,7 @@ one GPU, disaggregated on one prefill and one decode GPU. Seconds to run.
 import ml_collections
 
 from pdserve_jax import workloads
-from pdserve_jax.cli import modes
+from pdserve_jax.cli import deployments
 
 
 def get_config():
@@ -33,7 +33,7 @@ def get_config():
   c.target = 0.9
   c.ttft_slo = 0.4
   c.tpot_slo = 0.04
-  c.update(modes.blocks(semi_pd=dict(dynamic=True)))
+  c.update(deployments.blocks(semi_pd=dict(dynamic=True)))
   c.engine = ml_collections.ConfigDict(dict(page_size=16))  # unused without the engine
   c.workload = workloads.config(num_requests=400, prompt_mean=512, output_mean=64)
   c.num_seeds = 3  # per rate; the curves draw the mean

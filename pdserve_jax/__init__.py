@@ -31,18 +31,18 @@ _LAZY = {
     "Tokenizer": "pdserve_jax.model.tokenizer",
     "load_tokenizer": "pdserve_jax.model.tokenizer",
     "load_demo": "pdserve_jax.model.demo",
-    "SamplingParams": "pdserve_jax.serving.params",
+    "SamplingParams": "pdserve_jax.core.sampling",
     "Engine": "pdserve_jax.serving.engine",
-    "EngineConfig": "pdserve_jax.serving.engine",
+    "EngineConfig": "pdserve_jax.serving.config",
     "EngineOverloaded": "pdserve_jax.serving.engine",
     "Result": "pdserve_jax.serving.engine",
     "Completion": "pdserve_jax.serving.engine",
     "RequestHandle": "pdserve_jax.serving.engine",
-    "Colocated": "pdserve_jax.deploy",
-    "Disaggregated": "pdserve_jax.deploy",
-    "SemiPD": "pdserve_jax.deploy",
-    "InstanceSpec": "pdserve_jax.deploy",
-    "PartitionerConfig": "pdserve_jax.deploy",
+    "Colocated": "pdserve_jax.core.deploy",
+    "Disaggregated": "pdserve_jax.core.deploy",
+    "SemiPD": "pdserve_jax.core.deploy",
+    "InstanceSpec": "pdserve_jax.core.deploy",
+    "PartitionerConfig": "pdserve_jax.core.deploy",
 }
 
 __all__ = list(_LAZY)
@@ -53,11 +53,12 @@ if TYPE_CHECKING:  # lets type checkers and IDEs see the names; never runs
   from pdserve_jax.model.model import Model, forward, load, random_model, greedy_reference
   from pdserve_jax.model.tokenizer import Tokenizer, load_tokenizer
   from pdserve_jax.model.demo import load_demo
-  from pdserve_jax.serving.params import SamplingParams
-  from pdserve_jax.serving.engine import (Engine, EngineConfig, EngineOverloaded, Result,
-                                         Completion, RequestHandle)
-  from pdserve_jax.deploy import (Colocated, Disaggregated, SemiPD, InstanceSpec,
-                                  PartitionerConfig)
+  from pdserve_jax.core.sampling import SamplingParams
+  from pdserve_jax.serving.config import EngineConfig
+  from pdserve_jax.serving.engine import (Engine, EngineOverloaded, Result, Completion,
+                                         RequestHandle)
+  from pdserve_jax.core.deploy import (Colocated, Disaggregated, SemiPD, InstanceSpec,
+                                       PartitionerConfig)
 
 
 def __getattr__(name: str) -> Any:

@@ -22,8 +22,8 @@ import subprocess
 import sys
 from typing import Optional, Sequence
 
-from pdserve_jax.serving import metrics
-from pdserve_jax.serving.request import Request
+from pdserve_jax.core import metrics
+from pdserve_jax.core.request import Request
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "result_schema.json")

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from pdserve_jax.serving.request import Request
+from pdserve_jax.core.request import Request
 
 ARRIVAL_PROCESSES = ("poisson", "gamma")
 

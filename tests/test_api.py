@@ -16,7 +16,7 @@ import pytest
 
 import pdserve_jax as pdj
 from conftest import demo_prompts
-from pdserve_jax.serving import openai_api as api
+from pdserve_jax.api import app as api
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,30 +26,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _bytes_decode(ids):
   return bytes(ids).decode("utf-8", errors="replace")
-
-
-def test_text_stream_holds_back_stop_prefixes_and_partial_characters():
-  text = "Amen. And the LORD said: é"
-  ids = list(text.encode())
-  stream = api.TextStream(_bytes_decode, stop=("LORD",))
-  sent = ""
-  for t in ids:  # up to the token that completes "LORD", where the engine stops
-    sent += stream.push(t)
-    if "LORD" in _bytes_decode(stream.tokens):
-      break
-    assert "L" not in sent  # "L", "LO", "LOR" wait: they may become the stop string
-  assert sent == "Amen. And the "
-  assert stream.finish("Amen. And the ") == ""
-  # Without a stop the whole text comes out, the two-byte character once whole.
-  stream = api.TextStream(_bytes_decode)
-  deltas = [stream.push(t) for t in ids]
-  assert deltas[-2] == "" and deltas[-1] == "é"
-  assert "".join(deltas) + stream.finish(text) == text
-  # A held-back prefix that turns out not to be a stop string is released.
-  stream = api.TextStream(_bytes_decode, stop=("LORD",))
-  out = "".join(stream.push(t) for t in b"LOVE")
-  assert out == "LOVE"
-  assert api.TextStream(None).push(5) == ""
 
 
 @pytest.mark.parametrize("body, param, status", [
@@ -89,7 +65,7 @@ def test_parse_completion_defaults_are_openai_s():
 
 ENGINE = ("--config.engine.max_seq_len=96", "--config.engine.num_pages=96",
           "--config.engine.min_token_bucket=64", "--config.instance.max_batch=8",
-          "--config.instance.max_tokens=128")
+          "--config.instance.max_step_tokens=128")
 
 
 @pytest.fixture(scope="module")

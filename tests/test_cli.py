@@ -12,7 +12,7 @@ import ml_collections
 import pytest
 
 from pdserve_jax import results, workloads
-from pdserve_jax.cli import common, modes
+from pdserve_jax.cli import common, deployments
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -20,8 +20,8 @@ DEMO = os.path.join(ROOT, "pdserve_jax", "assets", "demo_model", "pdserve_config
 # The engine apps on the tiny model with few shape buckets: seconds of compilation.
 TINY_ENGINE = ["--config.model=tiny", "--config.engine.max_seq_len=64",
                "--config.engine.num_pages=32", "--config.engine.min_token_bucket=32",
-               "--config.instance.max_batch=2", "--config.instance.max_tokens=32",
-               "--config.instance.chunk_tokens=16", "--config.workload.prompt_mean=12",
+               "--config.instance.max_batch=2", "--config.instance.max_step_tokens=32",
+               "--config.instance.chunked_max_step_tokens=16", "--config.workload.prompt_mean=12",
                "--config.workload.output_mean=6", "--config.workload.num_requests=6"]
 
 
@@ -76,7 +76,7 @@ def test_plan_default_config_and_override(tmp_path, shared_data):
              "--config.pp_options=1", "--config.max_seeds=4",
              f"--output_json={tmp_path / 'a.json'}")
   doc = ok(proc, tmp_path / "a.json")
-  assert set(doc["plan"]["best"]) == set(modes.MODES)
+  assert set(doc["plan"]["best"]) == set(deployments.MODES)
   # Every kept placement was measured over 3 or 4 seeds; its goodput is their mean.
   kept = [c for c in doc["plan"]["candidates"] if c["goodput_rps"] is not None]
   for c in kept:
@@ -278,7 +278,7 @@ def test_every_config_has_one_workload_block_and_known_modes():
     assert set(cfg.workload) == set(workloads.DEFAULTS), name
     workloads.check_config(cfg.workload)
     if "modes" in cfg:  # reproduce's experiments name systems; bench an endpoint
-      modes.modes(cfg)
+      deployments.modes(cfg)
 
 
 def test_workload_block():

@@ -22,7 +22,7 @@ from conftest import demo_prompts
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = ["--config=configs/cluster_demo.py", "--config.engine.max_seq_len=128",
           "--config.engine.num_pages=128", "--config.instance.max_batch=8",
-          "--config.instance.max_tokens=128"]
+          "--config.instance.max_step_tokens=128"]
 MAX_TOKENS = 12
 
 pytestmark = pytest.mark.slow

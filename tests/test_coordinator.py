@@ -1,6 +1,6 @@
 """Tests of the mode coordinators over a hand-driven executor.
 
-`ManualExecutor` implements the executor seam of `serving.coordinator` and runs
+`ManualExecutor` implements the executor seam of `core.coordinator` and runs
 nothing: launched steps and started KV copies wait in lists until the test
 completes them (`Harness.complete`, `Harness.finish_copy`), in whatever order it
 chooses. `Harness` wraps a coordinator and its executor and checks invariants
@@ -14,13 +14,13 @@ import re
 import pytest
 from hypothesis import event, given, settings, strategies as st
 
-from pdserve_jax import deploy
-from pdserve_jax.deploy import InstanceSpec
-from pdserve_jax.kv.allocator import PageAllocator, pages_for
-from pdserve_jax.serving import coordinator
-from pdserve_jax.serving.request import Request
-from pdserve_jax.serving.share import PartitionerConfig
-from pdserve_jax.serving.step import DECODE, PREFILL
+from pdserve_jax.core import deploy
+from pdserve_jax.core.deploy import InstanceSpec
+from pdserve_jax.core.pages import PageAllocator, pages_for
+from pdserve_jax.core import coordinator
+from pdserve_jax.core.request import Request
+from pdserve_jax.core.share import PartitionerConfig
+from pdserve_jax.core.step import DECODE, PREFILL
 
 PAGE = 4  # tokens per page in every test pool
 REASONS = {"stop", "length", "aborted"}
@@ -55,6 +55,9 @@ class ManualExecutor:
     if isinstance(n, dict):
       n = n[group] if group in n else n[group.rstrip("0123456789")]
     return PageAllocator(n, self.page_size, reserved=1)
+
+  def bind(self, coord):
+    self.coord = coord
 
   def can_launch(self, inst, now):
     if inst.group in self.held:
@@ -94,8 +97,8 @@ class Harness:
 
   def __init__(self, dep, num_pages, ttft_slo=None, tpot_slo=None):
     self.ex = ManualExecutor(num_pages)
-    self.coord = coordinator.build(dep, self.ex, ttft_slo, tpot_slo, start_time=0.0)
-    self.ex.coord = self.coord
+    self.coord = coordinator.build(dep, self.ex, ttft_slo, tpot_slo, start_time=0.0,
+                                   on_end=self.ex.ended)
     self.now = 0.0
     self.reqs = []  # accepted requests
     self._next_id = 0
@@ -250,7 +253,7 @@ def stuck_handoff(coord) -> bool:
 
 # --- deployments ----------------------------------------------------------------------
 
-SPEC = InstanceSpec(max_batch=4, max_tokens=32)
+SPEC = InstanceSpec(max_batch=4, max_step_tokens=32)
 SLOS = dict(ttft_slo=4.0, tpot_slo=1.5)
 
 
@@ -324,7 +327,7 @@ def test_abort_in_prefill_step(mode):
 def test_abort_between_chunks():
   """Chunked prefill: a prompt longer than the token budget aborted between its
   chunks ends at once and frees the pages its first chunks took."""
-  h = harness("chunked", spec=InstanceSpec(max_batch=2, max_tokens=8))
+  h = harness("chunked", spec=InstanceSpec(max_batch=2, max_step_tokens=8))
   a = h.submit(20, 3)
   inst, _ = h.step_of(a)
   h.hold(inst.group)
@@ -477,7 +480,7 @@ SMALL = {"prefill_first": 7, "chunked": 7, "semi_pd": 7, "semi_pd_concurrent": 7
 @pytest.mark.parametrize("n", [1, 2])
 @pytest.mark.parametrize("mode", list(SMALL))
 def test_preemption_on_demand(mode, n):
-  spec = InstanceSpec(max_batch=4, max_tokens=32)
+  spec = InstanceSpec(max_batch=4, max_step_tokens=32)
   h = harness(mode, SMALL[mode], spec, n)
   reqs = [h.submit(p, m) for p, m in CROWD * n]
   h.drain()  # checks after every event that no produced token is ever lost
@@ -493,7 +496,7 @@ def test_preemption_on_demand(mode, n):
 @pytest.mark.parametrize("n", [1, 2])
 @pytest.mark.parametrize("mode", list(SMALL))
 def test_reserve_never_preempts(mode, n):
-  spec = InstanceSpec(max_batch=4, max_tokens=32, page_policy="reserve")
+  spec = InstanceSpec(max_batch=4, max_step_tokens=32, page_policy="reserve")
   h = harness(mode, SMALL[mode], spec, n)
   reqs = [h.submit(p, m) for p, m in CROWD * n]
   h.drain()
@@ -543,7 +546,7 @@ def deployments(draw):
   def spec():
     max_batch = draw(st.integers(1, 4))
     budget = draw(st.integers(max_batch + 1, 16))
-    return InstanceSpec(max_batch=max_batch, max_tokens=budget, page_policy=page_policy)
+    return InstanceSpec(max_batch=max_batch, max_step_tokens=budget, page_policy=page_policy)
 
   need = pages_for(MAX_PROMPT + MAX_OUT, PAGE) + 1  # one page is reserved
   pages = st.integers(need, need + 2)
@@ -656,12 +659,12 @@ BAD = [
     (deploy.Colocated(SPEC, replicas=0), "replicas"),
     (deploy.Colocated(SPEC, replicas=True), "replicas"),
     (deploy.Colocated(InstanceSpec(max_batch=-1)), "instance.max_batch"),
-    (deploy.Colocated(InstanceSpec(max_batch=8, max_tokens=8), policy="chunked"),
-     "max_tokens"),
+    (deploy.Colocated(InstanceSpec(max_batch=8, max_step_tokens=8), policy="chunked"),
+     "max_step_tokens"),
     (deploy.Disaggregated(num_prefill=-1), "num_prefill"),
     (deploy.Disaggregated(num_decode=0), "num_decode"),
     (deploy.Disaggregated(prefill=InstanceSpec(tp=0)), "prefill.tp"),
-    (deploy.Disaggregated(decode=InstanceSpec(max_tokens=-4)), "decode.max_tokens"),
+    (deploy.Disaggregated(decode=InstanceSpec(max_step_tokens=-4)), "decode.max_step_tokens"),
     (deploy.Disaggregated(decode=InstanceSpec(page_policy="eager")), "page_policy"),
     (deploy.SemiPD(SPEC, replicas=-2), "replicas"),
     (deploy.SemiPD(SPEC, prefill_share=1.0), "prefill_share"),

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import pdserve_jax as pdj
-from pdserve_jax.serving.request import Request
+from pdserve_jax.core.deploy import PhaseOnly
+from pdserve_jax.core.request import Request
 
 CFG = pdj.get_preset("tiny").replace(num_heads=8, num_kv_heads=4, head_dim=8)
 BASE = dict(page_size=8, num_pages=72, max_seq_len=64, warmup=False,
@@ -12,7 +13,7 @@ BASE = dict(page_size=8, num_pages=72, max_seq_len=64, warmup=False,
 
 
 def _inst(tp, chunked=False, **kw):
-  return pdj.InstanceSpec(tp=tp, max_batch=8, max_tokens=24 if chunked else 96, **kw)
+  return pdj.InstanceSpec(tp=tp, max_batch=8, max_step_tokens=24 if chunked else 96, **kw)
 
 
 def modes(**kw):
@@ -82,7 +83,7 @@ PP_MODES = {
 def test_pipeline_parallel_greedy_tokens_match_reference(model, workload, name):
   reqs, want = workload
   with pdj.Engine(model, PP_MODES[name], pdj.EngineConfig(**BASE, log_steps=True)) as engine:
-    runners = [i.handle for i in engine.coordinator.instances]
+    runners = [engine.executor.runner(i).runner for i in engine.coordinator.instances]
     assert any(len(r.meshes) == 2 for r in runners)  # two stages, one mesh each
     assert {len(r.pools[0].layers) for r in runners if len(r.meshes) == 2} == {1}
     report = engine.run_workload([r.fresh() for r in reqs], timeout=600)
@@ -95,7 +96,7 @@ def _check_step_log(engine, reqs):
   """One step at a time per instance, every call in a compiled shape and holding its
   step's work: a step with prompt chunks runs as packed calls (its decodes as rows of
   them), a pure decode step as decode calls (padding at most doubles its rows)."""
-  shapes = {i.name: i.handle.shape for i in engine.coordinator.instances}
+  shapes = {i.name: engine.executor.runner(i).shape for i in engine.coordinator.instances}
   log = engine.step_log
   assert log
   for name in {r.instance for r in log}:
@@ -176,7 +177,7 @@ def test_config_errors(model):
   with pytest.raises(ValueError, match="SM caps"):
     pdj.Engine(model, pdj.SemiPD(concurrent=True))
   with pytest.raises(ValueError, match="PhaseOnly"):
-    pdj.Engine(model, pdj.deploy.PhaseOnly("decode"))
+    pdj.Engine(model, PhaseOnly("decode"))
   with pytest.raises(TypeError, match="deployment"):
     pdj.Engine(model, pdj.EngineConfig())
   with pytest.raises(ValueError, match="num_pages"):
@@ -311,7 +312,8 @@ def test_close_with_timeout_aborts_what_is_left(model):
 def test_a_step_that_raises_fails_only_its_requests(model):
   with pdj.Engine(model, MODES["disagg_2p1_1d2"], pdj.EngineConfig(**BASE)) as engine:
     decode = next(i for i in engine.coordinator.instances if i.phase == "decode")
-    real, calls = decode.handle.decode, []
+    runner = engine.executor.runner(decode).runner
+    real, calls = runner.decode, []
 
     def broken_once(*a, **kw):
       calls.append(1)
@@ -319,7 +321,7 @@ def test_a_step_that_raises_fails_only_its_requests(model):
         raise RuntimeError("injected device fault")
       return real(*a, **kw)
 
-    decode.handle.decode = broken_once
+    runner.decode = broken_once
     h = engine.submit([3, 4, 5], pdj.SamplingParams(max_tokens=6))
     with pytest.raises(RuntimeError, match="injected device fault"):
       h.result(timeout=600)
@@ -391,7 +393,7 @@ def test_submit_racing_close_leaves_no_handle_waiting(model):
 
 def test_a_failed_step_that_consumed_the_pool_fails_its_holders_and_recovers(model):
   with pdj.Engine(model, MODES["colocated_chunked"], pdj.EngineConfig(**BASE)) as engine:
-    runner = engine.coordinator.instances[0].handle
+    runner = engine.executor.runner(engine.coordinator.instances[0]).runner
     real, calls = runner._run, []
 
     def consume_and_raise(program, inp, args):

@@ -24,9 +24,9 @@ def run_fresh(code: str) -> None:
 def test_package_and_planning_modules_do_not_import_jax():
   run_fresh("""
       import sys, pdserve_jax, pdserve_jax.sim.latency, pdserve_jax.sim.hardware
-      import pdserve_jax.workloads, pdserve_jax.serving.metrics
-      import pdserve_jax.serving.validate, pdserve_jax.sim.planner, pdserve_jax.sim.simulator
-      import pdserve_jax.sim.goodput, pdserve_jax.serving.coordinator, pdserve_jax.deploy
+      import pdserve_jax.workloads, pdserve_jax.core.metrics
+      import pdserve_jax.core.sampling, pdserve_jax.sim.planner, pdserve_jax.sim.simulator
+      import pdserve_jax.sim.goodput, pdserve_jax.core.coordinator, pdserve_jax.core.deploy
       assert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)
   """)
 

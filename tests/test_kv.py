@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import pdserve_jax as pdj
-from pdserve_jax.kv.allocator import OutOfPages, PageAllocator
+from pdserve_jax.core.pages import OutOfPages, PageAllocator
 from pdserve_jax.kv.pool import PagePool, transfer_pages
 from pdserve_jax.model import sharding
 

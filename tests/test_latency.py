@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from pdserve_jax.model.config import get_preset
-from pdserve_jax.serving.request import Request
-from pdserve_jax.serving.step import PrefillChunk, Step
+from pdserve_jax.core.request import Request
+from pdserve_jax.core.step import PrefillChunk, Step
 from pdserve_jax.sim import hardware as H
 from pdserve_jax.sim import latency as L
 
@@ -167,8 +167,8 @@ def test_shape_table_rounds_steps_as_the_runner_does(tmp_path):
 
 def test_step_overhead_reads_gaps_between_steps(tmp_path):
   from pdserve_jax.runtime.buckets import RunnerShape
-  from pdserve_jax.serving.executor import StepRecord
-  from pdserve_jax.sim.profiler import step_overhead
+  from pdserve_jax.core.seam import StepRecord
+  from pdserve_jax.runtime.profiler import step_overhead
   rec = lambda name, a, b: StepRecord(name, a, b, (), ((1, 1),))
   log = [rec("prefill", 0.0, 1.0), rec("decode", 1.25, 2.0), rec("prefill", 1.5, 3.0),
          rec("decode", 2.5, 3.0), rec("decode", 3.5, 4.0)]

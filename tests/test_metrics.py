@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from pdserve_jax.serving import metrics as M
-from pdserve_jax.serving.request import Request
+from pdserve_jax.core import metrics as M
+from pdserve_jax.core.request import Request
 
 
 def _done(arrival, times):

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from pdserve_jax import workloads as W
+from pdserve_jax.core import deploy
 from pdserve_jax.model.config import get_preset
 from pdserve_jax.sim import hardware as H
 from pdserve_jax.sim import latency as L
@@ -38,7 +39,7 @@ def test_plan_structure_and_ranking():
   per_dev = [c.per_device for c in evaluated]
   assert per_dev == sorted(per_dev, reverse=True)
   assert all(c.num_devices <= 8 for c in plan.candidates)
-  for mode in ("disaggregated", "semi_pd", "colocated"):
+  for mode in deploy.MODES:
     assert plan.best(mode) is not None, mode
   algs = {c.algorithm for c in plan.candidates}
   assert {"alg1-high-affinity", "alg2-low-affinity", "fixed-share", "dynamic",
@@ -48,7 +49,7 @@ def test_plan_structure_and_ranking():
   assert d["best"]["disaggregated"]["goodput_per_device"] > 0
   assert "per device" in plan.table().splitlines()[0]
   # Figure 1's workload: disaggregation wins per device, as in DistServe.
-  assert plan.best("disaggregated").per_device > plan.best("colocated").per_device
+  assert plan.best("disaggregated").per_device > plan.best(deploy.COLOCATED).per_device
 
 
 def test_plan_to_target_rate_replicates_each_phase():
@@ -88,7 +89,8 @@ def test_plan_splitwise_disaggregated_vs_colocated():
                     ttft_slo=0.25, tpot_slo=0.1, tp_options=(1, 2, 4), pp_options=(1, 2),
                     semi_pd_shares=(0.7, 0.9), tol=0.05)
   plan = P.plan(spec)
-  best = {m: plan.best(m) for m in ("disaggregated", "semi_pd", "colocated")}
+  best = {m: plan.best(m) for m in ("disaggregated", "semi_pd")}
+  best["colocated"] = plan.best(deploy.COLOCATED)
   assert all(c is not None and c.per_device > 0 for c in best.values())
   assert all(c.num_devices <= 8 for c in plan.candidates)
   # The issue expected disaggregation to win here; with DistServe's A100 figures it

@@ -16,7 +16,7 @@ from pdserve_jax.runtime.programs import (CompileCounter, InstanceRunner, Runner
                                          SamplingRows)
 from pdserve_jax.sim import hardware as H
 from pdserve_jax.sim import latency as L
-from pdserve_jax.sim import profiler
+from pdserve_jax.runtime import profiler
 from pdserve_jax.sim import simulator as sim
 from pdserve_jax import workloads as W
 
@@ -24,7 +24,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 SMALL_GRID = ["--config.model=tiny", "--config.reps=2", "--config.num_pages=32",
               "--config.max_batch=4", "--config.max_seq_len=64",
               "--config.prefill_batches=(1, 2)", "--config.prefill_lens=(16, 24, 40, 48)",
-              "--config.max_prefill_tokens=96", "--config.decode_batches=(1, 2, 3, 4)",
+              "--config.max_step_tokens=96", "--config.decode_batches=(1, 2, 3, 4)",
               "--config.decode_contexts=(8, 24, 40, 64)", "--config.min_token_bucket=32"]
 
 

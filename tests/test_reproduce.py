@@ -15,10 +15,11 @@ import sys
 
 import pytest
 
-from pdserve_jax import deploy, results, workloads
+from pdserve_jax import results, workloads
+from pdserve_jax.core import deploy
 from pdserve_jax.model.config import get_preset
-from pdserve_jax.serving.request import Request
-from pdserve_jax.serving.step import PrefillChunk, Step
+from pdserve_jax.core.request import Request
+from pdserve_jax.core.step import PrefillChunk, Step
 from pdserve_jax.sim import goodput as gp
 from pdserve_jax.sim import hardware, latency as L, planner
 from pdserve_jax.sim import simulator as sim
@@ -111,7 +112,7 @@ def test_planner_ranks_by_the_mean_and_marks_overlaps():
   setup = sim.Setup(OPT13, A100, L.latency_source("distserve", OPT13, A100))
   spec = planner.PlanSpec(setup, _make, 0.25, 0.1, tp_options=(1, 2), pp_options=(1,),
                           semi_pd_shares=(0.5,), max_spread=0.05, min_seeds=3, max_seeds=4)
-  plan = planner.plan(spec, ("colocated", "semi_pd"))
+  plan = planner.plan(spec, ("colocated_prefill_first", "colocated_chunked", "semi_pd"))
   kept = [c for c in plan.candidates if c.goodput is not None]
   assert kept and all(c.estimate is not None for c in kept)
   for c in kept:

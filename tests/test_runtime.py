@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import pdserve_jax as pdj
-from pdserve_jax.kv.allocator import PageAllocator
+from pdserve_jax.core.pages import PageAllocator
 from pdserve_jax.model import sharding
 from pdserve_jax.runtime import programs
 from pdserve_jax.runtime.programs import CompileCounter, InstanceRunner, RunnerShape, SamplingRows

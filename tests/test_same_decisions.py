@@ -14,7 +14,8 @@ import pdserve_jax as pdj
 from pdserve_jax import workloads
 from pdserve_jax.runtime.programs import InstanceRunner, RunnerShape
 from pdserve_jax.model import sharding
-from pdserve_jax.sim import hardware, planner, profiler, simulator as sim
+from pdserve_jax.runtime import profiler
+from pdserve_jax.sim import hardware, planner, simulator as sim
 
 CFG = pdj.get_preset("tiny").replace(num_heads=8, num_kv_heads=4, head_dim=8)
 ENGINE = dict(page_size=8, max_seq_len=64, warmup=False,
@@ -23,7 +24,7 @@ HOST = hardware.HardwareSpec("host-cpu", 1e12, 1e10, 1e10, 1e10, 1e10, 4)
 
 
 def _inst(tp, chunked=False):
-  return pdj.InstanceSpec(tp=tp, max_batch=8, max_tokens=24 if chunked else 64)
+  return pdj.InstanceSpec(tp=tp, max_batch=8, max_step_tokens=24 if chunked else 64)
 
 
 DEPLOYMENTS = {
@@ -99,8 +100,8 @@ def test_planner_pick_is_served_by_the_engine(model):
   make = lambda rate: workloads.synthetic(40, rate, workloads.Uniform(4, 40),
                                           workloads.Uniform(2, 20), seed=1)
   spec = planner.PlanSpec(setup, make, ttft_slo=1.0, tpot_slo=0.2, tp_options=(1, 2),
-                          pp_options=(1,), max_batch=8, max_prefill_tokens=64,
-                          chunk_tokens=24, semi_pd_shares=(0.5,))
+                          pp_options=(1,), max_batch=8, max_step_tokens=64,
+                          chunked_max_step_tokens=24, semi_pd_shares=(0.5,))
   best = planner.plan(spec).best()
   assert best is not None and best.goodput > 0
   reqs = make(20.0)

@@ -5,12 +5,12 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pdserve_jax.kv.allocator import OutOfPages, PageAllocator, pages_for
-from pdserve_jax.serving import policies as S
-from pdserve_jax.serving import share
-from pdserve_jax.serving.share import PartitionerConfig
-from pdserve_jax.serving.step import DECODE, PREFILL, Step
-from pdserve_jax.serving.request import Request
+from pdserve_jax.core.pages import OutOfPages, PageAllocator, pages_for
+from pdserve_jax.core import policies as S
+from pdserve_jax.core import share
+from pdserve_jax.core.share import PartitionerConfig
+from pdserve_jax.core.step import DECODE, PREFILL, Step
+from pdserve_jax.core.request import Request
 
 
 def _req(i, prompt, out, t=0.0):
@@ -142,7 +142,7 @@ def test_chunked_prefill_randomized(shapes, page_size, max_batch, budget, extra_
 
 def test_prefill_first_batches_and_budget():
   alloc = PageAllocator(100, 4)
-  sched = S.PrefillFirstScheduler(alloc, max_batch=3, max_prefill_tokens=20)
+  sched = S.PrefillFirstScheduler(alloc, max_batch=3, max_step_tokens=20)
   reqs = [_req(i, 8, 2) for i in range(5)]
   for r in reqs:
     sched.add(r)
@@ -181,7 +181,7 @@ def test_prefill_first_waits_for_pages():
 
 def test_chunked_prefill_splits_and_resumes():
   alloc = PageAllocator(64, 4)
-  sched = S.ChunkedPrefillScheduler(alloc, max_batch=4, token_budget=8)
+  sched = S.ChunkedPrefillScheduler(alloc, max_batch=4, max_step_tokens=8)
   a, b = _req(0, 20, 3), _req(1, 6, 2)
   sched.add(a)
   sched.add(b)
@@ -202,8 +202,8 @@ def test_chunked_prefill_splits_and_resumes():
 
 
 def test_chunked_prefill_rejects_bad_budget():
-  with pytest.raises(ValueError, match="token_budget"):
-    S.ChunkedPrefillScheduler(PageAllocator(8, 4), max_batch=8, token_budget=8)
+  with pytest.raises(ValueError, match="max_step_tokens"):
+    S.ChunkedPrefillScheduler(PageAllocator(8, 4), max_batch=8, max_step_tokens=8)
 
 
 @pytest.mark.parametrize("make", [
@@ -239,7 +239,7 @@ def test_protocol_errors():
 
 def test_handoff_waits_when_decode_memory_is_full():
   p_alloc, d_alloc = PageAllocator(16, 4), PageAllocator(4, 4)  # decode: 16 tokens
-  pre = S.PrefillScheduler(p_alloc, max_batch=4, max_prefill_tokens=64)
+  pre = S.PrefillScheduler(p_alloc, max_batch=4, max_step_tokens=64)
   dec = S.DecodeScheduler(d_alloc, max_batch=4, page_policy="reserve")
   a, b = _req(0, 6, 3), _req(1, 6, 3)  # 9 tokens -> 3 decode pages each
   pre.add(a)
@@ -277,7 +277,7 @@ def test_handoff_waits_when_decode_memory_is_full():
 
 def test_prefill_memory_is_the_queue():
   p_alloc = PageAllocator(4, 4)  # 16 tokens of prompt
-  pre = S.PrefillScheduler(p_alloc, max_batch=8, max_prefill_tokens=64)
+  pre = S.PrefillScheduler(p_alloc, max_batch=8, max_step_tokens=64)
   reqs = [_req(i, 8, 2) for i in range(3)]
   for r in reqs:
     pre.add(r)

@@ -7,10 +7,10 @@ import pytest
 
 from pdserve_jax import workloads as W
 from pdserve_jax.model.config import get_preset
-from pdserve_jax.serving.request import Request
+from pdserve_jax.core.request import Request
 from pdserve_jax.sim import hardware as H
 from pdserve_jax.sim import latency as L
-from pdserve_jax.serving.share import PartitionerConfig
+from pdserve_jax.core.share import PartitionerConfig
 from pdserve_jax.sim import goodput
 from pdserve_jax.sim import simulator as sim
 
@@ -54,7 +54,8 @@ def test_runs_are_fresh_and_deterministic():
 
 
 @pytest.mark.parametrize("dep", [
-    sim.Colocated(replicas=2), sim.Colocated(sim.InstanceSpec(max_tokens=512), policy="chunked"),
+    sim.Colocated(replicas=2),
+    sim.Colocated(sim.InstanceSpec(max_step_tokens=512), policy="chunked"),
     sim.Disaggregated(num_prefill=2, num_decode=2),
     sim.SemiPD(), sim.SemiPD(concurrent=True, decode_scaling=L.ShareScaling(0.3, 0.7)),
     sim.PhaseOnly("prefill"), sim.PhaseOnly("decode"),
@@ -148,7 +149,7 @@ def test_pipeline_stages():
   r = sim.simulate(_one(), SETUP, sim.Colocated(sim.InstanceSpec(pp=2))).requests[0]
   assert r.ttft == pytest.approx(MODEL.prefill_time([512]))
   # Two engines keep two steps in flight, one stage apart.
-  spec = sim.InstanceSpec(pp=2, max_tokens=512)
+  spec = sim.InstanceSpec(pp=2, max_step_tokens=512)
   two = [Request(i, 512, 1, arrival_time=0.0) for i in range(2)]
   a, b = sorted(sim.simulate(two, SETUP, sim.PhaseOnly("prefill", spec)).requests,
                 key=lambda r: r.ttft)

@@ -19,7 +19,7 @@ PROMPT = "Once upon a time"
 
 
 def _inst(tp, max_tokens=80):
-  return pdj.InstanceSpec(tp=tp, max_batch=8, max_tokens=max_tokens)
+  return pdj.InstanceSpec(tp=tp, max_batch=8, max_step_tokens=max_tokens)
 
 
 MODES = {

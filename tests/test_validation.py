@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pdserve_jax.serving.params import SamplingParams
-from pdserve_jax.serving.validate import check_prompt, check_sampling
+from pdserve_jax.core.sampling import SamplingParams
+from pdserve_jax.core.sampling import check_prompt, check_sampling
 
 V = 100
 MAX_LEN = 8

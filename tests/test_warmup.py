@@ -10,7 +10,7 @@ import pytest
 
 import pdserve_jax as pdj
 from pdserve_jax.runtime.programs import CompileCounter
-from pdserve_jax.serving.executor import runner_shape
+from pdserve_jax.serving.config import runner_shape
 
 CFG = pdj.get_preset("tiny")
 
@@ -27,20 +27,20 @@ def model():
 
 def test_default_instances_compile_at_most_16_programs():
   cfg = pdj.EngineConfig()
-  for spec in (pdj.InstanceSpec(), pdj.InstanceSpec(max_batch=64, max_tokens=8192),
-               pdj.InstanceSpec(max_batch=512, max_tokens=2048)):
+  for spec in (pdj.InstanceSpec(), pdj.InstanceSpec(max_batch=64, max_step_tokens=8192),
+               pdj.InstanceSpec(max_batch=512, max_step_tokens=2048)):
     shape = runner_shape(cfg, spec, cfg.num_pages)
     programs = len(shape.compiled_packed_shapes()) + len(shape.compiled_decode_shapes())
     assert programs <= 16, (spec, shape.token_buckets, shape.decode_batches)
     # A packed call holds a whole step: the token budget, or a longest prompt alone.
-    assert shape.max_step_tokens == min(max(spec.max_tokens, cfg.max_seq_len),
+    assert shape.max_step_tokens == min(max(spec.max_step_tokens, cfg.max_seq_len),
                                         (cfg.num_pages - 1) * cfg.page_size)
 
 
 @pytest.mark.parametrize("deployment", [
-    pdj.Colocated(pdj.InstanceSpec(tp=2, max_batch=8, max_tokens=40), policy="chunked"),
-    pdj.Disaggregated(pdj.InstanceSpec(tp=1, max_batch=8, max_tokens=96),
-                      pdj.InstanceSpec(tp=2, max_batch=8, max_tokens=96)),
+    pdj.Colocated(pdj.InstanceSpec(tp=2, max_batch=8, max_step_tokens=40), policy="chunked"),
+    pdj.Disaggregated(pdj.InstanceSpec(tp=1, max_batch=8, max_step_tokens=96),
+                      pdj.InstanceSpec(tp=2, max_batch=8, max_step_tokens=96)),
 ], ids=["colocated_chunked", "disaggregated"])
 def test_nothing_compiles_after_warmup_over_200_mixed_requests(model, deployment):
   """Mixed steps (chunks at any offset beside decode rows), varied lengths, batch

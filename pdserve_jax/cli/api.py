@@ -1,4 +1,4 @@
-"""absl app: an OpenAI-compatible HTTP server over one engine (`serving.openai_api`),
+"""absl app: an OpenAI-compatible HTTP server over one engine (`api.app`),
 in one process or as a router over prefill and decode worker processes.
 
   python -m pdserve_jax.cli.api --config=configs/api_demo.py --port=8000
@@ -7,7 +7,7 @@ in one process or as a router over prefill and decode worker processes.
 
 With `--role` the instances run in processes of their own (`cli.serve --role=...`
 is the same app): each worker holds one instance's devices, weights and pool, and
-the router (the disaggregated coordinator over `serving.remote.RemoteExecutor`)
+the router (the disaggregated coordinator over `cluster.router.WorkerPlacement`)
 serves HTTP and schedules everything:
 
   python -m pdserve_jax.cli.api --config=configs/cluster_demo.py --role=prefill --port=5601
@@ -16,7 +16,7 @@ serves HTTP and schedules everything:
       --prefill=tcp://127.0.0.1:5601 --decode=tcp://127.0.0.1:5602
 
 The config names the model (as `serve`'s: `checkpoint`, `hf_path` or a random
-`model` preset), one `mode` and its deployment blocks (`cli.modes`), the engine
+`model` preset), one `mode` and its deployment blocks (`cli.deployments`), the engine
 knobs and the SLOs. The engine warms up before the server serves; on Ctrl-C
 (SIGINT) or SIGTERM uvicorn stops taking connections and lets those open finish for
 up to `drain_seconds`, then exits by the signal it caught. Binds 127.0.0.1 unless
@@ -24,7 +24,7 @@ up to `drain_seconds`, then exits by the signal it caught. Binds 127.0.0.1 unles
 address lets anyone who reaches it use it.
 """
 
-from pdserve_jax.cli import serving  # first: sets XLA_FLAGS before jax loads
+from pdserve_jax.cli import engine_runs  # first: sets XLA_FLAGS before jax loads
 
 import dataclasses  # noqa: E402
 import logging  # noqa: E402
@@ -32,7 +32,7 @@ import socket  # noqa: E402
 
 from absl import flags  # noqa: E402
 
-from pdserve_jax.cli import common, modes  # noqa: E402
+from pdserve_jax.cli import common, deployments  # noqa: E402
 
 flags.DEFINE_string("host", "127.0.0.1", "address to bind (loopback by default; the "
                     "server has no authentication)")
@@ -59,7 +59,7 @@ def worker(cfg, role: str) -> None:
   """One prefill or decode instance; serves until the process is stopped."""
   import jax
 
-  from pdserve_jax.serving.worker import Worker
+  from pdserve_jax.cluster.worker import Worker
 
   F = flags.FLAGS
   if F.num_processes > 1:
@@ -68,7 +68,7 @@ def worker(cfg, role: str) -> None:
                                "--coordinator and --peers")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # no-op off CPU
     jax.distributed.initialize(F.coordinator, F.num_processes, F.process_id)
-  model = serving.load_model(cfg)
+  model = engine_runs.load_model(cfg)
   w = Worker(model, role, f"tcp://{F.host}:{F.port}", F.transfer_host or F.host,
              peers=F.peers)
   if w.address is None:
@@ -83,18 +83,19 @@ def main(cfg, out: common.Outputs):
   import uvicorn
 
   import pdserve_jax as pdj
-  from pdserve_jax.serving import openai_api
+  from pdserve_jax.api import app as openai_api
 
   role = flags.FLAGS.role
   if role in ("prefill", "decode"):
     return worker(cfg, role)
   mode = "disaggregated" if role == "router" else cfg.mode
-  if mode not in modes.MODES:
-    raise common.ConfigError(f"mode: unknown mode {mode!r}; known: {', '.join(modes.MODES)}")
-  dep = modes.deployment(cfg, mode)
-  executor = None
-  if role == "router":
-    from pdserve_jax.serving import remote
+  if mode not in deployments.MODES:
+    raise common.ConfigError(f"mode: unknown mode {mode!r}; known: {', '.join(deployments.MODES)}")
+  dep = deployments.deployment(cfg, mode)
+  ec = engine_runs.engine_config(cfg)
+  placement = None
+  if role == "router":  # the weights live in the workers: the router reads the card
+    from pdserve_jax.cluster import router
 
     workers = {"prefill": flags.FLAGS.prefill, "decode": flags.FLAGS.decode}
     for kind, addresses in workers.items():
@@ -103,12 +104,13 @@ def main(cfg, out: common.Outputs):
                                  f"address (--{kind}=tcp://host:port)")
     dep = dataclasses.replace(dep, num_prefill=len(workers["prefill"]),
                               num_decode=len(workers["decode"]))
-    remote.wait_for_workers(workers["prefill"] + workers["decode"])
-    executor = remote.RemoteExecutor.factory(workers["prefill"], workers["decode"])
-  ec = serving.engine_config(cfg)
-  model = serving.load_model(cfg)
-  if executor is None:
-    serving.check_servable({mode: dep}, model)
+    model = engine_runs.load_card(cfg)
+    router.wait_for_workers(workers["prefill"] + workers["decode"])
+    placement = router.WorkerPlacement(model.config.name, ec.attn_impl, workers["prefill"],
+                                       workers["decode"])
+  else:
+    model = engine_runs.load_model(cfg)
+    engine_runs.check_servable({mode: dep}, model)
   name = cfg.get("model_name", "") or (cfg.checkpoint if cfg.checkpoint == "demo" else
                             cfg.hf_path or cfg.checkpoint or cfg.model)
   # Bound before the engine warms up, so a taken port fails at once; connections
@@ -121,7 +123,7 @@ def main(cfg, out: common.Outputs):
     raise common.ConfigError(f"port: cannot bind {flags.FLAGS.host}:{flags.FLAGS.port}: "
                              f"{e.strerror}") from None
   host, port = sock.getsockname()[:2]
-  engine = pdj.Engine(model, dep, ec, executor=executor)
+  engine = pdj.Engine(model, dep, ec, placement=placement)
   drain = cfg.get("drain_seconds", 10.0)  # `serve --role=router` configs may lack it
   server = uvicorn.Server(uvicorn.Config(
       openai_api.create_app(engine, name), log_level="warning",

@@ -30,6 +30,20 @@ class ConfigError(ValueError):
   """A config value the app cannot use; its message names the key."""
 
 
+# Config keys that were renamed: an old key gets one line naming its new name.
+RENAMED = {"max_tokens": "max_step_tokens", "chunk_tokens": "chunked_max_step_tokens",
+           "max_prefill_tokens": "max_step_tokens", "token_budget": "max_step_tokens"}
+
+
+def renamed(path: str) -> Optional[str]:
+  """"a.b.max_tokens" -> "a.b.max_step_tokens" when the last part was renamed (not for
+  `generation.max_tokens`, an output length, which keeps its name)."""
+  *head, last = path.split(".")
+  if last in RENAMED and head != ["generation"]:
+    return ".".join(head + [RENAMED[last]])
+  return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Outputs:
   json: Optional[str]  # where to write the result JSON (None: nowhere)
@@ -119,6 +133,9 @@ def _unknown_key(e: Exception, argv, default_config: Optional[str]) -> str:
   if path is None:  # the file would not load on its own: name what the error names
     found = re.findall(r"'([^']+)'", str(text))
     path = found[0] if found else str(text)
+  new = renamed(path)
+  if new is not None:
+    return f"config key {path} was renamed {new}"
   return f"unknown config key {path}" + (f" (did you mean {hint.group(1)}?)" if hint else "")
 
 

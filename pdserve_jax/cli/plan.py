@@ -5,7 +5,7 @@ the SLOs, ranked, as a table, a result JSON and a bar chart.
       --config.ttft_slo=0.25 --config.modes=disaggregated,semi_pd --output_json=plan.json
 
 The planner (`sim.planner`) searches tp, pp, instance counts and semi-PD shares;
-the config gives the model, hardware and latency source (`cli.simulation`), the
+the config gives the model, hardware and latency source (`cli.sim_runs`), the
 SLOs, the workload block, the batch limits and page policy of `instance`, the
 semi-PD partitioner and the search space. The result's `plan` holds every
 candidate; its `runs` one simulation of each mode's best placement at its goodput.
@@ -14,7 +14,7 @@ candidate; its `runs` one simulation of each mode's best placement at its goodpu
 import time
 
 from pdserve_jax import workloads
-from pdserve_jax.cli import common, figures, modes, simulation
+from pdserve_jax.cli import common, figures, deployments, sim_runs
 from pdserve_jax.sim import planner
 from pdserve_jax.sim.latency import tpu_cost
 
@@ -42,11 +42,11 @@ def tpu_config(model: str, latency: str, ttft_slo: float, tpot_slo: float, num_n
   c.memory_utilization = 0.9
   c.ttft_slo, c.tpot_slo = ttft_slo, tpot_slo
   c.modes = ("disaggregated", "colocated_prefill_first", "colocated_chunked")
-  blocks = modes.blocks()
+  blocks = deployments.blocks()
   c.instance = blocks["instance"]
   c.instance.max_batch = 128
-  c.instance.max_tokens = 2048
-  c.instance.chunk_tokens = 512
+  c.instance.max_step_tokens = 2048
+  c.instance.chunked_max_step_tokens = 512
   c.semi_pd = blocks["semi_pd"]
   c.workload = workloads.config(source="trace", trace="../shared/data/traces/splitwise_conv.csv",
                                 num_requests=300)
@@ -63,8 +63,8 @@ def tpu_config(model: str, latency: str, ttft_slo: float, tpot_slo: float, num_n
 
 def build_spec(cfg) -> planner.PlanSpec:
   """A `PlanSpec` from a config (see `configs/plan_opt13b.py`)."""
-  common.check(cfg, {**RULES, **modes.RULES})
-  setup = simulation.setup(cfg)
+  common.check(cfg, {**RULES, **deployments.RULES})
+  setup = sim_runs.setup(cfg)
   i = cfg.instance
   return planner.PlanSpec(
       setup=setup, workload=workloads.from_config(cfg.workload,
@@ -72,10 +72,11 @@ def build_spec(cfg) -> planner.PlanSpec:
       ttft_slo=cfg.ttft_slo, tpot_slo=cfg.tpot_slo, num_nodes=cfg.num_nodes,
       tp_options=common.numbers("tp_options", cfg.tp_options, int),
       pp_options=common.numbers("pp_options", cfg.pp_options, int),
-      max_batch=i.max_batch, max_prefill_tokens=i.max_tokens, chunk_tokens=i.chunk_tokens,
+      max_batch=i.max_batch, max_step_tokens=i.max_step_tokens,
+      chunked_max_step_tokens=i.chunked_max_step_tokens,
       target=cfg.target, tol=cfg.tol, target_rate=cfg.target_rate or None,
       semi_pd_shares=_shares(cfg.semi_pd_shares), semi_pd_concurrent=cfg.semi_pd.concurrent,
-      partitioner=modes.partitioner(cfg),
+      partitioner=deployments.partitioner(cfg),
       page_policy=i.page_policy, max_spread=cfg.max_spread or None, min_seeds=cfg.min_seeds,
       max_seeds=max(cfg.min_seeds, cfg.max_seeds))
 
@@ -89,7 +90,7 @@ def _shares(value) -> tuple:
 
 
 def candidate(c) -> dict:
-  return dict(c.to_dict(), mode=modes.mode_of(c.deployment))
+  return dict(c.to_dict(), mode=c.deployment.mode)
 
 
 def table(cands) -> str:
@@ -113,7 +114,7 @@ def table(cands) -> str:
 
 def main(cfg, out: common.Outputs):
   start = time.perf_counter()
-  names = modes.modes(cfg)
+  names = deployments.modes(cfg)
   spec = build_spec(cfg)
   with common.progress(None, "placements", "cand") as bar:
     def step(c):
@@ -131,9 +132,9 @@ def main(cfg, out: common.Outputs):
   best = {}  # the candidates come ranked
   for c in result.candidates:
     if c.goodput is not None:
-      best.setdefault(modes.mode_of(c.deployment), c)
+      best.setdefault(c.deployment.mode, c)
   # Each mode's best placement once more at its goodput: its per-request records.
-  runs = [simulation.run(spec.setup, c.deployment, spec.workload(c.goodput), c.goodput,
+  runs = [sim_runs.run(spec.setup, c.deployment, spec.workload(c.goodput), c.goodput,
                          cfg.ttft_slo, cfg.tpot_slo, cfg.latency,
                          label=f"best {m} placement at its goodput")
           for m, c in best.items()]

@@ -13,13 +13,13 @@ file: `pdserve_jax.results` is for served workloads.)
 import json
 import os
 
-from pdserve_jax.cli import serving  # first: sets XLA_FLAGS before jax loads
+from pdserve_jax.cli import engine_runs  # first: sets XLA_FLAGS before jax loads
 from pdserve_jax.cli import common
 
 RULES = {"kind": common.one_of("polynomial", "shapes"), "tp": common.at_least(1),
          "reps": common.at_least(1), "num_pages": common.at_least(2),
          **{k: common.at_least(1) for k in ("page_size", "max_batch", "max_seq_len",
-                                            "min_token_bucket", "max_prefill_tokens")}}
+                                            "min_token_bucket", "max_step_tokens")}}
 
 
 def runner_from_config(c):
@@ -27,9 +27,9 @@ def runner_from_config(c):
   from pdserve_jax.model import sharding
   from pdserve_jax.runtime.programs import InstanceRunner, RunnerShape
 
-  model = pdj.random_model(serving.preset(c.model), seed=0, std=c.init_std)
+  model = pdj.random_model(engine_runs.preset(c.model), seed=0, std=c.init_std)
   shape = RunnerShape(page_size=c.page_size, num_pages=c.num_pages, max_rows=c.max_batch,
-                      max_step_tokens=max(c.max_prefill_tokens, c.max_seq_len),
+                      max_step_tokens=max(c.max_step_tokens, c.max_seq_len),
                       max_seq_len=c.max_seq_len, min_step_tokens=c.min_token_bucket)
   return InstanceRunner(model, sharding.split_devices([c.tp])[0], shape)
 
@@ -38,9 +38,9 @@ def main(c, out: common.Outputs):
   common.check(c, RULES)
   for key in ("prefill_batches", "prefill_lens", "decode_batches", "decode_contexts"):
     common.numbers(key, c[key], int)
-  serving.preset(c.model)
+  engine_runs.preset(c.model)
   import jax
-  from pdserve_jax.sim import profiler
+  from pdserve_jax.runtime import profiler
 
   runner = runner_from_config(c)
   path = out.json or "latency_profile.json"
@@ -53,7 +53,7 @@ def main(c, out: common.Outputs):
     return
   fit, pre, dec = profiler.profile(runner, c.prefill_batches, c.prefill_lens,
                                    c.decode_batches, c.decode_contexts,
-                                   c.max_prefill_tokens, c.reps)
+                                   c.max_step_tokens, c.reps)
   print(f"backend={jax.default_backend()} model={c.model} tp={c.tp}: "
         f"{len(pre)} prefill and {len(dec)} decode points")
   print(f"prefill s = {fit.prefill[0]:.3e} + {fit.prefill[1]:.3e}*S + {fit.prefill[2]:.3e}*S2")

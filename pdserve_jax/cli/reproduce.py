@@ -31,9 +31,10 @@ import time
 
 import ml_collections
 
-from pdserve_jax import deploy, workloads
-from pdserve_jax.cli import common, modes, simulation
-from pdserve_jax.serving.share import ShareScaling
+from pdserve_jax import workloads
+from pdserve_jax.core import deploy
+from pdserve_jax.cli import common, deployments, sim_runs
+from pdserve_jax.core.share import ShareScaling
 from pdserve_jax.sim import goodput as gp
 from pdserve_jax.sim import planner
 from pdserve_jax.sim import simulator as sim
@@ -66,7 +67,7 @@ def experiment(**kw) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(dict(
       title="", source="", hardware="a100-80gb", overheads="distserve", page_size=16,
       memory_utilization=0.9, target=0.9, tol=0.02, num_nodes=1, tp_options=(1, 2, 4, 8),
-      pp_options=(1,), max_batch=256, max_tokens=4096, chunk_tokens=512,
+      pp_options=(1,), max_batch=256, max_step_tokens=4096, chunked_max_step_tokens=512,
       semi_pd_shares=(0.4, 0.5, 0.6, 0.7), paper_per_device={}, ratios={}, notes=""))
   c.update(kw)
   return c
@@ -120,18 +121,19 @@ def _load(name: str, folder: str) -> ml_collections.ConfigDict:
 
 def _setup(exp, kind: str) -> sim.Setup:
   """The simulator's Setup of a system on latency source `kind`, as every app builds
-  it (`cli.simulation.setup`, checks and messages included)."""
+  it (`cli.sim_runs.setup`, checks and messages included)."""
   cfg = ml_collections.ConfigDict({k: exp[k] for k in (
       "model", "hardware", "page_size", "memory_utilization", "overheads")})
   cfg.latency = kind
-  return simulation.setup(cfg)
+  return sim_runs.setup(cfg)
 
 
 def _fixed(exp, s: dict):
   """A system's fixed placement, through the same blocks as every app."""
-  cfg = ml_collections.ConfigDict(modes.blocks(
+  cfg = ml_collections.ConfigDict(deployments.blocks(
       instance=dict(tp=s["tp"], pp=s["pp"], replicas=s["replicas"], max_batch=exp.max_batch,
-                    max_tokens=exp.max_tokens, chunk_tokens=exp.chunk_tokens,
+                    max_step_tokens=exp.max_step_tokens,
+                    chunked_max_step_tokens=exp.chunked_max_step_tokens,
                     page_policy=s["page_policy"]),
       disaggregated={k: s[k] for k in ("num_prefill", "prefill_tp", "prefill_pp",
                                        "num_decode", "decode_tp", "decode_pp")},
@@ -139,7 +141,7 @@ def _fixed(exp, s: dict):
                    concurrent=s["concurrent"], prefill_scaling=s["prefill_scaling"],
                    decode_scaling=s["decode_scaling"])))
   cfg.ttft_slo, cfg.tpot_slo = exp.ttft_slo, exp.tpot_slo
-  return modes.deployment(cfg, s["mode"])
+  return deployments.deployment(cfg, s["mode"])
 
 
 def _planned(exp, s: dict, setup: sim.Setup, make):
@@ -147,8 +149,8 @@ def _planned(exp, s: dict, setup: sim.Setup, make):
   spec = planner.PlanSpec(
       setup, lambda rate: make(rate, 0), exp.ttft_slo, exp.tpot_slo, num_nodes=exp.num_nodes,
       tp_options=tuple(exp.tp_options), pp_options=tuple(exp.pp_options),
-      max_batch=exp.max_batch, max_prefill_tokens=exp.max_tokens,
-      chunk_tokens=exp.chunk_tokens, target=exp.target, tol=exp.tol,
+      max_batch=exp.max_batch, max_step_tokens=exp.max_step_tokens,
+      chunked_max_step_tokens=exp.chunked_max_step_tokens, target=exp.target, tol=exp.tol,
       semi_pd_shares=tuple(exp.semi_pd_shares), semi_pd_concurrent=s["concurrent"],
       semi_pd_scaling=(ShareScaling(*s["prefill_scaling"]), ShareScaling(*s["decode_scaling"])),
       page_policy=s["page_policy"])
@@ -203,7 +205,7 @@ def run_experiment(exp, seeds: dict, num_requests: int = 0, curve_seeds: int = 3
     per_device[key] = est.scaled(1 / dep.num_devices)
     paper = exp.paper_per_device.get(key)
     systems[key] = dict(
-        label=s["label"], mode=modes.mode_of(dep), latency=s["latency"],
+        label=s["label"], mode=dep.mode, latency=s["latency"],
         placement=dep.describe(), planned=s["plan"], num_devices=dep.num_devices,
         kv_tokens_per_device=_kv_tokens_per_device(setup, dep), goodput_rps=est.to_dict(),
         per_device=per_device[key].to_dict(), paper_per_device=paper,

@@ -6,7 +6,7 @@
 With `--role=prefill|decode|router` it is `cli.api`'s multi-process server instead:
 instances as worker processes, the router serving HTTP (see `cli.api`).
 
-Each mode (`cli.modes`) runs on its own engine built from the config's
+Each mode (`cli.deployments`) runs on its own engine built from the config's
 deployment blocks and `config.engine` (`pdj.EngineConfig`), and serves the
 `config.workload` block at its `rate`. With `prompts` and a model that has a
 tokenizer (`checkpoint="demo"`, an HF folder), each engine first prints their
@@ -16,10 +16,10 @@ continuations. Prints one table row per mode; `--output_json` writes the result
 
 import time
 
-from pdserve_jax.cli import serving  # first: sets XLA_FLAGS before jax loads
+from pdserve_jax.cli import engine_runs  # first: sets XLA_FLAGS before jax loads
 from absl import flags
 
-from pdserve_jax.cli import api, common, figures, modes
+from pdserve_jax.cli import api, common, figures, deployments
 from pdserve_jax import results, workloads
 
 RULES = {"generation.max_tokens": common.at_least(1),
@@ -37,14 +37,14 @@ def main(cfg, out: common.Outputs):
   if not all(isinstance(p, str) for p in cfg.prompts):
     raise common.ConfigError(f"prompts: expected strings, got {cfg.prompts!r}")
   workloads.check_config(cfg.workload)
-  names = modes.modes(cfg)
-  deployments = {m: modes.deployment(cfg, m) for m in names}
-  ec = serving.engine_config(cfg)
+  names = deployments.modes(cfg)
+  by_mode = {m: deployments.deployment(cfg, m) for m in names}
+  ec = engine_runs.engine_config(cfg)
   make = workloads.from_config(cfg.workload, ec.max_seq_len,
-                               serving.max_prompt_len(deployments.values(), ec))
+                               engine_runs.max_prompt_len(by_mode.values(), ec))
   requests = make(cfg.workload.rate)
-  model = serving.load_model(cfg)
-  serving.check_servable(deployments, model)
+  model = engine_runs.load_model(cfg)
+  engine_runs.check_servable(by_mode, model)
   w = cfg.workload
   print(f"model {model.config.name}: {model.config.num_params() / 1e6:.1f}M params; "
         f"{len(requests)} requests, {w.source} {w.arrival} {w.rate:g}/s; SLOs TTFT "
@@ -53,11 +53,11 @@ def main(cfg, out: common.Outputs):
   if cfg.prompts and not text:
     print("  (prompts skipped: the model has no tokenizer)")
   runs = []
-  for mode, dep in deployments.items():
+  for mode, dep in by_mode.items():
     with pdj.Engine(model, dep, ec) as engine:
       if text:
-        serving.print_continuations(engine, cfg, mode)
-      report = serving.serve_workload(engine, requests, mode)
+        engine_runs.print_continuations(engine, cfg, mode)
+      report = engine_runs.serve_workload(engine, requests, mode)
       stats = engine.stats()
     runs.append(results.run_record(mode, "engine", dep, w.rate, report.requests, cfg.ttft_slo,
                                    cfg.tpot_slo, report.share_history, engine_stats=stats))

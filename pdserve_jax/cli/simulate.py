@@ -4,7 +4,7 @@
       --config.modes=disaggregated,colocated_prefill_first --config.workload.rate=2
 
 The config names the model preset, hardware and latency source
-(`cli.simulation`), the modes and their deployment blocks (`cli.modes`), the SLOs
+(`cli.sim_runs`), the modes and their deployment blocks (`cli.deployments`), the SLOs
 and the workload block (`workloads.DEFAULTS`). Prints one table row per mode;
 `--output_json` writes the result (`pdserve_jax.results`), `--plots_dir` its
 TTFT/TPOT CDFs and semi-PD share. `num_seeds` > 1 runs the workload drawn from that
@@ -14,18 +14,18 @@ many seeds and prints each mode's attainment as mean ± 95% interval.
 import time
 
 from pdserve_jax import workloads
-from pdserve_jax.cli import common, figures, modes, simulation
+from pdserve_jax.cli import common, figures, deployments, sim_runs
 
 
 def main(cfg, out: common.Outputs):
   start = time.perf_counter()
-  setup = simulation.setup(cfg)
-  deployments = [modes.deployment(cfg, m) for m in modes.modes(cfg)]
+  setup = sim_runs.setup(cfg)
+  by_mode = [deployments.deployment(cfg, m) for m in deployments.modes(cfg)]
   make = workloads.from_config(cfg.workload, setup.model.max_position_embeddings)
-  runs = [r for dep in deployments
-          for r in simulation.run_seeds(setup, dep, make, cfg.workload.rate or None, cfg)]
+  runs = [r for dep in by_mode
+          for r in sim_runs.run_seeds(setup, dep, make, cfg.workload.rate or None, cfg)]
   print(common.table(runs))
-  summary = simulation.seed_summary(runs)
+  summary = sim_runs.seed_summary(runs)
   if summary:
     print(summary)
   plots = (figures.write(out.plots_dir, runs, cfg.ttft_slo, cfg.tpot_slo)

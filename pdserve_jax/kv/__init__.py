@@ -1,1 +1,2 @@
-"""The paged KV cache: host-side page allocator, device-side pool, page transfer."""
+"""The paged KV cache on devices: the pool and the page transfer between meshes (the
+host-side page bookkeeping is `core.pages`)."""

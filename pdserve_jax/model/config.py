@@ -133,3 +133,14 @@ def get_preset(name: str) -> ModelConfig:
     return PRESETS[name]
   except KeyError:
     raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}") from None
+
+
+def config_to_dict(cfg: ModelConfig) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+  d = dict(d)
+  if d.get("rope_scaling"):
+    d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+  return ModelConfig(**d)

@@ -21,10 +21,9 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from pdserve_jax.model import llama, sharding
-from pdserve_jax.model.config import ModelConfig, RopeScaling
+from pdserve_jax.model.card import CONFIG_FILE
+from pdserve_jax.model.config import ModelConfig, config_from_dict, config_to_dict
 from pdserve_jax.model.tokenizer import Tokenizer, eos_ids_of, load_tokenizer
-
-CONFIG_FILE = "pdserve_config.json"
 
 
 @dataclasses.dataclass
@@ -61,17 +60,6 @@ class Model:
       self.tokenizer.save(path)
     with open(os.path.join(path, "generation_config.json"), "w") as f:
       json.dump({"eos_token_id": list(self.eos_token_ids)}, f, indent=1)
-
-
-def config_to_dict(cfg: ModelConfig) -> dict:
-  return dataclasses.asdict(cfg)
-
-
-def config_from_dict(d: dict) -> ModelConfig:
-  d = dict(d)
-  if d.get("rope_scaling"):
-    d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-  return ModelConfig(**d)
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, std: float = 0.02) -> Model:

@@ -33,6 +33,7 @@ from pdserve_jax.kv.pool import POOL_AXES, PagePool, SCRATCH_PAGE
 from pdserve_jax.model import llama, sharding
 from pdserve_jax.model.model import Model
 from pdserve_jax.runtime.buckets import RunnerShape
+from pdserve_jax.runtime.rows import Sampled, SamplingRows
 from pdserve_jax.runtime.sampling import sample
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -65,37 +66,6 @@ class CompileCounter:
   def __exit__(self, *exc):
     with self._lock:
       self._active.remove(self)
-
-
-class Sampled(NamedTuple):
-  """A program call's sampled tokens (device arrays, padded rows included)."""
-  tokens: jax.Array  # i32 [B]; -1 where the row's logits were not finite
-  logprobs: jax.Array  # f32 [B]: log-probability of each token
-  top_ids: jax.Array  # i32 [B, K]: the K most likely tokens (K = sampling.MAX_LOGPROBS)
-  top_logprobs: jax.Array  # f32 [B, K]
-
-
-@dataclasses.dataclass
-class SamplingRows:
-  """Per-row sampling parameters, host side."""
-  temperature: np.ndarray  # f32 [B]
-  top_k: np.ndarray  # i32 [B]
-  top_p: np.ndarray  # f32 [B]
-  seed: np.ndarray  # i32 [B]
-  token_index: np.ndarray  # i32 [B]: which output token of the request is drawn
-
-  @staticmethod
-  def greedy(n: int) -> "SamplingRows":
-    return SamplingRows(np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32),
-                        np.zeros(n, np.int32), np.zeros(n, np.int32))
-
-  def padded(self, n: int) -> "SamplingRows":
-    pad = lambda a, v: np.concatenate([a, np.full(n - len(a), v, a.dtype)])
-    return SamplingRows(pad(self.temperature, 0), pad(self.top_k, 0), pad(self.top_p, 1),
-                        pad(self.seed, 0), pad(self.token_index, 0))
-
-  def arrays(self):
-    return (self.temperature, self.top_k, self.top_p, self.seed, self.token_index)
 
 
 def _write_kv(pool, i, pages, slots, k, v):

@@ -20,9 +20,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pdserve_jax.serving.validate import MAX_LOGPROBS  # requests may ask up to this many
-
-
+# Top tokens every call returns with their log-probabilities: OpenAI's completions API
+# allows at most 5, and `core.sampling.MAX_LOGPROBS` (what requests may ask) equals it.
+MAX_LOGPROBS = 5
 
 
 def sample(logits, temperature, top_k, top_p, seeds, token_index):

@@ -1,3 +1,3 @@
-"""Requests and steps, per-instance batch policies, semi-PD controllers and mode
-coordinators (all shared with the simulator, none touching arrays), validation,
-metrics, and the JAX side: the executor and the engine."""
+"""The in-process JAX side: the engine loop (`engine`), the JAX executor that runs a
+coordinator's steps with real programs (`executor`), the engine's runtime knobs
+(`config`), and per-request output processing (`output`)."""

@@ -4,7 +4,7 @@
 
 The deployment (colocated, disaggregated or semi-PD: the same type the simulator
 and the planner use) decides the instances and their batch limits; the mode's
-coordinator (`serving.coordinator`) decides everything between them; the JAX
+coordinator (`core.coordinator`) decides everything between them; the JAX
 executor (`serving.executor`) runs the steps. This module owns only the thread
 that feeds them events and the caller's side: checking requests, handles,
 abort, the admission limit, and ending every request exactly once.
@@ -32,90 +32,23 @@ import logging
 import queue
 import threading
 import time
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
-import jax
 import numpy as np
 
-from pdserve_jax import deploy
-from pdserve_jax.kv.allocator import PageAllocator
-from pdserve_jax.model.model import Model
-from pdserve_jax.serving import coordinator as C
-from pdserve_jax.serving import metrics, validate
-from pdserve_jax.serving.executor import COPY, FAILED, LOST, STEP, JaxExecutor, Job, wall_clock
-from pdserve_jax.serving.params import SamplingParams
-from pdserve_jax.serving.request import Request
+from pdserve_jax.core import coordinator as C
+from pdserve_jax.core import deploy, metrics, seam
+from pdserve_jax.core import sampling as validate
+from pdserve_jax.core.pages import PageAllocator
+from pdserve_jax.core.request import Request
+from pdserve_jax.core.sampling import SamplingParams
+from pdserve_jax.serving.config import EngineConfig, check_servable, max_prompt_len
+from pdserve_jax.serving.executor import JaxExecutor, Placement, wall_clock
+from pdserve_jax.serving.output import Delta, RequestOutput
 
 
 class EngineOverloaded(RuntimeError):
   """`submit` found the engine holding `max_queued` unfinished requests."""
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-  """Runtime knobs: what the deployment does not say (pool, buckets, kernels)."""
-  page_size: int = 16
-  num_pages: int = 256  # per device group; page 0 is scratch
-  max_seq_len: int = 512  # prompt + output
-  attn_impl: str = "auto"
-  warmup: bool = True
-  log_steps: bool = False  # keep a `StepRecord` of every step and an event log
-  # Smallest packed-call bucket (tokens): raising it trades padding for fewer programs.
-  min_token_bucket: int = 64
-  # SLOs (seconds): semi-PD's partitioner steers by them; reports count attainment.
-  ttft_slo: float = 1.0
-  tpot_slo: float = 0.1
-  # Requests submitted and not yet finished; `submit` beyond it raises EngineOverloaded.
-  max_queued: int = 1024
-
-  def check(self) -> None:
-    for f in ("page_size", "max_seq_len", "min_token_bucket", "max_queued"):
-      v = getattr(self, f)
-      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{f} must be an int >= 1, got {v!r}")
-    if not isinstance(self.num_pages, int) or self.num_pages < 2:
-      raise ValueError(f"num_pages must be >= 2 (page 0 is scratch), got {self.num_pages!r}")
-    if self.max_seq_len % self.page_size:
-      raise ValueError(f"max_seq_len={self.max_seq_len} must be a multiple of "
-                       f"page_size={self.page_size}")
-    if not self.ttft_slo > 0 or not self.tpot_slo > 0:
-      raise ValueError(f"SLOs must be positive, got ttft_slo={self.ttft_slo}, "
-                       f"tpot_slo={self.tpot_slo}")
-
-
-def check_servable(deployment, model: Model, local: bool = True) -> None:
-  """Raises ValueError naming why the engine cannot run `deployment` here (`local`:
-  on this process's devices)."""
-  if not isinstance(deployment, (deploy.Colocated, deploy.Disaggregated, deploy.SemiPD)):
-    raise ValueError(f"the engine serves Colocated, Disaggregated or SemiPD deployments, "
-                     f"got {type(deployment).__name__}")
-  deployment.check()
-  specs = ([deployment.prefill, deployment.decode]
-           if isinstance(deployment, deploy.Disaggregated) else [deployment.instance])
-  for s in specs:
-    if model.config.num_layers % s.pp:
-      raise ValueError(f"pp={s.pp} does not divide the model's {model.config.num_layers} "
-                       "layers into equal pipeline stages")
-    heads = model.config.num_kv_heads
-    if heads % s.tp and s.tp % heads:
-      raise ValueError(f"tp={s.tp} neither divides nor is a multiple of the model's "
-                       f"{heads} KV heads")
-  if isinstance(deployment, deploy.SemiPD) and deployment.concurrent:
-    raise ValueError("SM-partitioned semi-PD (concurrent=True) needs MPS-style SM caps, "
-                     "which JAX lacks; the engine time-shares (concurrent=False)")
-  have = jax.device_count()
-  if local and deployment.num_devices > have:
-    raise ValueError(f"{deployment.describe()} needs {deployment.num_devices} devices; "
-                     f"{have} available")
-
-
-def max_prompt_len(deployment, cfg: EngineConfig) -> int:
-  """The longest prompt an engine of `deployment` and `cfg` takes."""
-  if isinstance(deployment, deploy.Colocated) and deployment.policy == "chunked":
-    return cfg.max_seq_len - 1
-  spec = deployment.prefill if isinstance(deployment, deploy.Disaggregated) else \
-      deployment.instance
-  return min(spec.max_tokens, cfg.max_seq_len - 1)
 
 
 @dataclasses.dataclass
@@ -174,11 +107,11 @@ class Result:
 
 
 def _completion(req: Request, index: int) -> Completion:
-  job = req.payload
-  k = job.params.logprobs
-  return Completion(index, list(job.tokens), job.text(), req.finish_reason,
-                    list(req.token_times), list(job.logprobs) if k is not None else None,
-                    list(job.top_logprobs) if k else None, job.stop_reason,
+  out = req.payload
+  k = out.params.logprobs
+  return Completion(index, list(out.tokens), out.text(), req.finish_reason,
+                    list(req.token_times), list(out.logprobs) if k is not None else None,
+                    list(out.top_logprobs) if k else None, out.stop_reason,
                     req.num_preemptions)
 
 
@@ -207,18 +140,19 @@ class RequestHandle:
     """Whether every completion has ended (finished, aborted or failed)."""
     return all(r.payload.finished.is_set() for r in self._reqs)
 
-  def __iter__(self):
+  def __iter__(self) -> Iterator[int]:
+    """Token ids as they come (n = 1); raises the request's error if it failed."""
+    for d in self.deltas():
+      if d.token is not None:
+        yield d.token
+
+  def deltas(self) -> Iterator[Delta]:
+    """`serving.output.Delta`s as they come (n = 1): each token with the text it
+    releases and its log-probabilities. Iterate a handle once, one way or the other."""
     if len(self._reqs) != 1:
       raise TypeError(f"request {self.request_id} has n={len(self._reqs)} completions; "
                       "stream one at a time with n=1, or wait for result()")
-    job = self._req.payload
-    while True:
-      tok = job.stream.get()
-      if tok is None:
-        break
-      yield tok
-    if job.error is not None:
-      raise job.error
+    return self._req.payload.deltas()
 
   def cancel(self) -> bool:
     """Aborts the request (see `Engine.abort`); False when it had already ended."""
@@ -248,43 +182,46 @@ class WorkloadReport:
   wall_seconds: float
 
 
-_CLOSE = object()
-
-
 class Engine:
   """Serves `model` as `deployment` says; see the module docstring."""
 
-  def __init__(self, model: Model, deployment=None, config: Optional[EngineConfig] = None,
-               executor=None):
-    """`executor(model, config, clock, post, ended)`, if given, builds the executor
-    instead of the local `JaxExecutor` (`serving.remote`: instances in processes of
-    their own)."""
+  def __init__(self, model, deployment=None, config: Optional[EngineConfig] = None,
+               placement: Optional[Placement] = None):
+    """`model`: a `Model`, or with a `placement` of worker processes anything with its
+    `config`, `tokenizer` and `eos_token_ids` (`model.card.ModelCard`). `placement`
+    says where instances run: this process's devices by default
+    (`serving.local.LocalPlacement`), or worker processes (`cluster.router`)."""
     config = config or EngineConfig()
     deployment = deployment or deploy.Colocated(deploy.InstanceSpec(max_batch=16,
-                                                                    max_tokens=512))
+                                                                    max_step_tokens=512))
     if isinstance(deployment, EngineConfig):
       raise TypeError("Engine(model, deployment, config): pass a deployment "
                       "(pdj.Colocated, pdj.Disaggregated, pdj.SemiPD) before the config")
     config.check()
     if not model.config.executable:
       raise ValueError(f"model {model.config.name!r} ({model.config.arch}) cannot be served")
-    check_servable(deployment, model, local=executor is None)
+    if placement is None:
+      from pdserve_jax.serving.local import LocalPlacement  # loads jax
+
+      placement = LocalPlacement(model, config.attn_impl)
+    check_servable(deployment, model.config, placement.device_count)
     self.model, self.deployment, self.config = model, deployment, config
     self.tokenizer = model.tokenizer
     self._seeds = np.random.default_rng()  # OS entropy: fresh seeds per engine
     self.max_prompt_len = max_prompt_len(deployment, config)
     self.clock = wall_clock(time.perf_counter())
-    self._inbox: "queue.Queue" = queue.Queue()
-    self.executor = (executor or JaxExecutor)(model, config, self.clock, self._inbox.put,
-                                              self._ended)
-    self.coordinator = C.build(deployment, self.executor, config.ttft_slo, config.tpot_slo,
-                               start_time=self.clock())
-    self.executor.bind(self.coordinator.instances)
-    if config.warmup:
-      pairs = [(p.group, d.group) for p in getattr(self.coordinator, "prefills", ())
-               for d in getattr(self.coordinator, "decodes", ())]
-      self.executor.warmup(pairs)
-    self.step_log = []
+    self._inbox: "queue.Queue[seam.Event]" = queue.Queue()
+    self.executor: seam.EngineExecutor = JaxExecutor(placement, config, self.clock,
+                                                     self._inbox.put)
+    try:
+      self.coordinator = C.build(deployment, self.executor, config.ttft_slo,
+                                 config.tpot_slo, start_time=self.clock(), on_end=self._ended)
+      if config.warmup:
+        self.executor.warmup()
+    except BaseException:
+      self.executor.close()  # no thread of a half-built engine is left running
+      raise
+    self.step_log: List[seam.StepRecord] = []
     self.event_log: List[tuple] = []  # (kind, request id, engine time), with log_steps
     if config.log_steps:
       self.executor.log = self.step_log
@@ -344,16 +281,16 @@ class Engine:
           seeds = [(params.seed + i) % validate.SEED_LIMIT for i in range(params.n)]
         eos = () if params.ignore_eos else self.model.eos_token_ids
         stop_ids = frozenset(params.stop_token_ids) | frozenset(eos)
-        reqs = [Request(next(self._ids), len(ids), params.max_tokens, when, payload=Job(
-            ids, dataclasses.replace(params, seed=seed), stop_ids=stop_ids,
-            stop_strings=params.stop, detokenize=detokenize)) for seed in seeds]
+        reqs = [Request(next(self._ids), len(ids), params.max_tokens, when,
+                        payload=RequestOutput(ids, dataclasses.replace(params, seed=seed),
+                                              stop_ids, detokenize)) for seed in seeds]
         # Pool sizes never change, so this thread may read them.
         self.coordinator.check(reqs[0])
         groups.append((reqs, prompt_text))
       for reqs, _ in groups:
         for req in reqs:
           self._live[req.request_id] = req
-          self._inbox.put(req)
+          self._inbox.put(seam.Submit(req))
     return [RequestHandle(reqs, self, text) for reqs, text in groups]
 
   def _prompt_ids(self, prompt) -> tuple[Optional[str], List[int]]:
@@ -374,7 +311,7 @@ class Engine:
       req = self._live.get(request_id)
       if req is None or self._error is not None:
         return False
-      self._inbox.put(("abort", req))
+      self._inbox.put(seam.Abort(req))
     return True
 
   def generate(self, prompts: Sequence[Union[str, Sequence[int]]],
@@ -459,7 +396,7 @@ class Engine:
         already = True
       else:
         already, self._closing = False, True
-        self._inbox.put((_CLOSE, None if timeout is None else self.clock() + timeout))
+        self._inbox.put(seam.Close(None if timeout is None else self.clock() + timeout))
     if not already or self._thread.is_alive():
       self._thread.join()
     self.executor.close()
@@ -474,51 +411,54 @@ class Engine:
 
   def _ended(self, req: Request, now: float) -> None:
     """The coordinator ended `req`: finished, aborted, or failed."""
-    job = req.payload
+    out = req.payload
     reason = req.end_reason
     if reason == "error":
       self.counts["failed"] += 1
-      job.end(job.error or RuntimeError(f"request {req.request_id} failed"))
+      out.end(out.error or RuntimeError(f"request {req.request_id} failed"))
     else:
       self.counts["aborted" if reason == "aborted" else "finished"] += 1
-      job.end()
+      out.end()
     with self._lock:
       self._live.pop(req.request_id, None)
 
-  def _handle(self, item) -> None:
+  def _handle(self, event: seam.Event) -> None:
     coord, ex = self.coordinator, self.executor
-    if isinstance(item, Request):
-      now = self.clock()
+    if isinstance(event, seam.Submit):
+      req, now = event.request, self.clock()
       if self.config.log_steps:
-        self.event_log.append(("arrival", item.request_id, now))
+        self.event_log.append(("arrival", req.request_id, now))
       try:
-        coord.add(item, now)
+        coord.add(req, now)
       except ValueError as e:
         self.counts["rejected"] += 1
-        item.finish_time, item.end_reason = now, "error"
-        item.payload.end(e)
+        req.finish_time, req.end_reason = now, "error"
+        req.payload.end(e)
         with self._lock:
-          self._live.pop(item.request_id, None)
-      return
-    kind, obj = item[0], item[1]
-    if kind == STEP:
+          self._live.pop(req.request_id, None)
+    elif isinstance(event, seam.StepDone):
+      inst = event.instance
+      if inst.step is None:
+        return  # its instance was lost meanwhile, and the step ended with it
       try:
-        now, seconds = ex.collect(obj)
+        now, seconds = ex.collect(inst)
       except Exception as e:  # noqa: BLE001 - one step's failure ends its requests only
-        self._fail(obj, e)
+        self._fail(inst, e)
         return
-      coord.step_done(obj, now, seconds)
-    elif kind == FAILED:
-      self._fail(obj, item[2])
-    elif kind == LOST:
-      self._lose(obj, item[2])
-    elif kind == COPY:
+      coord.step_done(inst, now, seconds)
+    elif isinstance(event, seam.StepFailed):
+      self._fail(event.instance, event.error)
+    elif isinstance(event, seam.InstanceLost):
+      self._lose(event.instance, event.error)
+    elif isinstance(event, seam.CopyDone):
       now = self.clock()
       if self.config.log_steps:
-        self.event_log.append(("copy", obj.request_id, now))
-      coord.copy_done(obj, now)
-    elif kind == "abort":
-      coord.abort(obj, self.clock())
+        self.event_log.append(("copy", event.request.request_id, now))
+      coord.copy_done(event.request, now)
+    elif isinstance(event, seam.Abort):
+      coord.abort(event.request, self.clock(), event.reason)
+    else:
+      raise TypeError(f"unknown engine event {event!r}")
 
   def _fail(self, inst, error: BaseException) -> None:
     """A step could not run or be read: its requests end with the error; if the
@@ -556,17 +496,19 @@ class Engine:
             return
         wait = None if deadline is None else max(deadline - self.clock(), 0.0)
         try:
-          item = self._inbox.get(timeout=wait)
+          event = self._inbox.get(timeout=wait)
         except queue.Empty:
           # Past the close deadline: abort what is left, then let it drain.
-          for req in list(self._live.values()):
-            self._inbox.put(("abort", req))
+          with self._lock:
+            left = list(self._live.values())
+          for req in left:
+            self._inbox.put(seam.Abort(req))
           deadline = None
           continue
-        if isinstance(item, tuple) and item[0] is _CLOSE:
-          closing, deadline = True, item[1]
+        if isinstance(event, seam.Close):
+          closing, deadline = True, event.deadline
           continue
-        self._handle(item)
+        self._handle(event)
     except BaseException as e:  # noqa: BLE001 - no caller may be left waiting
       logging.exception("pdserve engine thread failed; ending every request it held")
       with self._lock:

@@ -1,2 +1,4 @@
-"""Hardware specs, latency models, the profiler, the discrete-event simulator and
-the goodput planner. The simulator drives `serving.coordinator` and its policies."""
+"""Hardware specs, latency models, the discrete-event simulator and the goodput
+planner. The simulator drives `core.coordinator` and its policies on a virtual clock.
+No JAX here (tests/test_imports.py checks it); the profiler that times real
+programs is `runtime.profiler`."""

@@ -15,8 +15,8 @@ import dataclasses
 import math
 from typing import Callable, Optional, Sequence
 
-from pdserve_jax.serving import metrics
-from pdserve_jax.serving.request import Request
+from pdserve_jax.core import metrics
+from pdserve_jax.core.request import Request
 from pdserve_jax.sim.simulator import Setup, simulate
 
 # Arrivals this fast put a whole sample in the queue at once.

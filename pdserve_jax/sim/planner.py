@@ -36,14 +36,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from pdserve_jax import deploy
-from pdserve_jax.serving.metrics import check_slos
-from pdserve_jax.serving.request import Request
-from pdserve_jax.serving.share import PartitionerConfig, ShareScaling
+from pdserve_jax.core import deploy
+from pdserve_jax.core.metrics import check_slos
+from pdserve_jax.core.request import Request
+from pdserve_jax.core.share import PartitionerConfig, ShareScaling
 from pdserve_jax.sim import goodput as search
 from pdserve_jax.sim import simulator as sim
 
@@ -64,8 +64,8 @@ class PlanSpec:
     num_nodes: nodes of `setup.hardware.devices_per_node` devices.
     tp_options, pp_options: parallel degrees to try; tp stays within a node.
     max_batch: batch cap of every instance.
-    max_prefill_tokens: prompt-token budget of prefill steps.
-    chunk_tokens: token budget of chunked-prefill steps.
+    max_step_tokens: prompt-token budget of prefill steps.
+    chunked_max_step_tokens: token budget of chunked-prefill steps.
     target: attainment to keep.
     tol: relative precision of each goodput.
     target_rate: if set, Algorithm 1 replicates each phase to carry it; otherwise
@@ -87,8 +87,8 @@ class PlanSpec:
   tp_options: tuple[int, ...] = (1, 2, 4, 8)
   pp_options: tuple[int, ...] = (1, 2, 4, 8)
   max_batch: int = 256
-  max_prefill_tokens: int = 4096
-  chunk_tokens: int = 512
+  max_step_tokens: int = 4096
+  chunked_max_step_tokens: int = 512
   target: float = 0.9
   tol: float = 0.03
   target_rate: Optional[float] = None
@@ -156,20 +156,22 @@ class Plan:
     """{"tpXppY": req/s per device} of `phase` alone."""
     return {k: g / self.config_devices[k] for k, g in self.phase_goodput[phase].items()}
 
-  def best(self, mode: Optional[str] = None) -> Optional[Candidate]:
-    """The best candidate of `mode`, or of all modes; its `deployment` is what
+  def best(self, mode: Union[str, Sequence[str], None] = None) -> Optional[Candidate]:
+    """The best candidate of `mode` (a name of `deploy.MODES`, or several, such as
+    `deploy.COLOCATED`), or of all modes; its `deployment` is what
     `Engine(model, deployment)` serves."""
+    modes = (mode,) if isinstance(mode, str) else mode
     return next((c for c in self.candidates if c.goodput is not None
-                 and (mode is None or c.mode == mode)), None)
+                 and (modes is None or c.mode in modes)), None)
 
   def to_dict(self) -> dict:
     return {"candidates": [c.to_dict() for c in self.candidates],
             "best": {m: (c.to_dict() if (c := self.best(m)) else None)
-                     for m in ("disaggregated", "semi_pd", "colocated")},
+                     for m in deploy.MODES},
             "phase_goodput_rps": self.phase_goodput, "skipped_configs": self.skipped}
 
   def table(self) -> str:
-    rows = [f"{'mode':<14}{'algorithm':<20}{'placement':<46}{'devices':>8}"
+    rows = [f"{'mode':<24}{'algorithm':<20}{'placement':<46}{'devices':>8}"
             f"{'goodput':>10}{'per device':>12}{'± (95%)':>10}{'seeds':>6}"]
     for c in self.candidates:
       g = "pruned" if c.goodput is None else f"{c.goodput:.2f}"
@@ -177,7 +179,7 @@ class Plan:
       e = c.estimate
       spread = "" if e is None else f"{e.half_width / c.num_devices:.2f}"
       seeds = "" if e is None else f"{len(e.seeds)}" + ("*" if c.overlaps_best else "")
-      rows.append(f"{c.mode:<14}{c.algorithm:<20}{c.describe():<46}{c.num_devices:>8}"
+      rows.append(f"{c.mode:<24}{c.algorithm:<20}{c.describe():<46}{c.num_devices:>8}"
                   f"{g:>10}{p:>12}{spread:>10}{seeds:>6}")
     if any(c.overlaps_best for c in self.candidates):
       rows.append("* its 95% interval overlaps the best's: these seeds do not rank them")
@@ -235,7 +237,7 @@ class _Planner:
 
   def _instance(self, tp, pp, chunked=False):
     s = self.spec
-    budget = s.chunk_tokens if chunked else s.max_prefill_tokens
+    budget = s.chunked_max_step_tokens if chunked else s.max_step_tokens
     return deploy.InstanceSpec(tp, pp, min(s.max_batch, budget - 1) if chunked else s.max_batch,
                                budget, s.page_policy)
 
@@ -248,7 +250,7 @@ class _Planner:
       return self._estimates[key]
     model = self.spec.setup.latency(tp, pp)
     if phase == "prefill":
-      k = max(1, int(self.spec.max_prefill_tokens // self.mean_prompt))
+      k = max(1, int(self.spec.max_step_tokens // self.mean_prompt))
       est = k / model.prefill_totals(k, k * self.mean_prompt, k * self.mean_sq_prompt)
     else:
       ctx = self.mean_prompt + self.mean_out / 2
@@ -385,7 +387,7 @@ class _Planner:
   def colocated(self, policies: Sequence[str] = deploy.POLICIES) -> list[Candidate]:
     cands = []
     for policy in policies:
-      cands += self._combined("colocated", policy, lambda tp, pp: deploy.Colocated(
+      cands += self._combined(f"colocated_{policy}", policy, lambda tp, pp: deploy.Colocated(
           self._instance(tp, pp, chunked=policy == "chunked"), 1, policy), self.configs)
     return self._search(cands)
 
@@ -418,19 +420,15 @@ class _Planner:
     return cands
 
 
-def plan(spec: PlanSpec, modes: Sequence[str] = ("disaggregated", "semi_pd", "colocated"),
+def plan(spec: PlanSpec, modes: Sequence[str] = deploy.MODES,
          progress: Optional[Callable[[Candidate], None]] = None) -> Plan:
-  """Searches placements for `modes`; returns them ranked by goodput per device.
-
-  Modes: "disaggregated", "semi_pd", "colocated" (both policies) or one policy,
-  "colocated_prefill_first" / "colocated_chunked". `progress(candidate)` is
-  called as each candidate is decided (simulated or pruned)."""
-  policies = [p for p in deploy.POLICIES if "colocated" in modes or f"colocated_{p}" in modes]
-  known = ("disaggregated", "semi_pd", "colocated") + tuple(f"colocated_{p}"
-                                                           for p in deploy.POLICIES)
-  bad = [m for m in modes if m not in known]
+  """Searches placements for `modes` (names of `deploy.MODES`); returns them ranked by
+  goodput per device. `progress(candidate)` is called as each candidate is decided
+  (simulated or pruned)."""
+  bad = [m for m in modes if m not in deploy.MODES]
   if bad:
-    raise ValueError(f"unknown mode(s) {bad}; known: {known}")
+    raise ValueError(f"unknown mode(s) {bad}; known: {deploy.MODES}")
+  policies = [p for p in deploy.POLICIES if f"colocated_{p}" in modes]
   p = _Planner(spec, progress)
   cands = []
   if "disaggregated" in modes:

@@ -1,9 +1,9 @@
 """Discrete-event simulator: the serving coordinators on a virtual clock.
 
 The latency-model executor. It drives the same coordinator and scheduler objects
-as the engine (`serving/coordinator.py`, `serving/policies.py`), advancing a
+as the engine (`core/coordinator.py`, `core/policies.py`), advancing a
 virtual clock by a `LatencyModel`'s step times instead of running programs, so
-the planner judges the policies that serve. Deployments are `pdserve_jax.deploy`'s
+the planner judges the policies that serve. Deployments are `pdserve_jax.core.deploy`'s
 (re-exported here); `PhaseOnly` measures one phase alone, as DistServe's planner
 does.
 
@@ -26,13 +26,13 @@ import math
 from typing import Callable, Optional, Sequence
 
 # The deployment types, for callers that reach them through the simulator.
-from pdserve_jax.deploy import (Colocated, Disaggregated, InstanceSpec, PhaseOnly,  # noqa: F401
+from pdserve_jax.core.deploy import (Colocated, Disaggregated, InstanceSpec, PhaseOnly,  # noqa: F401
                                 SemiPD)
-from pdserve_jax.kv.allocator import PageAllocator
+from pdserve_jax.core.pages import PageAllocator
 from pdserve_jax.model.config import ModelConfig
-from pdserve_jax.serving import coordinator as C
-from pdserve_jax.serving import metrics
-from pdserve_jax.serving.request import Request
+from pdserve_jax.core import coordinator as C
+from pdserve_jax.core import metrics
+from pdserve_jax.core.request import Request
 from pdserve_jax.sim.hardware import HardwareSpec
 from pdserve_jax.sim.latency import LatencyModel, transfer_time
 
@@ -259,9 +259,6 @@ class LatencyExecutor:
   def _copied(self, now, req):
     self.coord.copy_done(req, now)
 
-  def ended(self, req, now) -> None:
-    pass
-
   def _overlap(self, me, now, stage):
     """A step runs `overlap_slowdown` times slower while another group is busy.
     Only the work already in flight elsewhere counts (later steps there stretch
@@ -294,7 +291,6 @@ def simulate(requests: Sequence[Request], setup: Setup, deployment,
   sim = _Simulation()
   ex = LatencyExecutor(setup, deployment, sim, replay, record_steps)
   coord = C.build(deployment, ex, ttft_slo, tpot_slo, start_time=times[0])
-  ex.bind(coord)
   try:
     coord.check(max(reqs, key=lambda r: r.lifetime_tokens))
   except ValueError as e:

@@ -36,7 +36,7 @@ import json
 from typing import Callable
 
 from pdserve_jax.model.config import ModelConfig
-from pdserve_jax.serving.share import ShareScaling
+from pdserve_jax.core.share import ShareScaling
 from pdserve_jax.sim.hardware import HardwareSpec
 from pdserve_jax.sim.latency.base import LatencyModel, transfer_time
 from pdserve_jax.sim.latency.overheads import (NONE as NO_OVERHEADS, StepOverheads,

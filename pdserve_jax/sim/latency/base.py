@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Optional, Sequence
 
-from pdserve_jax.serving.step import Step
+from pdserve_jax.core.step import Step
 
 
 def transfer_time(num_bytes: float, bandwidth: float, latency_s: float = 0.0) -> float:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pdserve_jax.serving.step import Step
+from pdserve_jax.core.step import Step
 from pdserve_jax.sim.latency.base import LatencyModel
 
 

@@ -9,7 +9,7 @@ import dataclasses
 import json
 
 from pdserve_jax.runtime.buckets import RunnerShape
-from pdserve_jax.serving.step import Step
+from pdserve_jax.core.step import Step
 from pdserve_jax.sim.latency.base import LatencyModel, _latency_json
 
 

@@ -34,7 +34,7 @@ import json
 
 from pdserve_jax.model.config import ModelConfig
 from pdserve_jax.runtime.buckets import RunnerShape
-from pdserve_jax.serving.step import Step
+from pdserve_jax.core.step import Step
 from pdserve_jax.sim.hardware import HardwareSpec
 from pdserve_jax.sim.latency.base import LatencyModel
 from pdserve_jax.sim.latency.roofline import RooflineLatencyModel as _Roofline

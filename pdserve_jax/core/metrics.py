@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from pdserve_jax.serving.request import Request
+from pdserve_jax.core.request import Request
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -6,17 +6,13 @@ which decode instance (the decode side pulls when it has pages, DistServe's way)
 where a preempted request is recomputed, which semi-PD phase runs next and how
 the partitioner moves the share, and how an abort or a failed step ends requests.
 
-It reaches devices only through an executor (the seam):
-  `allocator(group, spec, fraction)` a page allocator for a device group,
-  `can_launch(inst, now)`           whether the group's devices can take a step now
-                                    (if not, the executor calls `resume` later),
-  `launch(inst, step, now)`         run a step; later `step_done(inst, now, seconds)`
-                                    or `fail(inst, now)`,
-  `start_copy(req, src, dst, now)`  move a request's KV; later `copy_done(req, now)`,
-  `ended(req, now)`                 a request finished, was aborted or failed;
-and it calls `lose(inst, now)` when an instance's devices are gone for good (a
-worker process died): the requests there end with an error, and no new work goes
-to it.
+It reaches devices only through an executor (`core.seam.Executor`): a page
+allocator per device group, `can_launch` / `launch` a step (later `step_done` or
+`fail`), `start_copy` a request's KV (later `copy_done`). The executor calls
+`lose(inst, now)` when an instance's devices are gone for good (a worker process
+died): the requests there end with an error, and no new work goes to it. Every
+request that ends (finished, aborted or failed) is passed to `on_end(req, now)`,
+the engine's hook for waking its caller.
 The JAX executor (`serving.executor`) runs real programs on the wall clock; the
 latency-model executor (`sim.simulator`) advances a virtual clock. Both call the
 same entry points in the order events happen, so one trace gives one sequence of
@@ -26,29 +22,33 @@ decisions in both (tests check this step by step).
 from __future__ import annotations
 
 import collections
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-from pdserve_jax import deploy
-from pdserve_jax.serving.policies import (ChunkedPrefillScheduler, DecodeScheduler,
+from pdserve_jax.core import deploy
+from pdserve_jax.core.policies import (ChunkedPrefillScheduler, DecodeScheduler,
                                           PrefillFirstScheduler, PrefillScheduler,
                                           check_fits, least_loaded, move_handoffs)
-from pdserve_jax.serving.request import Request
-from pdserve_jax.serving.share import PartitionerConfig, ShareController, SloPartitioner
-from pdserve_jax.serving.step import DECODE, PREFILL, Step
+from pdserve_jax.core.request import Request
+from pdserve_jax.core.share import PartitionerConfig, ShareController, SloPartitioner
+from pdserve_jax.core.step import DECODE, PREFILL, Step
+
+if TYPE_CHECKING:
+  from pdserve_jax.core.seam import Executor
+
+OnEnd = Callable[[Request, float], None]
 
 
 class Instance:
   """One scheduler on one device group (a mesh, or in the simulator a pipeline's
-  virtual engine). `handle` is the executor's own data for it."""
+  virtual engine)."""
   __slots__ = ("name", "group", "sched", "spec", "phase", "step", "unit", "slowdown",
-               "handle", "lost")
+               "lost")
 
   def __init__(self, name, group, sched, spec, phase=None):
     self.name, self.group, self.sched, self.spec, self.phase = name, group, sched, spec, phase
     self.step: Optional[Step] = None
     self.unit = None  # semi-PD: the replica both phases belong to
     self.slowdown = None  # semi-PD SM partitioning: () -> factor on its step time
-    self.handle = None
     self.lost = False  # its devices are gone: it takes no more work
 
   @property
@@ -70,8 +70,9 @@ def _virtual(group: str, v: int, pp: int) -> str:
 class Coordinator:
   """The shared machinery; one subclass per mode."""
 
-  def __init__(self, ex):
+  def __init__(self, ex: Executor, on_end: Optional[OnEnd] = None):
     self.ex = ex
+    self.on_end = on_end
     self.instances: list[Instance] = []
     self._copies: dict[Request, tuple[Instance, Instance]] = {}
 
@@ -183,6 +184,10 @@ class Coordinator:
   def share_history(self) -> dict:
     return {}
 
+  def copy_pairs(self) -> list[tuple[str, str]]:
+    """(source group, destination group) of every KV copy this coordinator may start."""
+    return []
+
   # -- shared pieces ----------------------------------------------------------------
 
   def _entry_instances(self) -> list[Instance]:
@@ -217,10 +222,10 @@ class Coordinator:
     raise RuntimeError(f"{inst.name} preempted requests with nowhere to recompute them")
 
   def _end(self, reqs, now: float) -> None:
-    if reqs:
-      ended = self.ex.ended
+    on_end = self.on_end
+    if reqs and on_end is not None:
       for r in reqs:
-        ended(r, now)
+        on_end(r, now)
 
   def _make(self, prefix: str, spec, k: int, make_sched, phase=None) -> list[Instance]:
     """Replica `k` of `spec`: `spec.pp` virtual engines on one device group, each
@@ -236,14 +241,14 @@ class Coordinator:
 class ColocatedCoordinator(Coordinator):
   """Replicas serving both phases; arrivals go to the least loaded."""
 
-  def __init__(self, dep: deploy.Colocated, ex):
-    super().__init__(ex)
+  def __init__(self, dep: deploy.Colocated, ex, on_end=None):
+    super().__init__(ex, on_end)
     spec = dep.instance
     if dep.policy == "chunked":
-      make = lambda a: ChunkedPrefillScheduler(a, spec.max_batch, spec.max_tokens,
+      make = lambda a: ChunkedPrefillScheduler(a, spec.max_batch, spec.max_step_tokens,
                                                spec.page_policy)
     else:
-      make = lambda a: PrefillFirstScheduler(a, spec.max_batch, spec.max_tokens,
+      make = lambda a: PrefillFirstScheduler(a, spec.max_batch, spec.max_step_tokens,
                                              spec.page_policy)
     for k in range(dep.replicas):
       self._make("colocated", spec, k, make)
@@ -259,19 +264,22 @@ class DisaggregatedCoordinator(Coordinator):
   at the front of its queue, to recompute its KV.
   """
 
-  def __init__(self, dep: deploy.Disaggregated, ex):
-    super().__init__(ex)
+  def __init__(self, dep: deploy.Disaggregated, ex, on_end=None):
+    super().__init__(ex, on_end)
     p, d = dep.prefill, dep.decode
     self.prefills, self.decodes = [], []
     for k in range(dep.num_prefill):
       self.prefills += self._make("prefill", p, k, lambda a: PrefillScheduler(
-          a, p.max_batch, p.max_tokens, p.page_policy), PREFILL)
+          a, p.max_batch, p.max_step_tokens, p.page_policy), PREFILL)
     for k in range(dep.num_decode):
       self.decodes += self._make("decode", d, k, lambda a: DecodeScheduler(
           a, d.max_batch, d.page_policy), DECODE)
 
   def _entry_instances(self):
     return [self.prefills[0], self.decodes[0]]  # every pool of a kind is alike
+
+  def copy_pairs(self):
+    return list(dict.fromkeys((p.group, d.group) for p in self.prefills for d in self.decodes))
 
   def _pool_name(self, inst):
     return inst.phase
@@ -377,8 +385,8 @@ class SemiPDCoordinator(Coordinator):
   """
 
   def __init__(self, dep: deploy.SemiPD, ex, ttft_slo=None, tpot_slo=None,
-               start_time: float = 0.0):
-    super().__init__(ex)
+               start_time: float = 0.0, on_end=None):
+    super().__init__(ex, on_end)
     if dep.partitioner is not None and (ttft_slo is None or tpot_slo is None):
       raise ValueError("semi-PD's online partitioner needs ttft_slo and tpot_slo")
     self.concurrent = dep.concurrent
@@ -389,7 +397,8 @@ class SemiPDCoordinator(Coordinator):
       alloc = ex.allocator(group, spec, 1.0)
       pg, dg = (f"{group}.prefill", f"{group}.decode") if dep.concurrent else (group, group)
       pi = Instance(f"{group}.prefill", pg, PrefillScheduler(
-          alloc, spec.max_batch, spec.max_tokens, spec.page_policy, shared=True), spec, PREFILL)
+          alloc, spec.max_batch, spec.max_step_tokens, spec.page_policy, shared=True), spec,
+          PREFILL)
       di = Instance(f"{group}.decode", dg, DecodeScheduler(alloc, spec.max_batch,
                                                            spec.page_policy), spec, DECODE)
       part = None if dep.partitioner is None else SloPartitioner(
@@ -469,12 +478,12 @@ class PrefillOnlyCoordinator(Coordinator):
   """Prefill alone, with an infinitely fast decode side: a request ends with its
   first token (TTFT only), as DistServe's planner measures the phase."""
 
-  def __init__(self, dep: deploy.PhaseOnly, ex):
-    super().__init__(ex)
+  def __init__(self, dep: deploy.PhaseOnly, ex, on_end=None):
+    super().__init__(ex, on_end)
     spec = dep.instance
     for k in range(dep.replicas):
       self._make("prefill", spec, k, lambda a: PrefillScheduler(
-          a, spec.max_batch, spec.max_tokens, spec.page_policy), PREFILL)
+          a, spec.max_batch, spec.max_step_tokens, spec.page_policy), PREFILL)
 
   def _after_step(self, inst, finished, now, seconds):
     sched, drained = inst.sched, []
@@ -491,8 +500,8 @@ class DecodeOnlyCoordinator(Coordinator):
   FCFS for a decode instance with pages (TPOT only). A preempted request is
   prefilled again at once, at the front of the queue."""
 
-  def __init__(self, dep: deploy.PhaseOnly, ex):
-    super().__init__(ex)
+  def __init__(self, dep: deploy.PhaseOnly, ex, on_end=None):
+    super().__init__(ex, on_end)
     spec = dep.instance
     for k in range(dep.replicas):
       self._make("decode", spec, k, lambda a: DecodeScheduler(
@@ -544,21 +553,27 @@ class DecodeOnlyCoordinator(Coordinator):
     super().abort(req, now, reason)
 
 
-def build(dep, ex, ttft_slo: Optional[float] = None, tpot_slo: Optional[float] = None,
-          start_time: float = 0.0) -> Coordinator:
-  """The coordinator of `dep`'s mode, its instances built through `ex`."""
+def build(dep, ex: Executor, ttft_slo: Optional[float] = None,
+          tpot_slo: Optional[float] = None, start_time: float = 0.0,
+          on_end: Optional[OnEnd] = None) -> Coordinator:
+  """The coordinator of `dep`'s mode, its instances built through `ex`, bound to it;
+  `on_end(req, now)` hears of every request that ends."""
   dep.check()
+  coord: Coordinator
   if isinstance(dep, deploy.Colocated):
-    return ColocatedCoordinator(dep, ex)
-  if isinstance(dep, deploy.Disaggregated):
-    return DisaggregatedCoordinator(dep, ex)
-  if isinstance(dep, deploy.SemiPD):
-    return SemiPDCoordinator(dep, ex, ttft_slo, tpot_slo, start_time)
-  if isinstance(dep, deploy.PhaseOnly):
-    if dep.phase == "prefill":
-      return PrefillOnlyCoordinator(dep, ex)
-    return DecodeOnlyCoordinator(dep, ex)
-  raise ValueError(f"unknown deployment {dep!r}")
+    coord = ColocatedCoordinator(dep, ex, on_end)
+  elif isinstance(dep, deploy.Disaggregated):
+    coord = DisaggregatedCoordinator(dep, ex, on_end)
+  elif isinstance(dep, deploy.SemiPD):
+    coord = SemiPDCoordinator(dep, ex, ttft_slo, tpot_slo, start_time, on_end)
+  elif isinstance(dep, deploy.PhaseOnly) and dep.phase == "prefill":
+    coord = PrefillOnlyCoordinator(dep, ex, on_end)
+  elif isinstance(dep, deploy.PhaseOnly):
+    coord = DecodeOnlyCoordinator(dep, ex, on_end)
+  else:
+    raise ValueError(f"unknown deployment {dep!r}")
+  ex.bind(coord)
+  return coord
 
 
 __all__ = ["Instance", "Coordinator", "ColocatedCoordinator", "DisaggregatedCoordinator",

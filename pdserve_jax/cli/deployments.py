@@ -2,7 +2,7 @@
 
 One scheme everywhere: `colocated_prefill_first`, `colocated_chunked`,
 `disaggregated` and `semi_pd`. A config's `instance`, `disaggregated` and
-`semi_pd` blocks (built by `blocks()`, with `pdserve_jax.deploy`'s defaults) give
+`semi_pd` blocks (built by `blocks()`, with `pdserve_jax.core.deploy`'s defaults) give
 each mode its deployment; `serve`, `simulate` and `sweep` build one per listed
 mode, `plan` searches tp, pp, replicas and shares itself and reads only the batch
 limits, page policy and semi-PD knobs. No JAX here.
@@ -14,18 +14,18 @@ import dataclasses
 
 import ml_collections
 
-from pdserve_jax import deploy
+from pdserve_jax.core import deploy
 from pdserve_jax.cli import common
-from pdserve_jax.serving.share import PartitionerConfig, ShareScaling
+from pdserve_jax.core.share import PartitionerConfig, ShareScaling
 
-MODES = ("colocated_prefill_first", "colocated_chunked", "disaggregated", "semi_pd")
+MODES = deploy.MODES
 
 _DEFAULTS = dict(
     # Every instance's batch limits and page policy. Colocated and semi-PD run
     # `replicas` instances of `tp` x `pp` devices; a prefill-first step takes up to
-    # `max_tokens` prompt tokens, a chunked step `chunk_tokens` tokens in all.
-    instance=dict(tp=1, pp=1, replicas=1, max_batch=256, max_tokens=4096, chunk_tokens=512,
-                  page_policy="on_demand"),
+    # `max_step_tokens` prompt tokens, a chunked step `chunked_max_step_tokens` tokens in all.
+    instance=dict(tp=1, pp=1, replicas=1, max_batch=256, max_step_tokens=4096,
+                  chunked_max_step_tokens=512, page_policy="on_demand"),
     # Prefill and decode instances of the `instance` limits with their own tp x pp;
     # `same_node`: KV moves over the node link, else the network (simulator only).
     disaggregated=dict(num_prefill=1, prefill_tp=1, prefill_pp=1, num_decode=1,
@@ -45,6 +45,9 @@ def blocks(**overrides) -> dict:
   out = {}
   for name, default in _DEFAULTS.items():
     given = dict(overrides.pop(name, {}))
+    for key in given:
+      if key not in default and common.renamed(f"{name}.{key}"):
+        raise ValueError(f"config key {name}.{key} was renamed {common.renamed(f'{name}.{key}')}")
     unknown = sorted(set(given) - set(default))
     if unknown:
       raise ValueError(f"unknown {name} key(s) {unknown}; known: {sorted(default)}")
@@ -59,8 +62,8 @@ def blocks(**overrides) -> dict:
 
 _POS = common.at_least(1)
 RULES = {
-    **{f"instance.{k}": _POS for k in ("tp", "pp", "replicas", "max_batch", "max_tokens")},
-    "instance.chunk_tokens": common.at_least(2),
+    **{f"instance.{k}": _POS for k in ("tp", "pp", "replicas", "max_batch", "max_step_tokens")},
+    "instance.chunked_max_step_tokens": common.at_least(2),
     "instance.page_policy": common.one_of(*deploy.PAGE_POLICIES),
     **{f"disaggregated.{k}": _POS for k in ("num_prefill", "prefill_tp", "prefill_pp",
                                             "num_decode", "decode_tp", "decode_pp")},
@@ -89,15 +92,16 @@ def deployment(cfg, mode: str) -> deploy.Deployment:
   common.check(cfg, RULES)
   i = cfg.instance
 
-  def spec(tp, pp, max_tokens=i.max_tokens, max_batch=i.max_batch):
-    return deploy.InstanceSpec(tp, pp, max_batch, max_tokens, i.page_policy)
+  def spec(tp, pp, max_step_tokens=i.max_step_tokens, max_batch=i.max_batch):
+    return deploy.InstanceSpec(tp, pp, max_batch, max_step_tokens, i.page_policy)
 
   if mode == "colocated_prefill_first":
     dep = deploy.Colocated(spec(i.tp, i.pp), i.replicas, "prefill_first")
   elif mode == "colocated_chunked":
-    # A chunked step holds at most chunk_tokens - 1 decodes, leaving a prompt token.
-    dep = deploy.Colocated(spec(i.tp, i.pp, i.chunk_tokens,
-                                min(i.max_batch, i.chunk_tokens - 1)), i.replicas, "chunked")
+    # A chunked step holds at most chunked_max_step_tokens - 1 decodes, leaving a prompt token.
+    budget = i.chunked_max_step_tokens
+    dep = deploy.Colocated(spec(i.tp, i.pp, budget, min(i.max_batch, budget - 1)), i.replicas,
+                           "chunked")
   elif mode == "disaggregated":
     d = cfg.disaggregated
     dep = deploy.Disaggregated(spec(d.prefill_tp, d.prefill_pp), spec(d.decode_tp, d.decode_pp),
@@ -124,10 +128,3 @@ def _checked(key: str, obj):
   except ValueError as e:
     raise common.ConfigError(f"{key}: {e}") from None
   return obj
-
-
-def mode_of(dep) -> str:
-  """The mode name of a deployment."""
-  if isinstance(dep, deploy.Colocated):
-    return f"colocated_{dep.policy}"
-  return dep.mode

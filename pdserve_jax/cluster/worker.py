@@ -1,7 +1,7 @@
 """A prefill or decode instance as a process of its own, driven by a router.
 
 The worker holds one instance's devices, mesh, weights, KV pool and programs (an
-`InstanceRunner`) and does what the router's `RemoteExecutor` asks over a ZeroMQ
+`InstanceRunner`) and does what the router's `WorkerPlacement` asks over a ZeroMQ
 ROUTER socket, one JSON message per command: build the runner, warm it up, run a
 packed or decode call on rows the router scheduled (its page tables included: the
 router's schedulers own every page), offer a request's KV pages to a peer, or pull
@@ -34,8 +34,6 @@ it (prefill).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import queue
 import threading
@@ -45,19 +43,14 @@ import jax
 import numpy as np
 import zmq
 
-from pdserve_jax import deploy
+from pdserve_jax.cluster import wire
+from pdserve_jax.cluster.wire import decode, encode
+from pdserve_jax.core import deploy
 from pdserve_jax.model import sharding
-from pdserve_jax.runtime.programs import InstanceRunner, Sampled, SamplingRows
+from pdserve_jax.runtime.programs import InstanceRunner
+from pdserve_jax.runtime.buckets import RunnerShape
 
 ROLES = ("prefill", "decode")
-
-
-def encode(msg: dict) -> bytes:
-  return json.dumps(msg, separators=(",", ":")).encode()
-
-
-def decode(raw: bytes) -> dict:
-  return json.loads(raw)
 
 
 # Commands that run programs or move pool data: every process of an instance runs them.
@@ -71,31 +64,8 @@ def _host(a) -> np.ndarray:
 
 
 def sampled_to_json(out, n: int) -> dict:
-  """The first `n` rows of a call's `Sampled` output, as lists."""
-  return {"tokens": _host(out.tokens)[:n].tolist(),
-          "logprobs": _host(out.logprobs)[:n].tolist(),
-          "top_ids": _host(out.top_ids)[:n].tolist(),
-          "top_logprobs": _host(out.top_logprobs)[:n].tolist()}
-
-
-def sampled_from_json(reply: dict) -> Sampled:
-  n = len(reply["tokens"])
-  return Sampled(np.asarray(reply["tokens"], np.int32),
-                 np.asarray(reply["logprobs"], np.float32),
-                 np.asarray(reply["top_ids"], np.int32).reshape(n, -1),
-                 np.asarray(reply["top_logprobs"], np.float32).reshape(n, -1))
-
-
-def sampling_to_json(rows: SamplingRows) -> dict:
-  return {"temperature": rows.temperature.tolist(), "top_k": rows.top_k.tolist(),
-          "top_p": rows.top_p.tolist(), "seed": rows.seed.tolist(),
-          "token_index": rows.token_index.tolist()}
-
-
-def sampling_from_json(d: dict) -> SamplingRows:
-  return SamplingRows(np.array(d["temperature"], np.float32), np.array(d["top_k"], np.int32),
-                      np.array(d["top_p"], np.float32), np.array(d["seed"], np.int32),
-                      np.array(d["token_index"], np.int32))
+  """The first `n` rows of a call's `Sampled` output (device arrays), as lists."""
+  return wire.sampled_json({k: _host(v)[:n] for k, v in out._asdict().items()})
 
 
 class Worker:
@@ -221,19 +191,15 @@ class Worker:
             "transfer": self.transfer_address, "model": self.model.config.name}
 
   def _op_setup(self, ident, msg) -> dict:
-    from pdserve_jax.serving.engine import EngineConfig
-    from pdserve_jax.serving.executor import runner_shape
-
     spec = deploy.InstanceSpec(**msg["spec"])
-    cfg = EngineConfig(**msg["config"])
+    shape = RunnerShape(**msg["shape"])
     if spec.pp != 1:
       raise ValueError("pipeline stages (pp > 1) are not served across processes")
     if spec.tp > jax.device_count():
       raise ValueError(f"tp={spec.tp} needs {spec.tp} devices; this worker has "
                        f"{jax.device_count()}")
     mesh = sharding.make_mesh(jax.devices()[:spec.tp])
-    self.runner = InstanceRunner(self.model, mesh, runner_shape(cfg, spec, msg["num_pages"]),
-                                 cfg.attn_impl)
+    self.runner = InstanceRunner(self.model, mesh, shape, msg["attn_impl"])
     return {"num_pages": self.runner.shape.num_pages}
 
   def _op_warmup(self, ident, msg) -> dict:
@@ -251,12 +217,12 @@ class Worker:
 
   def _op_packed(self, ident, msg) -> dict:
     out = self.runner.packed(msg["chunks"], msg["starts"], msg["tables"],
-                             sampling_from_json(msg["sampling"]))
+                             wire.sampling_from_json(msg["sampling"]))
     return sampled_to_json(out, len(msg["chunks"]))
 
   def _op_decode(self, ident, msg) -> dict:
     out = self.runner.decode(msg["tokens"], msg["positions"], msg["tables"],
-                             sampling_from_json(msg["sampling"]))
+                             wire.sampling_from_json(msg["sampling"]))
     return sampled_to_json(out, len(msg["tokens"]))
 
   def _op_offer(self, ident, msg) -> dict:
@@ -307,7 +273,3 @@ class Worker:
     pool.scatter(jax.device_put(buf, pool.pool_shardings), np.asarray(msg["pages"], np.int32))
     jax.block_until_ready(pool.arrays)
     return {}
-
-
-def spec_json(spec) -> dict:
-  return dataclasses.asdict(spec)

@@ -33,6 +33,17 @@ def load_model(cfg):
   return pdj.random_model(preset(cfg.model), seed=cfg.seed, std=cfg.init_std)
 
 
+def load_card(cfg):
+  """What a router needs of the model `load_model` would load: its config, tokenizer
+  and EOS ids, read without the weights (and without jax)."""
+  from pdserve_jax.model.card import ModelCard, load_card
+  from pdserve_jax.model.demo import DEMO_DIR
+
+  if cfg.hf_path or cfg.checkpoint:
+    return load_card(cfg.hf_path or (DEMO_DIR if cfg.checkpoint == "demo" else cfg.checkpoint))
+  return ModelCard(preset(cfg.model))
+
+
 def preset(name: str):
   from pdserve_jax.model.config import get_preset
 
@@ -64,18 +75,20 @@ def engine_config(cfg, **overrides):
 
 def max_prompt_len(deployments, ec) -> int:
   """The longest prompt every one of `deployments` accepts."""
-  from pdserve_jax.serving.engine import max_prompt_len
+  from pdserve_jax.serving.config import max_prompt_len
 
   return min(max_prompt_len(d, ec) for d in deployments)
 
 
 def check_servable(deployments: dict, model) -> None:
   """Every deployment fits this model and the devices present, before any serves."""
-  from pdserve_jax.serving.engine import check_servable as check
+  import jax
+
+  from pdserve_jax.serving.config import check_servable as check
 
   for mode, dep in deployments.items():
     try:
-      check(dep, model)
+      check(dep, model.config, jax.device_count())
     except ValueError as e:
       raise common.ConfigError(f"modes: {mode}: {e}") from None
 

@@ -7,7 +7,7 @@ knobs (page size, pool size, shape buckets, attention kernels) live in the
 engine's `EngineConfig`, and hardware and latency in the simulator's `Setup`.
 
 No JAX here; whether the engine can run a deployment on the devices present is
-`serving.engine`'s question (it refuses pipeline stages and SM partitioning).
+`serving.config.check_servable`'s question (it refuses pipeline stages and SM partitioning).
 """
 
 from __future__ import annotations
@@ -15,11 +15,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Union
 
-from pdserve_jax.serving.policies import PAGE_POLICIES, check_page_policy
-from pdserve_jax.serving.share import PartitionerConfig, ShareScaling
+from pdserve_jax.core.policies import PAGE_POLICIES, check_page_policy
+from pdserve_jax.core.share import PartitionerConfig, ShareScaling
 
 POLICIES = ("prefill_first", "chunked")
-MODES = ("colocated", "disaggregated", "semi_pd")
+# The one mode vocabulary: every app, config, result file and the planner use these
+# names, and `deployment.mode` gives a deployment's.
+MODES = ("colocated_prefill_first", "colocated_chunked", "disaggregated", "semi_pd")
+COLOCATED = MODES[:2]
 
 
 def _positive_int(name: str, value) -> None:
@@ -31,11 +34,11 @@ def _positive_int(name: str, value) -> None:
 class InstanceSpec:
   """One instance: `tp` x `pp` devices, a batch cap, a per-step token budget
   (prompt tokens for prefill-first and prefill instances, all tokens for chunked
-  prefill) and a page policy ("on_demand" or "reserve", see `serving.policies`)."""
+  prefill) and a page policy ("on_demand" or "reserve", see `core.policies`)."""
   tp: int = 1
   pp: int = 1
   max_batch: int = 256
-  max_tokens: int = 4096
+  max_step_tokens: int = 4096
   page_policy: str = "on_demand"
 
   @property
@@ -43,7 +46,7 @@ class InstanceSpec:
     return self.tp * self.pp
 
   def check(self, what: str = "instance") -> None:
-    for f in ("tp", "pp", "max_batch", "max_tokens"):
+    for f in ("tp", "pp", "max_batch", "max_step_tokens"):
       _positive_int(f"{what}.{f}", getattr(self, f))
     check_page_policy(self.page_policy)
 
@@ -70,14 +73,17 @@ class Colocated(_Replicas):
   replicas: int = 1
   policy: str = "prefill_first"
 
-  mode = "colocated"
+  @property
+  def mode(self) -> str:
+    return f"colocated_{self.policy}"
 
   def check(self) -> None:
     self._check_replicas()
     if self.policy not in POLICIES:
       raise ValueError(f"colocated policy must be one of {POLICIES}, got {self.policy!r}")
-    if self.policy == "chunked" and self.instance.max_tokens < self.instance.max_batch + 1:
-      raise ValueError(f"chunked prefill needs max_tokens ({self.instance.max_tokens}) > "
+    if self.policy == "chunked" and self.instance.max_step_tokens < self.instance.max_batch + 1:
+      raise ValueError(f"chunked prefill needs max_step_tokens "
+                       f"({self.instance.max_step_tokens}) > "
                        f"max_batch ({self.instance.max_batch})")
 
   def describe(self) -> str:
@@ -170,4 +176,4 @@ Deployment = Union[Colocated, Disaggregated, SemiPD, PhaseOnly]
 
 
 __all__ = ["InstanceSpec", "Colocated", "Disaggregated", "SemiPD", "PhaseOnly",
-           "PartitionerConfig", "ShareScaling", "PAGE_POLICIES", "POLICIES", "MODES"]
+           "PartitionerConfig", "ShareScaling", "PAGE_POLICIES", "POLICIES", "MODES", "COLOCATED"]

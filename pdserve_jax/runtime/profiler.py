@@ -29,7 +29,7 @@ from typing import Sequence, Tuple
 import jax
 import numpy as np
 
-from pdserve_jax.kv.allocator import PageAllocator
+from pdserve_jax.core.pages import PageAllocator
 from pdserve_jax.kv.pool import PagePool, transfer_pages
 from pdserve_jax.runtime.programs import InstanceRunner, SamplingRows
 from pdserve_jax.sim.latency import (PolynomialLatencyModel, ShapeTableLatencyModel,
@@ -203,8 +203,8 @@ def setup_from_engine(engine, reps: int = 5):
   from a closed batch, and in disaggregated mode the KV hand-off and how much the
   two meshes slow each other on shared cores. The pool is the engine's. Needs an
   engine built with `log_steps=True`; clears its step log."""
-  from pdserve_jax import deploy
-  from pdserve_jax.serving.params import SamplingParams
+  from pdserve_jax.core import deploy
+  from pdserve_jax.core.sampling import SamplingParams
   from pdserve_jax.sim import hardware
   from pdserve_jax.sim import simulator as sim
 
@@ -213,15 +213,16 @@ def setup_from_engine(engine, reps: int = 5):
   copy_s, copy_bw, overlap = 0.0, float("inf"), 1.0
   if isinstance(dep, deploy.Disaggregated):
     # One table from both sides, each timed on its own mesh.
-    pre = next(i.handle for i in instances if i.phase == "prefill")
-    dec = next(i.handle for i in instances if i.phase == "decode")
+    runner = lambda phase: engine.executor.runner(next(i for i in instances
+                                                       if i.phase == phase)).runner
+    pre, dec = runner("prefill"), runner("decode")
     latency = dataclasses.replace(profile_shapes(pre, reps, decode=False),
                                   decode=profile_shapes(dec, reps, packed=False).decode)
     copy_s, copy_bw = profile_transfers(pre.pool, dec.pool, engine.executor.page_buckets,
                                         reps)
     overlap = profile_overlap(pre, dec)
   else:
-    latency = profile_shapes(instances[0].handle, reps)
+    latency = profile_shapes(engine.executor.runner(instances[0]).runner, reps)
   # The loop's host time between steps, from a closed batch; a device is an
   # instance's group (semi-PD's two phases share one).
   out_len = min(24, ec.max_seq_len // 4)

@@ -1,4 +1,5 @@
-"""Checks a request's prompt and sampling parameters before an engine accepts it.
+"""`SamplingParams` (how one request is decoded) and the checks of a request's prompt
+and sampling parameters before an engine accepts it.
 
 Each check either returns a normalised value (plain Python ints and floats, so numpy
 scalars never reach the scheduler or a jitted program's host-side arrays) or raises
@@ -6,7 +7,7 @@ TypeError / ValueError whose message starts with the offending field's name.
 
 Limits: the checks only look at values, not at what a given engine can serve: that a
 prompt plus `max_tokens` fits the sequence length or the KV pool is for the engine to
-decide. Pure Python + numpy, so it can be imported without jax.
+decide. Pure Python + numpy, so building params does not load jax.
 """
 
 from __future__ import annotations
@@ -15,21 +16,58 @@ import collections.abc
 import dataclasses
 import math
 import numbers
-from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Tuple
+from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-
-if TYPE_CHECKING:
-  from pdserve_jax.serving.params import SamplingParams
 
 # Sampling ids and top-k travel to the device as int32.
 INT32_MAX = 2**31 - 1
 SEED_LIMIT = 2**31
-# Top logprobs per token the compiled programs return (runtime.sampling): OpenAI's
-# completions API allows at most 5.
+# Top logprobs a request may ask per token: OpenAI's completions API allows at most 5,
+# and the compiled programs return that many (`runtime.sampling.MAX_LOGPROBS`, kept equal
+# by tests/test_imports.py).
 MAX_LOGPROBS = 5
 # Continuations per prompt; each is a request of its own.
 MAX_N = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """Decoding of one prompt.
+
+  Attributes:
+    max_tokens: output tokens at most.
+    temperature: 0 means greedy.
+    top_k: 0 means no top-k cut.
+    top_p: 1 means no nucleus cut.
+    seed: None draws a fresh seed per request (sampled prompts differ run to run);
+      an int makes sampling reproducible. Sample i of n uses seed + i.
+    stop_token_ids: ids that end the output (the id is kept in `token_ids`).
+    stop: strings that end the output; the text is cut before the first one
+      (needs a tokenizer).
+    ignore_eos: keep going past the model's end-of-sequence ids (honoured by default).
+    n: continuations per prompt, each its own request (no shared prefill).
+    logprobs: None for none; k >= 0 for the sampled token's log-probability and
+      the k most likely tokens' (k <= `MAX_LOGPROBS`).
+  """
+  max_tokens: int = 16
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: Optional[int] = None
+  stop_token_ids: Sequence[int] = ()
+  stop: Union[str, Sequence[str]] = ()
+  ignore_eos: bool = False
+  n: int = 1
+  logprobs: Optional[int] = None
+
+  def check(self) -> None:
+    """Raises TypeError or ValueError whose message starts with the first bad field's name.
+
+    Stop ids are not checked against a vocabulary here (the model is not known);
+    `check_sampling` does that and returns the normalised copy.
+    """
+    normalise_sampling(self, None)
 
 
 def is_int(x: Any) -> bool:
@@ -122,8 +160,8 @@ def check_prompt(prompt: Any, vocab_size: int, max_len: int) -> List[int]:
   return ids
 
 
-def normalise_sampling(params: "SamplingParams",
-                       vocab_size: Optional[int]) -> "SamplingParams":
+def normalise_sampling(params: SamplingParams,
+                       vocab_size: Optional[int]) -> SamplingParams:
   """The field rules behind both `check_sampling` and `SamplingParams.check`.
 
   vocab_size=None skips the vocabulary range check of `stop_token_ids` (only
@@ -175,13 +213,12 @@ def _stop_strings(stop: Any) -> Tuple[str, ...]:
   return out
 
 
-def check_sampling(params: Any, vocab_size: int) -> "SamplingParams":
+def check_sampling(params: Any, vocab_size: int) -> SamplingParams:
   """A copy of `params` with plain Python values, stop ids as a tuple in [0, vocab_size).
 
   top_k above the vocabulary is kept: it means no cut. seed=None stays None (the
   engine draws one).
   """
-  from pdserve_jax.serving.params import SamplingParams  # params imports this module
   if not isinstance(params, SamplingParams):
     raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
   return normalise_sampling(params, vocab_size)

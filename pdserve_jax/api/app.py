@@ -7,9 +7,10 @@ Routes: `POST /v1/completions` (a text or token-id prompt; `max_tokens`,
 by outcome, queue and pool gauges, TTFT and TPOT histograms).
 
 Every choice also carries `token_ids` (an extension): a model without a tokenizer
-answers with ids and empty text. Streamed text is decoded incrementally and held
-back while it could still be the start of a stop string, or end inside a multi-byte
-character, so no streamed text is ever taken back.
+answers with ids and empty text. Streamed text comes from the engine's output
+processor (`serving.output`): decoded incrementally and held back while it could
+still be the start of a stop string, or end inside a multi-byte character, so no
+streamed text is ever taken back and the chunks add up to the final text.
 
 Bad input gets a 4xx and a JSON error naming the field, and costs nothing else:
 the body is checked before anything is queued, and the engine's own checks
@@ -23,11 +24,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, List, Optional
 
 from pdserve_jax.serving.engine import Engine, EngineOverloaded
-from pdserve_jax.serving.params import SamplingParams
-from pdserve_jax.serving import validate
+from pdserve_jax.core.sampling import SamplingParams
+from pdserve_jax.core import sampling as validate
 
 log = logging.getLogger(__name__)
 
@@ -133,52 +134,6 @@ def parse_completion(body: Any, model_name: str) -> tuple[Any, SamplingParams, b
   return prompt, params, stream, bool(opts.get("include_usage", False))
 
 
-# --- streamed text -----------------------------------------------------------------------
-
-
-class TextStream:
-  """Text deltas of a growing token list, never taken back: the tail that could
-  still become a stop string, or ends in an incomplete character (U+FFFD), waits."""
-
-  def __init__(self, detokenize: Optional[Callable[[List[int]], str]],
-               stop: Sequence[str] = ()):
-    self.detokenize, self.stop = detokenize, tuple(stop)
-    self.tokens: List[int] = []
-    self.sent = 0
-
-  def push(self, token: int) -> str:
-    self.tokens.append(token)
-    if self.detokenize is None:
-      return ""
-    text = self.detokenize(self.tokens)
-    end = len(text.rstrip("\ufffd"))
-    for s in self.stop:
-      i = text.find(s)
-      if i >= 0:  # the engine ends here and cuts the text at i
-        end = min(end, i)
-      else:
-        end = min(end, len(text) - _partial(text, s))
-    return self._take(text, end)
-
-  def finish(self, final_text: Optional[str]) -> str:
-    """The rest of the output, once the engine has cut it (`Completion.text`)."""
-    return "" if final_text is None else self._take(final_text, len(final_text))
-
-  def _take(self, text: str, end: int) -> str:
-    if end <= self.sent:
-      return ""
-    out, self.sent = text[self.sent:end], end
-    return out
-
-
-def _partial(text: str, stop: str) -> int:
-  """Length of the longest tail of `text` that is a proper prefix of `stop`."""
-  for k in range(min(len(stop) - 1, len(text)), 0, -1):
-    if stop.startswith(text[-k:]):
-      return k
-  return 0
-
-
 # --- metrics -----------------------------------------------------------------------------
 
 
@@ -257,15 +212,19 @@ def _error(e: BadRequest):
                                  "code": e.status}}, status_code=e.status)
 
 
+def _logprobs(engine: Engine, ids, logprobs, tops) -> dict:
+  """OpenAI's completions `logprobs` object of tokens `ids`."""
+  piece = (lambda t: engine.tokenizer.decode([t])) if engine.tokenizer else str
+  return {"tokens": [piece(t) for t in ids], "token_logprobs": list(logprobs),
+          "top_logprobs": [{piece(t): v for t, v in d.items()} for d in tops]
+          if tops else None}
+
+
 def _choice(c, index: int, engine: Engine) -> dict:
   out = {"index": index, "text": c.text or "", "finish_reason": c.finish_reason,
          "logprobs": None, "token_ids": list(c.token_ids)}
   if c.logprobs is not None:
-    piece = (lambda t: engine.tokenizer.decode([t])) if engine.tokenizer else str
-    out["logprobs"] = {"tokens": [piece(t) for t in c.token_ids],
-                       "token_logprobs": list(c.logprobs),
-                       "top_logprobs": [{piece(t): v for t, v in d.items()}
-                                        for d in c.top_logprobs] if c.top_logprobs else None}
+    out["logprobs"] = _logprobs(engine, c.token_ids, c.logprobs, c.top_logprobs)
   return out
 
 
@@ -320,8 +279,6 @@ def create_app(engine: Engine, model_name: str):
                                       "completion_tokens": done,
                                       "total_tokens": prompt_tokens + done}))
 
-    text = TextStream(engine.tokenizer.decode if engine.tokenizer else None, params.stop)
-
     def event(choice: Optional[dict], **extra) -> str:
       choices = [] if choice is None else [choice]  # the usage chunk has no choice
       return "data: " + json.dumps(dict(head, choices=choices, **extra)) + "\n\n"
@@ -329,15 +286,19 @@ def create_app(engine: Engine, model_name: str):
     async def events():
       ok = False
       try:
-        async for tok in iterate_in_threadpool(iter(handle)):
-          delta = text.push(tok)
-          yield event({"index": 0, "text": delta, "finish_reason": None, "logprobs": None,
-                       "token_ids": [tok]})
+        async for d in iterate_in_threadpool(handle.deltas()):
+          ids = [] if d.token is None else [d.token]
+          lp = None
+          if d.logprob is not None:
+            lp = _logprobs(engine, ids, [d.logprob], [d.top_logprobs] if d.top_logprobs
+                           else None)
+          yield event({"index": 0, "text": d.text, "finish_reason": None, "logprobs": lp,
+                       "token_ids": ids})
         result = await anyio.to_thread.run_sync(handle.result)
         metrics.observe(result)
         c = result.outputs[0]
-        yield event({"index": 0, "text": text.finish(c.text), "finish_reason":
-                     c.finish_reason, "logprobs": None, "token_ids": []})
+        yield event({"index": 0, "text": "", "finish_reason": c.finish_reason,
+                     "logprobs": None, "token_ids": []})
         if usage:
           n = len(c.token_ids)
           yield event(None, usage={"prompt_tokens": prompt_tokens, "completion_tokens": n,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from pdserve_jax import results
-from pdserve_jax.cli import common, modes
+from pdserve_jax.cli import common
 from pdserve_jax.sim import simulator as sim
 
 LATENCY_NAMES = ("distserve", "vllm", "roofline")
@@ -53,7 +53,7 @@ def run(setup: sim.Setup, dep, requests, rate, ttft_slo: float, tpot_slo: float,
   """Simulates `requests` on `dep`; the run's result record."""
   res = sim.simulate(requests, setup, dep, ttft_slo, tpot_slo)
   history = next(iter(res.share_history.values()), [])
-  return results.run_record(modes.mode_of(dep), "simulator", dep, rate, res.requests,
+  return results.run_record(dep.mode, "simulator", dep, rate, res.requests,
                             ttft_slo, tpot_slo, history, latency_model=latency_model,
                             utilization=res.utilization, **extra)
 

@@ -35,9 +35,9 @@ import collections
 import itertools
 from typing import Callable, Optional, Sequence
 
-from pdserve_jax.kv.allocator import PageAllocator, pages_for
-from pdserve_jax.serving.request import Request
-from pdserve_jax.serving.step import PrefillChunk, Step
+from pdserve_jax.core.pages import PageAllocator, pages_for
+from pdserve_jax.core.request import Request
+from pdserve_jax.core.step import PrefillChunk, Step
 
 PAGE_POLICIES = ("on_demand", "reserve")
 # Admission leaves this share of the pool free for running requests to grow into
@@ -306,7 +306,7 @@ def _admit_prompts(sched, room: int, reservation: Callable[[Request], int],
   while waiting and len(chunks) < room:
     req = waiting[0]
     n = req.prefill_len
-    if chunks and tokens + n > sched.max_prefill_tokens:
+    if chunks and tokens + n > sched.max_step_tokens:
       break
     need = reservation(req)
     if not sched._fits_now(req, need, watermark):
@@ -327,13 +327,13 @@ class PrefillFirstScheduler(_Scheduler):
   request. Decodes pause while prefills run.
   """
 
-  def __init__(self, allocator: PageAllocator, max_batch: int, max_prefill_tokens: int,
+  def __init__(self, allocator: PageAllocator, max_batch: int, max_step_tokens: int,
                page_policy: str = "on_demand"):
     super().__init__(allocator, page_policy)
     check_limit("max_batch", max_batch)
-    check_limit("max_prefill_tokens", max_prefill_tokens)
+    check_limit("max_step_tokens", max_step_tokens)
     self.max_batch = max_batch
-    self.max_prefill_tokens = max_prefill_tokens
+    self.max_step_tokens = max_step_tokens
     self._running: list[Request] = []
 
   def _decoding(self):
@@ -392,20 +392,20 @@ class ChunkedPrefillScheduler(_Scheduler):
   """Sarathi-Serve's colocated policy: stall-free batches under a token budget.
 
   Every step decodes all running requests whose prefill is done (one token each),
-  then spends what is left of `token_budget` on prefill chunks: requests whose
+  then spends what is left of `max_step_tokens` on prefill chunks: requests whose
   prefill is partly cached continue first, then waiting requests are admitted FCFS
   while the batch cap and free pages allow.
   """
 
-  def __init__(self, allocator: PageAllocator, max_batch: int, token_budget: int,
+  def __init__(self, allocator: PageAllocator, max_batch: int, max_step_tokens: int,
                page_policy: str = "on_demand"):
     super().__init__(allocator, page_policy)
     check_limit("max_batch", max_batch)
-    if token_budget < max_batch + 1:
-      raise ValueError(f"token_budget={token_budget} must exceed max_batch={max_batch}, "
+    if max_step_tokens < max_batch + 1:
+      raise ValueError(f"max_step_tokens={max_step_tokens} must exceed max_batch={max_batch}, "
                        "or a full decode batch leaves no room for prompt tokens")
     self.max_batch = max_batch
-    self.token_budget = token_budget
+    self.max_step_tokens = max_step_tokens
     self._prefilling: list[Request] = []  # admitted, prefill not fully cached; FCFS
     self._decoding_batch: list[Request] = []
 
@@ -432,7 +432,7 @@ class ChunkedPrefillScheduler(_Scheduler):
   def schedule(self) -> Optional[Step]:
     self._check_schedulable()
     self._grow_due()
-    budget = self.token_budget - len(self._decoding_batch)
+    budget = self.max_step_tokens - len(self._decoding_batch)
     chunks = []
     for r in list(self._prefilling):
       if budget <= 0:
@@ -506,13 +506,13 @@ class PrefillScheduler(_Scheduler):
   and the on-demand policy keeps the watermark free for decodes to grow into.
   """
 
-  def __init__(self, allocator: PageAllocator, max_batch: int, max_prefill_tokens: int,
+  def __init__(self, allocator: PageAllocator, max_batch: int, max_step_tokens: int,
                page_policy: str = "on_demand", shared: bool = False):
     super().__init__(allocator, page_policy)
     check_limit("max_batch", max_batch)
-    check_limit("max_prefill_tokens", max_prefill_tokens)
+    check_limit("max_step_tokens", max_step_tokens)
     self.max_batch = max_batch
-    self.max_prefill_tokens = max_prefill_tokens
+    self.max_step_tokens = max_step_tokens
     self.shared = shared
     self._running: list[Request] = []
     self._handoffs: collections.deque[Request] = collections.deque()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from pdserve_jax.serving.request import Request
+from pdserve_jax.core.request import Request
 
 PREFILL = "prefill"
 DECODE = "decode"

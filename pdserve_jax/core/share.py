@@ -15,9 +15,9 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from pdserve_jax.serving.metrics import percentile
-from pdserve_jax.serving.request import Request
-from pdserve_jax.serving.step import DECODE, PREFILL
+from pdserve_jax.core.metrics import percentile
+from pdserve_jax.core.request import Request
+from pdserve_jax.core.step import DECODE, PREFILL
 
 
 @dataclasses.dataclass(frozen=True)

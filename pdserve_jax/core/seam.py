@@ -1,0 +1,166 @@
+"""The seam between the decisions and whatever carries them out.
+
+A coordinator (`core.coordinator`) decides; an executor carries its decisions out
+and reports back. Two Protocols name every call across the seam:
+
+  `Executor`        what a coordinator calls (build a pool, launch a step, start a
+                    KV copy) and `bind`, which hands the executor the coordinator it
+                    reports to. The simulator's `LatencyExecutor`, the engine's
+                    `JaxExecutor` (local or worker-process runners) and the tests'
+                    hand-driven executor implement it.
+  `EngineExecutor`  an `Executor` the engine loop also drives: it compiles, reads a
+                    finished step's tokens, recovers from a failed step, closes.
+
+Executors report back by calling the coordinator's entry points (`step_done`,
+`copy_done`, `resume`, ...) directly (the simulator, on its virtual clock) or by
+posting `Event`s to the engine's inbox, which the one engine thread handles in order.
+The events are frozen records, one type per kind, so the inbox carries nothing else.
+
+No jax here: `make lint` type-checks this folder and the executors against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Callable, List, Optional, Protocol, Tuple, Union
+
+if TYPE_CHECKING:
+  from pdserve_jax.core.coordinator import Coordinator, Instance
+  from pdserve_jax.core.deploy import InstanceSpec
+  from pdserve_jax.core.pages import PageAllocator
+  from pdserve_jax.core.request import Request
+  from pdserve_jax.core.step import Step
+
+
+class Executor(Protocol):
+  """What a coordinator calls on its executor."""
+
+  def allocator(self, group: str, spec: InstanceSpec, fraction: float) -> PageAllocator:
+    """A page allocator over `fraction` of a pool on device group `group` (whose
+    instances run `spec`); called while the coordinator builds its instances."""
+    ...
+
+  def bind(self, coordinator: Coordinator) -> None:
+    """The coordinator is built: the executor learns its instances and whom to report
+    to."""
+    ...
+
+  def can_launch(self, inst: Instance, now: float) -> bool:
+    """Whether `inst`'s devices can take a step now; if not, the executor calls the
+    coordinator's `resume(inst, now)` when they can."""
+    ...
+
+  def launch(self, inst: Instance, step: Step, now: float) -> None:
+    """Runs `step` on `inst`; later `step_done(inst, now, seconds)` (or, on the
+    engine, a `StepDone` / `StepFailed` event)."""
+    ...
+
+  def start_copy(self, req: Request, src: Instance, dst: Instance, now: float) -> None:
+    """Moves `req`'s KV from `src`'s pool to `dst`'s; later `copy_done(req, now)`
+    (or a `CopyDone` event)."""
+    ...
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+  """One finished step as it ran: which instance, when (engine clock, seconds; the end
+  is when the engine saw it done), the shape bucket of each program call, (tokens,)
+  for packed calls and (batch,) for decode calls, and what it computed
+  (`Step.describe`)."""
+  instance: str
+  started: float
+  finished: float
+  packed_calls: tuple
+  decode_calls: tuple
+  work: tuple = ((), ())
+
+
+class EngineExecutor(Executor, Protocol):
+  """An executor the engine loop drives: real programs on real devices, local or in
+  worker processes."""
+
+  #: Devices this executor can place instances on, or None when it cannot tell
+  #: (instances in other processes); the engine refuses deployments beyond it.
+  device_count: Optional[int]
+  #: Appends a `StepRecord` per finished step when set to a list.
+  log: Optional[List[StepRecord]]
+
+  def warmup(self) -> None:
+    """Compiles every program and KV copy the bound instances will run."""
+    ...
+
+  def collect(self, inst: Instance) -> Tuple[float, float]:
+    """Reads the finished step of `inst` into its requests (tokens, stop marks);
+    returns (when it was seen done, its seconds). Raises if the step failed."""
+    ...
+
+  def fail_step(self, inst: Instance, error: BaseException) -> None:
+    """The step of `inst` could not run or be read: its requests carry the error."""
+    ...
+
+  def recover_pool(self, inst: Instance) -> List[Request]:
+    """After a failed step: if `inst`'s pool was lost with it, a fresh one replaces
+    it; returns the requests whose KV was in the lost pool (they must end)."""
+    ...
+
+  def close(self) -> None:
+    """Stops the executor's threads and connections; idempotent."""
+    ...
+
+
+# -- the engine's inbox ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Submit:
+  """A checked request enters the engine."""
+  request: Request
+
+
+@dataclasses.dataclass(frozen=True)
+class StepDone:
+  """Every output of `instance`'s step is ready to read."""
+  instance: Instance
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFailed:
+  """`instance`'s step could not be launched, or its programs failed."""
+  instance: Instance
+  error: BaseException
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyDone:
+  """`request`'s KV copy landed (or failed: the request then carries the error and
+  `end_reason` "error")."""
+  request: Request
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceLost:
+  """`instance`'s devices are gone for good (its worker process stopped answering)."""
+  instance: Instance
+  error: BaseException
+
+
+@dataclasses.dataclass(frozen=True)
+class Abort:
+  """End `request` wherever it is, with `reason` ("aborted", or "error" for a
+  request whose pool was lost)."""
+  request: Request
+  reason: str = "aborted"
+
+
+@dataclasses.dataclass(frozen=True)
+class Close:
+  """Take no more requests; serve those in flight and abort what is left at
+  `deadline` (engine clock; None: never)."""
+  deadline: Optional[float]
+
+
+Event = Union[Submit, StepDone, StepFailed, CopyDone, InstanceLost, Abort, Close]
+Post = Callable[[Event], None]
+
+__all__ = ["Executor", "EngineExecutor", "StepRecord", "Submit", "StepDone", "StepFailed",
+           "CopyDone", "InstanceLost", "Abort", "Close", "Event", "Post"]
