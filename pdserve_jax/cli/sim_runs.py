@@ -18,8 +18,9 @@ def setup(cfg) -> sim.Setup:
   """The simulator's fixed part; `latency` is "distserve", "vllm", "roofline" or a
   profiled JSON (`cli.profile`) relative to the current directory, plus the
   optional `overheads` ("none", the default, or "distserve": DistServe's per-step
-  costs, `sim.latency.overheads`), and the optional `latency_params`: the
-  roofline's or a TPU cost table's efficiency factors by name."""
+  costs, `sim.latency.overheads`), the optional `latency_params`: the
+  roofline's or a TPU cost table's efficiency factors by name, and the optional
+  `prefix_cache` (default True)."""
   from pdserve_jax.model.config import get_preset
   from pdserve_jax.sim.hardware import get_hardware
   from pdserve_jax.sim.latency import latency_source
@@ -45,7 +46,8 @@ def setup(cfg) -> sim.Setup:
   except (ValueError, KeyError, TypeError) as e:
     raise common.ConfigError(f"latency: {e}") from None
   return sim.Setup(model, hw, latency, page_size=cfg.page_size,
-                   memory_utilization=cfg.memory_utilization)
+                   memory_utilization=cfg.memory_utilization,
+                   prefix_cache=cfg.get("prefix_cache", True))
 
 
 def run(setup: sim.Setup, dep, requests, rate, ttft_slo: float, tpot_slo: float,
@@ -55,7 +57,7 @@ def run(setup: sim.Setup, dep, requests, rate, ttft_slo: float, tpot_slo: float,
   history = next(iter(res.share_history.values()), [])
   return results.run_record(dep.mode, "simulator", dep, rate, res.requests,
                             ttft_slo, tpot_slo, history, latency_model=latency_model,
-                            utilization=res.utilization, **extra)
+                            utilization=res.utilization, prefix_cache=res.prefix, **extra)
 
 
 def run_seeds(setup: sim.Setup, dep, make, rate, cfg) -> list[dict]:

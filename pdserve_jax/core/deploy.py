@@ -19,6 +19,11 @@ from pdserve_jax.core.policies import PAGE_POLICIES, check_page_policy
 from pdserve_jax.core.share import PartitionerConfig, ShareScaling
 
 POLICIES = ("prefill_first", "chunked")
+# How a coordinator places an arrival among instances of one kind (`core.coordinator`):
+# "cache_aware" (the default) by the prefill backlog score when some instance holds
+# part of the prompt in its prefix cache, else least loaded; "least_loaded" always
+# by queued + running requests.
+ROUTINGS = ("cache_aware", "least_loaded")
 # The one mode vocabulary: every app, config, result file and the planner use these
 # names, and `deployment.mode` gives a deployment's.
 MODES = ("colocated_prefill_first", "colocated_chunked", "disaggregated", "semi_pd")
@@ -54,6 +59,11 @@ class InstanceSpec:
     return f"tp{self.tp}pp{self.pp}"
 
 
+def _check_routing(routing) -> None:
+  if routing not in ROUTINGS:
+    raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+
+
 class _Replicas:
   """Shared by the deployments made of `replicas` copies of one `instance`."""
 
@@ -64,14 +74,17 @@ class _Replicas:
   def _check_replicas(self) -> None:
     self.instance.check()
     _positive_int("replicas", self.replicas)
+    _check_routing(getattr(self, "routing", ROUTINGS[0]))
 
 
 @dataclasses.dataclass(frozen=True)
 class Colocated(_Replicas):
-  """`replicas` instances, each serving both phases with one `policy`."""
+  """`replicas` instances, each serving both phases with one `policy`; arrivals
+  placed by `routing` (`ROUTINGS`)."""
   instance: InstanceSpec = InstanceSpec()
   replicas: int = 1
   policy: str = "prefill_first"
+  routing: str = "cache_aware"
 
   @property
   def mode(self) -> str:
@@ -93,12 +106,22 @@ class Colocated(_Replicas):
 @dataclasses.dataclass(frozen=True)
 class Disaggregated:
   """`num_prefill` prefill instances and `num_decode` decode instances (DistServe).
-  `same_node`: KV moves over the node link, else over the network."""
+  `same_node`: KV moves over the node link, else over the network. `routing`
+  places arrivals among prefill instances (`ROUTINGS`). `decode_cache`: decode
+  instances keep a prefix cache of the prompts handed to them, and a hand-off moves
+  only the pages the decode side lacks. `conditional_threshold` (conditional
+  disaggregation, as Dynamo and llm-d do; 0: off): a request whose uncached prompt
+  tokens on the decode instance it would join are at most this many is prefilled
+  there, as chunks of that instance's steps (`decode.max_step_tokens` a step),
+  with no prefill instance and no KV copy."""
   prefill: InstanceSpec = InstanceSpec()
   decode: InstanceSpec = InstanceSpec()
   num_prefill: int = 1
   num_decode: int = 1
   same_node: bool = True
+  routing: str = "cache_aware"
+  decode_cache: bool = True
+  conditional_threshold: int = 0
 
   mode = "disaggregated"
 
@@ -112,11 +135,22 @@ class Disaggregated:
     self.decode.check("decode")
     _positive_int("num_prefill", self.num_prefill)
     _positive_int("num_decode", self.num_decode)
+    _check_routing(self.routing)
+    t = self.conditional_threshold
+    if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+      raise ValueError(f"conditional_threshold must be an int >= 0, got {t!r}")
+    if t and self.decode.max_step_tokens < self.decode.max_batch + 1:
+      raise ValueError(f"conditional disaggregation prefills on decode instances: "
+                       f"decode.max_step_tokens ({self.decode.max_step_tokens}) must "
+                       f"exceed decode.max_batch ({self.decode.max_batch})")
 
   def describe(self) -> str:
     return (f"{self.num_prefill}x prefill {self.prefill.describe()} + {self.num_decode}x "
             f"decode {self.decode.describe()}" + ("" if self.same_node else
-                                                  ", KV over network"))
+                                                  ", KV over network")
+            + (f", local prefill <= {self.conditional_threshold} uncached"
+               if self.conditional_threshold else "")
+            + ("" if self.decode_cache else ", no decode cache"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +167,7 @@ class SemiPD(_Replicas):
   concurrent: bool = False
   prefill_scaling: ShareScaling = ShareScaling()
   decode_scaling: ShareScaling = ShareScaling()
+  routing: str = "cache_aware"
 
   mode = "semi_pd"
 
@@ -176,4 +211,5 @@ Deployment = Union[Colocated, Disaggregated, SemiPD, PhaseOnly]
 
 
 __all__ = ["InstanceSpec", "Colocated", "Disaggregated", "SemiPD", "PhaseOnly",
-           "PartitionerConfig", "ShareScaling", "PAGE_POLICIES", "POLICIES", "MODES", "COLOCATED"]
+           "PartitionerConfig", "ShareScaling", "PAGE_POLICIES", "POLICIES", "MODES", "COLOCATED",
+           "ROUTINGS"]

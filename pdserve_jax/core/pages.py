@@ -1,13 +1,32 @@
-"""Host-side page allocator for one paged KV pool.
+"""Host-side page allocator for one paged KV pool, with an optional prefix cache.
 
 Single owner: the scheduler thread of one instance allocates and frees. Keeps a free
-list and per-request page lists; `check()` verifies free + owned = total and that no
-page is owned twice. Knows nothing of device arrays, so the simulator uses it too.
+list and per-owner page lists. Knows nothing of device arrays, so the simulator
+uses it too.
+
+Prefix cache (`prefix_cache=True`; vLLM's automatic prefix caching is the model).
+A full page whose KV is computed can be registered under its key (`core.prefix`:
+the page's tokens and everything before them). Registered pages are
+reference-counted: an owner admitted with keys maps the longest registered prefix
+of them (`lookup`, `admit`) instead of computing it. A registered page nobody holds
+stays resident in an LRU list and counts as free: it is evicted, oldest first, only
+when a page is needed and the free list is empty. An owner's pages are freed tail
+first, so a prefix loses its last pages before its first. Pages that are not
+registered (partly filled ones, decode pages, a duplicate of a page registered
+meanwhile) belong to one owner only, as without the cache. Keys an admitted owner
+will compute are `pending` until it registers them, so a scheduler can let a
+request that shares them wait one step instead of computing them twice.
+
+`check()` verifies: free + evictable + held = capacity; an unregistered page has
+exactly one owner; a registered page's count is the number of owners holding it
+and it is evictable exactly when that is 0. `forget()` drops the cache when the
+pool's KV is lost (a failed step that consumed it).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Hashable, List
+import collections
+from typing import Dict, Hashable, List, Sequence
 
 
 class OutOfPages(RuntimeError):
@@ -20,7 +39,8 @@ def pages_for(num_tokens: int, page_size: int) -> int:
 
 class PageAllocator:
 
-  def __init__(self, num_pages: int, page_size: int, reserved: int = 0):
+  def __init__(self, num_pages: int, page_size: int, reserved: int = 0,
+               prefix_cache: bool = False):
     """`reserved` pages at the front are never handed out (page 0 is the scratch page
     that padded slots write into)."""
     if num_pages <= reserved:
@@ -30,8 +50,23 @@ class PageAllocator:
     self.num_pages = num_pages
     self.page_size = page_size
     self.reserved = reserved
+    self.prefix_cache = prefix_cache
     self._free: List[int] = list(range(num_pages - 1, reserved - 1, -1))
     self._owned: Dict[Hashable, List[int]] = {}
+    # The cache: registered pages by key and back, their holders, the evictable ones
+    # (oldest first), how many leading pages of each owner are registered or matched,
+    # and the keys owners will compute (key -> owner).
+    self._page_of: Dict[Hashable, int] = {}
+    self._key_of: Dict[int, Hashable] = {}
+    self._refs: Dict[int, int] = {}
+    self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()
+    self._done: Dict[Hashable, int] = {}
+    self._pending: Dict[Hashable, Hashable] = {}
+    self._pending_keys: Dict[Hashable, tuple] = {}  # owner -> (keys, first, end)
+    # Counters (see `cache_stats`).
+    self.lookups = self.hit_lookups = 0
+    self.lookup_tokens = self.hit_tokens = 0
+    self.evictions = 0
 
   @property
   def capacity(self) -> int:
@@ -39,7 +74,13 @@ class PageAllocator:
 
   @property
   def num_free(self) -> int:
-    return len(self._free)
+    """Pages an allocation may take: free ones and evictable cached ones."""
+    return len(self._free) + len(self._lru)
+
+  @property
+  def num_cached(self) -> int:
+    """Registered pages, held or evictable."""
+    return len(self._key_of)
 
   def pages(self, owner: Hashable) -> List[int]:
     return self._owned.get(owner, [])
@@ -50,51 +91,218 @@ class PageAllocator:
   def can_fit(self, owner: Hashable, num_tokens: int) -> bool:
     """Whether `owner` can grow to hold `num_tokens` tokens."""
     need = pages_for(num_tokens, self.page_size) - len(self.pages(owner))
-    return need <= len(self._free)
+    return need <= self.num_free
 
   def ensure(self, owner: Hashable, num_tokens: int) -> List[int]:
     """Grows `owner`'s page list to hold `num_tokens` tokens; returns the list."""
     have = self._owned.setdefault(owner, [])
     need = pages_for(num_tokens, self.page_size) - len(have)
-    if need > len(self._free):
+    if need > self.num_free:
       if not have:
         del self._owned[owner]
       raise OutOfPages(f"{owner!r} needs {need} more pages for {num_tokens} tokens; "
-                       f"{len(self._free)} of {self.capacity} free")
+                       f"{self.num_free} of {self.capacity} free")
     if need > 0:
-      _take(self._free, have, need)
+      self._take(have, need)
     return have
 
   def grow(self, owner: Hashable, num_tokens: int) -> bool:
     """`ensure` if enough pages are free (True), else nothing changes (False)."""
     have = self._owned.get(owner)
     need = pages_for(num_tokens, self.page_size) - (len(have) if have else 0)
-    if need > len(self._free):
+    if need > self.num_free:
       return False
     if need > 0:
       if have is None:
         have = self._owned[owner] = []
-      _take(self._free, have, need)
+      self._take(have, need)
     return True
 
   def free(self, owner: Hashable) -> int:
-    """Returns all of `owner`'s pages to the free list; returns how many."""
+    """Returns all of `owner`'s pages: registered ones lose a holder (and become
+    evictable at none), the others go back to the free list. Returns how many."""
     pages = self._owned.pop(owner, [])
-    self._free.extend(reversed(pages))
+    if not self._refs:
+      self._free.extend(reversed(pages))
+    else:
+      refs, lru, free = self._refs, self._lru, self._free
+      for p in reversed(pages):  # the tail first: evicted before the head
+        n = refs.get(p)
+        if n is None:
+          free.append(p)
+        elif n > 1:
+          refs[p] = n - 1
+        elif p in self._key_of:
+          refs[p] = 0
+          lru[p] = None
+        else:  # registered, then forgotten while held
+          del refs[p]
+          free.append(p)
+    self._done.pop(owner, None)
+    self._drop_pending(owner)
     return len(pages)
+
+  # -- the prefix cache -------------------------------------------------------------
+
+  def lookup(self, keys: Sequence[Hashable], limit: int) -> List[int]:
+    """The registered pages of the longest prefix of `keys[:limit]`."""
+    out = []
+    if self.prefix_cache:
+      page_of = self._page_of
+      for i in range(min(limit, len(keys))):
+        p = page_of.get(keys[i])
+        if p is None:
+          break
+        out.append(p)
+    return out
+
+  def pending(self, keys: Sequence[Hashable], start: int, limit: int) -> bool:
+    """Whether `keys[start]` (a page the caller would compute) is being computed by
+    an admitted owner: waiting for it would turn the page into a hit."""
+    return start < min(limit, len(keys)) and keys[start] in self._pending
+
+  def cost(self, hits: Sequence[int], num_tokens: int) -> int:
+    """Free pages an owner holding nothing takes to hold `num_tokens` tokens when it
+    maps `hits` (from `lookup`): its new pages, plus hits that were evictable."""
+    refs = self._refs
+    revived = sum(1 for p in hits if refs[p] == 0)
+    return pages_for(num_tokens, self.page_size) - len(hits) + revived
+
+  def admit(self, owner: Hashable, hits: Sequence[int], num_tokens: int,
+            keys: Sequence[Hashable] = (), lookup_tokens: int = 0) -> List[int]:
+    """Maps `hits` (from `lookup`, this step) for `owner`, which holds nothing, and
+    grows it to `num_tokens` tokens; its other full pages up to `len(keys)` are marked
+    pending until `commit`. Counts a lookup of `lookup_tokens` tokens (0: none).
+    Raises OutOfPages, changing nothing, when the pages are not free."""
+    if owner in self._owned:
+      raise ValueError(f"{owner!r} already holds pages")
+    if self.cost(hits, num_tokens) > self.num_free:
+      raise OutOfPages(f"{owner!r} needs {self.cost(hits, num_tokens)} pages for "
+                       f"{num_tokens} tokens ({len(hits)} cached); {self.num_free} of "
+                       f"{self.capacity} free")
+    refs, lru = self._refs, self._lru
+    for p in hits:
+      n = refs[p]
+      if n == 0:
+        del lru[p]
+      refs[p] = n + 1
+    have = self._owned[owner] = list(hits)
+    need = pages_for(num_tokens, self.page_size) - len(have)
+    if need > 0:
+      self._take(have, need)
+    if self.prefix_cache:
+      self._done[owner] = len(hits)
+      if len(keys) > len(hits):
+        self._pending_keys[owner] = (keys, len(hits), len(keys))
+        for k in keys[len(hits):]:
+          self._pending.setdefault(k, owner)
+    if lookup_tokens:
+      self.lookups += 1
+      self.lookup_tokens += lookup_tokens
+      if hits:
+        self.hit_lookups += 1
+        self.hit_tokens += len(hits) * self.page_size
+    return have
+
+  def commit(self, owner: Hashable, keys: Sequence[Hashable], num_tokens: int) -> None:
+    """`owner`'s first `num_tokens` tokens hold computed KV: registers its full pages
+    among them under `keys` (one per page). A key registered meanwhile by another
+    page leaves this page unregistered, owned by `owner` alone."""
+    if not self.prefix_cache:
+      return
+    start = self._done.get(owner, 0)
+    end = min(len(keys), num_tokens // self.page_size)
+    if end <= start:
+      return
+    pages = self._owned[owner]
+    page_of, key_of, refs, pending = self._page_of, self._key_of, self._refs, self._pending
+    for j in range(start, end):
+      k = keys[j]
+      if k not in page_of:
+        p = pages[j]
+        page_of[k] = p
+        key_of[p] = k
+        refs[p] = 1
+      if pending.get(k) is owner:
+        del pending[k]
+    self._done[owner] = end
+
+  def forget(self) -> None:
+    """The pool's KV is lost: nothing registered may be matched again. Evictable pages
+    become free; held ones keep their holder counts until they are freed."""
+    for p in self._lru:
+      del self._refs[p]
+      self._free.append(p)
+    self._lru.clear()
+    self._page_of.clear()
+    self._key_of.clear()
+    self._pending.clear()
+    self._pending_keys.clear()
+    self._done.clear()
+
+  def _drop_pending(self, owner: Hashable) -> None:
+    got = self._pending_keys.pop(owner, None)
+    if got is not None:
+      keys, first, end = got
+      pending = self._pending
+      for k in keys[first:end]:
+        if pending.get(k) is owner:
+          del pending[k]
+
+  def cache_stats(self) -> dict:
+    """Counters since this pool was made: admissions that looked the cache up and
+    their prefill tokens, those that hit and the tokens they found, pages evicted,
+    and pages registered now."""
+    return {"lookups": self.lookups, "hit_lookups": self.hit_lookups,
+            "lookup_tokens": self.lookup_tokens, "hit_tokens": self.hit_tokens,
+            "evictions": self.evictions, "cached_pages": len(self._key_of)}
+
+  def _take(self, into: List[int], n: int) -> None:
+    """Moves `n` pages to `into`: free ones first (last first, as n pops would), then
+    evictable cached ones, least recently freed first."""
+    free = self._free
+    k = min(n, len(free))
+    if k:
+      into.extend(free[:-k - 1:-1])
+      del free[-k:]
+    for _ in range(n - k):
+      p, _ = self._lru.popitem(last=False)
+      del self._page_of[self._key_of.pop(p)]
+      del self._refs[p]
+      self.evictions += 1
+      into.append(p)
 
   def check(self) -> None:
     owned = [p for ps in self._owned.values() for p in ps]
-    every = owned + self._free
+    held = set(owned)
+    every = list(held) + self._free + list(self._lru)
     if len(every) != self.capacity:
-      raise AssertionError(f"free {len(self._free)} + owned {len(owned)} != {self.capacity}")
+      raise AssertionError(f"free {len(self._free)} + evictable {len(self._lru)} + held "
+                           f"{len(held)} != {self.capacity}")
     if len(set(every)) != len(every):
-      raise AssertionError("a page is owned twice or both owned and free")
+      raise AssertionError("a page is both free (or evictable) and held, or free twice")
     if any(p < self.reserved or p >= self.num_pages for p in every):
       raise AssertionError("a page id is out of range")
-
-
-def _take(free: List[int], into: List[int], n: int) -> None:
-  """Moves the last `n` pages of `free` to `into`, as n pops would (last first)."""
-  into.extend(free[:-n - 1:-1])
-  del free[-n:]
+    holders = collections.Counter(owned)
+    for p, n in holders.items():
+      if p not in self._refs and n != 1:
+        raise AssertionError(f"unregistered page {p} is held by {n} owners")
+    for p, n in self._refs.items():
+      if n < 0 or n != holders.get(p, 0):
+        raise AssertionError(f"registered page {p} counts {n} holders, has "
+                             f"{holders.get(p, 0)}")
+      if p not in self._key_of:  # forgotten while held
+        if n < 1:
+          raise AssertionError(f"forgotten page {p} is held by no one")
+        continue
+      if (n == 0) != (p in self._lru):
+        raise AssertionError(f"registered page {p} with {n} holders is "
+                             f"{'' if p in self._lru else 'not '}evictable")
+      if self._page_of.get(self._key_of.get(p)) != p:
+        raise AssertionError(f"registered page {p} and its key disagree")
+    if set(self._lru) - set(self._refs):
+      raise AssertionError("an evictable page is not registered")
+    for owner, n in self._done.items():
+      ps = self._owned.get(owner, [])
+      if n > len(ps):
+        raise AssertionError(f"{owner!r}: {n} pages marked computed, holds {len(ps)}")

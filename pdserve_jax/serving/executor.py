@@ -164,7 +164,8 @@ class JaxExecutor:
     else:
       self._group_runners[group] = [self.placement.open(
           group, spec, shape, lambda error, g=group: self._lost(g, error))]
-    return PageAllocator(num_pages, self.cfg.page_size, reserved=1)
+    return PageAllocator(num_pages, self.cfg.page_size, reserved=1,
+                         prefix_cache=self.cfg.prefix_cache)
 
   def bind(self, coordinator: Coordinator) -> None:
     """The i-th instance of a group runs on its i-th runner (semi-PD's two phases
@@ -214,10 +215,12 @@ class JaxExecutor:
 
   def _programs(self) -> Dict[str, Tuple[bool, bool]]:
     """Per device group: whether its instances run packed calls (any prefill) and
-    decode calls (any decode)."""
+    decode calls (any decode). A decode instance that prefills prompts itself
+    (conditional disaggregation) runs both."""
     roles: Dict[str, set] = {}
     for inst in self._instances:
-      roles.setdefault(inst.group, set()).add(inst.phase)
+      local = getattr(inst.sched, "local_prefill", False)
+      roles.setdefault(inst.group, set()).add(None if local else inst.phase)
     return {g: (r != {"decode"}, r != {"prefill"}) for g, r in roles.items()}
 
   def program_counts(self) -> Dict[str, int]:
@@ -311,6 +314,7 @@ class JaxExecutor:
     held: Dict[Request, None] = {}
     for other in self._instances:
       if self._runner[other.name] is runner:
+        other.sched.allocator.forget()  # the cached KV went with the pool
         held.update(dict.fromkeys(other.sched.allocator.owners()))
     for r in held:
       r.payload.error = r.payload.error or RuntimeError(
@@ -326,10 +330,16 @@ class JaxExecutor:
       self._post(seam.CopyDone(req))
 
     try:
-      src_pages = src.sched.allocator.pages(req)
+      # The first `skip` pages are in place already: the decode side's prefix cache
+      # holds them.
+      skip = dst.sched.copy_skip(req)
+      src_pages = src.sched.allocator.pages(req)[skip:]
+      if not src_pages:
+        done(None)
+        return
       n = bk.bucket(len(src_pages), self.page_buckets, "pages per transfer")
       pad = [SCRATCH_PAGE] * (n - len(src_pages))
-      dst_pages = dst.sched.allocator.pages(req)[:len(src_pages)]
+      dst_pages = dst.sched.allocator.pages(req)[skip:skip + len(src_pages)]
       self._runner[src.name].copy_to(self._runner[dst.name], np.array(src_pages + pad),
                                      np.array(dst_pages + pad), done)
     except Exception as e:  # noqa: BLE001 - this request fails; its pages come back

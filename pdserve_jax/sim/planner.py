@@ -13,7 +13,14 @@ runs, divided by the devices used. The planner searches:
     node link), pipeline stages across nodes, checked end to end;
   * semi-PD: the best fixed prefill share on a grid, then the online partitioner
     starting from it;
-  * colocated, prefill-first and chunked prefill: the baseline.
+  * colocated, prefill-first and chunked prefill: the baseline;
+  * conditional disaggregation: the best disaggregated placement with each of
+    `conditional_thresholds` (prompts with at most that many uncached tokens are
+    prefilled on their decode instance, in chunked steps).
+
+With `setup.prefix_cache` and requests that carry prefix blocks, every simulated
+run reuses cached prefixes, and the capacity estimates count only the prompt
+tokens an infinite cache would not hold (`core.prefix.reuse_bound`).
 
 Each mode's search keeps only what can win. Configs go in order of a capacity
 estimated from the latency model at mean lengths (prompt batches at the token
@@ -42,6 +49,7 @@ import numpy as np
 
 from pdserve_jax.core import deploy
 from pdserve_jax.core.metrics import check_slos
+from pdserve_jax.core.prefix import reuse_bound
 from pdserve_jax.core.request import Request
 from pdserve_jax.core.share import PartitionerConfig, ShareScaling
 from pdserve_jax.sim import goodput as search
@@ -78,6 +86,8 @@ class PlanSpec:
     max_spread: if set, measure each kept candidate over seeds (see the module
       docstring); `workload` must then take `(rate, seed)`.
     min_seeds, max_seeds: the seed counts of those measurements.
+    conditional_thresholds: uncached-token thresholds of conditional
+      disaggregation to try on the best disaggregated placement (none: not tried).
   """
   setup: sim.Setup
   workload: Workload
@@ -100,6 +110,7 @@ class PlanSpec:
   max_spread: Optional[float] = None
   min_seeds: int = search.MIN_SEEDS
   max_seeds: int = search.MAX_SEEDS
+  conditional_thresholds: tuple[int, ...] = ()
 
   @property
   def devices_per_node(self) -> int:
@@ -200,6 +211,11 @@ class _Planner:
     p = np.array([r.prompt_len for r in sample], dtype=np.float64)
     o = np.array([r.max_tokens for r in sample], dtype=np.float64)
     self.mean_prompt, self.mean_sq_prompt, self.mean_out = p.mean(), (p * p).mean(), o.mean()
+    # Prompt tokens a prefill computes, when a prefix cache holds what repeats.
+    self.computed_share = 1.0
+    if spec.setup.prefix_cache and all(r.blocks is not None for r in sample):
+      self.computed_share = 1.0 - reuse_bound([r.blocks for r in sample],
+                                              [r.prompt_len for r in sample])
     self.longest = max(sample, key=lambda r: r.lifetime_tokens)
     self.skipped = {}
     self.configs = self._configs()
@@ -250,8 +266,10 @@ class _Planner:
       return self._estimates[key]
     model = self.spec.setup.latency(tp, pp)
     if phase == "prefill":
-      k = max(1, int(self.spec.max_step_tokens // self.mean_prompt))
-      est = k / model.prefill_totals(k, k * self.mean_prompt, k * self.mean_sq_prompt)
+      prompt = max(1.0, self.mean_prompt * self.computed_share)
+      k = max(1, int(self.spec.max_step_tokens // prompt))
+      est = k / model.prefill_totals(k, k * prompt,
+                                     k * self.mean_sq_prompt * self.computed_share)
     else:
       ctx = self.mean_prompt + self.mean_out / 2
       cap = sim.kv_capacity_tokens(self.spec.setup, tp, pp) / pp
@@ -374,6 +392,21 @@ class _Planner:
                                  (ptp + dtp) * pp, None, est))
     return self._search(cands)
 
+  def conditional(self, dis: list[Candidate]) -> list[Candidate]:
+    """The best of `dis` (disaggregated candidates) with each conditional threshold;
+    its decode instances then take chunked steps, as colocated chunked prefill."""
+    thresholds = [t for t in self.spec.conditional_thresholds if t > 0]
+    top = max((c for c in dis if c.goodput is not None), key=lambda c: c.per_device,
+              default=None)
+    if top is None or not thresholds:
+      return []
+    d = top.deployment
+    decode = self._instance(d.decode.tp, d.decode.pp, chunked=True)
+    cands = [Candidate("disaggregated", "conditional", dataclasses.replace(
+        d, decode=decode, conditional_threshold=t), top.num_devices, None, top.capacity,
+        f"prefill on decode at <= {t} uncached tokens") for t in thresholds]
+    return self._search(cands)
+
   def _combined(self, mode, algorithm, make, configs) -> list[Candidate]:
     # Both phases spend the same devices' time, so their capacities combine
     # harmonically: a request costs 1/prefill + 1/decode of a second.
@@ -432,7 +465,8 @@ def plan(spec: PlanSpec, modes: Sequence[str] = deploy.MODES,
   p = _Planner(spec, progress)
   cands = []
   if "disaggregated" in modes:
-    cands += p.disaggregated_alg1() + p.disaggregated_alg2()
+    dis = p.disaggregated_alg1() + p.disaggregated_alg2()
+    cands += dis + p.conditional(dis)
   if "semi_pd" in modes:
     cands += p.semi_pd()
   for policy in policies:  # each its own search, so each policy has a best

@@ -13,12 +13,20 @@ stages runs pp schedulers on slices of its pool so that pp steps are in flight
 (see `_Pipe`). `Replay` drives a run with the event times an engine logged, so the
 two executors can be compared decision by decision. Limits: KV copies do not
 contend for links; a step's stages are equal (the latency model's time / pp each).
+
+Prefix caching (`Setup.prefix_cache`, on by default) runs the engine's cache: each
+request's `prefix_keys` come from its `blocks` (a trace's block hashes) at the
+setup's page size, or are kept as an engine made them (a replay). A KV copy takes
+the time of the pages it moves (a decode cache may hold the rest). Keys cost a
+little per page: with Mooncake's 512-token blocks, pages of 512 tokens keep one
+key per block (what `benchmarks/sim_speed.py` times).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import gc
 import heapq
 import itertools
@@ -32,6 +40,7 @@ from pdserve_jax.core.pages import PageAllocator
 from pdserve_jax.model.config import ModelConfig
 from pdserve_jax.core import coordinator as C
 from pdserve_jax.core import metrics
+from pdserve_jax.core.prefix import Blocks, block_keys
 from pdserve_jax.core.request import Request
 from pdserve_jax.sim.hardware import HardwareSpec
 from pdserve_jax.sim.latency import LatencyModel, transfer_time
@@ -57,6 +66,9 @@ class Setup:
   # 1 for separate accelerators; above 1 where instances share a host's cores, as
   # virtual CPU devices do (`profiler.profile_overlap` measures it).
   overlap_slowdown: float = 1.0
+  # Prefix caching in every pool (`core.pages`); requests need `blocks` or
+  # `prefix_keys` to use it.
+  prefix_cache: bool = True
 
   def __post_init__(self):
     if not 0 < self.memory_utilization <= 1:
@@ -87,7 +99,8 @@ def kv_capacity_tokens(setup: Setup, tp: int, pp: int) -> int:
 class SimResult:
   """Finished request copies, the span from first arrival to last finish, busy
   fraction per device group (per stage with pipelines), semi-PD share histories,
-  preemptions, and with `record_steps` each instance's steps (`Step.describe`)."""
+  preemptions, prefix-cache counters (`Coordinator.prefix_stats`), and with
+  `record_steps` each instance's steps (`Step.describe`)."""
   requests: list[Request]
   makespan: float
   num_devices: int
@@ -95,6 +108,7 @@ class SimResult:
   share_history: dict[str, list[tuple[float, float]]]
   num_preemptions: int = 0
   steps: Optional[dict[str, list[tuple]]] = None
+  prefix: Optional[dict] = None
 
   def attainment(self, ttft_slo: float, tpot_slo: float) -> float:
     return metrics.attainment(self.requests, ttft_slo, tpot_slo)
@@ -104,7 +118,8 @@ class SimResult:
     out = metrics.summarize(self.requests, ttft_slo, tpot_slo)
     out.update(num_devices=self.num_devices, makespan_s=self.makespan,
                utilization=self.utilization, num_preemptions=self.num_preemptions,
-               share_history={k: [list(p) for p in v] for k, v in self.share_history.items()})
+               share_history={k: [list(p) for p in v] for k, v in self.share_history.items()},
+               prefix_cache=self.prefix)
     return out
 
 
@@ -200,7 +215,8 @@ class LatencyExecutor:
   def allocator(self, group: str, spec: InstanceSpec, fraction: float) -> PageAllocator:
     setup = self.setup
     tokens = int(kv_capacity_tokens(setup, spec.tp, spec.pp) * fraction)
-    return PageAllocator(max(1, tokens // setup.page_size), setup.page_size)
+    return PageAllocator(max(1, tokens // setup.page_size), setup.page_size,
+                         prefix_cache=setup.prefix_cache)
 
   def bind(self, coord) -> None:
     """One pipe per device group of `coord`'s instances."""
@@ -253,7 +269,8 @@ class LatencyExecutor:
       self._copies[req.request_id] = k + 1
       self.sim.at(self.replay.copies[req.request_id][k], self._copied, req)
       return
-    self.sim.at(now + transfer_time(req.prefill_len * self.kv_bytes, self.bandwidth,
+    tokens = req.prefill_len - dst.sched.copy_skip(req) * self.setup.page_size
+    self.sim.at(now + transfer_time(max(tokens, 0) * self.kv_bytes, self.bandwidth,
                                     self.setup.hardware.link_latency_s), self._copied, req)
 
   def _copied(self, now, req):
@@ -288,6 +305,10 @@ def simulate(requests: Sequence[Request], setup: Setup, deployment,
   else:
     reqs = sorted((r.fresh() for r in requests), key=lambda r: replay.arrivals[r.request_id])
     times = [replay.arrivals[r.request_id] for r in reqs]
+  if setup.prefix_cache:
+    for r in reqs:
+      if r.blocks is not None and r.prefix_keys is None:
+        r.prefix_keys = _keys(r.blocks, r.prompt_len, setup.page_size)
   sim = _Simulation()
   ex = LatencyExecutor(setup, deployment, sim, replay, record_steps)
   coord = C.build(deployment, ex, ttft_slo, tpot_slo, start_time=times[0])
@@ -309,4 +330,11 @@ def simulate(requests: Sequence[Request], setup: Setup, deployment,
   span = end - start
   util = {name: (p.busy_time / span if span > 0 else 0.0) for name, p in ex.pipes.items()}
   return SimResult(reqs, span, deployment.num_devices, util, coord.share_history(),
-                   coord.num_preemptions, dict(ex.steps) if ex.steps is not None else None)
+                   coord.num_preemptions, dict(ex.steps) if ex.steps is not None else None,
+                   coord.prefix_stats())
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _keys(blocks: Blocks, prompt_len: int, page_size: int) -> tuple:
+  """`block_keys`, kept: the planner simulates one workload many times."""
+  return tuple(block_keys(blocks, prompt_len, page_size))
