@@ -26,7 +26,7 @@ pool's KV is lost (a failed step that consumed it).
 from __future__ import annotations
 
 import collections
-from typing import Dict, Hashable, List, Sequence
+from typing import Dict, Hashable, List, Optional, Sequence
 
 
 class OutOfPages(RuntimeError):
@@ -143,6 +143,10 @@ class PageAllocator:
     return len(pages)
 
   # -- the prefix cache -------------------------------------------------------------
+
+  def key_of(self, page: int) -> Optional[Hashable]:
+    """The key `page` is registered under, or None (owned by one owner alone)."""
+    return self._key_of.get(page)
 
   def lookup(self, keys: Sequence[Hashable], limit: int) -> List[int]:
     """The registered pages of the longest prefix of `keys[:limit]`."""
