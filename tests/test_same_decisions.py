@@ -4,7 +4,9 @@ One trace runs through the real engine, then through the simulator driven by the
 engine's own event times (`sim.simulator.Replay`: when each request was seen, each
 step ended and each KV copy landed). Both executors drive the same coordinator, so
 every instance must have run the same sequence of steps: the same requests, the
-same prefill chunks, in every mode, with preemptions and the semi-PD partitioner on.
+same prefill chunks, in every mode, with preemptions and the semi-PD partitioner on,
+and with the prefix cache on prompts that share prefixes: the same hits, evictions,
+routing and conditional-prefill choices.
 """
 
 import numpy as np
@@ -83,6 +85,49 @@ def test_engine_and_simulator_run_the_same_steps(model, name):
     simulated = res.share_history["semi_pd0"]
     assert [x for _, x in simulated] == [x for _, x in history] and len(history) > 1
     assert [t for t, _ in simulated[1:]] == [t for t, _ in history[1:]]
+  done = {r.request_id: r.token_times for r in res.requests}
+  assert all(done[r.request_id] == r.token_times for r in report.requests)
+
+
+PREFIX_DEPLOYMENTS = {
+    "colocated_2_replicas": pdj.Colocated(_inst(1), replicas=2),
+    "disagg_2p1_conditional": pdj.Disaggregated(_inst(1), _inst(1, True), num_prefill=2,
+                                                conditional_threshold=12),
+    "semi_pd": pdj.SemiPD(_inst(1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PREFIX_DEPLOYMENTS))
+def test_same_steps_with_the_prefix_cache(model, name):
+  """Two-turn sessions, most on one system prompt, arriving over a few seconds into
+  11-page pools: the cache hits and evicts, arrivals follow cached prefixes between
+  two instances, and short remainders prefill on the decode instance. The simulator,
+  replaying the engine's event times, must take every one of those decisions alike
+  (a cache, router or threshold that differed would change the steps)."""
+  dep = PREFIX_DEPLOYMENTS[name]
+  reqs = workloads.shared_prefix(32, 4.0, workloads.Uniform(1, 10), workloads.Uniform(2, 14),
+                                 system_prompt_len=24, system_prompt_share=0.8, turns=2,
+                                 think_time=0.5, block_size=8, max_total_tokens=64, seed=4)
+  cfg = pdj.EngineConfig(**ENGINE, num_pages=12)
+  with pdj.Engine(model, dep, cfg) as engine:
+    report = engine.run_workload(reqs, timeout=600)
+    replay = _replay(engine)
+    by_engine = {}
+    for rec in engine.step_log:
+      by_engine.setdefault(rec.instance, []).append(rec.work)
+    stats = engine.stats()
+  setup = sim.Setup(model.config, HOST, lambda tp, pp: None, page_size=cfg.page_size,
+                    kv_tokens=(cfg.num_pages - 1) * cfg.page_size)
+  res = sim.simulate(report.requests, setup, dep, replay=replay, record_steps=True)
+  assert res.steps == by_engine
+  for key in ("lookups", "hit_tokens", "evictions", "cached_pages", "cache_routed",
+              "local_prefills", "kv_copy_pages", "kv_copy_pages_saved"):
+    assert res.prefix.get(key) == stats.get(f"prefix_{key}"), key
+  assert stats["prefix_hit_tokens"] > 0 and stats["prefix_evictions"] > 0, stats
+  if name != "semi_pd":  # two instances of a kind to route between
+    assert stats["prefix_cache_routed"] > 0, stats
+  if name == "disagg_2p1_conditional":
+    assert 0 < stats["prefix_local_prefills"] < len(reqs), stats
   done = {r.request_id: r.token_times for r in res.requests}
   assert all(done[r.request_id] == r.token_times for r in report.requests)
 
