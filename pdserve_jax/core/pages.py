@@ -59,10 +59,10 @@ class PageAllocator:
     self._page_of: Dict[Hashable, int] = {}
     self._key_of: Dict[int, Hashable] = {}
     self._refs: Dict[int, int] = {}
-    self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()
+    self._lru: collections.OrderedDict[int, Hashable] = collections.OrderedDict()  # -> key
     self._done: Dict[Hashable, int] = {}
-    self._pending: Dict[Hashable, Hashable] = {}
-    self._pending_keys: Dict[Hashable, tuple] = {}  # owner -> (keys, first, end)
+    self._pending: Dict[Hashable, Hashable] = {}  # key -> owner computing it next
+    self._pending_of: Dict[Hashable, Hashable] = {}  # owner -> that key
     # Counters (see `cache_stats`).
     self.lookups = self.hit_lookups = 0
     self.lookup_tokens = self.hit_tokens = 0
@@ -122,24 +122,29 @@ class PageAllocator:
     """Returns all of `owner`'s pages: registered ones lose a holder (and become
     evictable at none), the others go back to the free list. Returns how many."""
     pages = self._owned.pop(owner, [])
-    if not self._refs:
-      self._free.extend(reversed(pages))
+    done = self._done.pop(owner, 0)  # only these leading pages may be registered
+    free = self._free
+    if not done:
+      free.extend(reversed(pages))
     else:
-      refs, lru, free = self._refs, self._lru, self._free
-      for p in reversed(pages):  # the tail first: evicted before the head
+      free.extend(reversed(pages[done:]))
+      refs, lru, key_of = self._refs, self._lru, self._key_of
+      for i in range(done - 1, -1, -1):  # the tail first: evicted before the head
+        p = pages[i]
         n = refs.get(p)
         if n is None:
           free.append(p)
         elif n > 1:
           refs[p] = n - 1
-        elif p in self._key_of:
+        elif p in key_of:
           refs[p] = 0
-          lru[p] = None
+          lru[p] = key_of[p]
         else:  # registered, then forgotten while held
           del refs[p]
           free.append(p)
-    self._done.pop(owner, None)
-    self._drop_pending(owner)
+    pending = self._pending_of.pop(owner, None)
+    if pending is not None and self._pending.get(pending) is owner:
+      del self._pending[pending]
     return len(pages)
 
   # -- the prefix cache -------------------------------------------------------------
@@ -161,8 +166,10 @@ class PageAllocator:
     return out
 
   def pending(self, keys: Sequence[Hashable], start: int, limit: int) -> bool:
-    """Whether `keys[start]` (a page the caller would compute) is being computed by
-    an admitted owner: waiting for it would turn the page into a hit."""
+    """Whether `keys[start]` (the first page the caller would compute) is the next
+    page an admitted owner computes: waiting for it would turn the page into a hit.
+    (Only each owner's next page is marked: a request that shares a prefix with an
+    admitted one misses first where that one computes next.)"""
     return start < min(limit, len(keys)) and keys[start] in self._pending
 
   def cost(self, hits: Sequence[int], num_tokens: int) -> int:
@@ -175,9 +182,10 @@ class PageAllocator:
   def admit(self, owner: Hashable, hits: Sequence[int], num_tokens: int,
             keys: Sequence[Hashable] = (), lookup_tokens: int = 0) -> List[int]:
     """Maps `hits` (from `lookup`, this step) for `owner`, which holds nothing, and
-    grows it to `num_tokens` tokens; its other full pages up to `len(keys)` are marked
-    pending until `commit`. Counts a lookup of `lookup_tokens` tokens (0: none).
-    Raises OutOfPages, changing nothing, when the pages are not free."""
+    grows it to `num_tokens` tokens; the first of its other full pages (up to
+    `len(keys)`) is marked pending until `commit`. Counts a lookup of
+    `lookup_tokens` tokens (0: none). Raises OutOfPages, changing nothing, when the
+    pages are not free."""
     if owner in self._owned:
       raise ValueError(f"{owner!r} already holds pages")
     if self.cost(hits, num_tokens) > self.num_free:
@@ -197,9 +205,7 @@ class PageAllocator:
     if self.prefix_cache:
       self._done[owner] = len(hits)
       if len(keys) > len(hits):
-        self._pending_keys[owner] = (keys, len(hits), len(keys))
-        for k in keys[len(hits):]:
-          self._pending.setdefault(k, owner)
+        self._mark(owner, keys[len(hits)])
     if lookup_tokens:
       self.lookups += 1
       self.lookup_tokens += lookup_tokens
@@ -219,7 +225,7 @@ class PageAllocator:
     if end <= start:
       return
     pages = self._owned[owner]
-    page_of, key_of, refs, pending = self._page_of, self._key_of, self._refs, self._pending
+    page_of, key_of, refs = self._page_of, self._key_of, self._refs
     for j in range(start, end):
       k = keys[j]
       if k not in page_of:
@@ -227,9 +233,19 @@ class PageAllocator:
         page_of[k] = p
         key_of[p] = k
         refs[p] = 1
-      if pending.get(k) is owner:
-        del pending[k]
     self._done[owner] = end
+    if owner in self._pending_of:
+      self._mark(owner, keys[end] if end < len(keys) else None)
+
+  def _mark(self, owner: Hashable, key: Optional[Hashable]) -> None:
+    """`key` is the next page `owner` computes (None: no more)."""
+    pending = self._pending
+    old = self._pending_of.pop(owner, None)
+    if old is not None and pending.get(old) is owner:
+      del pending[old]
+    if key is not None:
+      self._pending_of[owner] = key
+      pending.setdefault(key, owner)
 
   def forget(self) -> None:
     """The pool's KV is lost: nothing registered may be matched again. Evictable pages
@@ -241,17 +257,8 @@ class PageAllocator:
     self._page_of.clear()
     self._key_of.clear()
     self._pending.clear()
-    self._pending_keys.clear()
-    self._done.clear()
-
-  def _drop_pending(self, owner: Hashable) -> None:
-    got = self._pending_keys.pop(owner, None)
-    if got is not None:
-      keys, first, end = got
-      pending = self._pending
-      for k in keys[first:end]:
-        if pending.get(k) is owner:
-          del pending[k]
+    self._pending_of.clear()
+    # `_done` stays: `free` walks those pages to release the ones still counted.
 
   def cache_stats(self) -> dict:
     """Counters since this pool was made: admissions that looked the cache up and
@@ -269,12 +276,13 @@ class PageAllocator:
     if k:
       into.extend(free[:-k - 1:-1])
       del free[-k:]
-    for _ in range(n - k):
-      p, _ = self._lru.popitem(last=False)
-      del self._page_of[self._key_of.pop(p)]
-      del self._refs[p]
-      self.evictions += 1
-      into.append(p)
+    if n > k:
+      lru, page_of, key_of, refs = self._lru, self._page_of, self._key_of, self._refs
+      for _ in range(n - k):
+        p, key = lru.popitem(last=False)
+        del page_of[key], key_of[p], refs[p]
+        into.append(p)
+      self.evictions += n - k
 
   def check(self) -> None:
     owned = [p for ps in self._owned.values() for p in ps]

@@ -800,7 +800,10 @@ class DecodeScheduler(_Scheduler):
     check_fits(self.allocator, req, req.lifetime_tokens, "decode")
 
   def can_accept(self, req: Request) -> bool:
-    return self._fits_now(req, self._tokens(req), True, self._cached(req))
+    tokens = self._tokens(req)
+    # Cached pages only lower the need: look them up when the pool is short.
+    return self._fits_now(req, tokens, True) or self._fits_now(req, tokens, True,
+                                                               self._cached(req))
 
   def reserve(self, req: Request) -> None:
     """Allocates `req`'s pages here (see the class docstring); raises OutOfPages

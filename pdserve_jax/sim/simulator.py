@@ -145,10 +145,14 @@ class _Pipe:
   KV pool.
   """
   __slots__ = ("name", "pp", "sim", "free_at", "last_done", "waiting", "busy_time",
-               "wake_at", "model", "resume")
+               "wake_at", "model", "resume", "decode_time")
 
   def __init__(self, name, pp, sim, model, resume):
     self.name, self.pp, self.sim, self.model, self.resume = name, pp, sim, model, resume
+    # A decode step's time straight from the totals, when the model times steps by
+    # them (most steps decode; this skips a dispatch per step).
+    self.decode_time = (model.decode_totals if model is not None
+                        and type(model).step_time is LatencyModel.step_time else None)
     self.free_at = -math.inf
     self.last_done = -math.inf
     self.waiting = collections.deque()
@@ -249,7 +253,10 @@ class LatencyExecutor:
       pipe.busy_time += seconds
       self.sim.at(done, self._done, (inst, seconds))
       return
-    stage = pipe.model.step_time(step, inst.sched.allocator.pages)
+    if step.prefills or pipe.decode_time is None:
+      stage = pipe.model.step_time(step, inst.sched.allocator.pages)
+    else:
+      stage = pipe.decode_time(len(step.decodes), step.decode_context)
     if inst.slowdown is not None:
       stage *= inst.slowdown()
     if self._stretch:
