@@ -53,12 +53,14 @@ class PageAllocator:
     self.prefix_cache = prefix_cache
     self._free: List[int] = list(range(num_pages - 1, reserved - 1, -1))
     self._owned: Dict[Hashable, List[int]] = {}
-    # The cache: registered pages by key and back, their holders, the evictable ones
-    # (oldest first), how many leading pages of each owner are registered or matched,
-    # and the keys owners will compute (key -> owner).
+    # The cache: registered pages by key, and per page id its key (None: not
+    # registered) and its holders (0 for a page that is not shared: free or owned by
+    # one owner alone; a page registered and then forgotten keeps its count until
+    # freed); the evictable ones (oldest first, with their keys); how many leading
+    # pages of each owner are registered or matched; the keys owners will compute.
     self._page_of: Dict[Hashable, int] = {}
-    self._key_of: Dict[int, Hashable] = {}
-    self._refs: Dict[int, int] = {}
+    self._key: List[Optional[Hashable]] = [None] * num_pages
+    self._refs: List[int] = [0] * num_pages
     self._lru: collections.OrderedDict[int, Hashable] = collections.OrderedDict()  # -> key
     self._done: Dict[Hashable, int] = {}
     self._pending: Dict[Hashable, Hashable] = {}  # key -> owner computing it next
@@ -80,7 +82,7 @@ class PageAllocator:
   @property
   def num_cached(self) -> int:
     """Registered pages, held or evictable."""
-    return len(self._key_of)
+    return len(self._page_of)
 
   def pages(self, owner: Hashable) -> List[int]:
     return self._owned.get(owner, [])
@@ -128,20 +130,21 @@ class PageAllocator:
       free.extend(reversed(pages))
     else:
       free.extend(reversed(pages[done:]))
-      refs, lru, key_of = self._refs, self._lru, self._key_of
+      refs, lru, key = self._refs, self._lru, self._key
       for i in range(done - 1, -1, -1):  # the tail first: evicted before the head
         p = pages[i]
-        n = refs.get(p)
-        if n is None:
+        n = refs[p]
+        if n == 0:  # owned by this owner alone
           free.append(p)
         elif n > 1:
           refs[p] = n - 1
-        elif p in key_of:
+        else:
           refs[p] = 0
-          lru[p] = key_of[p]
-        else:  # registered, then forgotten while held
-          del refs[p]
-          free.append(p)
+          k = key[p]
+          if k is None:  # registered, then forgotten while held
+            free.append(p)
+          else:
+            lru[p] = k
     pending = self._pending_of.pop(owner, None)
     if pending is not None and self._pending.get(pending) is owner:
       del self._pending[pending]
@@ -151,7 +154,7 @@ class PageAllocator:
 
   def key_of(self, page: int) -> Optional[Hashable]:
     """The key `page` is registered under, or None (owned by one owner alone)."""
-    return self._key_of.get(page)
+    return self._key[page]
 
   def lookup(self, keys: Sequence[Hashable], limit: int) -> List[int]:
     """The registered pages of the longest prefix of `keys[:limit]`."""
@@ -225,13 +228,13 @@ class PageAllocator:
     if end <= start:
       return
     pages = self._owned[owner]
-    page_of, key_of, refs = self._page_of, self._key_of, self._refs
+    page_of, key, refs = self._page_of, self._key, self._refs
     for j in range(start, end):
       k = keys[j]
       if k not in page_of:
         p = pages[j]
         page_of[k] = p
-        key_of[p] = k
+        key[p] = k
         refs[p] = 1
     self._done[owner] = end
     if owner in self._pending_of:
@@ -250,12 +253,11 @@ class PageAllocator:
   def forget(self) -> None:
     """The pool's KV is lost: nothing registered may be matched again. Evictable pages
     become free; held ones keep their holder counts until they are freed."""
-    for p in self._lru:
-      del self._refs[p]
-      self._free.append(p)
+    self._free.extend(self._lru)
     self._lru.clear()
+    for p in self._page_of.values():
+      self._key[p] = None  # held ones keep their counts until freed
     self._page_of.clear()
-    self._key_of.clear()
     self._pending.clear()
     self._pending_of.clear()
     # `_done` stays: `free` walks those pages to release the ones still counted.
@@ -266,7 +268,7 @@ class PageAllocator:
     and pages registered now."""
     return {"lookups": self.lookups, "hit_lookups": self.hit_lookups,
             "lookup_tokens": self.lookup_tokens, "hit_tokens": self.hit_tokens,
-            "evictions": self.evictions, "cached_pages": len(self._key_of)}
+            "evictions": self.evictions, "cached_pages": len(self._page_of)}
 
   def _take(self, into: List[int], n: int) -> None:
     """Moves `n` pages to `into`: free ones first (last first, as n pops would), then
@@ -277,10 +279,11 @@ class PageAllocator:
       into.extend(free[:-k - 1:-1])
       del free[-k:]
     if n > k:
-      lru, page_of, key_of, refs = self._lru, self._page_of, self._key_of, self._refs
+      lru, page_of, key = self._lru, self._page_of, self._key
       for _ in range(n - k):
-        p, key = lru.popitem(last=False)
-        del page_of[key], key_of[p], refs[p]
+        p, old = lru.popitem(last=False)
+        del page_of[old]
+        key[p] = None
         into.append(p)
       self.evictions += n - k
 
@@ -296,24 +299,19 @@ class PageAllocator:
     if any(p < self.reserved or p >= self.num_pages for p in every):
       raise AssertionError("a page id is out of range")
     holders = collections.Counter(owned)
-    for p, n in holders.items():
-      if p not in self._refs and n != 1:
-        raise AssertionError(f"unregistered page {p} is held by {n} owners")
-    for p, n in self._refs.items():
-      if n < 0 or n != holders.get(p, 0):
-        raise AssertionError(f"registered page {p} counts {n} holders, has "
-                             f"{holders.get(p, 0)}")
-      if p not in self._key_of:  # forgotten while held
-        if n < 1:
-          raise AssertionError(f"forgotten page {p} is held by no one")
-        continue
-      if (n == 0) != (p in self._lru):
-        raise AssertionError(f"registered page {p} with {n} holders is "
-                             f"{'' if p in self._lru else 'not '}evictable")
-      if self._page_of.get(self._key_of.get(p)) != p:
+    for p in range(self.reserved, self.num_pages):
+      n, k, held_by = self._refs[p], self._key[p], holders.get(p, 0)
+      if k is not None and self._page_of.get(k) != p:
         raise AssertionError(f"registered page {p} and its key disagree")
-    if set(self._lru) - set(self._refs):
-      raise AssertionError("an evictable page is not registered")
+      if n < 0 or (n or k is not None) and n != held_by:
+        raise AssertionError(f"page {p} counts {n} holders, has {held_by}")
+      if not n and k is None and held_by > 1:
+        raise AssertionError(f"unregistered page {p} is held by {held_by} owners")
+      if (p in self._lru) != (k is not None and n == 0):
+        raise AssertionError(f"page {p} ({'registered' if k is not None else 'unregistered'},"
+                             f" {n} holders) is {'' if p in self._lru else 'not '}evictable")
+    if len(self._page_of) != sum(k is not None for k in self._key):
+      raise AssertionError("the keys by page and the pages by key disagree")
     for owner, n in self._done.items():
       ps = self._owned.get(owner, [])
       if n > len(ps):
