@@ -269,7 +269,7 @@ class Worker:
 # streams. With jax's default (256 MiB) a KV buffer under 256 MiB is one chunk: copied
 # whole into the server's staging memory, sent whole over one socket, copied whole out,
 # one step after another, so extra streams idle. Chunks of 1 MiB overlap those steps:
-# 2-4x the bytes per second on CPU (benchmarks/transfer.py prints both; README,
+# 2-4.8x the bytes per second on CPU (benchmarks/transfer.py prints both; README,
 # "Measured figures"). It also sizes the address space each server maps for staging
 # (3 x 8 parallel copies x chunk): 0.1 GiB instead of 6 GiB.
 TRANSFER_CHUNK_BYTES = 1 << 20
