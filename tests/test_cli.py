@@ -71,8 +71,9 @@ def test_simulate_default_config_and_override(tmp_path):
 
 
 def test_plan_default_config_and_override(tmp_path, shared_data):
-  # The default config's trace, with a smaller sample and search.
-  proc = run("plan", "--config.workload.num_requests=100", "--config.tp_options=1,2",
+  # plan_opt13b: the conversation trace, with a smaller sample and search.
+  proc = run("plan", "--config=plan_opt13b", "--config.workload.num_requests=100",
+             "--config.tp_options=1,2",
              "--config.pp_options=1", "--config.max_seeds=4",
              f"--output_json={tmp_path / 'a.json'}")
   doc = ok(proc, tmp_path / "a.json")
@@ -86,8 +87,9 @@ def test_plan_default_config_and_override(tmp_path, shared_data):
   ranked = [c["goodput_per_device"] for c in kept]
   assert ranked == sorted(ranked, reverse=True)
   assert {r["mode"] for r in doc["runs"]} == {m for m, c in doc["plan"]["best"].items() if c}
-  proc = run("plan", "--config.workload.source=synthetic", "--config.workload.num_requests=60",
-             "--config.tp_options=1", "--config.pp_options=1",
+  # The default config (plan_demo: synthetic lengths), one mode.
+  proc = run("plan", "--config.workload.num_requests=60", "--config.tp_options=1",
+             "--config.pp_options=1",
              "--config.modes=colocated_prefill_first", "--config.max_spread=0",
              f"--output_json={tmp_path / 'b.json'}",
              f"--plots_dir={tmp_path / 'plots'}")
@@ -96,6 +98,7 @@ def test_plan_default_config_and_override(tmp_path, shared_data):
   assert doc["plan"]["best"]["colocated_prefill_first"]["goodput_rps"] > 0
   assert doc["plan"]["best"]["colocated_prefill_first"]["estimate"] is None  # one seed
   assert "planner_goodput.png" in {os.path.basename(p) for p in doc["plots"]}
+  assert "The planner's pick: colocated_prefill_first, 1x tp1pp1" in proc.stdout
 
 
 @pytest.mark.slow  # compiles an engine
