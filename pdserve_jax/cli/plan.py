@@ -121,9 +121,11 @@ def answer(cfg, spec: planner.PlanSpec, best: dict) -> str:
   """Each mode's best placement with its goodput per device, and the winner, in a
   few lines (`best`: mode -> its top candidate, ranked)."""
   hw = spec.setup.hardware
-  lines = [f"{cfg.model} on {cfg.num_nodes} node(s) of {hw.devices_per_node} {hw.name}, "
-           f"SLOs TTFT {cfg.ttft_slo * 1e3:g} ms and TPOT {cfg.tpot_slo * 1e3:g} ms; goodput "
-           f"per device (the highest rate with {cfg.target:.0%} attainment, per device):"]
+  nodes = f"{cfg.num_nodes} node{'s' if cfg.num_nodes > 1 else ''}"
+  lines = [f"{cfg.model} on {nodes} of {hw.devices_per_node} {hw.name}, SLOs TTFT "
+           f"{cfg.ttft_slo * 1e3:g} ms and TPOT {cfg.tpot_slo * 1e3:g} ms: each mode's best "
+           f"placement and its goodput per device (the highest rate at which "
+           f"{cfg.target:.0%} of requests meet both SLOs, over the devices it uses):"]
   for mode, c in best.items():
     lines.append(f"  {mode:<24} {c.describe():<44} {c.per_device:6.2f} req/s")
   if not best:
