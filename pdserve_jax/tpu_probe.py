@@ -12,15 +12,15 @@ already sets without a TPU, does not stop them).
 
 So `skip_absent_tpu()` chooses the CPU platform, the one jax would have ended with,
 when all of these hold: libtpu is installed; no platform was asked for
-(`JAX_PLATFORMS` and jax's `jax_platforms` unset; `JAX_FORCE_TPU_INIT` unset); jax's
-own PCI probe finds no TPU chip (`/sys/bus/pci/devices/*/vendor`, Google's id); and no
-jax plugin (CUDA, ROCm, ...) is installed, so the CPU is the only other backend. It
-sets `JAX_PLATFORMS=cpu` in the environment when jax is not loaded yet (jax reads it
-on import; child processes on this machine would choose the same), else jax's
-`jax_platforms` config. An explicit choice is never overridden: `JAX_PLATFORMS=tpu`
-on such a machine still fails with libtpu's errors. Compile-only TPU topologies
-(`jax.experimental.topologies.get_topology_desc`) load libtpu themselves and work
-as before. Imports no jax.
+(`JAX_PLATFORMS` not set at all, `JAX_FORCE_TPU_INIT` not set, jax's `jax_platforms`
+config unset); no device of Google's is on the PCI bus (where jax looks for TPU
+chips); and no jax plugin (CUDA, ROCm, ...) is installed, so the CPU is the only other
+backend. It sets `JAX_PLATFORMS=cpu` in the environment when jax is not loaded yet
+(jax reads it on import; child processes on this machine would choose the same),
+else jax's `jax_platforms` config. An explicit choice is never overridden:
+`JAX_PLATFORMS=tpu` on such a machine still fails with libtpu's errors. Compile-only
+TPU topologies (`jax.experimental.topologies.get_topology_desc`) load libtpu
+themselves and work as before. Called by `import pdserve_jax`; imports no jax.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ _GOOGLE_PCI_VENDOR = "0x1ae0"
 def skip_absent_tpu() -> bool:
   """Chooses the CPU platform when libtpu would only print errors (see the module
   docstring); True when it did."""
-  if os.environ.get("JAX_PLATFORMS") or "JAX_FORCE_TPU_INIT" in os.environ:
+  # JAX_PLATFORMS set, even to "" (jax's "choose automatically"), is a choice.
+  if "JAX_PLATFORMS" in os.environ or "JAX_FORCE_TPU_INIT" in os.environ:
     return False
   jax = sys.modules.get("jax")
   if jax is not None and getattr(jax.config, "jax_platforms", None):

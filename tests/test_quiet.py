@@ -57,8 +57,9 @@ def test_an_explicit_tpu_request_still_fails_loudly(tmp_path):
 def test_serve_prints_its_report_and_logs_only_with_v(tmp_path):
   # The demo model (orbax reads it) and the engine's warm-up (it logs each instance).
   args = ["-m", "pdserve_jax.cli.serve", "--config.modes=colocated_prefill_first",
-          "--config.workload.num_requests=2", "--config.instance.max_batch=2",
-          "--config.instance.max_step_tokens=128", "--config.prompts=()",
+          "--config.workload.num_requests=2", "--config.instance.replicas=1",
+          "--config.instance.max_batch=2", "--config.instance.max_step_tokens=128",
+          "--config.prompts=()",
           f"--compilation_cache={tmp_path / 'cache'}"]
   proc = run(args)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -107,8 +107,9 @@ def test_wheel_imports_from_the_fresh_venv(installed):
 def test_serve_default_config_outside_the_checkout(installed):
   # The demo model from the wheel, one mode, few requests and programs.
   out = _app(installed, "serve", "--config.modes=colocated_prefill_first",
-             "--config.workload.num_requests=3", "--config.instance.max_batch=2",
-             "--config.instance.max_step_tokens=128", "--config.generation.max_tokens=8",
+             "--config.workload.num_requests=3", "--config.instance.replicas=1",
+             "--config.instance.max_batch=2", "--config.instance.max_step_tokens=128",
+             "--config.generation.max_tokens=8",
              "--config.prompts=('Once upon a time',)")
   assert "[colocated_prefill_first] 'Once upon a time' -> '" in out
   assert "colocated_prefill_first met both SLOs" in out
