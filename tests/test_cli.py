@@ -238,6 +238,24 @@ def test_bad_input_is_one_line_naming_it(app, args, expected):
 # --- the pieces -----------------------------------------------------------------------------
 
 
+def test_serve_answer_names_the_best_mode_and_ties():
+  # Catches a winner picked by anything but attainment, a tie named as one winner, and
+  # an overloaded run presented without its caveat.
+  from pdserve_jax.cli.serve import answer
+
+  run_ = lambda mode, att: dict(mode=mode, num_devices=2, rate_rps=40.0,
+                                summary=dict(attainment=att))
+  text = answer([run_("colocated_chunked", 0.6), run_("disaggregated", 0.95),
+                 run_("semi_pd", 0.7)])
+  assert text == ("At 40 req/s on 2 devices each, disaggregated met both SLOs for 95% of "
+                  "requests (semi_pd 70%, colocated_chunked 60%): disaggregated wins at this "
+                  "load.")
+  assert "semi_pd and disaggregated tie" in answer([
+      run_("semi_pd", 0.9), run_("disaggregated", 0.9), run_("colocated_chunked", 0.5)])
+  assert "they do not differ" in answer([run_("semi_pd", 1.0), run_("disaggregated", 1.0)])
+  assert "lower workload.rate" in answer([run_("semi_pd", 0.2), run_("disaggregated", 0.1)])
+
+
 def _walk(node, where="$"):
   """Every (path, schema) that names a key: properties of objects."""
   for key, sub in (node.get("properties") or {}).items():
