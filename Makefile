@@ -44,8 +44,12 @@ test-fast: $(STAMP)
 test-tpu: $(STAMP)
 	$(BIN)/python -m pytest -q tests/test_tpu_compile.py
 
+# Which mode to deploy, twice: the demo model's four modes served on this machine at a
+# load where they differ (configs/serve_demo.py), then the planner's pick for OPT-13B on
+# 8 A100s (configs/plan_demo.py). Plots go to demo_plots/{serve,plan}/.
 demo: $(STAMP)
-	$(BIN)/python -m pdserve_jax.cli.serve --config=configs/serve_demo.py --plots_dir=demo_plots
+	$(BIN)/python -m pdserve_jax.cli.serve --config=serve_demo --plots_dir=demo_plots/serve
+	$(BIN)/python -m pdserve_jax.cli.plan --config=plan_demo --plots_dir=demo_plots/plan
 
 # A wheel to upload to a Colab runtime (the notebooks' install cell finds it).
 wheel: $(STAMP)
