@@ -15,7 +15,8 @@ write is an error naming it: a renamed plot must not leave a stale picture behin
              this machine's CPU (real programs: the curves near saturation move with
              the machine's load)
 
-About 2, 10 and 2-10 minutes on 2 shared cores; docs/figures.md records the last run.
+About 2-12, 11-20 and 2-5 minutes on 2 shared cores, by the load; docs/figures.md
+records the last run.
 """
 
 import argparse
