@@ -57,3 +57,14 @@ wheel: $(STAMP)
 
 clean:
 	rm -rf $(VENV) dist
+
+# The docs' pictures and the notebooks' outputs, regenerated and saved in the tree
+# (commit the result). figures: docs/figures/*.png from the apps that draw them
+# (reproduce and plan on the simulator, sweep on this CPU's engine; 15-40 minutes on
+# 2 shared cores). notebooks: colabs/*.ipynb executed in place with their outputs.
+.PHONY: figures notebooks
+figures: $(STAMP)
+	$(BIN)/python benchmarks/figures.py
+
+notebooks: $(STAMP)
+	$(BIN)/python benchmarks/notebooks.py
