@@ -31,9 +31,13 @@ TEST_CACHE := $(CURDIR)/.test_jax_cache
 TEST_ENV := JAX_COMPILATION_CACHE_DIR=$(TEST_CACHE) JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
 	JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 
+# Under coverage (`[tool.coverage]` in pyproject.toml: the library's lines run in the
+# pytest process); the report is printed whether the tests pass or not, and gates
+# nothing. On Python < 3.12 the tracer slows pure-Python tests 5-7x (docs/testing.md).
 test: $(STAMP)
-	rm -rf $(TEST_CACHE)
-	$(TEST_ENV) $(BIN)/python -m pytest -q -x tests
+	rm -rf $(TEST_CACHE) .coverage
+	$(TEST_ENV) $(BIN)/python -m coverage run -m pytest -q -x tests; status=$$?; \
+	  $(BIN)/python -m coverage report; exit $$status
 
 # Skips the tests marked slow (engines in every mode, profiling, notebooks).
 test-fast: $(STAMP)
