@@ -115,6 +115,7 @@ class Coordinator:
 
   def fail(self, inst: Instance, now: float) -> None:
     """`inst`'s step could not run: its requests end with an error, the rest go on."""
+    assert inst.step is not None, f"{inst.name} has no step in flight"
     for r in inst.step.requests:
       if r.end_reason is None:
         r.end_reason = "error"
@@ -202,7 +203,7 @@ class Coordinator:
     return sum(i.sched.num_preemptions for i in self.instances)
 
   def allocators(self) -> list:
-    out = []
+    out: list = []
     for i in self.instances:
       if all(a is not i.sched.allocator for a in out):
         out.append(i.sched.allocator)
@@ -216,7 +217,7 @@ class Coordinator:
     rates, and this coordinator's decisions: arrivals routed by the cache, and (when
     disaggregated) local prefills and the pages KV copies moved and did not move."""
     allocs = self.allocators()
-    out = {"enabled": any(a.prefix_cache for a in allocs)}
+    out: dict = {"enabled": any(a.prefix_cache for a in allocs)}
     for a in allocs:
       for k, v in a.cache_stats().items():
         out[k] = out.get(k, 0) + v
@@ -305,12 +306,8 @@ class ColocatedCoordinator(Coordinator):
   def __init__(self, dep: deploy.Colocated, ex, on_end=None):
     super().__init__(ex, on_end, dep.routing)
     spec = dep.instance
-    if dep.policy == "chunked":
-      make = lambda a: ChunkedPrefillScheduler(a, spec.max_batch, spec.max_step_tokens,
-                                               spec.page_policy)
-    else:
-      make = lambda a: PrefillFirstScheduler(a, spec.max_batch, spec.max_step_tokens,
-                                             spec.page_policy)
+    policy = ChunkedPrefillScheduler if dep.policy == "chunked" else PrefillFirstScheduler
+    make = lambda a: policy(a, spec.max_batch, spec.max_step_tokens, spec.page_policy)
     for k in range(dep.replicas):
       self._make("colocated", spec, k, make)
 
@@ -408,12 +405,13 @@ class DisaggregatedCoordinator(Coordinator):
       self._drop_handoffs(now)
       return
     while True:
-      req, src = None, None
+      req: Optional[Request] = None
+      src: Optional[Instance] = None
       for p in self._alive(self.prefills):
         h = p.sched.peek_handoff()
         if h is not None and (req is None or h.token_times[0] < req.token_times[0]):
           req, src = h, p
-      if req is None:
+      if req is None or src is None:
         return
       dst = least_loaded(decodes, lambda d: d.sched.can_accept(req))
       if dst is None:
@@ -453,7 +451,8 @@ class DisaggregatedCoordinator(Coordinator):
     super()._relaunch(now)
 
   def _recompute(self, inst, reqs, now):
-    remote, local = [], {}
+    remote: list = []
+    local: dict = {}
     for r in reversed(reqs):  # each joins a queue's front: the oldest ends up first
       dst = self._local(r, now, fresh=False)
       if dst is None:
@@ -530,11 +529,14 @@ class SemiPDCoordinator(Coordinator):
       self.units.append(unit)
 
   def add(self, req, now):
+    live = [u for u in self.units if not (u.prefill.lost or u.decode.lost)]
+    if not live:
+      raise ValueError("every semi-PD replica is lost")
     unit = None
-    if self.routing == "cache_aware" and len(self.units) > 1 and req.prefix_keys:
-      unit = by_backlog(self.units, req, lambda u: u.prefill.sched)
+    if self.routing == "cache_aware" and len(live) > 1 and req.prefix_keys:
+      unit = by_backlog(live, req, lambda u: u.prefill.sched)
       self.cache_routed += unit is not None
-    unit = unit or least_loaded(self.units)
+    unit = unit or least_loaded(live)
     unit.prefill.sched.add(req)
     self._kick(unit, now)
 

@@ -66,6 +66,8 @@ def _check_routing(routing) -> None:
 
 class _Replicas:
   """Shared by the deployments made of `replicas` copies of one `instance`."""
+  instance: InstanceSpec
+  replicas: int
 
   @property
   def num_devices(self) -> int:

@@ -97,7 +97,7 @@ def _context(reqs) -> int:
 def cache_limit(req: Request, page_size: int) -> int:
   """Cached pages a prefill of `req` may map: its full prompt pages, but never its
   last token's (that token is computed: it samples the next one)."""
-  return min(len(req.prefix_keys), (req.prefill_len - 1) // page_size)
+  return min(len(req.prefix_keys or ()), (req.prefill_len - 1) // page_size)
 
 
 def cached_tokens(allocator: PageAllocator, req: Request) -> int:
@@ -383,7 +383,8 @@ def _admit_prompts(sched, room: int, reservation: Callable[[Request], int],
   """Admits waiting requests FCFS, whole prefills, while the batch has `room`, the
   prompt-token budget holds and `reservation(req)` tokens of pages are free. A
   prefill longer than the budget runs alone."""
-  chunks, tokens = [], 0
+  chunks: list[PrefillChunk] = []
+  tokens = 0
   waiting = sched._waiting
   while waiting and len(chunks) < room:
     req = waiting[0]
@@ -780,7 +781,7 @@ class DecodeScheduler(_Scheduler):
   def take_preempted(self) -> list[Request]:
     """Requests preempted since the last call; they hold no pages anywhere."""
     if not self._preempted:
-      return ()
+      return []
     out, self._preempted = self._preempted, []
     return out
 

@@ -61,7 +61,7 @@ def block_keys(blocks: Blocks, prompt_len: int, page_size: int) -> list[Hashable
                      f"{prompt_len} tokens")
   if page_size == size:
     return list(ids[:prompt_len // size])
-  keys = []
+  keys: list[Hashable] = []
   for end in range(page_size, prompt_len + 1, page_size):
     b = (end - 1) // size
     keys.append((ids[b], end - b * size))
