@@ -1,7 +1,12 @@
 """The prefix cache in the engine, against the cache-less reference, on 8 virtual
-devices: greedy tokens in every mode on prompts that share prefixes heavily (with
-pp = 2, preemption and eviction pressure, n > 1), with the cache off too; and the
-hostile cases, each ending with no page leaked and the engine serving."""
+devices: greedy tokens on prompts that share prefixes heavily with pp = 2,
+preemption and eviction pressure and n > 1; and the hostile cases, with the cache on
+and off, each ending with no page leaked and the engine serving.
+
+Other modes' greedy tokens with shared prefixes (disaggregated with conditional
+prefills and cache-aware routing, semi-PD) are checked by
+tests/test_same_decisions.py's prefix-cache runs, which replay them through the
+simulator too; one engine per case costs the suite's time budget."""
 
 import numpy as np
 import pytest
@@ -21,16 +26,6 @@ pytestmark = pytest.mark.slow
 def _inst(chunked=False, **kw):
   return pdj.InstanceSpec(max_batch=8, max_step_tokens=24 if chunked else 96, **kw)
 
-
-MODES = {
-    "colocated_prefill_first": pdj.Colocated(_inst()),
-    "colocated_chunked_pp2": pdj.Colocated(_inst(True, pp=2), policy="chunked"),
-    # Two prefill instances (cache-aware routing between them), decode instances that
-    # keep a cache and prefill prompts with at most 12 uncached tokens themselves.
-    "disaggregated_conditional": pdj.Disaggregated(_inst(), _inst(True), num_prefill=2,
-                                                   conditional_threshold=12),
-    "semi_pd": pdj.SemiPD(_inst()),
-}
 
 
 @pytest.fixture(scope="module")
@@ -59,20 +54,17 @@ def _check_clean(engine):
     assert not alloc.owners()
 
 
-# Every mode with the cache; one without it shows the switch (the others add time).
-RUNS = [(name, True) for name in sorted(MODES)] + [("disaggregated_conditional", False)]
-
-
-@pytest.mark.parametrize("name,cache", RUNS, ids=[f"{n}-{'cache' if c else 'no_cache'}"
-                                                  for n, c in RUNS])
-def test_greedy_tokens_with_shared_prefixes_match_reference(model, shared, name, cache):
+def test_greedy_tokens_with_shared_prefixes_match_reference(model, shared):
   """Catches KV read from the wrong page, a chunk started at the wrong offset, a page
   shared before its KV was written, and a recomputation that skips the wrong pages:
-  any of them changes greedy tokens. The pool (15 pages of 8 tokens) is small enough
-  to preempt and evict; then 3 samples of each of 3 prompts (n > 1) share pages."""
+  any of them changes greedy tokens. Chunked prefill on a pp = 2 pipeline (two
+  virtual engines, each with its own half of the pool and its own cache, arrivals
+  routed by the cache between them); each half (7 pages of 8 tokens) is small
+  enough to preempt and evict; then 3 samples of each of 3 prompts (n > 1) share
+  pages."""
   reqs, want = shared
-  cfg = pdj.EngineConfig(**BASE, prefix_cache=cache)
-  with pdj.Engine(model, MODES[name], cfg) as engine:
+  dep = pdj.Colocated(_inst(True, pp=2), policy="chunked")
+  with pdj.Engine(model, dep, pdj.EngineConfig(**BASE)) as engine:
     report = engine.run_workload([r.fresh() for r in reqs], timeout=600)
     assert [res.token_ids for res in report.results] == want
     stats = engine.stats()
@@ -85,12 +77,10 @@ def test_greedy_tokens_with_shared_prefixes_match_reference(model, shared, name,
     stats = engine.stats()
     _check_clean(engine)
   assert stats["preemptions"] > 0, stats
-  if cache:
-    assert stats["prefix_hit_tokens"] > hits_before  # the samples shared the prompt
-    assert stats["prefix_hit_rate"] > 0.2 and stats["prefix_evictions"] > 0, stats
-    assert report.summary["prefix_hit_tokens"] > 0
-  else:
-    assert stats["prefix_hit_tokens"] == 0 and stats["prefix_cached_pages"] == 0
+  assert stats["prefix_hit_tokens"] > hits_before  # the samples shared the prompt
+  assert stats["prefix_hit_rate"] > 0.2 and stats["prefix_evictions"] > 0, stats
+  assert stats["prefix_cache_routed"] > 0, stats
+  assert report.summary["prefix_hit_tokens"] > 0
   assert stats["finished"] == len(reqs) + 9
 
 

@@ -14,6 +14,7 @@ import pytest
 
 import pdserve_jax as pdj
 from pdserve_jax import workloads
+from pdserve_jax.core.prefix import block_tokens
 from pdserve_jax.core.request import Request
 from pdserve_jax.runtime.programs import InstanceRunner, RunnerShape
 from pdserve_jax.model import sharding
@@ -106,8 +107,10 @@ def test_engine_and_simulator_run_the_same_steps(model, name, record_property):
   assert all(done[r.request_id] == r.token_times for r in report.requests)
 
 
+# Colocated replicas route by the cache as prefill instances do (one `_place`); the
+# crowd runs above, whose engines fill `prefix_keys` from the prompts, replay
+# recomputations that map their own cached pages after preemption in every mode.
 PREFIX_DEPLOYMENTS = {
-    "colocated_2_replicas": pdj.Colocated(_inst(1), replicas=2),
     "disagg_2p1_conditional": pdj.Disaggregated(_inst(1), _inst(1, True), num_prefill=2,
                                                 conditional_threshold=12),
     "semi_pd": pdj.SemiPD(_inst(1)),
@@ -122,7 +125,9 @@ def test_same_steps_with_the_prefix_cache(model, name):
   that one instance holds the system prompt when the others arrive, however slow
   the first compilations. The simulator, replaying the engine's event times, must
   take every one of those decisions alike (a cache, router or threshold that
-  differed would change the steps)."""
+  differed would change the steps). Greedy tokens equal the cache-less reference
+  (catches KV mapped from the wrong page, a chunk at the wrong offset, a copy that
+  skips pages the decode side does not hold)."""
   dep = PREFIX_DEPLOYMENTS[name]
   reqs = workloads.shared_prefix(32, 40.0, workloads.Uniform(1, 10), workloads.Uniform(2, 14),
                                  system_prompt_len=24, system_prompt_share=0.8, turns=2,
@@ -131,7 +136,9 @@ def test_same_steps_with_the_prefix_cache(model, name):
   cfg = pdj.EngineConfig(**ENGINE, num_pages=12)
   with pdj.Engine(model, dep, cfg) as engine:
     warm = engine.run_workload(first, timeout=600)
-    report = engine.run_workload([r for r in reqs if r not in first], timeout=600)
+    rest = [r for r in reqs if r not in first]
+    report = engine.run_workload(rest, timeout=600)
+    results = report.results
     report.requests[:0] = warm.requests
     replay = _replay(engine)
     by_engine = {}
@@ -152,6 +159,13 @@ def test_same_steps_with_the_prefix_cache(model, name):
     assert 0 < stats["prefix_local_prefills"] < len(reqs), stats
   done = {r.request_id: r.token_times for r in res.requests}
   assert all(done[r.request_id] == r.token_times for r in report.requests)
+  # Each run's results follow its requests in arrival order; prompts as the engine
+  # made them from the blocks.
+  asked = first + sorted(rest, key=lambda r: r.arrival_time)
+  prompts = [block_tokens(r.blocks, r.prompt_len, CFG.vocab_size) for r in asked]
+  want = pdj.greedy_reference(model, prompts, max(r.max_tokens for r in asked))
+  assert [res.token_ids for res in warm.results + results] == \
+      [w[:r.max_tokens] for w, r in zip(want, asked)]
 
 
 def test_planner_pick_is_served_by_the_engine(model):
