@@ -111,6 +111,8 @@ class SimResult:
   steps: Optional[dict[str, list[tuple]]] = None
   # Prompt and output tokens prefilled again after preemptions.
   recomputed_tokens: int = 0
+  # Per device group, the largest share of its KV pool held when a step started.
+  peak_kv: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def attainment(self, ttft_slo: float, tpot_slo: float) -> float:
     return metrics.attainment(self.requests, ttft_slo, tpot_slo)
@@ -120,7 +122,7 @@ class SimResult:
     out = metrics.summarize(self.requests, ttft_slo, tpot_slo)
     out.update(num_devices=self.num_devices, makespan_s=self.makespan,
                utilization=self.utilization, num_preemptions=self.num_preemptions,
-               recomputed_tokens=self.recomputed_tokens,
+               recomputed_tokens=self.recomputed_tokens, peak_kv=self.peak_kv,
                share_history={k: [list(p) for p in v] for k, v in self.share_history.items()})
     return out
 
@@ -211,6 +213,7 @@ class LatencyExecutor:
     self._sm = isinstance(dep, SemiPD) and dep.concurrent
     self._flight: dict = collections.defaultdict(dict)
     self.recomputed_tokens = 0
+    self._peak: dict[str, tuple[int, int]] = {}  # group -> (pages held, capacity)
     if isinstance(dep, Disaggregated):
       # Each device pair moves its shard of the KV at once.
       self.kv_bytes = setup.model.kv_bytes_per_token(setup.dtype_bytes)
@@ -248,6 +251,10 @@ class LatencyExecutor:
 
   def launch(self, inst, step, now) -> None:
     pipe = self.pipes[inst.group]
+    alloc = inst.sched.allocator
+    held = alloc.capacity - alloc.num_free
+    if held > self._peak.get(inst.group, (-1,))[0]:
+      self._peak[inst.group] = (held, alloc.capacity)
     if self.steps is not None:
       self.steps[inst.name].append(step.describe())
     if self.replay is not None:
@@ -364,7 +371,7 @@ def simulate(requests: Sequence[Request], setup: Setup, deployment,
   util = {name: (p.busy_time / span if span > 0 else 0.0) for name, p in ex.pipes.items()}
   return SimResult(reqs, span, deployment.num_devices, util, coord.share_history(),
                    coord.num_preemptions, dict(ex.steps) if ex.steps is not None else None,
-                   ex.recomputed_tokens)
+                   ex.recomputed_tokens, {g: h / c for g, (h, c) in ex._peak.items()})
 
 
 # simdistserve/base/worker.py, Worker._enter_decodes: "decode_max_tokens = 50000",
