@@ -33,7 +33,13 @@ DEPLOYMENTS = {
     "disagg_2p1_1d1": pdj.Disaggregated(_inst(1), _inst(1), num_prefill=2),
     "semi_pd_dynamic": pdj.SemiPD(_inst(1), partitioner=pdj.PartitionerConfig(window=4,
                                                                             step=0.1)),
+    # semi-PD's own partitioner (its Algorithm 1 and latency model), time-shared.
+    "semi_pd_paper": pdj.SemiPD(_inst(1), prefill_share=0.5, decode_share=0.5,
+                                partitioner=pdj.ModelPartitionerConfig(window=4, step=0.1)),
 }
+# The paper's partitioner moves nothing when both SLOs fail ("no room"): a TPOT SLO
+# that holds lets the failing TTFT move it.
+SLOS = {"semi_pd_paper": dict(ttft_slo=0.05, tpot_slo=10.0)}
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +67,9 @@ def test_engine_and_simulator_run_the_same_steps(model, name):
   # A burst into a small pool makes the on-demand policy preempt; tight SLOs move the
   # semi-PD share. semi-PD's shared pool is smaller: at 14 pages it preempted 1-2 times
   # here and, once on a loaded CI machine, not at all; at 11 it preempts 4 times.
-  pages = 11 if name == "semi_pd_dynamic" else 14
-  cfg = pdj.EngineConfig(**ENGINE, num_pages=pages, ttft_slo=0.05, tpot_slo=0.01)
+  pages = 11 if name.startswith("semi_pd") else 14
+  cfg = pdj.EngineConfig(**ENGINE, num_pages=pages,
+                         **SLOS.get(name, dict(ttft_slo=0.05, tpot_slo=0.01)))
   with pdj.Engine(model, dep, cfg) as engine:
     report = engine.run_workload(reqs, timeout=600)
     replay = _replay(engine)
@@ -79,7 +86,7 @@ def test_engine_and_simulator_run_the_same_steps(model, name):
   assert res.num_preemptions == preemptions
   if name != "disagg_2p1_1d1":  # a decode pool of 13 pages need not overflow here
     assert preemptions > 0
-  if name == "semi_pd_dynamic":
+  if name.startswith("semi_pd"):
     simulated = res.share_history["semi_pd0"]
     assert [x for _, x in simulated] == [x for _, x in history] and len(history) > 1
     assert [t for t, _ in simulated[1:]] == [t for t, _ in history[1:]]

@@ -45,6 +45,9 @@ TP = {"llama3-8b": 1, "llama3-70b": 4}  # semi-PD, Table 1 and section 7.1.2
 # semi-PD, section 7.2.2: semi-PD (dynamic)'s request rate at >= 90% attainment over
 # each baseline's, "on average" over Figure 15's panels.
 PAPER_AVERAGE = {"vllm_s": 1.55, "vllm_d": 1.72, "distserve": 1.62, "semipd_100": 1.11}
+# Seeds per goodput in the panels and the ablation, at most (five systems each: the
+# app's 24 would take hours here); the intervals printed say what that leaves.
+MAX_SEEDS = 8
 BASELINE_LABELS = {"vllm_s": "vLLM-S", "vllm_d": "vLLM-D", "distserve": "DistServe 1P1D",
                    "semipd_100": "semi-PD (100, 100)"}
 
@@ -105,6 +108,7 @@ def panel(model: str, dataset: str, level: str, num_requests: int = 500):
       title=f"semi-PD Figure 15: Llama-3-{size}, {dataset}-like, {level} SLOs",
       source="semi-PD (arXiv 2504.19867), Figure 15 and section 7.2.2; SLOs from Table 2",
       group="semipd", model=model, ttft_slo=ttft, tpot_slo=tpot, overheads="none",
+      max_seeds=MAX_SEEDS,
       workload=DATASETS[dataset](num_requests), max_batch=512, max_step_tokens=8192,
       chunked_max_step_tokens=1024, systems=paper_systems(TP[model]),
       ratios={f"dynamic_over_{k}": ("semipd_dyn", k, v, v) for k, v in PAPER_AVERAGE.items()},
@@ -188,6 +192,7 @@ def ablation(num_requests: int = 500):
   part_sys = dict(costs_sys, semi=full["semipd_dyn"])
   return ml_collections.ConfigDict(dict(
       kind="ablation", title="Where semi-PD's gap to the paper goes, Llama-3-8B",
+      max_seeds=MAX_SEEDS,
       source="semi-PD (arXiv 2504.19867); issue 21's five causes, one per step",
       paper={k: PAPER_AVERAGE[k.split("over_")[1]] for k in ABLATION_RATIOS},
       notes=("Each step keeps the ones above it. The paper's figures are its averages over "
@@ -259,7 +264,7 @@ def report_ablation(rec: dict) -> str:
 # --- memory pressure (the paper's Figure 4) -------------------------------------------------
 
 
-def memory(num_requests: int = 500):
+def memory(num_requests: int = 1000):
   """semi-PD's Figure 4 scenario: Llama-3-8B on A100-40GB, ShareGPT-like lengths,
   DistServe 1P1D (its decode instance runs out of KV memory) beside semi-PD's
   unified pool on one card, rates per GPU around where the decode pool fills."""

@@ -343,8 +343,8 @@ def main(cfg, out: common.Outputs):
   exps = [_load(n, folder) for n in names]
   for n, e in zip(names, exps):
     e.name = n
-  seeds = dict(min_seeds=cfg.min_seeds, max_seeds=max(cfg.min_seeds, cfg.max_seeds),
-               max_spread=cfg.max_spread)
+  all_seeds = dict(min_seeds=cfg.min_seeds, max_seeds=max(cfg.min_seeds, cfg.max_seeds),
+                   max_spread=cfg.max_spread)
   from pdserve_jax.cli import repro_semipd as semipd
 
   records, ablations, memory, written, cache = [], [], [], [], {}
@@ -352,6 +352,11 @@ def main(cfg, out: common.Outputs):
     for e in exps:
       note = lambda m: bar.set_postfix_str(m, refresh=True)
       kind = e.get("kind", "compare")
+      if e.get("max_seeds"):  # an experiment may cap the seeds (its systems are many)
+        seeds = dict(all_seeds, max_seeds=max(cfg.min_seeds, min(all_seeds["max_seeds"],
+                                                                 e.max_seeds)))
+      else:
+        seeds = all_seeds
       try:
         if kind == "ablation":
           rec = semipd.run_ablation(e, seeds, cfg.num_requests, note, cache)
