@@ -147,6 +147,22 @@ def test_sweep_engine_and_simulator(tmp_path):
       "attainment_vs_rate.png", "latency_cdf_rate20.png", "latency_cdf_rate60.png"}
 
 
+@pytest.mark.slow  # compiles engines
+def test_sweep_goodput_at_the_knee(tmp_path):
+  """Each mode's goodput bisected on the engine and in the simulator profiled from
+  it, over seeds; the table prints both with intervals."""
+  proc = run("sweep", *TINY_ENGINE, "--config.modes=colocated_prefill_first",
+             "--config.goodput=True", "--config.goodput_seeds=2", "--config.goodput_tol=0.5",
+             "--config.profile_reps=2", f"--output_json={tmp_path / 's.json'}")
+  doc = ok(proc, tmp_path / "s.json")
+  k = doc["knee"]["colocated_prefill_first"]
+  for key in ("engine", "sim", "sim_shared_host"):
+    assert k[key]["seeds"] == [0, 1] and len(k[key]["values"]) == 2 and k[key]["mean"] > 0
+  assert doc["runs"] == [] and "sim/engine" in proc.stdout
+  assert run("sweep", *TINY_ENGINE, "--config.goodput=True",
+             "--config.latency=roofline").returncode == 1
+
+
 def test_sweep_simulator_only(tmp_path):
   proc = run("sweep", "--config=configs/sweep_opt13b.py", "--config.rates=2,12",
              "--config.workload.num_requests=100", "--config.modes=disaggregated,semi_pd",

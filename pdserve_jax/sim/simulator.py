@@ -71,6 +71,10 @@ class Setup:
   overlap_slowdown: float = 1.0
   # DistServe's simulator's conventions (module docstring); for cross-checks only.
   distserve_compat: bool = False
+  # One host thread serves every instance's per-step host work (the latency model's
+  # `step_overhead_s`), as this library's engine thread does: a step waits for it
+  # while the host handles another instance's step. False: each instance has its own.
+  shared_host: bool = False
 
   def __post_init__(self):
     if not 0 < self.memory_utilization <= 1:
@@ -214,6 +218,7 @@ class LatencyExecutor:
     self._flight: dict = collections.defaultdict(dict)
     self.recomputed_tokens = 0
     self._peak: dict[str, tuple[int, int]] = {}  # group -> (pages held, capacity)
+    self._host_free = -math.inf  # with a shared host: when it is next free
     if isinstance(dep, Disaggregated):
       # Each device pair moves its shard of the KV at once.
       self.kv_bytes = setup.model.kv_bytes_per_token(setup.dtype_bytes)
@@ -270,6 +275,11 @@ class LatencyExecutor:
       self._flight[inst.unit][inst.phase] = [inst, stage, 1.0, now, 0, now]
       self._retime(inst.unit, now)
       return
+    if self.setup.shared_host:
+      # The step's host part runs when the one host thread is free; it waits until then.
+      start = max(now, self._host_free)
+      self._host_free = start + getattr(pipe.model, "step_overhead_s", 0.0)
+      stage += start - now
     if self._stretch:
       stage = self._overlap(pipe, now, stage)
     pipe.free_at = now + stage
