@@ -281,11 +281,11 @@ def report(rec: dict) -> str:
            f"   {rec['model']} on {rec['hardware']}, SLOs TTFT {rec['ttft_slo']} s / TPOT "
            f"{rec['tpot_slo']} s at {rec['target']:.0%}, {rec['num_requests']} requests per "
            f"seed, overheads: {rec['overheads']}",
-           f"   {'system':<34}{'latency':<10}{'placement':<44}{'GPUs':>5}{'req/s/GPU':>11}"
+           f"   {'system':<34}{'latency':<10}{'placement':<64}{'GPUs':>5}{'req/s/GPU':>11}"
            f"{'± 95%':>8}{'seeds':>6}{'paper':>7}{'ours/paper':>11}{'KV tok/GPU':>11}"]
   for s in rec["systems"].values():
     d = s["per_device"]
-    lines.append(f"   {s['label']:<34}{s['latency']:<10}{s['placement']:<44}"
+    lines.append(f"   {s['label']:<34}{s['latency']:<10}{s['placement']:<64}"
                  f"{s['num_devices']:>5}{d['mean']:>11.2f}{d['half_width_95']:>8.2f}"
                  f"{d['num_seeds']:>6}{_fmt(s['paper_per_device']):>7}"
                  f"{_fmt(s['ours_over_paper']):>11}{s['kv_tokens_per_device']:>11.0f}")

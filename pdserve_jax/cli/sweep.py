@@ -18,9 +18,12 @@ With `goodput` (and `run_engine`), the knee itself: per mode, the goodput by
 bisection on the engine (each point a real run of the workload) and in the
 simulator on the same requests, seed by seed (`goodput_seeds`), both with one
 procedure (`metrics.goodput_search` between a quarter of the simulated capacity
-and twice it, to `goodput_tol`), printed with 95% intervals and their ratio; the simulator twice,
-with each instance's host loop its own and with one engine thread for all
-(`Setup.shared_host`, as the engine runs). `rates` are not used then.
+and twice it, to `goodput_tol`), printed with 95% intervals and their ratio; the simulator with
+each instance's host loop its own, with one engine thread for all
+(`Setup.shared_host`, as the engine runs), and with that and its steps slowed by
+as much as the engine's own steps strayed from their profile in the seed's runs
+(what is left of the gap is then the simulator's, not the machine's speed).
+`rates` are not used then.
 
 Limits: an engine serves its rates one after the other, so a semi-PD
 partitioner starts each rate where the last one left it, while the simulator
@@ -102,9 +105,10 @@ def knee(cfg, by_mode: dict) -> dict:
       setup = profiler.setup_from_engine(engine, cfg.profile_reps)
       setups = {"sim": dataclasses.replace(setup, shared_host=False),
                 "sim_shared_host": dataclasses.replace(setup, shared_host=True)}
-      values = {k: [] for k in ("engine", *setups)}
+      values = {k: [] for k in ("engine", *setups, "sim_at_engine_speed")}
       drift = []
       for seed in seeds:
+        first = len(drift)
         cap = gp.saturation_throughput(make(gp.BURST_RATE, seed), setups["sim"], dep, *slos)
 
         def served(rate):
@@ -118,12 +122,24 @@ def knee(cfg, by_mode: dict) -> dict:
         # One bracket for both: a quarter of the simulated capacity up to twice it (a
         # finite sample can meet SLOs at rates no steady state sustains; the engine's
         # capacity may still exceed the simulator's).
+        # Below the bracket, at most three halvings (each run takes longer): then 0.
         search = lambda att: metrics.goodput_search(att, target, cap / 4, 2 * cap, tol,
-                                                    grow=False)
+                                                    max_doublings=3, grow=False)
         values["engine"].append(search(served))
+        # The simulator once more with every step as much slower than its profile as
+        # the engine's steps ran in this seed's runs: how much of the gap is the
+        # machine's speed while serving rather than what the simulator decides.
+        slow = 1 + float(np.median(drift[first:]))
+        setups["sim_at_engine_speed"] = dataclasses.replace(
+            setups["sim_shared_host"], latency=lambda tp, pp, f=slow: _Slower(
+                setup.latency(tp, pp), f))
         for key, s in setups.items():
           values[key].append(search(lambda rate: sim.simulate(
               make(rate, seed), s, dep, *slos).attainment(*slos)))
+        print(f"  {mode} seed {seed}: goodput engine {values['engine'][-1]:.1f}, simulator "
+              f"{values['sim'][-1]:.1f} (one host {values['sim_shared_host'][-1]:.1f}; at the "
+              f"engine's speed, {slow - 1:+.0%}, {values['sim_at_engine_speed'][-1]:.1f}), "
+              f"simulated capacity {cap:.1f} req/s", flush=True)
     est = {k: gp.Estimate(tuple(v), tuple(seeds)) for k, v in values.items()}
     out[mode] = dict({k: e.to_dict() for k, e in est.items()},
                      step_drift=float(np.median(drift)), num_devices=dep.num_devices,
@@ -131,16 +147,29 @@ def knee(cfg, by_mode: dict) -> dict:
   return out
 
 
+class _Slower:
+  """A latency model `factor` times slower (a profile scaled to a run's speed)."""
+
+  def __init__(self, base, factor: float):
+    self.base, self.factor = base, factor
+    self.step_overhead_s = getattr(base, "step_overhead_s", 0.0) * factor
+
+  def step_time(self, step, pages=None) -> float:
+    return self.base.step_time(step, pages) * self.factor
+
+
 def knee_table(result: dict) -> str:
   rows = [f"{'mode':<26}{'engine req/s':>18}{'sim':>18}{'sim/engine':>12}"
-          f"{'sim, one host':>18}{'/engine':>9}{'steps vs profile':>18}"]
+          f"{'sim, one host':>18}{'/engine':>9}{'steps vs profile':>18}"
+          f"{'sim at engine speed':>21}{'/engine':>9}"]
   for mode, r in result.items():
     cell = lambda e: f"{e['mean']:.1f} ± {e['half_width_95']:.1f}".rjust(18)
     e = r["engine"]["mean"]
     ratio = lambda k: "-" if not e else f"{r[k]['mean'] / e:.2f}"
     rows.append(f"{mode:<26}{cell(r['engine'])}{cell(r['sim'])}{ratio('sim'):>12}"
                 f"{cell(r['sim_shared_host'])}{ratio('sim_shared_host'):>9}"
-                f"{r['step_drift']:>+18.0%}")
+                f"{r['step_drift']:>+18.0%}{cell(r['sim_at_engine_speed']):>21}"
+                f"{ratio('sim_at_engine_speed'):>9}")
   return "\n".join(rows)
 
 
