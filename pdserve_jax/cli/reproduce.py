@@ -385,4 +385,4 @@ def main(cfg, out: common.Outputs):
       experiments=records, ablations=ablations, memory_pressure=memory))
 
 if __name__ == "__main__":
-  common.run(main, "configs/reproduce.py")
+  common.run(main, "reproduce")

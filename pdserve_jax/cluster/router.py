@@ -322,7 +322,7 @@ class WorkerPlacement:
 
   def _on_lost(self, link: Link) -> None:
     lost = self._lost.get(id(link))
-    if lost is not None:
+    if lost is not None and link.lost is not None:
       lost(link.lost)
 
   def close(self) -> None:

@@ -99,6 +99,7 @@ class Coordinator:
 
   def fail(self, inst: Instance, now: float) -> None:
     """`inst`'s step could not run: its requests end with an error, the rest go on."""
+    assert inst.step is not None, f"{inst.name} has no step in flight"
     for r in inst.step.requests:
       if r.end_reason is None:
         r.end_reason = "error"
@@ -174,7 +175,7 @@ class Coordinator:
     return sum(i.sched.num_preemptions for i in self.instances)
 
   def allocators(self) -> list:
-    out = []
+    out: list = []
     for i in self.instances:
       if all(a is not i.sched.allocator for a in out):
         out.append(i.sched.allocator)
@@ -302,12 +303,13 @@ class DisaggregatedCoordinator(Coordinator):
       self._drop_handoffs(now)
       return
     while True:
-      req, src = None, None
+      req: Optional[Request] = None
+      src: Optional[Instance] = None
       for p in self._alive(self.prefills):
         h = p.sched.peek_handoff()
         if h is not None and (req is None or h.token_times[0] < req.token_times[0]):
           req, src = h, p
-      if req is None:
+      if req is None or src is None:
         return
       dst = least_loaded(decodes, lambda d: d.sched.can_accept(req))
       if dst is None:
@@ -434,7 +436,9 @@ class SemiPDCoordinator(Coordinator):
     return SloPartitioner(ttft_slo, tpot_slo, cfg, x / (x + y), start_time)
 
   def add(self, req, now):
-    unit = least_loaded(self.units)
+    unit = least_loaded([u for u in self.units if not (u.prefill.lost or u.decode.lost)])
+    if unit is None:
+      raise ValueError("every semi-PD replica is lost")
     unit.prefill.sched.add(req)
     self._kick(unit, now)
 

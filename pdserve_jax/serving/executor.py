@@ -21,6 +21,7 @@ No jax here: the router process runs this module and never loads a device API.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -163,7 +164,7 @@ class JaxExecutor:
       runners.append(self.placement.sibling(runners[0], shape))
     else:
       self._group_runners[group] = [self.placement.open(
-          group, spec, shape, lambda error, g=group: self._lost(g, error))]
+          group, spec, shape, functools.partial(self._lost, group))]
     return PageAllocator(num_pages, self.cfg.page_size, reserved=1)
 
   def bind(self, coordinator: Coordinator) -> None:
