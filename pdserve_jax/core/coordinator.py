@@ -245,8 +245,8 @@ class ColocatedCoordinator(Coordinator):
     super().__init__(ex, on_end)
     spec = dep.instance
     if dep.policy == "chunked":
-      make = lambda a: ChunkedPrefillScheduler(a, spec.max_batch, spec.max_step_tokens,
-                                               spec.page_policy)
+      make: Callable = lambda a: ChunkedPrefillScheduler(a, spec.max_batch,
+                                                         spec.max_step_tokens, spec.page_policy)
     else:
       make = lambda a: PrefillFirstScheduler(a, spec.max_batch, spec.max_step_tokens,
                                              spec.page_policy, spec.max_decode_tokens)

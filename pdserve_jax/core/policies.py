@@ -256,7 +256,8 @@ class _Scheduler:
     """The next decode batch under `max_decode_tokens`: running requests in order
     while their attended tokens fit the cap (the first always goes), each given
     the page its next token needs (oldest first, preempting newer ones)."""
-    room, batch = self.max_decode_tokens, []
+    assert self.max_decode_tokens is not None  # only called under a cap
+    room, batch = self.max_decode_tokens, list[Request]()
     for r in running:
       if batch and r.context_len > room:
         break
