@@ -116,7 +116,8 @@ def test_planner_ranks_by_the_mean_and_marks_overlaps():
   kept = [c for c in plan.candidates if c.goodput is not None]
   assert kept and all(c.estimate is not None for c in kept)
   for c in kept:
-    assert c.goodput == c.estimate.mean and 3 <= len(c.estimate.seeds) <= 4
+    # Up to max_seeds, or twice that for one tied with the best (seeds added to rank).
+    assert c.goodput == c.estimate.mean and 3 <= len(c.estimate.seeds) <= 8
   per = [c.per_device for c in kept]
   assert per == sorted(per, reverse=True)
   top = kept[0].estimate.scaled(1 / kept[0].num_devices)
