@@ -159,7 +159,7 @@ def test_sweep_goodput_at_the_knee(tmp_path):
              "--config.profile_reps=2", f"--output_json={tmp_path / 's.json'}")
   doc = ok(proc, tmp_path / "s.json")
   k = doc["knee"]["colocated_prefill_first"]
-  for key in ("engine", "sim", "sim_shared_host"):
+  for key in ("engine", "sim", "sim_shared_host", "sim_at_engine_speed"):
     assert k[key]["seeds"] == [0, 1] and len(k[key]["values"]) == 2 and k[key]["mean"] > 0
   assert doc["runs"] == [] and "sim/engine" in proc.stdout
   assert run("sweep", *TINY_ENGINE, "--config.goodput=True",
