@@ -112,11 +112,16 @@ class PageAllocator:
     """`ensure` if enough pages are free (True), else nothing changes (False)."""
     have = self._owned.get(owner)
     need = pages_for(num_tokens, self.page_size) - (len(have) if have else 0)
-    if need > self.num_free:
+    if need <= 0:
+      return True
+    free = self._free
+    if need > len(free) + len(self._lru):
       return False
-    if need > 0:
-      if have is None:
-        have = self._owned[owner] = []
+    if have is None:
+      have = self._owned[owner] = []
+    if need == 1 and free:  # a decode crossing a page boundary: the common case
+      have.append(free.pop())
+    else:
       self._take(have, need)
     return True
 
