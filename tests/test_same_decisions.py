@@ -4,7 +4,9 @@ One trace runs through the real engine, then through the simulator driven by the
 engine's own event times (`sim.simulator.Replay`: when each request was seen, each
 step ended and each KV copy landed). Both executors drive the same coordinator, so
 every instance must have run the same sequence of steps: the same requests, the
-same prefill chunks, in every mode, with preemptions and the semi-PD partitioner on.
+same prefill chunks, in every mode, with preemptions and the semi-PD partitioner on,
+with KV streamed layer by layer (the same streams to the same decode instances) and
+with elastic roles (the same moves at the same times).
 """
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 
 import pdserve_jax as pdj
 from pdserve_jax import workloads
+from pdserve_jax.core.elastic import ElasticConfig
 from pdserve_jax.runtime.programs import InstanceRunner, RunnerShape
 from pdserve_jax.model import sharding
 from pdserve_jax.runtime import profiler
@@ -33,7 +36,14 @@ DEPLOYMENTS = {
     "disagg_2p1_1d1": pdj.Disaggregated(_inst(1), _inst(1), num_prefill=2),
     "semi_pd_dynamic": pdj.SemiPD(_inst(1), partitioner=pdj.PartitionerConfig(window=4,
                                                                             step=0.1)),
+    "disagg_layerwise": pdj.Disaggregated(_inst(1), _inst(1), num_prefill=2,
+                                          kv_transfer="layerwise"),
+    # Streaming too; SLOs only TTFT can miss move a decode group to prefill.
+    "disagg_elastic": pdj.Disaggregated(_inst(1), _inst(1), num_decode=2,
+                                        kv_transfer="layerwise",
+                                        elastic=ElasticConfig(window=4)),
 }
+SLOS = {"disagg_elastic": dict(ttft_slo=1e-4, tpot_slo=10.0)}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +72,8 @@ def test_engine_and_simulator_run_the_same_steps(model, name):
   # semi-PD share. semi-PD's shared pool is smaller: at 14 pages it preempted 1-2 times
   # here and, once on a loaded CI machine, not at all; at 11 it preempts 4 times.
   pages = 11 if name == "semi_pd_dynamic" else 14
-  cfg = pdj.EngineConfig(**ENGINE, num_pages=pages, ttft_slo=0.05, tpot_slo=0.01)
+  cfg = pdj.EngineConfig(**ENGINE, num_pages=pages,
+                         **SLOS.get(name, dict(ttft_slo=0.05, tpot_slo=0.01)))
   with pdj.Engine(model, dep, cfg) as engine:
     report = engine.run_workload(reqs, timeout=600)
     replay = _replay(engine)
@@ -77,10 +88,12 @@ def test_engine_and_simulator_run_the_same_steps(model, name):
                      record_steps=True)
   assert res.steps == by_engine
   assert res.num_preemptions == preemptions
-  if name != "disagg_2p1_1d1":  # a decode pool of 13 pages need not overflow here
+  if not name.startswith("disagg"):  # a decode pool of 13 pages need not overflow here
     assert preemptions > 0
-  if name == "semi_pd_dynamic":
-    simulated = res.share_history["semi_pd0"]
+  if name in ("disagg_layerwise", "disagg_elastic"):
+    assert any(len(work) == 3 for steps in by_engine.values() for work in steps)  # streams
+  if name in ("semi_pd_dynamic", "disagg_elastic"):
+    simulated = next(iter(res.share_history.values()))
     assert [x for _, x in simulated] == [x for _, x in history] and len(history) > 1
     assert [t for t, _ in simulated[1:]] == [t for t, _ in history[1:]]
   done = {r.request_id: r.token_times for r in res.requests}

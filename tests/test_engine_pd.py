@@ -1,0 +1,127 @@
+"""The engine with layer-wise KV streaming and elastic roles, against the cache-less
+greedy reference, on 8 virtual devices.
+
+Streaming runs a disaggregated prefill as layer groups and moves each group's pages
+to the decode mesh while the next group computes; a wrong page, layer range or
+order would change the tokens. Elastic groups change role mid-run, decoding in
+pools they prefilled into and prefilling with decode-born weights; a wrong twin
+pairing, a page freed under a live request or a program not compiled would show as
+other tokens, a leak or a compile after warm-up.
+"""
+
+import numpy as np
+import pytest
+
+import pdserve_jax as pdj
+from pdserve_jax.core.elastic import ElasticConfig
+from pdserve_jax.core.request import Request
+from pdserve_jax.runtime.programs import CompileCounter
+
+pytestmark = pytest.mark.slow  # engines compile their programs: minutes on 2 cores
+
+# Four layers: two pipeline stages of two layer groups each.
+CFG = pdj.get_preset("tiny").replace(num_heads=8, num_kv_heads=4, head_dim=8, num_layers=4)
+BASE = dict(page_size=8, max_seq_len=64, warmup=False, min_token_bucket=64, log_steps=True)
+
+
+def _inst(tp, pp=1):
+  return pdj.InstanceSpec(tp=tp, pp=pp, max_batch=8, max_step_tokens=96)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return pdj.random_model(CFG, seed=11, std=0.25)
+
+
+def _burst(model, n, seed, spread=0.0):
+  """`n` requests arriving in order within `spread` seconds (results come in arrival
+  order) and their greedy references."""
+  rng = np.random.default_rng(seed)
+  reqs = []
+  for i, t in enumerate(np.sort(rng.uniform(0, spread, n))):
+    p = int(rng.integers(4, 30))
+    reqs.append(Request(i, p, int(rng.integers(8, 30)), float(t),
+                        payload=rng.integers(0, CFG.vocab_size, p).tolist()))
+  ref = pdj.greedy_reference(model, [r.payload for r in reqs], max(r.max_tokens for r in reqs))
+  return reqs, [ref[i][:r.max_tokens] for i, r in enumerate(reqs)]
+
+
+STREAMING = {
+    # Two prefill meshes of one device, each its 4 layers as 2 groups; decode on tp 2.
+    "pp1": pdj.Disaggregated(_inst(1), _inst(2), num_prefill=2, kv_transfer="layerwise",
+                             layer_groups=2),
+    # A prefill pipeline of 2 stages of 2 one-layer groups each, to a tp 2 decode mesh
+    # holding all 4 layers: each group lands in part of the decode pool.
+    "pp2": pdj.Disaggregated(_inst(1, pp=2), _inst(2), kv_transfer="layerwise",
+                             layer_groups=4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STREAMING))
+def test_layerwise_streaming_greedy_tokens_with_preemption(model, name):
+  reqs, want = _burst(model, 24, seed=3)
+  # 19 usable decode pages (and 9 per prefill virtual engine with pp 2): far fewer
+  # than the burst's running requests grow into, so decodes preempt and recompute.
+  cfg = pdj.EngineConfig(**BASE, num_pages=20)
+  with pdj.Engine(model, STREAMING[name], cfg) as engine:
+    runner = engine.executor.runner(engine.coordinator.prefills[0]).runner
+    assert [len(p.layers) for p in runner.pools] == [2, 2] if name == "pp1" else [1] * 4
+    report = engine.run_workload([r.fresh() for r in reqs], timeout=600)
+    assert [res.token_ids for res in report.results] == want
+    stats = engine.stats()
+    streamed = {rid for rec in engine.step_log if len(rec.work) == 3
+                for rid, _ in rec.work[2]}
+    assert stats["preemptions"] > 0 and len(streamed) >= 4, (stats, streamed)
+    assert stats["finished"] == len(reqs) and stats["pages_in_use"] == 0
+    for alloc in engine.allocators():
+      alloc.check()
+
+
+# SLOs that only one phase can miss: the controller moves every group it may.
+MOVES = {
+    "to_prefill": (pdj.Disaggregated(_inst(1), _inst(2), num_prefill=1, num_decode=2,
+                                     elastic=ElasticConfig(window=4)),
+                   dict(ttft_slo=1e-6, tpot_slo=100.0), (2, 1)),
+    "to_decode_streaming": (pdj.Disaggregated(_inst(2), _inst(1), num_prefill=2,
+                                              num_decode=1, kv_transfer="layerwise",
+                                              elastic=ElasticConfig(window=4)),
+                            dict(ttft_slo=100.0, tpot_slo=1e-6), (1, 2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MOVES))
+def test_elastic_roles_keep_greedy_tokens_across_switches(model, name):
+  """Groups that switch run both programs on their one runner and pool; a prefill
+  group turned decode decodes the prompts it prefilled in place. With streaming,
+  warm-up compiled every program and KV mover a move or a stream may need: nothing
+  compiles while serving."""
+  dep, slos, final = MOVES[name]
+  reqs, want = _burst(model, 24, seed=5, spread=1.0)
+  warm = name == "to_decode_streaming"
+  cfg = pdj.EngineConfig(**dict(BASE, warmup=warm), num_pages=48, **slos)
+  with pdj.Engine(model, dep, cfg) as engine:
+    with CompileCounter() as counter:
+      report = engine.run_workload([r.fresh() for r in reqs], timeout=600)
+    assert [res.token_ids for res in report.results] == want
+    history = engine.coordinator.role_history
+    assert [h[1:] for h in history][-1] == final, history
+    assert engine.stats()["pages_in_use"] == 0
+    ran: dict = {}
+    for rec in engine.step_log:
+      ran.setdefault(rec.instance.split(":")[0], set()).add("prefill" if rec.work[0]
+                                                            else "decode")
+    assert any(kinds == {"prefill", "decode"} for kinds in ran.values()), ran
+  if warm:
+    assert counter.count == 0, f"{counter.count} compilations after warm-up"
+
+
+def test_streaming_and_elastic_refused_across_processes():
+  from pdserve_jax.serving.config import check_servable
+
+  for dep in (pdj.Disaggregated(kv_transfer="layerwise"),
+              pdj.Disaggregated(num_decode=2, elastic=ElasticConfig())):
+    with pytest.raises(ValueError, match="run in one process"):
+      check_servable(dep, CFG, None, in_process=False)
+    check_servable(dep, CFG, 8)
+  with pytest.raises(ValueError, match="layer_groups=3 does not divide the model's 4 layers"):
+    check_servable(pdj.Disaggregated(kv_transfer="layerwise", layer_groups=3), CFG, 8)
