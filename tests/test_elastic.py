@@ -188,6 +188,24 @@ def test_move_decode_to_prefill_migrates_its_requests():
   assert all(r.finish_reason == "length" for r in h.reqs)
 
 
+def test_new_prefill_group_takes_the_newest_queued_prompts():
+  """A group that starts prefilling levels the queues: it takes the newest prompts
+  queued on the busiest prefill group (they hold no pages), keeping their order."""
+  h = elastic(n_prefill=1, n_decode=2)
+  h.hold("prefill0")
+  reqs = [h.submit(8, 3) for _ in range(6)]
+  p0 = h.coord.prefills[0]
+  assert p0.sched.num_waiting == 6
+  g = h.coord.move(PREFILL, h.now)
+  new = h.coord._twin[h.coord.groups[[x.name for x in h.coord.groups].index(g)].twins[
+      DECODE][0]]
+  assert new in h.coord.prefills and p0.sched.num_waiting == 3
+  assert [c.request for c in h.step_of(reqs[3])[1].prefills][:1] == [reqs[3]]
+  assert h.step_of(reqs[3])[0] is new
+  h.drain()
+  assert all(r.finish_reason == "length" for r in reqs)
+
+
 def test_migration_waits_for_room_and_decodes_meanwhile():
   """With no room on the other decode group, the draining group keeps decoding its
   request until it ends (or room appears)."""

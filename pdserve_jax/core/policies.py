@@ -627,6 +627,10 @@ class PrefillScheduler(_Scheduler):
     self._waiting.clear()
     return out
 
+  def take_newest(self) -> Optional[Request]:
+    """The most recently queued request (it holds no pages) leaves the queue."""
+    return self._waiting.pop() if self._waiting else None
+
   def merge_waiting(self, reqs: Sequence[Request]) -> None:
     """Requests queued elsewhere join this queue: requests to recompute stay first,
     then the rest in arrival order."""

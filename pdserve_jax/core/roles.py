@@ -178,6 +178,17 @@ class ElasticCoordinator(DisaggregatedCoordinator):
     self._settle(now)
     return g.name
 
+  def _take_queued(self, inst: Instance) -> None:
+    """New prefill instance `inst` takes queued prompts, newest first, from the most
+    loaded prefill instances until it is about as loaded as they are."""
+    others = self._alive(self.prefills)
+    while others:
+      donor = max(others, key=lambda i: (i.num_waiting + i.num_running, -others.index(i)))
+      if (donor.num_waiting == 0
+          or donor.num_waiting + donor.num_running <= inst.num_waiting + inst.num_running + 1):
+        return
+      inst.sched.merge_waiting([donor.sched.take_newest()])
+
   def _migrate(self, inst: Instance, now: float) -> None:
     """Moves what draining decode instance `inst` holds (between its steps) to other
     decode instances that have pages for it, oldest first."""
@@ -246,6 +257,8 @@ class ElasticCoordinator(DisaggregatedCoordinator):
           while (h := i.sched.peek_handoff()) is not None and self._twin[i].sched.can_adopt(h):
             self._twin[i].sched.adopt(i.sched.detach_handoff())
       else:
+        for i in g.twins[PREFILL]:
+          self._take_queued(i)
         self.prefills += g.twins[PREFILL]
       self.controller.moved(now, self._count(PREFILL), self._count(DECODE))
       for i in g.twins[g.role]:
