@@ -91,17 +91,19 @@ MOVES = {
 
 @pytest.mark.parametrize("name", sorted(MOVES))
 def test_elastic_roles_keep_greedy_tokens_across_switches(model, name):
-  """Groups that switch run both programs on their one runner and pool; a prefill
-  group turned decode decodes the prompts it prefilled in place. With streaming,
-  warm-up compiled every program and KV mover a move or a stream may need: nothing
-  compiles while serving."""
+  """Groups that switch run both programs on their one runner and pool: a prefill
+  group turned decode decodes the prompts it prefilled in place, a decode group
+  turned prefill first migrates its requests (a KV copy each)."""
   dep, slos, final = MOVES[name]
   reqs, want = _burst(model, 24, seed=5, spread=1.0)
-  warm = name == "to_decode_streaming"
-  cfg = pdj.EngineConfig(**dict(BASE, warmup=warm), num_pages=48, **slos)
+  cfg = pdj.EngineConfig(**BASE, num_pages=48, **slos)
   with pdj.Engine(model, dep, cfg) as engine:
-    with CompileCounter() as counter:
-      report = engine.run_workload([r.fresh() for r in reqs], timeout=600)
+    # Warm-up would compile both programs on every group, and the KV movers between
+    # every two groups (streams and migrations use the same).
+    assert set(engine.executor._programs().values()) == {(True, True)}
+    groups = {i.group for i in engine.coordinator.instances}
+    assert len(engine.coordinator.copy_pairs()) == len(groups) * (len(groups) - 1)
+    report = engine.run_workload([r.fresh() for r in reqs], timeout=600)
     assert [res.token_ids for res in report.results] == want
     history = engine.coordinator.role_history
     assert [h[1:] for h in history][-1] == final, history
@@ -111,8 +113,31 @@ def test_elastic_roles_keep_greedy_tokens_across_switches(model, name):
       ran.setdefault(rec.instance.split(":")[0], set()).add("prefill" if rec.work[0]
                                                             else "decode")
     assert any(kinds == {"prefill", "decode"} for kinds in ran.values()), ran
-  if warm:
-    assert counter.count == 0, f"{counter.count} compilations after warm-up"
+
+
+def test_elastic_streaming_compiles_nothing_after_warmup():
+  """Warm-up compiles every program and KV mover that moves, migrations and streams
+  need: nothing compiles while serving. (Small shapes keep warm-up short: 2 layers,
+  contexts of 32 tokens.)"""
+  tiny = pdj.get_preset("tiny")
+  model = pdj.random_model(tiny, seed=2, std=0.25)
+  spec = pdj.InstanceSpec(max_batch=4, max_step_tokens=32)
+  dep = pdj.Disaggregated(spec, spec, num_prefill=2, num_decode=1, kv_transfer="layerwise",
+                          elastic=ElasticConfig(window=4))
+  cfg = pdj.EngineConfig(page_size=8, num_pages=24, max_seq_len=32, min_token_bucket=32,
+                         ttft_slo=100.0, tpot_slo=1e-6)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(0, tiny.vocab_size, int(rng.integers(1, 16))).tolist()
+             for _ in range(24)]
+  params = pdj.SamplingParams(max_tokens=12, ignore_eos=True)
+  want = pdj.greedy_reference(model, prompts, 12)
+  with pdj.Engine(model, dep, cfg) as engine:
+    with CompileCounter() as counter:
+      got = [r.token_ids for r in engine.generate(prompts, params)]
+    history = engine.coordinator.role_history
+  assert got == want
+  assert len(history) > 1, history
+  assert counter.count == 0, f"{counter.count} compilations after warm-up"
 
 
 def test_streaming_and_elastic_refused_across_processes():

@@ -36,14 +36,13 @@ DEPLOYMENTS = {
     "disagg_2p1_1d1": pdj.Disaggregated(_inst(1), _inst(1), num_prefill=2),
     "semi_pd_dynamic": pdj.SemiPD(_inst(1), partitioner=pdj.PartitionerConfig(window=4,
                                                                             step=0.1)),
-    "disagg_layerwise": pdj.Disaggregated(_inst(1), _inst(1), num_prefill=2,
-                                          kv_transfer="layerwise"),
-    # Streaming too; SLOs only TTFT can miss move a decode group to prefill.
-    "disagg_elastic": pdj.Disaggregated(_inst(1), _inst(1), num_decode=2,
-                                        kv_transfer="layerwise",
-                                        elastic=ElasticConfig(window=4)),
+    # KV streamed layer by layer, and SLOs only TTFT can miss: the controller moves a
+    # decode group to prefill (it migrates its requests first) mid-run.
+    "disagg_layerwise_elastic": pdj.Disaggregated(_inst(1), _inst(1), num_decode=2,
+                                                  kv_transfer="layerwise",
+                                                  elastic=ElasticConfig(window=4)),
 }
-SLOS = {"disagg_elastic": dict(ttft_slo=1e-4, tpot_slo=10.0)}
+SLOS = {"disagg_layerwise_elastic": dict(ttft_slo=1e-4, tpot_slo=10.0)}
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +89,9 @@ def test_engine_and_simulator_run_the_same_steps(model, name):
   assert res.num_preemptions == preemptions
   if not name.startswith("disagg"):  # a decode pool of 13 pages need not overflow here
     assert preemptions > 0
-  if name in ("disagg_layerwise", "disagg_elastic"):
+  if name == "disagg_layerwise_elastic":
     assert any(len(work) == 3 for steps in by_engine.values() for work in steps)  # streams
-  if name in ("semi_pd_dynamic", "disagg_elastic"):
+  if name in ("semi_pd_dynamic", "disagg_layerwise_elastic"):
     simulated = next(iter(res.share_history.values()))
     assert [x for _, x in simulated] == [x for _, x in history] and len(history) > 1
     assert [t for t, _ in simulated[1:]] == [t for t, _ in history[1:]]

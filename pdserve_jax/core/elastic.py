@@ -7,9 +7,9 @@ simulator, with the knobs of one `ElasticConfig`:
 
   TTFT samples come from requests as they get their first token (a burst of long
   prompts shows at once), TPOT samples from requests as they finish with two tokens
-  or more. Every `window` TTFT samples, the attainment of each phase is the share of
-  its samples within its SLO (TPOT counts as met while it has no sample). If both
-  reach `target`, nothing moves. Otherwise, if one phase's attainment is below the
+  or more. Once either kind has `window` samples, the attainment of each phase is
+  the share of its samples within its SLO (a phase with no sample counts as meeting
+  it). If both reach `target`, nothing moves. Otherwise, if one phase's attainment is below the
   other's by more than `hysteresis`, the worse phase gets one more instance (never
   leaving the other with fewer than its minimum). Samples then start afresh; while a
   move is under way (an instance draining), the controller holds: samples taken
@@ -82,9 +82,9 @@ class RoleController:
     """The phase that should gain an instance now (PREFILL or DECODE), or None;
     `num_prefill`, `num_decode`: the instances serving each phase now."""
     cfg = self.config
-    if self.holding or len(self._ttft_met) < cfg.window:
+    if self.holding or max(len(self._ttft_met), len(self._tpot_met)) < cfg.window:
       return None
-    ttft = sum(self._ttft_met) / len(self._ttft_met)
+    ttft = sum(self._ttft_met) / len(self._ttft_met) if self._ttft_met else 1.0
     tpot = sum(self._tpot_met) / len(self._tpot_met) if self._tpot_met else 1.0
     self._ttft_met, self._tpot_met = [], []
     if min(ttft, tpot) >= cfg.target or abs(ttft - tpot) <= cfg.hysteresis:
