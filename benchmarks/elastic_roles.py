@@ -7,10 +7,13 @@ Four one-device instances: static 2 prefill + 2 decode, the same with elastic ro
 (`Disaggregated(elastic=ElasticConfig(...))`, moving instances between roles as the
 TTFT and TPOT attainment of each phase says, `core.elastic`), and semi-PD with four
 replicas and its SLO partitioner (each replica time-shares its device between the
-phases). The engine serves each on this machine; the simulator runs the same
-deployment and requests with a latency model profiled from that engine just before
-(`profiler.setup_from_engine`). Prints attainment (both SLOs), P90 TTFT and TPOT,
-and how many role moves or share changes each made.
+phases). Each engine is built and profiled (`profiler.setup_from_engine`), then they
+serve the workload in turn, `--attempts` rounds (a shared machine drifts: side by
+side, round by round); the simulator runs each deployment and the same requests on
+its engine's profile. Prints attainment (both SLOs), P90 TTFT and TPOT, and how many
+role moves or share changes each made: every engine round, then the simulator. On
+virtual CPU devices the instances share the host's cores, so more instances on a
+phase add no compute there: the datasheet block below is where roles can matter.
 
 A last block runs the simulator alone on a datasheet setup (llama3-8b, A100-80GB,
 roofline, 4 instances), where the devices do not share a host's cores as virtual
@@ -39,7 +42,8 @@ from pdserve_jax.sim import hardware, simulator as sim  # noqa: E402
 from pdserve_jax.sim.latency import latency_source  # noqa: E402
 
 flags.DEFINE_string("model", "llama-30m", "model preset")
-flags.DEFINE_integer("requests", 60, "requests in the workload (a third in the burst)")
+flags.DEFINE_integer("requests", 48, "requests in the workload (a third in the burst)")
+flags.DEFINE_integer("attempts", 2, "engine rounds, each deployment once a round")
 flags.DEFINE_float("rate", 2.0, "chat arrival rate (req/s); the burst comes at twice it")
 flags.DEFINE_float("ttft_slo", 1.0, "TTFT SLO (s) of the engine runs")
 flags.DEFINE_float("tpot_slo", 0.1, "TPOT SLO (s) of the engine runs")
@@ -72,14 +76,28 @@ def history(hist: dict) -> list:
   return next(iter(hist.values())) if hist else []
 
 
-def engine_and_sim(model, dep, reqs, ttft_slo, tpot_slo) -> dict:
+def engines_and_sim(model, deps: dict, reqs, ttft_slo, tpot_slo, attempts) -> dict:
+  """Every engine built and profiled, then serving `reqs` in turn each round."""
   cfg = pdj.EngineConfig(**ENGINE, ttft_slo=ttft_slo, tpot_slo=tpot_slo, log_steps=True)
-  with pdj.Engine(model, dep, cfg) as engine:
-    setup = profiler.setup_from_engine(engine)
-    report = engine.run_workload([r.fresh() for r in reqs])
-  res = sim.simulate(reqs, setup, dep, ttft_slo, tpot_slo)
-  return {"engine": summary(report.requests, ttft_slo, tpot_slo, report.share_history),
-          "sim": summary(res.requests, ttft_slo, tpot_slo, history(res.share_history))}
+  engines, out = {}, {}
+  try:
+    for name, dep in deps.items():
+      engines[name] = pdj.Engine(model, dep, cfg)
+      setup = profiler.setup_from_engine(engines[name])
+      res = sim.simulate(reqs, setup, dep, ttft_slo, tpot_slo)
+      out[name] = {"sim": summary(res.requests, ttft_slo, tpot_slo,
+                                  history(res.share_history)), "rounds": []}
+    for k in range(attempts):
+      for name, engine in engines.items():
+        report = engine.run_workload([r.fresh() for r in reqs])
+        out[name]["rounds"].append(summary(report.requests, ttft_slo, tpot_slo,
+                                           report.share_history))
+      print(f"  round {k + 1}: " + ", ".join(
+          f"{n} {out[n]['rounds'][-1]['attainment']:.3f}" for n in deps), flush=True)
+  finally:
+    for engine in engines.values():
+      engine.close()
+  return out
 
 
 def print_rows(rows: dict, sides) -> None:
@@ -124,12 +142,12 @@ def main(_):
     print(f"engine and simulator: model={FLAGS.model}, {FLAGS.requests} requests (chat at "
           f"{FLAGS.rate}/s, a burst of long prompts, chat), 4 devices, SLOs TTFT "
           f"{FLAGS.ttft_slo} s, TPOT {FLAGS.tpot_slo} s")
-    rows = {}
-    for name, dep in deployments(spec, FLAGS.window).items():
-      rows[name] = engine_and_sim(model, dep, reqs, FLAGS.ttft_slo, FLAGS.tpot_slo)
-      print(f"  {name}: engine {rows[name]['engine']['attainment']:.3f}, simulator "
-            f"{rows[name]['sim']['attainment']:.3f}", flush=True)
-    print_rows(rows, ("engine", "sim"))
+    rows = engines_and_sim(model, deployments(spec, FLAGS.window), reqs, FLAGS.ttft_slo,
+                           FLAGS.tpot_slo, FLAGS.attempts)
+    for k in range(FLAGS.attempts):
+      print(f"engine round {k + 1} and the simulator:")
+      print_rows({n: dict(r, engine=r["rounds"][k]) for n, r in rows.items()},
+                 ("engine", "sim"))
     out["engine_and_sim"] = rows
   out["datasheet"] = datasheet(FLAGS.window)
   if FLAGS.json:
