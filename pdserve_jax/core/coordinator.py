@@ -464,7 +464,9 @@ class SemiPDCoordinator(Coordinator):
       self.units.append(unit)
 
   def add(self, req, now):
-    unit = least_loaded(self.units)
+    unit = least_loaded([u for u in self.units if not (u.prefill.lost or u.decode.lost)])
+    if unit is None:
+      raise ValueError("every semi-PD replica is lost")
     unit.prefill.sched.add(req)
     self._kick(unit, now)
 
