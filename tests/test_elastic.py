@@ -355,7 +355,8 @@ MOVES = st.lists(st.one_of(st.tuples(st.just("move"), st.sampled_from([PREFILL, 
 @given(deployments(), EVENTS, MOVES, st.randoms(use_true_random=False))
 def test_random_events_with_streams_and_moves(deployment, events, moves, rng):
   """Random arrivals, step and copy completions (streamed copies landing before or
-  after their step), stop tokens, aborts, device holds and role moves, in any order:
+  after their step), stop tokens, aborts, device holds, failed steps and copies and
+  role moves, in any order (no instance is lost: both run in one process only):
   pages stay consistent after every event (no page leaked, none held by an ended
   request), and once drained every request has ended exactly once, every pool is
   full and every group serves one role."""
@@ -382,14 +383,16 @@ def test_random_events_with_streams_and_moves(deployment, events, moves, rng):
       samplers = [c.request for c in step.prefills if c.last] + list(step.decodes)
       stop = args[1]
       h.complete(inst, stop=[_pick(samplers, stop)] if stop >= 0 and samplers else [])
-    elif kind == "copy" and h.ex.copies:
-      h.finish_copy(_pick(h.ex.copies, args[0])[0])
+    elif kind in ("copy", "copy_fail") and h.ex.copies:
+      h.finish_copy(_pick(h.ex.copies, args[0])[0], failed=kind == "copy_fail")
     elif kind == "abort" and h.reqs:
       h.abort(_pick(h.reqs, args[0]))
     elif kind == "hold":
       h.hold(_pick(groups, args[0]))
     elif kind == "release" and h.ex.held:
       h.release(_pick(sorted(h.ex.held), args[0]))
+    elif kind == "fail" and h.ex.steps:  # a step that could not run (in one process too)
+      h.fail(_pick(h.ex.steps, args[0])[0])
     elif kind == "move" and dep.elastic is not None:
       moved += h.coord.move(args[0], h._tick()) is not None
       h.check()
@@ -402,3 +405,4 @@ def test_random_events_with_streams_and_moves(deployment, events, moves, rng):
     event(f"moves by hand: {min(moved, 3)}, in all: {min(len(c.role_history) - 1, 6)}")
   event(f"{dep.kv_transfer}, elastic={dep.elastic is not None}")
   event(f"preempted: {h.coord.num_preemptions > 0}")
+  event(f"failed: {any(r.finish_reason == 'error' for r in h.reqs)}")
