@@ -27,7 +27,7 @@ BASE = dict(page_size=8, max_seq_len=64, warmup=False, min_token_bucket=64, log_
 
 
 def _inst(tp, pp=1):
-  return pdj.InstanceSpec(tp=tp, pp=pp, max_batch=8, max_step_tokens=64)
+  return pdj.InstanceSpec(tp=tp, pp=pp, max_batch=4, max_step_tokens=64)
 
 
 @pytest.fixture(scope="module")
@@ -48,26 +48,18 @@ def _burst(model, n, seed, spread=0.0):
   return reqs, [ref[i][:r.max_tokens] for i, r in enumerate(reqs)]
 
 
-STREAMING = {
-    # Two prefill meshes of one device, each its 4 layers as 2 groups; decode on tp 2.
-    "pp1": pdj.Disaggregated(_inst(1), _inst(2), num_prefill=2, kv_transfer="layerwise",
-                             layer_groups=2),
-    # A prefill pipeline of 2 stages of 2 one-layer groups each, to a tp 2 decode mesh
-    # holding all 4 layers: each group lands in part of the decode pool.
-    "pp2": pdj.Disaggregated(_inst(1, pp=2), _inst(2), kv_transfer="layerwise",
-                             layer_groups=4),
-}
-
-
-@pytest.mark.parametrize("name", sorted(STREAMING))
-def test_layerwise_streaming_greedy_tokens_with_preemption(model, name):
+def test_layerwise_streaming_pp2_greedy_tokens_with_preemption(model):
+  """A prefill pipeline of 2 stages of 2 one-layer groups each streams to a tp 2
+  decode mesh holding all 4 layers: each group lands in part of the decode pool.
+  (`test_same_decisions` streams pp 1 groups, with moves and forced preemption.)"""
+  dep = pdj.Disaggregated(_inst(1, pp=2), _inst(2), kv_transfer="layerwise", layer_groups=4)
   reqs, want = _burst(model, 24, seed=3)
-  # 19 usable decode pages (and 9 per prefill virtual engine with pp 2): far fewer
-  # than the burst's running requests grow into, so decodes preempt and recompute.
+  # 19 usable decode pages (and 9 per prefill virtual engine): far fewer than the
+  # burst's running requests grow into, so decodes preempt and recompute.
   cfg = pdj.EngineConfig(**BASE, num_pages=20)
-  with pdj.Engine(model, STREAMING[name], cfg) as engine:
+  with pdj.Engine(model, dep, cfg) as engine:
     runner = engine.executor.runner(engine.coordinator.prefills[0]).runner
-    assert [len(p.layers) for p in runner.pools] == [2, 2] if name == "pp1" else [1] * 4
+    assert [len(p.layers) for p in runner.pools] == [1] * 4
     report = engine.run_workload([r.fresh() for r in reqs], timeout=600)
     assert [res.token_ids for res in report.results] == want
     stats = engine.stats()
@@ -84,12 +76,12 @@ def test_elastic_moves_to_decode_keep_greedy_tokens_and_compile_nothing_after_wa
   prefilled in place, on the runner that prefilled them. Warm-up compiled both
   programs on every group and the KV movers between any two (streams and migrations
   use the same), so nothing compiles while serving. (Small shapes keep warm-up
-  short: 2 layers, contexts of 32 tokens.)"""
+  short: 2 layers, contexts of 32 tokens, decode steps of at most 2 rows.)"""
   tiny = pdj.get_preset("tiny")
   model = pdj.random_model(tiny, seed=2, std=0.25)
-  spec = pdj.InstanceSpec(max_batch=4, max_step_tokens=32)
-  dep = pdj.Disaggregated(spec, spec, num_prefill=2, num_decode=1, kv_transfer="layerwise",
-                          elastic=ElasticConfig(window=4))
+  dep = pdj.Disaggregated(pdj.InstanceSpec(max_batch=4, max_step_tokens=32),
+                          pdj.InstanceSpec(max_batch=2), num_prefill=2, num_decode=1,
+                          kv_transfer="layerwise", elastic=ElasticConfig(window=4))
   cfg = pdj.EngineConfig(page_size=8, num_pages=24, max_seq_len=32, min_token_bucket=32,
                          ttft_slo=100.0, tpot_slo=1e-6, log_steps=True)
   rng = np.random.default_rng(0)
