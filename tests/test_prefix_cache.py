@@ -20,7 +20,9 @@ from pdserve_jax.model.config import get_preset
 from pdserve_jax.sim import hardware as H
 from pdserve_jax.sim import latency as L
 from pdserve_jax.sim import simulator as sim
-from test_coordinator import PAGE, Harness, ManualExecutor
+from pdserve_jax.core.elastic import ElasticConfig
+from pdserve_jax.core.step import DECODE, PREFILL
+from test_coordinator import PAGE, SLOS, Harness, ManualExecutor
 
 # --- page keys ----------------------------------------------------------------------
 
@@ -274,12 +276,106 @@ def test_conditional_disaggregation_prefills_short_remainders_on_decode():
   assert all(r.done for v in runs.values() for r in v.requests)
 
 
-def test_decode_cache_moves_fewer_pages():
+@pytest.mark.parametrize("kv_transfer", deploy.KV_TRANSFERS)
+def test_decode_cache_moves_fewer_pages(kv_transfer):
+  """Whole copies and layer-wise streams alike move only what the decode side lacks,
+  and take less time for it (the second token comes sooner)."""
   reqs = _prefixed()
-  on = sim.simulate(reqs, SETUP, sim.Disaggregated())
-  off = sim.simulate(reqs, SETUP, sim.Disaggregated(decode_cache=False))
+  on = sim.simulate(reqs, SETUP, sim.Disaggregated(kv_transfer=kv_transfer))
+  off = sim.simulate(reqs, SETUP, sim.Disaggregated(kv_transfer=kv_transfer,
+                                                    decode_cache=False))
   assert off.prefix["kv_copy_pages_saved"] == 0 and on.prefix["kv_copy_pages_saved"] > 0
   assert on.prefix["kv_copy_pages"] < off.prefix["kv_copy_pages"]
+  gap = lambda res: sum(r.token_times[1] - r.token_times[0] for r in res.requests
+                        if len(r.token_times) > 1)
+  assert gap(on) < gap(off)
+
+
+# --- with layer-wise streaming and elastic roles ---------------------------------------
+
+
+ESPEC = InstanceSpec(max_batch=4, max_step_tokens=32)
+PROMPT = list(range(12))  # three full pages of 4
+
+
+def test_elastic_refuses_a_decode_side_without_cache():
+  with pytest.raises(ValueError, match="decode_cache=False does not combine with elastic"):
+    deploy.Disaggregated(elastic=ElasticConfig(), decode_cache=False).check()
+  deploy.Disaggregated(elastic=ElasticConfig(), conditional_threshold=8).check()
+
+
+def test_queue_counts_prompt_tokens_through_elastic_moves():
+  """Cache-aware routing reads a queue's prompt tokens; elastic moves take requests
+  from either end of it, clear it and merge queues. Catches a count that goes stale
+  (or a merged queue without one)."""
+  sched = S.PrefillScheduler(PageAllocator(17, PAGE), 4, 32)
+  reqs = [Request(i, n, 2, float(i)) for i, n in enumerate((5, 7, 11))]
+  for r in reqs:
+    sched.add(r)
+  assert sched.pending_prefill_tokens() == 23
+  assert sched.take_newest() is reqs[2] and sched.pending_prefill_tokens() == 12
+  sched.merge_waiting([reqs[2]])
+  assert sched.pending_prefill_tokens() == 23
+  assert sched.take_waiting() == reqs and sched.pending_prefill_tokens() == 0
+
+
+def test_group_moved_to_decode_prefills_locally():
+  """Conditional disaggregation with elastic roles: a prefill group that moved to
+  decode takes local prefills like the decode instances born so (catches a decode
+  twin built without local prefill, which refuses them)."""
+  h = Harness(deploy.Disaggregated(ESPEC, ESPEC, 2, 1, elastic=ElasticConfig(window=1000),
+                                   conditional_threshold=100), 17, **SLOS)
+  assert h.coord.move(DECODE, h._tick()) is not None
+  assert len(h.coord.decodes) == 2 and len(h.coord.prefills) == 1
+  a, b = h.submit(8, 4), h.submit(8, 4)
+  held = [next(i for i in h.coord.decodes if r in i.sched.held()) for r in (a, b)]
+  assert held[0] is not held[1]  # each decode instance prefills one of them
+  assert h.coord.prefix_stats()["local_prefills"] == 2
+  h.drain()
+  assert not h.ex.copies and {a.finish_reason, b.finish_reason} == {"length"}
+
+
+def _handed_off(h, tokens, out):
+  """Submits a request and runs its prefill and its KV copy; returns it."""
+  r = h.submit_tokens(tokens, out)
+  h.complete(h.step_of(r)[0])
+  h.finish_copy(r)
+  return r
+
+
+def test_migration_copies_only_pages_the_destination_lacks():
+  """A decode group moving to prefill migrates its request to the other decode
+  instance, whose cache holds the same prompt: the copy skips those pages."""
+  h = CacheHarness(deploy.Disaggregated(ESPEC, ESPEC, 1, 2, elastic=ElasticConfig(
+      window=1000)), 17, **SLOS)
+  a, b = _handed_off(h, PROMPT, 8), _handed_off(h, PROMPT, 8)
+  on = lambda r: next(i for i in h.coord.decodes if r in i.sched.held())
+  assert on(a) is not on(b)  # the second decode instance was the less loaded
+  assert h.coord.prefix_stats()["kv_copy_pages_saved"] == 0
+  assert h.coord.move(PREFILL, h._tick()) is not None
+  h.run_until(lambda: h.ex.copies)
+  (r, src, dst), = h.ex.copies
+  assert src.phase == DECODE and dst.sched.copy_skip(r) == 3
+  stats = h.coord.prefix_stats()
+  assert stats["kv_copy_pages_saved"] == 3
+  h.drain()
+  assert {a.finish_reason, b.finish_reason} == {"length"}
+
+
+def test_streamed_copy_skips_pages_the_decode_cache_holds():
+  h = CacheHarness(deploy.Disaggregated(ESPEC, ESPEC, kv_transfer="layerwise"), 17)
+  a = h.submit_tokens(PROMPT, 4)
+  src, step = h.step_of(a)
+  assert step.streams and h.coord.decodes[0].sched.copy_skip(a) == 0
+  h.complete(src)
+  h.finish_copy(a)  # a decodes there: the prompt's pages are cached on the decode side
+  b = h.submit_tokens(PROMPT, 4)
+  src, step = h.step_of(b)
+  dst = h.coord.decodes[0]
+  assert step.streams == [(b, dst)] and dst.sched.copy_skip(b) == 3
+  assert h.coord.prefix_stats()["kv_copy_pages_saved"] == 3
+  h.drain()
+  assert {a.finish_reason, b.finish_reason} == {"length"}
 
 
 def test_cache_off_in_the_setup_computes_every_prompt():
@@ -353,6 +449,15 @@ class CacheHarness(Harness):
           k = alloc.key_of(p)
           assert k is None or (j < len(keys) and keys[j] == k), (
               f"request {owner.request_id} maps page {p} of another prefix at {j}")
+    for req, src, dst in self.ex.copies:
+      # A copy (whole, streamed or migrated) skips exactly the leading pages the
+      # destination mapped from its own cache: those hold this prompt's KV there.
+      skip, keys = dst.sched.copy_skip(req), req.prefix_keys or ()
+      pages = dst.sched.allocator.pages(req)
+      assert skip <= len(keys) and skip <= len(src.sched.allocator.pages(req))
+      for j in range(skip):
+        assert dst.sched.allocator.key_of(pages[j]) == keys[j], \
+            f"request {req.request_id}'s copy skips page {j}, not cached there"
     for inst, step in self.ex.steps:
       alloc = inst.sched.allocator
       for c in step.prefills:
@@ -391,8 +496,14 @@ def cached_deployments(draw):
   need = pages_for(MAX_PROMPT + MAX_OUT, PAGE) + 1
   pages = st.integers(need, need + 3)  # small pools: evictions and preemptions
   if mode in ("disaggregated", "conditional"):
-    dep = deploy.Disaggregated(spec(), spec(), num_prefill=n, num_decode=draw(
-        st.integers(1, 2)), routing=routing, decode_cache=draw(st.booleans()),
+    # Streamed copies and elastic moves (migrations, groups changing role) skip
+    # cached pages as hand-offs do; an elastic group keeps its cache in both roles.
+    window = draw(st.sampled_from([None, 1, 4, 1000]))
+    dep = deploy.Disaggregated(
+        spec(), spec(), num_prefill=n, num_decode=draw(st.integers(1, 2)),
+        kv_transfer=draw(st.sampled_from(deploy.KV_TRANSFERS)),
+        elastic=None if window is None else ElasticConfig(window=window, hysteresis=0.0),
+        routing=routing, decode_cache=window is not None or draw(st.booleans()),
         conditional_threshold=draw(st.integers(1, 12)) if mode == "conditional" else 0)
     return dep, {"prefill": draw(pages), "decode": draw(pages)}
   if mode == "semi_pd":
@@ -411,7 +522,8 @@ CACHE_EVENTS = st.lists(st.one_of(
     st.tuples(st.just("copy"), st.integers(0, 7)),
     st.tuples(st.just("abort"), st.integers(0, 63)),
     st.tuples(st.just("hold"), st.integers(0, 7)),
-    st.tuples(st.just("release"), st.integers(0, 7))), min_size=10, max_size=80)
+    st.tuples(st.just("release"), st.integers(0, 7)),
+    st.tuples(st.just("move"), st.sampled_from([PREFILL, DECODE]))), min_size=10, max_size=80)
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
@@ -422,7 +534,8 @@ def test_random_events_with_shared_prefixes(deployment, events):
   and preempt: after every event the cache's invariants hold (see `CacheHarness`);
   once drained every request ended once and every page is free or cached."""
   dep, pages = deployment
-  h = CacheHarness(dep, pages)
+  elastic = isinstance(dep, deploy.Disaggregated) and dep.elastic is not None
+  h = CacheHarness(dep, pages, **(SLOS if elastic else {}))
   groups = sorted({i.group for i in h.coord.instances})
   salt = 0
   for kind, *args in events:
@@ -449,6 +562,9 @@ def test_random_events_with_shared_prefixes(deployment, events):
     elif kind == "release" and h.ex.held:
       held = sorted(h.ex.held)
       h.release(held[args[0] % len(held)])
+    elif kind == "move" and elastic:
+      h.coord.move(args[0], h._tick())
+      h.check()
   h.drain()
   for alloc in h.coord.allocators():  # every page free or cached, none held
     assert alloc.num_free == alloc.capacity and not alloc.owners()
@@ -457,3 +573,9 @@ def test_random_events_with_shared_prefixes(deployment, events):
   event(f"preempted: {h.coord.num_preemptions > 0}")
   if isinstance(dep, deploy.Disaggregated) and dep.conditional_threshold:
     event(f"local prefills: {stats['local_prefills'] > 0}")
+  if isinstance(dep, deploy.Disaggregated):
+    event(f"{dep.kv_transfer}, elastic={elastic}, pages skipped: "
+          f"{stats['kv_copy_pages_saved'] > 0}")
+  if elastic:
+    assert all(g.target is None for g in h.coord.groups), "a move never completed"
+    event(f"moves: {min(len(h.coord.role_history) - 1, 3)}")

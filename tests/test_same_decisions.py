@@ -5,8 +5,10 @@ engine's own event times (`sim.simulator.Replay`: when each request was seen, ea
 step ended and each KV copy landed). Both executors drive the same coordinator, so
 every instance must have run the same sequence of steps: the same requests, the
 same prefill chunks, in every mode, with preemptions and the semi-PD partitioner on,
-and with the prefix cache on prompts that share prefixes: the same hits, evictions,
-routing and conditional-prefill choices.
+with KV streamed layer by layer (the same streams to the same decode instances),
+with elastic roles (the same moves at the same times), and with the prefix cache
+on prompts that share prefixes: the same hits, evictions, routing and
+conditional-prefill choices.
 """
 
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 
 import pdserve_jax as pdj
 from pdserve_jax import workloads
+from pdserve_jax.core.elastic import ElasticConfig
 from pdserve_jax.core.prefix import block_tokens
 from pdserve_jax.core.request import Request
 from pdserve_jax.runtime.programs import InstanceRunner, RunnerShape
@@ -37,13 +40,20 @@ DEPLOYMENTS = {
     "disagg_2p1_1d1": pdj.Disaggregated(_inst(1), _inst(1), num_prefill=2),
     "semi_pd_dynamic": pdj.SemiPD(_inst(1), partitioner=pdj.PartitionerConfig(window=4,
                                                                             step=0.1)),
+    # KV streamed layer by layer, and SLOs only TTFT can miss: the controller moves a
+    # decode group to prefill (it migrates its requests first) mid-run.
+    "disagg_layerwise_elastic": pdj.Disaggregated(_inst(1), _inst(1), num_decode=2,
+                                                  kv_transfer="layerwise",
+                                                  elastic=ElasticConfig(window=4)),
     # semi-PD's own partitioner (its Algorithm 1 and latency model), time-shared.
     "semi_pd_paper": pdj.SemiPD(_inst(1), prefill_share=0.5, decode_share=0.5,
                                 partitioner=pdj.ModelPartitionerConfig(window=4, step=0.1)),
 }
 # The paper's partitioner moves nothing when both SLOs fail ("no room"): a TPOT SLO
-# that holds lets the failing TTFT move it.
-SLOS = {"semi_pd_paper": dict(ttft_slo=0.05, tpot_slo=10.0)}
+# that holds lets the failing TTFT move it. The elastic roles likewise: only TTFT can
+# miss there.
+SLOS = {"semi_pd_paper": dict(ttft_slo=0.05, tpot_slo=10.0),
+        "disagg_layerwise_elastic": dict(ttft_slo=1e-4, tpot_slo=10.0)}
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +98,21 @@ def test_the_crowd_cannot_fit_two_at_a_time():
 def test_engine_and_simulator_run_the_same_steps(model, name, record_property):
   dep = DEPLOYMENTS[name]
   reqs = _crowd()
-  # Tight SLOs move the semi-PD share.
+  want = None
+  if name == "disagg_layerwise_elastic":  # and the greedy tokens across moves and streams
+    rng = np.random.default_rng(7)
+    for r in reqs:
+      r.payload = rng.integers(0, CFG.vocab_size, r.prompt_len).tolist()
+    longest = max(r.max_tokens for r in reqs)
+    ref = pdj.greedy_reference(model, [r.payload for r in reqs], longest)
+    want = [ref[i][:r.max_tokens] for i, r in enumerate(reqs)]
+  # Tight SLOs move the semi-PD share (and the elastic roles: only TTFT can miss there).
   cfg = pdj.EngineConfig(**ENGINE, num_pages=NUM_PAGES,
                          **SLOS.get(name, dict(ttft_slo=0.05, tpot_slo=0.01)))
   with pdj.Engine(model, dep, cfg) as engine:
     report = engine.run_workload(reqs, timeout=600)
+    if want is not None:
+      assert [res.token_ids for res in report.results] == want
     replay = _replay(engine)
     by_engine = {}
     for rec in engine.step_log:
@@ -106,8 +126,10 @@ def test_engine_and_simulator_run_the_same_steps(model, name, record_property):
                      record_steps=True)
   assert res.steps == by_engine
   assert res.num_preemptions == preemptions > 0
-  if name.startswith("semi_pd"):
-    simulated = res.share_history["semi_pd0"]
+  if name == "disagg_layerwise_elastic":
+    assert any(len(work) == 3 for steps in by_engine.values() for work in steps)  # streams
+  if name.startswith("semi_pd") or name == "disagg_layerwise_elastic":
+    simulated = next(iter(res.share_history.values()))
     assert [x for _, x in simulated] == [x for _, x in history] and len(history) > 1
     assert [t for t, _ in simulated[1:]] == [t for t, _ in history[1:]]
   done = {r.request_id: r.token_times for r in res.requests}
@@ -118,7 +140,10 @@ def test_engine_and_simulator_run_the_same_steps(model, name, record_property):
 # crowd runs above, whose engines fill `prefix_keys` from the prompts, replay
 # recomputations that map their own cached pages after preemption in every mode.
 PREFIX_DEPLOYMENTS = {
+    # Streamed hand-offs too: each stream moves only the pages the decode cache lacks
+    # (the simulator times the same pages; the greedy tokens catch a skip that is wrong).
     "disagg_2p1_conditional": pdj.Disaggregated(_inst(1), _inst(1, True), num_prefill=2,
+                                                kv_transfer="layerwise",
                                                 conditional_threshold=12),
     "semi_pd": pdj.SemiPD(_inst(1)),
 }
@@ -164,6 +189,8 @@ def test_same_steps_with_the_prefix_cache(model, name):
     assert stats["prefix_cache_routed"] > 0, stats
   if name == "disagg_2p1_conditional":
     assert 0 < stats["prefix_local_prefills"] < len(reqs), stats
+    assert stats["prefix_kv_copy_pages_saved"] > 0, stats
+    assert any(len(work) == 3 for steps in by_engine.values() for work in steps)  # streams
   done = {r.request_id: r.token_times for r in res.requests}
   assert all(done[r.request_id] == r.token_times for r in report.requests)
   # Each run's results follow its requests in arrival order; prompts as the engine

@@ -16,6 +16,7 @@ import ml_collections
 
 from pdserve_jax.core import deploy
 from pdserve_jax.cli import common
+from pdserve_jax.core.elastic import ElasticConfig
 from pdserve_jax.core.share import (PAPER_DECODE_STEP, PAPER_PREFILL_STEP,
                                    ModelPartitionerConfig, PartitionerConfig, ShareScaling)
 
@@ -32,13 +33,17 @@ _DEFAULTS = dict(
                   routing="cache_aware"),
     # Prefill and decode instances of the `instance` limits with their own tp x pp;
     # `same_node`: KV moves over the node link, else the network (simulator only).
+    # `kv_transfer`: "whole" or "layerwise" (streamed in `layer_groups` groups during
+    # the prefill); `elastic`: instances change role online, by `elastic_controller`.
     # `decode_cache`: decode instances keep a prefix cache and hand-offs move only the
     # pages they lack; `conditional_threshold` > 0: prompts with at most that many
     # uncached tokens are prefilled on their decode instance (conditional
     # disaggregation; its steps take `chunked_max_step_tokens` tokens).
     disaggregated=dict(num_prefill=1, prefill_tp=1, prefill_pp=1, num_decode=1,
-                       decode_tp=1, decode_pp=1, same_node=True, decode_cache=True,
-                       conditional_threshold=0),
+                       decode_tp=1, decode_pp=1, same_node=True, kv_transfer="whole",
+                       layer_groups=2, elastic=False,
+                       elastic_controller=dataclasses.asdict(ElasticConfig()),
+                       decode_cache=True, conditional_threshold=0),
     # The SM ratios (x, y): `prefill_share` and `decode_share` (0: 1 - x); `dynamic`
     # moves them online, by `algorithm` "ours" (`partitioner`, the SloPartitioner) or
     # "paper" (`model_partitioner`, semi-PD's Algorithm 1). `concurrent` (simulator
@@ -70,6 +75,9 @@ def blocks(**overrides) -> dict:
     if name == "semi_pd":
       for sub in ("partitioner", "model_partitioner"):
         block[sub] = dict(default[sub], **given.get(sub, {}))
+    if name == "disaggregated":
+      block["elastic_controller"] = dict(default["elastic_controller"],
+                                         **given.get("elastic_controller", {}))
     out[name] = ml_collections.ConfigDict(block)
   if overrides:
     raise ValueError(f"unknown block(s) {sorted(overrides)}; known: {sorted(_DEFAULTS)}")
@@ -84,9 +92,12 @@ RULES = {
     "instance.routing": common.one_of(*deploy.ROUTINGS),
     "disaggregated.conditional_threshold": common.at_least(0),
     **{f"disaggregated.{k}": _POS for k in ("num_prefill", "prefill_tp", "prefill_pp",
-                                            "num_decode", "decode_tp", "decode_pp")},
+                                            "num_decode", "decode_tp", "decode_pp",
+                                            "layer_groups")},
+    "disaggregated.kv_transfer": common.one_of(*deploy.KV_TRANSFERS),
     "semi_pd.algorithm": common.one_of(*ALGORITHMS),
-}  # semi_pd's shares and partitioners: `deployment` and `partitioner` check them
+}  # semi_pd's shares and partitioners: `deployment` and `partitioner` check them;
+# disaggregated.elastic_controller: its `check` does
 
 
 def modes(cfg, key: str = "modes") -> tuple[str, ...]:
@@ -129,9 +140,13 @@ def deployment(cfg, mode: str) -> deploy.Deployment:
     # Decode instances that prefill prompts chunk them as colocated chunked steps do.
     decode = spec(d.decode_tp, d.decode_pp, budget, min(i.max_batch, budget - 1)) \
         if threshold else spec(d.decode_tp, d.decode_pp)
+    elastic = _checked("disaggregated.elastic_controller",
+                       ElasticConfig(**d.elastic_controller.to_dict())) if d.elastic else None
     dep = deploy.Disaggregated(spec(d.prefill_tp, d.prefill_pp), decode, d.num_prefill,
-                               d.num_decode, d.same_node, routing,
-                               d.get("decode_cache", True), threshold)
+                               d.num_decode, d.same_node, d.kv_transfer, d.layer_groups,
+                               elastic, routing=routing,
+                               decode_cache=d.get("decode_cache", True),
+                               conditional_threshold=threshold)
   elif mode == "semi_pd":
     s = cfg.semi_pd
     part = partitioner(cfg) if s.dynamic else None

@@ -8,7 +8,9 @@ the partitioner moves the share, and how an abort or a failed step ends requests
 
 It reaches devices only through an executor (`core.seam.Executor`): a page
 allocator per device group, `can_launch` / `launch` a step (later `step_done` or
-`fail`), `start_copy` a request's KV (later `copy_done`). The executor calls
+`fail`), `start_copy` a request's KV (later `copy_done`), or with layer-wise
+streaming a step that carries KV copies out as it runs (`Step.streams`; each later
+`copy_done`, before or after the step's `step_done`). The executor calls
 `lose(inst, now)` when an instance's devices are gone for good (a worker process
 died): the requests there end with an error, and no new work goes to it. Every
 request that ends (finished, aborted or failed) is passed to `on_end(req, now)`,
@@ -260,8 +262,12 @@ class Coordinator:
     if step is None:
       return False
     inst.step = step
+    self._prepare(inst, step, now)
     self.ex.launch(inst, step, now)
     return True
+
+  def _prepare(self, inst: Instance, step: Step, now: float) -> None:
+    """`step` is about to launch on `inst` (a mode may attach KV streams to it)."""
 
   def _recompute(self, inst: Instance, reqs: list[Request], now: float) -> None:
     raise RuntimeError(f"{inst.name} preempted requests with nowhere to recompute them")
@@ -326,17 +332,27 @@ class DisaggregatedCoordinator(Coordinator):
 
   Prefix caching: prefill instances map cached prefixes; with `decode_cache`,
   decode instances keep a cache of the prompts handed to them and a copy moves
-  only the pages the decode side lacks. Conditional disaggregation
+  only the pages the decode side lacks (whole, streamed or migrated alike: the
+  destination's `copy_skip`). Conditional disaggregation
   (`conditional_threshold` > 0): an arrival first picks the decode instance it
   would join (by `routing`); if at most the threshold of its prompt tokens are
   uncached there, it is prefilled there and never visits a prefill instance. A
   request preempted on a decode instance is placed the same way.
+
+  Layer-wise streaming (`kv_transfer="layerwise"`): when a prefill step launches and
+  no hand-off waits, each request it finishes prefilling (oldest first, while decode
+  pages last) gets its decode instance and pages at once, and its KV streams there
+  with the step (`Step.streams`). It is admitted when the copy has landed and the
+  step has ended, in either order; its prefill pages are freed only then. A request
+  that cannot be placed then (or ends with its first token) hands off as usual.
   """
 
   def __init__(self, dep: deploy.Disaggregated, ex, on_end=None):
     super().__init__(ex, on_end, dep.routing)
-    p, d = dep.prefill, dep.decode
+    p, d = dep.instance_specs()
     self.threshold = dep.conditional_threshold
+    self.streaming = dep.streams_kv
+    self._landed: set[Request] = set()  # streamed copies in before their step ended
     self.prefills, self.decodes = [], []
     for k in range(dep.num_prefill):
       self.prefills += self._make("prefill", p, k, lambda a: PrefillScheduler(
@@ -399,9 +415,38 @@ class DisaggregatedCoordinator(Coordinator):
             "kv_copy_pages_saved": self.copy_pages_saved}
 
   def _after_step(self, inst, finished, now, seconds):
+    if self._landed and inst.phase == PREFILL:
+      for r in [r for r in self._landed if self._copies[r][0] is inst]:
+        self._landed.discard(r)
+        self.copy_done(r, now)
     if inst.phase == PREFILL or finished:
       self._pull(now)
     self._launch(inst, now)
+
+  def _sources(self) -> list[Instance]:
+    """The instances whose memory may hold hand-offs."""
+    return self._alive(self.prefills)
+
+  def _home(self, src: Instance) -> Optional[Instance]:
+    """A decode instance over `src`'s own pool, which takes its hand-offs in place."""
+    return None
+
+  def _prepare(self, inst, step, now):
+    if not self.streaming or inst.phase != PREFILL:
+      return
+    if any(p.sched.peek_handoff() is not None for p in self._sources()):
+      return  # older prompts wait for decode memory: they go first
+    decodes = [d for d in self._alive(self.decodes) if d.group != inst.group]
+    for c in step.prefills:
+      r = c.request
+      if not c.last or r.end_reason is not None or r.num_output + 1 >= r.max_tokens:
+        continue  # it ends with its first token: nothing to stream
+      dst = least_loaded(decodes, lambda d: d.sched.can_accept(r))
+      if dst is None:
+        break  # decode memory is full: the rest hand off when the step ends
+      self._reserve(r, inst, dst)
+      inst.sched.stream(r)
+      step.streams.append((r, dst))
 
   def _pull(self, now: float) -> None:
     decodes = self._alive(self.decodes)
@@ -411,29 +456,45 @@ class DisaggregatedCoordinator(Coordinator):
     while True:
       req: Optional[Request] = None
       src: Optional[Instance] = None
-      for p in self._alive(self.prefills):
+      for p in self._sources():
         h = p.sched.peek_handoff()
         if h is not None and (req is None or h.token_times[0] < req.token_times[0]):
           req, src = h, p
       if req is None or src is None:
         return
-      dst = least_loaded(decodes, lambda d: d.sched.can_accept(req))
+      home = self._home(src)
+      if home is not None and home.sched.can_adopt(req):
+        home.sched.adopt(src.sched.detach_handoff())
+        self._launch(home, now)
+        continue
+      dst = least_loaded(decodes, lambda d: d.group != src.group and d.sched.can_accept(req))
       if dst is None:
         return  # decode memory is full: hand-offs wait in prefill memory
       src.sched.take_handoff()
-      dst.sched.reserve(req)
-      skip = dst.sched.copy_skip(req)
-      self.copied_pages += len(src.sched.allocator.pages(req)) - skip
-      self.copy_pages_saved += skip
-      self._copies[req] = (src, dst)
+      self._reserve(req, src, dst)
       self.ex.start_copy(req, src, dst, now)
 
+  def _reserve(self, req: Request, src: Instance, dst: Instance) -> None:
+    """Takes `req`'s pages on decode instance `dst` for a KV copy from `src` (a
+    hand-off, a stream or a migration), mapping what `dst`'s cache holds: the copy
+    moves only the pages after `dst.sched.copy_skip(req)`, which the executors
+    honour, and the counters say how many pages moved and how many did not."""
+    dst.sched.reserve(req)
+    skip = dst.sched.copy_skip(req)
+    self.copied_pages += len(src.sched.allocator.pages(req)) - skip
+    self.copy_pages_saved += skip
+    self._copies[req] = (src, dst)
+
   def copy_done(self, req, now):
-    src, dst = self._copies.pop(req)
+    src, dst = self._copies[req]
+    if src.step is not None and req in src.step.requests:
+      self._landed.add(req)  # streamed ahead of its step's end: admitted when it ends
+      return
+    del self._copies[req]
     src.sched.release_handoff(req)
     if dst.lost:
       req.end_reason = req.end_reason or "error"
-    if req.end_reason is not None:
+    if req.done:  # cancelled, or (streamed) ended with its first token
       dst.sched.cancel_reserved(req)
       req.finish_time = now
       self._end([req], now)
@@ -445,7 +506,7 @@ class DisaggregatedCoordinator(Coordinator):
 
   def _drop_handoffs(self, now: float) -> None:
     """No decode instance is left: finished prompts have nowhere to go."""
-    for p in self._alive(self.prefills):
+    for p in self._sources():
       while (r := p.sched.take_handoff()) is not None:
         p.sched.release_handoff(r)
         self._end_with_error([r], now)
@@ -712,6 +773,10 @@ def build(dep, ex: Executor, ttft_slo: Optional[float] = None,
   coord: Coordinator
   if isinstance(dep, deploy.Colocated):
     coord = ColocatedCoordinator(dep, ex, on_end)
+  elif isinstance(dep, deploy.Disaggregated) and dep.elastic is not None:
+    from pdserve_jax.core.roles import ElasticCoordinator  # it builds on this module
+
+    coord = ElasticCoordinator(dep, ex, ttft_slo, tpot_slo, start_time, on_end)
   elif isinstance(dep, deploy.Disaggregated):
     coord = DisaggregatedCoordinator(dep, ex, on_end)
   elif isinstance(dep, deploy.SemiPD):
