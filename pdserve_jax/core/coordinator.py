@@ -121,6 +121,11 @@ class Coordinator:
         self._end([r], now)
     self._relaunch(now)
 
+  def unservable(self) -> Optional[str]:
+    """Why no arrival can be served now (every instance of a role it needs is lost),
+    or None. Read from any thread: it reads only the instances' lost marks."""
+    return None if self._alive(self.instances) else "every instance is lost"
+
   def _alive(self, instances) -> list[Instance]:
     return [i for i in instances if not i.lost]
 
@@ -278,6 +283,12 @@ class DisaggregatedCoordinator(Coordinator):
   def _entry_instances(self):
     return [self.prefills[0], self.decodes[0]]  # every pool of a kind is alike
 
+  def unservable(self):
+    for what, insts in (("prefill", self.prefills), ("decode", self.decodes)):
+      if not self._alive(insts):
+        return f"every {what} instance is lost"
+    return None
+
   def copy_pairs(self):
     return list(dict.fromkeys((p.group, d.group) for p in self.prefills for d in self.decodes))
 
@@ -412,7 +423,9 @@ class SemiPDCoordinator(Coordinator):
       self.units.append(unit)
 
   def add(self, req, now):
-    unit = least_loaded(self.units)
+    unit = least_loaded([u for u in self.units if not (u.prefill.lost or u.decode.lost)])
+    if unit is None:
+      raise ValueError("every instance is lost")
     unit.prefill.sched.add(req)
     self._kick(unit, now)
 

@@ -22,7 +22,8 @@ No jax here: `make lint` type-checks this folder and the executors against it.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Callable, List, Optional, Protocol, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Callable, List, Optional, Protocol, Sequence, Tuple,
+                    Union)
 
 if TYPE_CHECKING:
   from pdserve_jax.core.coordinator import Coordinator, Instance
@@ -105,6 +106,12 @@ class EngineExecutor(Executor, Protocol):
 
   def close(self) -> None:
     """Stops the executor's threads and connections; idempotent."""
+    ...
+
+  def prompt_logprobs(self, tokens: Sequence[int]) -> Any:
+    """Each prompt token's log-probability given those before it
+    (`runtime.rows.PromptLogprobs`), computed beside the steps; blocks. Called from
+    a caller's thread, not the engine's."""
     ...
 
 

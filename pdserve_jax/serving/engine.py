@@ -51,6 +51,11 @@ class EngineOverloaded(RuntimeError):
   """`submit` found the engine holding `max_queued` unfinished requests."""
 
 
+class EngineUnavailable(RuntimeError):
+  """No instance is left that can serve a request (every one of a role is lost);
+  the engine takes requests again once instances come back."""
+
+
 @dataclasses.dataclass
 class Completion:
   """One continuation of a prompt."""
@@ -153,6 +158,34 @@ class RequestHandle:
       raise TypeError(f"request {self.request_id} has n={len(self._reqs)} completions; "
                       "stream one at a time with n=1, or wait for result()")
     return self._req.payload.deltas()
+
+  @property
+  def arrival_time(self) -> float:
+    return self._req.arrival_time
+
+  def wait(self, timeout: Optional[float] = None) -> bool:
+    """Waits until every completion ended, however; False after `timeout` seconds."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for r in self._reqs:
+      left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+      if not r.payload.finished.wait(left):
+        return False
+    return True
+
+  def outcomes(self) -> List[str]:
+    """Once done, how each completion ended: "stop", "length", "aborted" or
+    "failed" (an error, or refused by the engine thread)."""
+    out = []
+    for r in self._reqs:
+      if r.payload.error is not None or r.end_reason == "error":
+        out.append("failed")
+      else:
+        out.append(r.finish_reason or "aborted")
+    return out
+
+  def token_times(self) -> List[List[float]]:
+    """Each completion's token times (engine clock)."""
+    return [list(r.token_times) for r in self._reqs]
 
   def cancel(self) -> bool:
     """Aborts the request (see `Engine.abort`); False when it had already ended."""
@@ -266,6 +299,9 @@ class Engine:
         raise RuntimeError(f"engine failed: {self._error!r}")
       if self._closing:
         raise RuntimeError("engine is closed")
+      blocked = self.coordinator.unservable()
+      if blocked is not None:
+        raise EngineUnavailable(f"no instance can serve: {blocked}")
       n = sum(params.n for _, _, params in prepared)
       if len(self._live) + n > self.config.max_queued:
         raise EngineOverloaded(
@@ -303,6 +339,22 @@ class Engine:
       text, prompt = prompt, self.tokenizer.encode(prompt)
     return text, validate.check_prompt(prompt, self.model.config.vocab_size,
                                        self.max_prompt_len)
+
+  def prompt_ids(self, prompt: Union[str, Sequence[int]]) -> List[int]:
+    """The token ids `submit` would serve for `prompt`, checked (ValueError or
+    TypeError naming what is wrong)."""
+    return self._prompt_ids(prompt)[1]
+
+  def prompt_logprobs(self, prompt: Union[str, Sequence[int]]) -> tuple:
+    """(the prompt's checked token ids, `runtime.rows.PromptLogprobs` of them): each
+    token's log-probability given those before it, by one forward pass on a serving
+    instance's weights (what `echo` with logprobs returns). Blocks until done; call
+    it from any thread but the engine's."""
+    if self._error is not None or self._closing:
+      raise RuntimeError("engine is closed" if self._closing else
+                         f"engine failed: {self._error!r}")
+    _, ids = self._prompt_ids(prompt)
+    return ids, self.executor.prompt_logprobs(ids)
 
   def abort(self, request_id: int) -> bool:
     """Ends a request wherever it is, with finish reason "aborted", freeing its pages
@@ -433,7 +485,9 @@ class Engine:
       except ValueError as e:
         self.counts["rejected"] += 1
         req.finish_time, req.end_reason = now, "error"
-        req.payload.end(e)
+        blocked = coord.unservable()  # an instance was lost since `submit` checked
+        req.payload.end(EngineUnavailable(f"no instance can serve: {blocked}") if blocked
+                        else e)
         with self._lock:
           self._live.pop(req.request_id, None)
     elif isinstance(event, seam.StepDone):
@@ -482,6 +536,15 @@ class Engine:
       r.payload.error = r.payload.error or RuntimeError(f"instance {inst.name} was lost: "
                                                         f"{error}")
     self.coordinator.lose(inst, self.clock())
+
+  def unavailable(self) -> Optional[str]:
+    """Why the engine cannot take a request now (failed, closed, or no instance left
+    of a role it needs), or None when it can."""
+    if self._error is not None:
+      return f"engine failed: {self._error!r}"
+    if self._closing:
+      return "engine is closed"
+    return self.coordinator.unservable()
 
   def health(self) -> dict:
     """{instance name: "ok" or "lost"}."""

@@ -37,7 +37,7 @@ from pdserve_jax.core.request import Request
 from pdserve_jax.core.step import PrefillChunk, Step
 from pdserve_jax.runtime import buckets as bk
 from pdserve_jax.runtime.buckets import RunnerShape, groups
-from pdserve_jax.runtime.rows import Sampled, SamplingRows
+from pdserve_jax.runtime.rows import PromptLogprobs, Sampled, SamplingRows
 from pdserve_jax.serving.config import EngineConfig, runner_shape
 
 SCRATCH_PAGE = 0  # page 0 of every pool: padded slots write there (`kv.pool`)
@@ -89,6 +89,11 @@ class Runner(Protocol):
   def pools_lost(self) -> bool: ...
 
   def reset_pools(self) -> None: ...
+
+  def prompt_logprobs(self, tokens: Sequence[int]) -> PromptLogprobs:
+    """Each token's log-probability given those before it (`runtime.scoring`): a
+    forward pass beside the steps, touching no pool; blocks until done."""
+    ...
 
 
 class Placement(Protocol):
@@ -227,6 +232,14 @@ class JaxExecutor:
 
   def close(self) -> None:
     self.placement.close()
+
+  def prompt_logprobs(self, tokens: Sequence[int]) -> PromptLogprobs:
+    """`tokens`' prompt log-probabilities on the first live instance that prefills
+    (any thread may call this: it reads no scheduler state but the lost marks)."""
+    for inst in self._instances:
+      if inst.phase != "decode" and not inst.lost:
+        return self._runner[inst.name].prompt_logprobs(tokens)
+    raise RuntimeError("no instance that prefills is left to compute prompt logprobs")
 
   # -- the seam ---------------------------------------------------------------------
 
