@@ -1,4 +1,8 @@
-"""A prefill or decode instance as a process of its own, driven by a router.
+"""A prefill, decode or replica instance as a process of its own, driven by a router.
+
+Roles: "prefill" and "decode" (the disaggregated mode's instances, which move KV
+between them), "replica" (a colocated replica or a semi-PD instance: both phases
+on one pool, no KV copies).
 
 The worker holds one instance's devices, mesh, weights, KV pool and programs (an
 `InstanceRunner`) and does what the router's `WorkerPlacement` asks over a ZeroMQ
@@ -50,11 +54,11 @@ from pdserve_jax.model import sharding
 from pdserve_jax.runtime.programs import InstanceRunner
 from pdserve_jax.runtime.buckets import RunnerShape
 
-ROLES = ("prefill", "decode")
+ROLES = ("prefill", "decode", "replica")
 
 
 # Commands that run programs or move pool data: every process of an instance runs them.
-DEVICE_OPS = ("setup", "warmup", "packed", "decode", "scatter")
+DEVICE_OPS = ("setup", "warmup", "packed", "decode", "scatter", "score")
 
 
 def _host(a) -> np.ndarray:
@@ -205,7 +209,7 @@ class Worker:
   def _op_warmup(self, ident, msg) -> dict:
     n = self.runner.warmup(msg["packed"], msg["decode"])
     pool = self.runner.pool
-    for size in msg["page_buckets"]:  # the KV movers, at every transfer size
+    for size in msg["page_buckets"] if self.role != "replica" else ():  # the KV movers
       scratch = np.zeros(size, np.int32)
       if self.role == "prefill":
         jax.block_until_ready(jax.device_put(pool.gather(scratch), self._device))
@@ -224,6 +228,12 @@ class Worker:
     out = self.runner.decode(msg["tokens"], msg["positions"], msg["tables"],
                              wire.sampling_from_json(msg["sampling"]))
     return sampled_to_json(out, len(msg["tokens"]))
+
+  def _op_score(self, ident, msg) -> dict:
+    """The prompt logprobs of `tokens` (`runtime.scoring`)."""
+    from pdserve_jax.runtime.scoring import prompt_logprobs
+
+    return wire.sampled_json(prompt_logprobs(self.runner, msg["tokens"])._asdict())
 
   def _op_offer(self, ident, msg) -> dict:
     """Gathers the pages and offers them under each transfer id (one per destination

@@ -9,8 +9,13 @@ the partitioner moves the share, and how an abort or a failed step ends requests
 It reaches devices only through an executor (`core.seam.Executor`): a page
 allocator per device group, `can_launch` / `launch` a step (later `step_done` or
 `fail`), `start_copy` a request's KV (later `copy_done`). The executor calls
-`lose(inst, now)` when an instance's devices are gone for good (a worker process
-died): the requests there end with an error, and no new work goes to it. Every
+`lose(inst, now)` when an instance's devices are gone (a worker process died): no
+new work goes to it, and the requests there end with an error, except in the
+disaggregated mode, where they are recomputed on a live prefill instance from
+their prompt and the tokens already produced (as after a preemption: nothing is
+produced twice). A KV copy that fails is recomputed the same way, up to
+`MAX_RECOMPUTES` times per request. `readmit(inst, now)` takes an instance back
+(its worker restarted, with an empty pool). Every
 request that ends (finished, aborted or failed) is passed to `on_end(req, now)`,
 the engine's hook for waking its caller.
 The JAX executor (`serving.executor`) runs real programs on the wall clock; the
@@ -36,6 +41,9 @@ if TYPE_CHECKING:
   from pdserve_jax.core.seam import Executor
 
 OnEnd = Callable[[Request, float], None]
+# Recomputations after lost instances or failed KV copies, per request, before it
+# fails: a copy that keeps failing must not loop forever.
+MAX_RECOMPUTES = 3
 
 
 class Instance:
@@ -121,6 +129,14 @@ class Coordinator:
         self._end([r], now)
     self._relaunch(now)
 
+  def readmit(self, inst: Instance, now: float) -> None:
+    """`inst`'s devices are back (its worker process restarted, with an empty pool):
+    it takes work again."""
+    if not inst.lost:
+      return
+    inst.lost = False
+    self._relaunch(now)
+
   def unservable(self) -> Optional[str]:
     """Why no arrival can be served now (every instance of a role it needs is lost),
     or None. Read from any thread: it reads only the instances' lost marks."""
@@ -142,7 +158,7 @@ class Coordinator:
       r.end_reason, r.finish_time = r.end_reason or "error", now
     self._end(reqs, now)
 
-  def copy_done(self, req: Request, now: float) -> None:
+  def copy_done(self, req: Request, now: float, failed: bool = False) -> None:
     raise RuntimeError(f"{type(self).__name__} starts no KV copies")
 
   def resume(self, inst: Instance, now: float) -> None:
@@ -329,12 +345,16 @@ class DisaggregatedCoordinator(Coordinator):
       self._copies[req] = (src, dst)
       self.ex.start_copy(req, src, dst, now)
 
-  def copy_done(self, req, now):
+  def copy_done(self, req, now, failed: bool = False):
+    """`req`'s KV copy landed, or (`failed`) could not: then, or when its decode
+    instance was lost meanwhile, it is recomputed (`_recompute_lost`)."""
     src, dst = self._copies.pop(req)
     src.sched.release_handoff(req)
-    if dst.lost:
-      req.end_reason = req.end_reason or "error"
-    if req.end_reason is not None:
+    if (failed or dst.lost) and req.end_reason is None:
+      dst.sched.cancel_reserved(req)
+      self._recompute_lost([req], now)
+      self._pull(now)
+    elif req.end_reason is not None:
       dst.sched.cancel_reserved(req)
       req.finish_time = now
       self._end([req], now)
@@ -343,6 +363,46 @@ class DisaggregatedCoordinator(Coordinator):
       dst.sched.admit(req)
     self._launch(dst, now)
     self._launch(src, now)
+
+  def lose(self, inst, now):
+    """Every request `inst` held (but those in a KV copy, which `copy_done` settles)
+    is recomputed on a live prefill instance, or ends with an error when none is
+    left or it was recomputed `MAX_RECOMPUTES` times."""
+    inst.lost = True
+    if inst.step is not None:
+      inst.step = None
+      inst.sched.drop_step()  # its tokens never come: its requests go on elsewhere
+    again = []
+    if inst.phase == PREFILL:
+      while (r := inst.sched.take_handoff()) is not None:
+        inst.sched.release_handoff(r)
+        again.append(r)
+    for r in inst.sched.held():
+      if r in self._copies or r.finish_time is not None:
+        continue
+      if inst.sched.remove(r):
+        again.append(r)
+    self._recompute_lost(again, now)
+    self._relaunch(now)
+
+  def _recompute_lost(self, reqs, now: float) -> None:
+    """`reqs`, held nowhere now, start over on the least loaded live prefill
+    instance: from the prompt when they produced nothing yet, else recomputing the
+    prompt and their tokens (a preemption). Aborted ones, and those with nowhere
+    to go, end."""
+    ended, target = [], least_loaded(self._alive(self.prefills))
+    for r in reqs:
+      if r.end_reason is not None or target is None or r.num_preemptions >= MAX_RECOMPUTES:
+        ended.append(r)
+      elif r.num_output == 0:
+        r.num_prefilled = 0
+        target.sched.add(r)
+      else:
+        r.preempt()
+        target.sched.requeue(r)
+    self._end_with_error(ended, now)
+    if target is not None:
+      self._launch(target, now)
 
   def _drop_handoffs(self, now: float) -> None:
     """No decode instance is left: finished prompts have nowhere to go."""

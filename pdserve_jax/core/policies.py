@@ -252,6 +252,12 @@ class _Scheduler:
     self._recount = True
     self._requeue(req)
 
+  def drop_step(self) -> None:
+    """Forgets the step in flight, whose results will never come (its instance's
+    devices are gone); its requests stay held here until `remove`d."""
+    self._in_flight = None
+    self._recount = True
+
   # -- abort ----------------------------------------------------------------------
 
   def remove(self, req: Request) -> Optional[bool]:

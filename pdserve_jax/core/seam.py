@@ -99,6 +99,10 @@ class EngineExecutor(Executor, Protocol):
     """The step of `inst` could not run or be read: its requests carry the error."""
     ...
 
+  def drop_step(self, inst: Instance) -> None:
+    """`inst`'s devices are gone: its step in flight is forgotten (no result comes)."""
+    ...
+
   def recover_pool(self, inst: Instance) -> List[Request]:
     """After a failed step: if `inst`'s pool was lost with it, a fresh one replaces
     it; returns the requests whose KV was in the lost pool (they must end)."""
@@ -139,9 +143,10 @@ class StepFailed:
 
 @dataclasses.dataclass(frozen=True)
 class CopyDone:
-  """`request`'s KV copy landed (or failed: the request then carries the error and
-  `end_reason` "error")."""
+  """`request`'s KV copy landed, or failed with `error` (the coordinator then
+  recomputes the request or ends it)."""
   request: Request
+  error: Optional[BaseException] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +154,13 @@ class InstanceLost:
   """`instance`'s devices are gone for good (its worker process stopped answering)."""
   instance: Instance
   error: BaseException
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceBack:
+  """`instance`'s devices are back (its worker process restarted and was set up
+  again, with an empty pool): it may take work."""
+  instance: Instance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,8 +178,9 @@ class Close:
   deadline: Optional[float]
 
 
-Event = Union[Submit, StepDone, StepFailed, CopyDone, InstanceLost, Abort, Close]
+Event = Union[Submit, StepDone, StepFailed, CopyDone, InstanceLost, InstanceBack, Abort,
+              Close]
 Post = Callable[[Event], None]
 
 __all__ = ["Executor", "EngineExecutor", "StepRecord", "Submit", "StepDone", "StepFailed",
-           "CopyDone", "InstanceLost", "Abort", "Close", "Event", "Post"]
+           "CopyDone", "InstanceLost", "InstanceBack", "Abort", "Close", "Event", "Post"]

@@ -263,6 +263,7 @@ class Engine:
     self._live: Dict[int, Request] = {}  # submitted, not ended
     self._closing = False
     self._error: Optional[BaseException] = None
+    self._end_errors: Dict[int, BaseException] = {}  # why requests ending now fail
     self.counts = {"finished": 0, "aborted": 0, "failed": 0, "rejected": 0}
     self._thread = threading.Thread(target=self._loop, name="pdserve-engine", daemon=True)
     self._thread.start()
@@ -467,7 +468,8 @@ class Engine:
     reason = req.end_reason
     if reason == "error":
       self.counts["failed"] += 1
-      out.end(out.error or RuntimeError(f"request {req.request_id} failed"))
+      out.end(out.error or self._end_errors.get(req.request_id)
+              or RuntimeError(f"request {req.request_id} failed"))
     else:
       self.counts["aborted" if reason == "aborted" else "finished"] += 1
       out.end()
@@ -504,11 +506,18 @@ class Engine:
       self._fail(event.instance, event.error)
     elif isinstance(event, seam.InstanceLost):
       self._lose(event.instance, event.error)
+    elif isinstance(event, seam.InstanceBack):
+      logging.warning("instance %s is back", event.instance.name)
+      coord.readmit(event.instance, self.clock())
     elif isinstance(event, seam.CopyDone):
-      now = self.clock()
+      now, req = self.clock(), event.request
       if self.config.log_steps:
-        self.event_log.append(("copy", event.request.request_id, now))
-      coord.copy_done(event.request, now)
+        self.event_log.append(("copy", req.request_id, now))
+      if event.error is None:
+        coord.copy_done(req, now)
+      else:
+        logging.warning("request %d: %s; recomputing it", req.request_id, event.error)
+        self._ending_with(event.error, [req], lambda: coord.copy_done(req, now, failed=True))
     elif isinstance(event, seam.Abort):
       coord.abort(event.request, self.clock(), event.reason)
     else:
@@ -527,15 +536,24 @@ class Engine:
       coord.abort(r, now, "error")
 
   def _lose(self, inst, error: BaseException) -> None:
-    """`inst`'s devices are gone: every request it holds ends with the error."""
+    """`inst`'s devices are gone: the coordinator recomputes its requests elsewhere
+    or ends them with an error naming it."""
     if inst.lost:
       return
     logging.error("instance %s lost: %s", inst.name, error)
-    self.executor.fail_step(inst, error)
-    for r in inst.sched.held():
-      r.payload.error = r.payload.error or RuntimeError(f"instance {inst.name} was lost: "
-                                                        f"{error}")
-    self.coordinator.lose(inst, self.clock())
+    self.executor.drop_step(inst)
+    lost = RuntimeError(f"instance {inst.name} was lost: {error}")
+    self._ending_with(lost, inst.sched.held(),
+                      lambda: self.coordinator.lose(inst, self.clock()))
+
+  def _ending_with(self, error: BaseException, reqs, act) -> None:
+    """Runs `act()`; those of `reqs` it ends with an error (and no error of their
+    own) carry `error`; the others go on (recomputed elsewhere)."""
+    self._end_errors = {r.request_id: error for r in reqs}
+    try:
+      act()
+    finally:
+      self._end_errors = {}
 
   def unavailable(self) -> Optional[str]:
     """Why the engine cannot take a request now (failed, closed, or no instance left

@@ -21,6 +21,7 @@ No jax here: the router process runs this module and never loads a device API.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -89,6 +90,9 @@ class Runner(Protocol):
   def pools_lost(self) -> bool: ...
 
   def reset_pools(self) -> None: ...
+
+  # A runner whose devices may come back after `lost` (a restarted worker process)
+  # has an `on_back` attribute; the executor sets it to a callback to call then.
 
   def prompt_logprobs(self, tokens: Sequence[int]) -> PromptLogprobs:
     """Each token's log-probability given those before it (`runtime.scoring`): a
@@ -167,8 +171,11 @@ class JaxExecutor:
     if runners:
       runners.append(self.placement.sibling(runners[0], shape))
     else:
-      self._group_runners[group] = [self.placement.open(
-          group, spec, shape, lambda error, g=group: self._lost(g, error))]
+      runner = self.placement.open(group, spec, shape,
+                                   lambda error, g=group: self._lost(g, error))
+      if hasattr(runner, "on_back"):  # a worker process that may restart (`cluster`)
+        runner.on_back = functools.partial(self._back, group)  # type: ignore[attr-defined]
+      self._group_runners[group] = [runner]
     return PageAllocator(num_pages, self.cfg.page_size, reserved=1)
 
   def bind(self, coordinator: Coordinator) -> None:
@@ -190,6 +197,15 @@ class JaxExecutor:
     for inst in self._instances:
       if inst.group == group:
         self._post(seam.InstanceLost(inst, error))
+
+  def _back(self, group: str) -> None:
+    for inst in self._instances:
+      if inst.group == group:
+        self._post(seam.InstanceBack(inst))
+
+  def drop_step(self, inst: Instance) -> None:
+    """`inst`'s devices are gone: its step in flight is forgotten (no result comes)."""
+    self._inflight.pop(inst.name, None)
 
   def warmup(self) -> None:
     """Compiles every bucket of every program the instances use, and every KV copy
@@ -333,10 +349,8 @@ class JaxExecutor:
   def start_copy(self, req: Request, src: Instance, dst: Instance, now: float) -> None:
     def done(error: Optional[BaseException]) -> None:
       if error is not None:
-        req.payload.error = req.payload.error or RuntimeError(
-            f"KV copy {src.name} -> {dst.name} failed: {error}")
-        req.end_reason = "error"
-      self._post(seam.CopyDone(req))
+        error = RuntimeError(f"KV copy {src.name} -> {dst.name} failed: {error}")
+      self._post(seam.CopyDone(req, error))
 
     try:
       src_pages = src.sched.allocator.pages(req)
