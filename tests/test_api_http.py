@@ -304,8 +304,9 @@ def test_lm_eval_local_completions_loglikelihood(served, tmp_path):
   server's answers give the same log-likelihoods as `pdj.forward`."""
   pytest.importorskip("lm_eval")
   _, _, url, demo = served
-  docs = [{"context": "And the king", "choices": [" said", " sat"], "label": 0},
-          {"context": "In the beginning", "choices": [" God", " LORD"], "label": 0}]
+  # lm-eval joins context and choice with its target_delimiter, " ".
+  docs = [{"context": "And the king", "choices": ["said", "sat"], "label": 0},
+          {"context": "In the beginning", "choices": ["God", "LORD"], "label": 0}]
   (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
   (tmp_path / "pdj_tiny.yaml").write_text(
       "task: pdj_tiny\ndataset_path: json\n"
@@ -332,7 +333,7 @@ def test_lm_eval_local_completions_loglikelihood(served, tmp_path):
     for choice, got in zip(doc["choices"], s["resps"]):
       # lm-eval's tokens: context and continuation encoded without special tokens.
       ctx = tok.encode(doc["context"], add_special_tokens=False)
-      full = ctx + tok.encode(choice, add_special_tokens=False)
+      full = ctx + tok.encode(" " + choice, add_special_tokens=False)
       logits = np.asarray(pdj.forward(demo, np.asarray([full])))[0].astype(np.float64)
       m = logits.max(-1, keepdims=True)
       lsm = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
