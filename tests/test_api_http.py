@@ -5,7 +5,6 @@ with raw sockets, httpx, the official `openai` client, guidellm and lm-eval.
 Each test names the defect of issue 24 it catches. One engine and one server serve
 the whole module; the last test closes the engine (503s after close)."""
 
-import contextlib
 import json
 import os
 import re
