@@ -20,20 +20,23 @@ import pdserve_jax as pdj
 from conftest import demo_prompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A busy 2-core machine running four JAX processes can leave a worker silent for
+# seconds: the tests give it 30 s before declaring it lost (a kill is still seen
+# within that, and nothing hangs).
 CONFIG = ["--config=configs/cluster_demo.py", "--config.engine.max_seq_len=128",
           "--config.engine.num_pages=128", "--config.instance.max_batch=8",
-          "--config.instance.max_step_tokens=128"]
+          "--config.instance.max_step_tokens=128", "--config.cluster.timeout_s=30"]
 MAX_TOKENS = 12
 
 pytestmark = pytest.mark.slow
 
 
-def _start(role, *args, devices=8, wait=True):
+def _start(role, *args, devices=8, wait=True, port=0):
   """A `cli.serve --role=...` process and the address it printed once ready."""
   # stderr to a file: a pipe nobody reads would stall a process that logs much.
   log = tempfile.TemporaryFile("w+")
   proc = subprocess.Popen([sys.executable, "-m", "pdserve_jax.cli.serve", f"--role={role}",
-                           "--port=0", *CONFIG, *args],
+                           f"--port={port}", *CONFIG, *args],
                           cwd=ROOT, stdout=subprocess.PIPE if wait else subprocess.DEVNULL,
                           stderr=log, text=True,
                           env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_"
@@ -228,3 +231,88 @@ def test_two_prefill_one_decode_then_killed_workers(prompts_and_tokens):
     assert r.status_code >= 500 and "every decode instance is lost" in r.text
   finally:
     cluster.close()
+
+
+def _port(address):
+  return int(address.rsplit(":", 1)[1])
+
+
+def _stream_tokens(client, prompt, max_tokens, started):
+  """Streams one greedy completion; its token ids, or the exception it ended with."""
+  ids = []
+  try:
+    for c in client.completions.create(model="demo", prompt=prompt, max_tokens=max_tokens,
+                                       temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True}):
+      if c.choices:
+        ids += c.choices[0].token_ids
+        if len(ids) >= 2:
+          started.set()
+    return ids
+  except Exception as e:  # noqa: BLE001 - the error is what is checked
+    return e
+
+
+@pytest.mark.parametrize("role", ["decode", "prefill"])
+def test_a_killed_worker_restarted_is_taken_back(prompts_and_tokens, role):
+  """Issue 24 item 2 and issue 23's kill test: SIGKILL a worker once it provably holds
+  requests (each has streamed 2 tokens: with one decode instance, they decode there;
+  a prefill worker is killed while prompts are queued on it). Every request in flight
+  either finishes with the single-process tokens (recomputed on the other side) or
+  ends with an error naming the lost instance; none hangs. /health goes 503; the
+  same command restarts the worker, the router takes it back (/health 200) and
+  later requests get the reference tokens."""
+  prompts, want = prompts_and_tokens
+  cluster = Cluster(1, 1)
+  try:
+    client = cluster.client()
+    demo = pdj.load_demo()
+    long_want = pdj.greedy_reference(demo, [demo.tokenizer.encode(p) for p in prompts[:8]], 100)
+    started = threading.Event()
+    proc, address = cluster.workers[role][0]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+      futures = [pool.submit(_stream_tokens, client, p, 100, started) for p in prompts[:8]]
+      assert started.wait(120)
+      assert cluster.health()["unfinished"] >= 1  # requests are in flight: held there
+      os.kill(proc.pid, signal.SIGKILL)
+      proc.wait()
+      results = [f.result(timeout=300) for f in futures]  # a hang fails here
+    name = f"{role}0"
+    for r, w in zip(results, long_want):
+      if isinstance(r, Exception):
+        assert name in str(r), r
+      else:
+        assert r == list(w)  # recomputed: the same greedy tokens, none streamed twice
+    _wait_for(lambda: httpx.get(cluster.url + "/health", timeout=10).status_code == 503, 60,
+              f"/health says 503 with {name} lost")
+    cluster.workers[role][0] = _start(role, port=_port(address))
+    _wait_for(lambda: httpx.get(cluster.url + "/health", timeout=10).status_code == 200, 300,
+              f"the router takes {name} back")
+    assert _ask_all(client, prompts) == want
+    h = cluster.health()
+    assert h["status"] == "ok" and h["pages_in_use"] == 0 and h["unfinished"] == 0
+  finally:
+    cluster.close()
+
+
+@pytest.mark.parametrize("mode", ["colocated_prefill_first", "semi_pd"])
+def test_colocated_and_semi_pd_replicas_behind_the_router(prompts_and_tokens, mode):
+  """Issue 24: colocated and semi-PD deployments served by the router over replica
+  worker processes return the single-process greedy tokens."""
+  prompts, want = prompts_and_tokens
+  extra = [f"--config.mode={mode}"]
+  workers = [_start("replica", *extra) for _ in range(2)]
+  router = None
+  try:
+    router, url = _start("router", "--replicas=" + ",".join(a for _, a in workers), *extra)
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    assert _ask_all(client, prompts) == want
+    h = httpx.get(url + "/health", timeout=10).json()
+    assert h["status"] == "ok" and h["pages_in_use"] == 0 and len(h["instances"]) >= 2
+  finally:
+    for proc, _ in workers + ([(router, None)] if router else []):
+      if proc.poll() is None:
+        proc.kill()
+      proc.wait()

@@ -389,8 +389,9 @@ class DisaggregatedCoordinator(Coordinator):
     """`reqs`, held nowhere now, start over on the least loaded live prefill
     instance: from the prompt when they produced nothing yet, else recomputing the
     prompt and their tokens (a preemption). Aborted ones, and those with nowhere
-    to go, end."""
-    ended, target = [], least_loaded(self._alive(self.prefills))
+    to go (no live prefill, or no live decode instance), end."""
+    target = least_loaded(self._alive(self.prefills)) if self._alive(self.decodes) else None
+    ended = []
     for r in reqs:
       if r.end_reason is not None or target is None or r.num_preemptions >= MAX_RECOMPUTES:
         ended.append(r)

@@ -543,8 +543,9 @@ class Engine:
     logging.error("instance %s lost: %s", inst.name, error)
     self.executor.drop_step(inst)
     lost = RuntimeError(f"instance {inst.name} was lost: {error}")
-    self._ending_with(lost, inst.sched.held(),
-                      lambda: self.coordinator.lose(inst, self.clock()))
+    with self._lock:
+      live = list(self._live.values())  # any request the loss ends, it ends for this
+    self._ending_with(lost, live, lambda: self.coordinator.lose(inst, self.clock()))
 
   def _ending_with(self, error: BaseException, reqs, act) -> None:
     """Runs `act()`; those of `reqs` it ends with an error (and no error of their
