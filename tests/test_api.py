@@ -185,7 +185,7 @@ def test_bad_http_input_gets_a_4xx_and_the_server_keeps_serving(server):
   health = httpx.get(url + "/health", timeout=10).json()
   assert health["status"] == "ok" and health["pages_in_use"] == 0
   metrics = httpx.get(url + "/metrics", timeout=10).text
-  assert re.search(r'pdserve_responses_total\{outcome="http_400"\} (\d+)', metrics)
+  assert re.search(r'pdserve_http_responses_total\{status="400"\} (\d+)', metrics)
   series = ("pdserve_ttft_seconds_bucket", "pdserve_tpot_seconds_count", "pdserve_kv_pages_total")
   assert all(name in metrics for name in series)
 

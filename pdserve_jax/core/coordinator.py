@@ -369,6 +369,7 @@ class DisaggregatedCoordinator(Coordinator):
     is recomputed on a live prefill instance, or ends with an error when none is
     left or it was recomputed `MAX_RECOMPUTES` times."""
     inst.lost = True
+    held = inst.sched.held()
     if inst.step is not None:
       inst.step = None
       inst.sched.drop_step()  # its tokens never come: its requests go on elsewhere
@@ -377,7 +378,7 @@ class DisaggregatedCoordinator(Coordinator):
       while (r := inst.sched.take_handoff()) is not None:
         inst.sched.release_handoff(r)
         again.append(r)
-    for r in inst.sched.held():
+    for r in held:
       if r in self._copies or r.finish_time is not None:
         continue
       if inst.sched.remove(r):

@@ -534,6 +534,9 @@ class PrefillScheduler(_Scheduler):
     if req in self._handoffs:
       self._handoffs.remove(req)
       return True
+    if req in self._running:  # only once its step was dropped (`drop_step`)
+      self._running = [r for r in self._running if r is not req]
+      return True
     return False
 
   def _reservation(self, req: Request) -> int:
