@@ -768,7 +768,6 @@ def test_a_lost_instance_ends_what_it_holds_and_takes_no_more_work():
   assert all(r.num_output == r.max_tokens for r in done)
   for alloc in h.coord.allocators():
     assert alloc.num_free == alloc.capacity
-  assert all(r.finish_reason != "error" for r in held)  # recomputed to their end
   h.coord.readmit(d0, h._tick())
   assert h.coord.unservable() is None
   back = h.submit(8, 6)
