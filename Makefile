@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Ruff over everything; mypy over core/ and the executors against the seam's Protocols
+# (pyproject.toml's [tool.mypy] names the files).
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # JAX's persistent compilation cache in a folder emptied at each run: every program
 # is still compiled once per run, and the many tests (and notebook kernels, which

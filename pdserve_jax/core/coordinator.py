@@ -108,6 +108,7 @@ class Coordinator:
 
   def fail(self, inst: Instance, now: float) -> None:
     """`inst`'s step could not run: its requests end with an error, the rest go on."""
+    assert inst.step is not None, f"{inst.name} has no step in flight"
     for r in inst.step.requests:
       if r.end_reason is None:
         r.end_reason = "error"
@@ -196,7 +197,7 @@ class Coordinator:
     return sum(i.sched.num_preemptions for i in self.instances)
 
   def allocators(self) -> list:
-    out = []
+    out: list = []
     for i in self.instances:
       if all(a is not i.sched.allocator for a in out):
         out.append(i.sched.allocator)
@@ -265,12 +266,8 @@ class ColocatedCoordinator(Coordinator):
   def __init__(self, dep: deploy.Colocated, ex, on_end=None):
     super().__init__(ex, on_end)
     spec = dep.instance
-    if dep.policy == "chunked":
-      make = lambda a: ChunkedPrefillScheduler(a, spec.max_batch, spec.max_step_tokens,
-                                               spec.page_policy)
-    else:
-      make = lambda a: PrefillFirstScheduler(a, spec.max_batch, spec.max_step_tokens,
-                                             spec.page_policy)
+    policy = ChunkedPrefillScheduler if dep.policy == "chunked" else PrefillFirstScheduler
+    make = lambda a: policy(a, spec.max_batch, spec.max_step_tokens, spec.page_policy)
     for k in range(dep.replicas):
       self._make("colocated", spec, k, make)
 
@@ -330,12 +327,13 @@ class DisaggregatedCoordinator(Coordinator):
       self._drop_handoffs(now)
       return
     while True:
-      req, src = None, None
+      req: Optional[Request] = None
+      src: Optional[Instance] = None
       for p in self._alive(self.prefills):
         h = p.sched.peek_handoff()
         if h is not None and (req is None or h.token_times[0] < req.token_times[0]):
           req, src = h, p
-      if req is None:
+      if req is None or src is None:
         return
       dst = least_loaded(decodes, lambda d: d.sched.can_accept(req))
       if dst is None:

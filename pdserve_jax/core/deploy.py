@@ -56,6 +56,8 @@ class InstanceSpec:
 
 class _Replicas:
   """Shared by the deployments made of `replicas` copies of one `instance`."""
+  instance: InstanceSpec
+  replicas: int
 
   @property
   def num_devices(self) -> int:

@@ -54,6 +54,11 @@ def _stats(values: list[float]) -> dict:
   return {"mean": float(a.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
 
 
+def _finish(r: Request) -> float:
+  assert r.finish_time is not None
+  return r.finish_time
+
+
 def summarize(reqs: Sequence[Request], ttft_slo: Optional[float] = None,
               tpot_slo: Optional[float] = None) -> dict:
   """A JSON-ready summary: counts, throughput, TTFT/TPOT/latency statistics, and
@@ -61,17 +66,17 @@ def summarize(reqs: Sequence[Request], ttft_slo: Optional[float] = None,
   if not reqs:
     raise ValueError("summary of no requests")
   finished = [r for r in reqs if r.finish_time is not None]
-  out = {"num_requests": len(reqs), "num_finished": len(finished)}
+  out: dict = {"num_requests": len(reqs), "num_finished": len(finished)}
   if finished:
     start = min(r.arrival_time for r in reqs)
-    span = max(r.finish_time for r in finished) - start
+    span = max(_finish(r) for r in finished) - start
     tokens = sum(r.num_output for r in finished)
     out["duration_s"] = span
     out["throughput_rps"] = len(finished) / span if span > 0 else math.inf
     out["output_tokens_per_s"] = tokens / span if span > 0 else math.inf
-  out["ttft_s"] = _stats([r.ttft for r in finished])
+  out["ttft_s"] = _stats([t for t in (r.ttft for r in finished) if t is not None])
   out["tpot_s"] = _stats([t for t in (r.tpot for r in finished) if t is not None])
-  out["latency_s"] = _stats([r.latency for r in finished])
+  out["latency_s"] = _stats([t for t in (r.latency for r in finished) if t is not None])
   if ttft_slo is not None and tpot_slo is not None:
     out["ttft_slo_s"], out["tpot_slo_s"] = ttft_slo, tpot_slo
     out["attainment"] = attainment(reqs, ttft_slo, tpot_slo)

@@ -307,7 +307,8 @@ def _admit_prompts(sched, room: int, reservation: Callable[[Request], int],
   """Admits waiting requests FCFS, whole prefills, while the batch has `room`, the
   prompt-token budget holds and `reservation(req)` tokens of pages are free. A
   prefill longer than the budget runs alone."""
-  chunks, tokens = [], 0
+  chunks: list[PrefillChunk] = []
+  tokens = 0
   waiting = sched._waiting
   while waiting and len(chunks) < room:
     req = waiting[0]
@@ -654,7 +655,7 @@ class DecodeScheduler(_Scheduler):
   def take_preempted(self) -> list[Request]:
     """Requests preempted since the last call; they hold no pages anywhere."""
     if not self._preempted:
-      return ()
+      return []
     out, self._preempted = self._preempted, []
     return out
 

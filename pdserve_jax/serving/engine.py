@@ -112,9 +112,10 @@ class Result:
 
 
 def _completion(req: Request, index: int) -> Completion:
-  out = req.payload
+  out, reason = req.payload, req.finish_reason
+  assert reason is not None, f"request {req.request_id} has not finished"
   k = out.params.logprobs
-  return Completion(index, list(out.tokens), out.text(), req.finish_reason,
+  return Completion(index, list(out.tokens), out.text(), reason,
                     list(req.token_times), list(out.logprobs) if k is not None else None,
                     list(out.top_logprobs) if k else None, out.stop_reason,
                     req.num_preemptions)
@@ -202,7 +203,7 @@ class RequestHandle:
         raise r.payload.error
     first = self._req
     return Result(first.request_id, first.payload.prompt, self._prompt_text,
-                  first.arrival_time, max(r.finish_time for r in self._reqs),
+                  first.arrival_time, max(r.finish_time or 0.0 for r in self._reqs),
                   [_completion(r, i) for i, r in enumerate(self._reqs)])
 
 
@@ -378,11 +379,14 @@ class Engine:
     if prompts and validate.is_int(prompts[0]):
       raise TypeError("prompts must be a list of prompts (strs or token-id lists); wrap a "
                       "single token-id prompt in a list")
+    per_prompt: Sequence[Optional[SamplingParams]]
     if sampling is None or isinstance(sampling, SamplingParams):
-      sampling = [sampling] * len(prompts)
-    if len(sampling) != len(prompts):
-      raise ValueError(f"{len(sampling)} SamplingParams for {len(prompts)} prompts")
-    handles = self._enqueue([self._prepare(p, s) for p, s in zip(prompts, sampling)])
+      per_prompt = [sampling] * len(prompts)
+    else:
+      per_prompt = sampling
+    if len(per_prompt) != len(prompts):
+      raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+    handles = self._enqueue([self._prepare(p, s) for p, s in zip(prompts, per_prompt)])
     return [h.result(timeout) for h in handles]
 
   def run_workload(self, requests: Sequence[Request],

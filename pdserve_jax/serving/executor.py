@@ -171,8 +171,7 @@ class JaxExecutor:
     if runners:
       runners.append(self.placement.sibling(runners[0], shape))
     else:
-      runner = self.placement.open(group, spec, shape,
-                                   lambda error, g=group: self._lost(g, error))
+      runner = self.placement.open(group, spec, shape, functools.partial(self._lost, group))
       if hasattr(runner, "on_back"):  # a worker process that may restart (`cluster`)
         runner.on_back = functools.partial(self._back, group)  # type: ignore[attr-defined]
       self._group_runners[group] = [runner]

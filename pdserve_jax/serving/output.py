@@ -153,12 +153,12 @@ class RequestOutput:
       old = len(self._detok.text)
       self._detok.push(token)
       if not stop and self.stop_strings:
-        stop = self._find_stop(old)
+        stop = self._find_stop(self._detok.text, old)
     self._stream.put(Delta(token, self._release(final=stop), lp, top_d))
     return stop
 
-  def _find_stop(self, old_len: int) -> bool:
-    text = self._detok.text
+  def _find_stop(self, text: str, old_len: int) -> bool:
+    """Whether a stop string ends in `text` after its first `old_len` characters."""
     start = max(0, old_len - self._longest_stop + 1)
     hits = [(i, s) for s in self.stop_strings if (i := text.find(s, start)) >= 0]
     if hits:
