@@ -132,6 +132,12 @@ class Channel:
       raise WorkerLost(f"worker {link.address} did not answer {msg['op']!r} within "
                        f"{timeout:g} s") from None
 
+  def forget(self, link: Link, fut: cf.Future, error: BaseException) -> None:
+    """No answer to `fut`'s command is awaited any more (it fails with `error`; a
+    late answer is dropped): a pull the router gave up on must not make its worker
+    look lost once `command_timeout_s` passed."""
+    self._out.put(("forget", link, fut, error))
+
   def back(self, link: Link) -> None:
     """The returning worker is set up: it serves again."""
     self._out.put(("back", link))
@@ -163,6 +169,12 @@ class Channel:
         elif kind == "still_lost":
           link.returning = False
           self._fail_pending(link, link.lost)
+        elif kind == "forget":
+          _, link, fut, error = item
+          for msg_id, (pending, _) in list(link.pending.items()):
+            if pending is fut:
+              del link.pending[msg_id]
+              fut.set_exception(error)
         else:
           _, link, msg, fut, returning = item
           if link.lost is not None and not returning:
@@ -303,6 +315,7 @@ class RemoteRunner:
     processes = dst.link.info.get("processes", 1)
     uuid = next(self._copy_ids) * MAX_PROCESSES
     settled, lock = threading.Event(), threading.Lock()
+    calls: Dict[str, cf.Future] = {}  # "offer" and "pull", once sent
 
     def finish(error: Optional[BaseException]) -> None:
       with lock:
@@ -316,17 +329,33 @@ class RemoteRunner:
       if fut.exception() is not None:
         finish(fut.exception())
         return
-      self._channel.request(dst.link, {
-          "op": "pull", "uuid": uuid, "src": self.link.info["transfer"],
-          "pages": dst_pages.tolist()}).add_done_callback(lambda f: finish(f.exception()))
+      # Sent even after a time-out (then cancelled first): the pull drains the offer
+      # from the source's memory and lands nowhere.
+      with lock:
+        calls["pull"] = self._channel.request(dst.link, {
+            "op": "pull", "uuid": uuid, "src": self.link.info["transfer"],
+            "pages": dst_pages.tolist()})
+      calls["pull"].add_done_callback(lambda f: finish(f.exception()))
 
-    timer = threading.Timer(self.copy_timeout_s, lambda: finish(TimeoutError(
-        f"not landed within {self.copy_timeout_s:g} s")))
+    def timed_out():
+      error = TimeoutError(f"not landed within {self.copy_timeout_s:g} s")
+      # Before the engine hears of it (and reuses the destination pages): the late
+      # pull must not scatter (`cluster.worker`), and no answer is awaited.
+      with lock:
+        self._channel.request(dst.link, {"op": "cancel_pull", "uuid": uuid})
+        for link, name in ((self.link, "offer"), (dst.link, "pull")):
+          if name in calls:
+            self._channel.forget(link, calls[name], error)
+      finish(error)
+
+    timer = threading.Timer(self.copy_timeout_s, timed_out)
     timer.daemon = True
     timer.start()
-    self._channel.request(self.link, {
-        "op": "offer", "uuids": [uuid + i for i in range(processes)],
-        "pages": src_pages.tolist()}).add_done_callback(offered)
+    with lock:
+      calls["offer"] = self._channel.request(self.link, {
+          "op": "offer", "uuids": [uuid + i for i in range(processes)],
+          "pages": src_pages.tolist()})
+    calls["offer"].add_done_callback(offered)
 
   def pools_lost(self) -> bool:
     return self.link.pool_reset

@@ -19,7 +19,12 @@ Three kinds of threads: the socket thread answers heartbeats at once (a busy
 worker still proves it is alive) and sends every reply; the command thread runs
 commands in arrival order, so the pool sees them as the router sent them; each
 pull runs on a thread of its own, so a pull from a dead peer cannot stall the
-steps, and its scatter joins the command queue.
+steps, and its scatter joins the command queue. A pull the router gave up on
+(`cancel_pull`, sent when the copy timed out, before the router reuses its pages)
+lands nowhere: its scatter is skipped, so late KV never overwrites pages that
+another request holds by then. On "stop" (or `stop()`) the socket closes and the
+command thread ends once its command is done, so no thread is left inside jax
+when the process exits (CPython would end it mid-call: a native abort).
 
 One instance may span several processes (hosts): each calls
 `jax.distributed.initialize` (on CPU with the gloo collectives) and the instance's
@@ -117,14 +122,22 @@ class Worker:
     self._commands: "queue.Queue" = queue.Queue()
     self._replies: "queue.Queue" = queue.Queue()
     self._stop = threading.Event()
+    self._pulls_lock = threading.Lock()
+    self._cancelled: set = set()  # transfer ids of pulls the router gave up on
+    self.skipped_scatters = 0  # late pulls that landed nowhere (tests read it)
+
+  def stop(self) -> None:
+    """Ends `serve()` (as a "stop" command does), from any thread."""
+    self._stop.set()
 
   # -- the socket thread ---------------------------------------------------------
 
   def serve(self) -> None:
     if self.address is None:
       return self._follow()
-    threading.Thread(target=self._run_commands, name="pdserve-worker-commands",
-                     daemon=True).start()
+    commands = threading.Thread(target=self._run_commands, name="pdserve-worker-commands",
+                                daemon=True)
+    commands.start()
     poller = zmq.Poller()
     poller.register(self._sock, zmq.POLLIN)
     while not self._stop.is_set():
@@ -145,6 +158,12 @@ class Worker:
           break
         self._sock.send_multipart([ident, encode(reply)])
     self._sock.close()
+    self._commands.put(None)  # after the command it runs, if any
+    commands.join()
+    if self._followers:
+      for ident in self._followers:
+        self._peers.send_multipart([ident, b"", encode({"op": "stop"})])
+      self._peers.close()
     self._ctx.term()
 
   # -- the command thread --------------------------------------------------------
@@ -171,8 +190,14 @@ class Worker:
       self._peers.send_multipart([ident, b"", wire])
 
   def _run_commands(self) -> None:
-    while True:
-      ident, msg = self._commands.get()
+    while (item := self._commands.get()) is not None:
+      ident, msg = item
+      if msg["op"] == "scatter" and self._cancelled_pull(msg["uuid"]):
+        self.skipped_scatters += 1
+        logging.warning("KV pull %d landed after the router gave up on it: not scattered",
+                        msg["uuid"])
+        self._replies.put((ident, {"id": msg["id"], "ok": False, "error": "pull cancelled"}))
+        continue
       if msg["op"] in DEVICE_OPS:
         self._forward(msg)
       try:
@@ -247,6 +272,20 @@ class Worker:
       self._transfer.await_pull(uuid, [buf["k"], buf["v"]])
     return {}
 
+  def _cancelled_pull(self, uuid: int) -> bool:
+    with self._pulls_lock:
+      if uuid in self._cancelled:
+        self._cancelled.discard(uuid)
+        return True
+      return False
+
+  def _op_cancel_pull(self, ident, msg) -> dict:
+    """The router gave up on the copy under `uuid` (it timed out): its pull, landed
+    later or not yet sent, must not scatter (the pages are the router's again)."""
+    with self._pulls_lock:
+      self._cancelled.add(msg["uuid"])
+    return {}
+
   def _op_pull(self, ident, msg) -> None:
     """Pulls a peer's offer on a thread of its own; the scatter comes back here."""
     threading.Thread(target=self._pull, args=(ident, msg), daemon=True,
@@ -270,6 +309,7 @@ class Worker:
     try:
       buf = self._pull_own(msg)
     except Exception as e:  # noqa: BLE001 - the router fails this request only
+      self._cancelled_pull(msg["uuid"])
       self._replies.put((ident, {"id": msg["id"], "ok": False,
                                  "error": f"pull failed: {type(e).__name__}: {e}"}))
       return
