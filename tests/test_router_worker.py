@@ -199,9 +199,9 @@ def test_a_lost_decode_worker_s_requests_are_recomputed_and_it_comes_back(
   them, a token streamed twice, a wrong worker admitted, a returning one ignored."""
   engine, workers = cluster
   ids, want = prompts
+  caplog.set_level(logging.ERROR)
   d0 = engine.coordinator.decodes[0]
-  long = pdj.SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
-  handles = [engine.submit(p, long) for p in ids]
+  handles = [engine.submit(p, GREEDY) for p in ids]
   _wait_for(lambda: d0.num_running >= 2, 120, "decode0 holds requests")
   old = workers["decode"][0]
   old.stop()
@@ -210,8 +210,9 @@ def test_a_lost_decode_worker_s_requests_are_recomputed_and_it_comes_back(
   assert any(r.num_preemptions for r in results), "no request was recomputed"
   assert engine.health()["decode0"] == "lost"
   assert engine.unavailable() is None  # decode1 serves on
+  # Seen when the connection closed, not TIMEOUT seconds of silence later.
+  assert "closed its connection" in caplog.text
 
-  caplog.set_level(logging.ERROR)
   wrong = Served(demo, "prefill", old.address)
   _wait_for(lambda: "serves prefill, not decode" in caplog.text, 120,
             "the wrong worker is refused")
@@ -219,6 +220,50 @@ def test_a_lost_decode_worker_s_requests_are_recomputed_and_it_comes_back(
   wrong.stop()
   workers["decode"][0] = Served(demo, "decode", old.address)
   _wait_for(lambda: engine.health()["decode0"] == "ok", 300, "decode0 is taken back")
+  _served_after(engine, prompts)
+
+
+class _Hangs:
+  """A worker's socket whose reads block while `hang` is set: its process looks hung
+  (the connection open, nothing answered), as a SIGSTOPped one does."""
+
+  def __init__(self, sock):
+    self.sock, self.hang, self.resume = sock, threading.Event(), threading.Event()
+
+  def recv_multipart(self, *args, **kwargs):
+    if self.hang.is_set():
+      self.resume.wait()
+    return self.sock.recv_multipart(*args, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self.sock, name)
+
+
+def test_a_hung_decode_worker_is_lost_then_taken_back_when_it_answers(cluster, prompts,
+                                                                      caplog):
+  """Issue 24's flapping worker: a decode worker stops answering (hung, connection
+  open) while it holds requests. After `timeout_s` of silence it is lost and its
+  requests are recomputed on the other decode instance (the reference tokens); when
+  it answers again the router sets it up afresh and takes it back, and the commands
+  its old connection left behind are refused (they must not touch the new pool).
+  Catches: a hung worker never declared lost (its requests would hang), a resumed
+  one not taken back, or taken back with the old pool and page tables."""
+  engine, workers = cluster
+  ids, want = prompts
+  caplog.set_level(logging.ERROR)
+  worker = workers["decode"][1].worker
+  hangs = worker._sock = _Hangs(worker._sock)
+  d1 = engine.coordinator.decodes[1]
+  handles = [engine.submit(p, GREEDY) for p in ids]
+  _wait_for(lambda: d1.num_running >= 2, 120, "decode1 holds requests")
+  hangs.hang.set()
+  results = [h.result(300) for h in handles]
+  assert [list(r.token_ids) for r in results] == want
+  assert any(r.num_preemptions for r in results), "no request was recomputed"
+  assert engine.health()["decode1"] == "lost"
+  assert "decode1 lost" in caplog.text and "sent nothing for" in caplog.text
+  hangs.resume.set()
+  _wait_for(lambda: engine.health()["decode1"] == "ok", 300, "decode1 is taken back")
   _served_after(engine, prompts)
 
 

@@ -24,7 +24,8 @@ event loop only moves bytes: reading the body has a deadline, and JSON parsing,
 template rendering, tokenising and waiting on the engine run in threads. A client
 that disconnects aborts its request, streamed or not, with one log line. `/health`
 is 503 when a request could not be served, 200 otherwise ("degraded" names lost
-instances). Served model name: see `served_names` and `cli.api`.
+instances; `instance_pages` counts the KV pages each instance's requests hold).
+Served model name: see `served_names` and `cli.api`.
 
 Limits: one prompt per request, no tools or images, no authentication; the CLI
 binds loopback by default (`pdserve_jax.cli.api`).
@@ -413,7 +414,8 @@ def create_app(engine: Engine, model_name: str, config: ApiConfig = ApiConfig(),
     lost = sorted(n for n, state in instances.items() if state == "lost")
     status = "unavailable" if reason else "degraded" if lost else "ok"
     body = {"status": status, "model": model_name, "deployment": engine.deployment.describe(),
-            "instances": instances, "lost_instances": lost, **stats}
+            "instances": instances, "lost_instances": lost,
+            "instance_pages": engine.pages_held(), **stats}
     if reason:
       body["error"] = reason
     return JSONResponse(body, 503 if reason else 200)

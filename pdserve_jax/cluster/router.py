@@ -11,12 +11,16 @@ id) and a pull on the destination, after which the router frees the source pages
 (the acknowledgement).
 
 ZeroMQ carries the control messages (JSON, one DEALER socket per worker, owned by
-one I/O thread): it frames messages and needs no hand-made wire protocol. Every
-worker is pinged every `heartbeat_s`; one silent for `timeout_s` (or whose command
-gets no answer within `command_timeout_s`) is lost: the engine hears of it first
-(`Engine._lose`: its requests are recomputed elsewhere, or end with an error naming
-it), then its pending commands fail, and no new work goes there. A KV copy that has
-not landed within `copy_timeout_s` fails, and the coordinator recomputes its request.
+one I/O thread): it frames messages and needs no hand-made wire protocol. A worker
+is lost when its connection closes (the process died: seen at once, through the
+socket's monitor), when it is silent for `timeout_s` (pinged every `heartbeat_s`: a
+hung process or host), or when a command gets no answer within
+`command_timeout_s`. So a busy worker on a loaded machine may be given a long
+`timeout_s` without slowing the response to a crash. The engine hears of a loss
+first (`Engine._lose`: its requests are recomputed elsewhere, or end with an error
+naming it), then its pending commands fail, and no new work goes there. A KV copy
+that has not landed within `copy_timeout_s` fails, and the coordinator recomputes
+its request.
 
 A lost worker is not forgotten: its socket is replaced (so no command queued for
 the dead process reaches its successor) and pinged on. When a process answers at
@@ -47,6 +51,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from pdserve_jax.cluster import wire
 from pdserve_jax.core.deploy import InstanceSpec
@@ -76,6 +81,7 @@ class Link:
   address: str
   role: str
   sock: zmq.Socket
+  monitor: zmq.Socket  # `sock`'s connection events (a closed connection)
   pending: Dict[int, tuple] = dataclasses.field(default_factory=dict)  # id -> (future, sent)
   last_seen: float = dataclasses.field(default_factory=time.monotonic)
   lost: Optional[BaseException] = None
@@ -106,14 +112,16 @@ class Channel:
     self._thread = threading.Thread(target=self._loop, name="pdserve-router-io", daemon=True)
     self._thread.start()
 
-  def _socket(self, address: str) -> zmq.Socket:
+  def _socket(self, address: str) -> tuple:
+    """A DEALER socket connected to `address`, and its monitor."""
     sock = self._ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
     sock.connect(address)
-    return sock
+    return sock, monitor
 
   def connect(self, address: str, role: str) -> Link:
-    link = Link(address, role, self._socket(address))
+    link = Link(address, role, *self._socket(address))
     self._out.put(("add", link))
     return link
 
@@ -162,8 +170,7 @@ class Channel:
         kind, link = item[0], item[1]
         if kind == "add":
           self.links.append(link)
-          by_sock[link.sock] = link
-          poller.register(link.sock, zmq.POLLIN)
+          self._watch(link, poller, by_sock)
         elif kind == "back":
           link.lost, link.returning, link.last_seen = None, False, time.monotonic()
         elif kind == "still_lost":
@@ -184,8 +191,11 @@ class Channel:
           link.sock.send(wire.encode(msg))
       for sock, _ in poller.poll(5):
         link = by_sock.get(sock)
-        if link is None or link.sock is not sock:
+        if link is None:
           continue  # the socket of a lost worker, replaced
+        if sock is link.monitor:
+          self._closed(link, poller, by_sock)
+          continue
         while True:
           try:
             reply = wire.decode(sock.recv(zmq.NOBLOCK))
@@ -218,7 +228,36 @@ class Channel:
               + ("left a command unanswered" if overdue else
                  f"sent nothing for {now - link.last_seen:.1f} s")), poller, by_sock)
     for link in self.links:
-      link.sock.close()
+      self._unwatch(link, poller, by_sock)
+
+  @staticmethod
+  def _watch(link: Link, poller, by_sock) -> None:
+    for sock in (link.sock, link.monitor):
+      by_sock[sock] = link
+      poller.register(sock, zmq.POLLIN)
+
+  @staticmethod
+  def _unwatch(link: Link, poller, by_sock) -> None:
+    for sock in (link.sock, link.monitor):
+      poller.unregister(sock)
+      by_sock.pop(sock, None)
+    link.sock.disable_monitor()
+    link.monitor.close()
+    link.sock.close()
+
+  def _closed(self, link: Link, poller, by_sock) -> None:
+    """`link`'s monitor has news: a closed connection means its process is gone."""
+    try:
+      event = recv_monitor_message(link.monitor, zmq.NOBLOCK)
+    except zmq.Again:
+      return
+    if event["event"] != zmq.EVENT_DISCONNECTED:
+      return
+    error = WorkerLost(f"worker {link.address} ({link.role}) closed its connection")
+    if link.lost is None:
+      self._lose(link, error, poller, by_sock)
+    elif link.returning:  # died while being taken back: its set-up fails now
+      self._fail_pending(link, error)
 
   def _lose(self, link: Link, error: BaseException, poller, by_sock) -> None:
     link.lost, link.losses = error, link.losses + 1
@@ -226,12 +265,9 @@ class Channel:
     self._on_lost(link)
     self._fail_pending(link, error)
     # A fresh socket: nothing queued for the dead process reaches its successor.
-    poller.unregister(link.sock)
-    by_sock.pop(link.sock, None)
-    link.sock.close()
-    link.sock = self._socket(link.address)
-    by_sock[link.sock] = link
-    poller.register(link.sock, zmq.POLLIN)
+    self._unwatch(link, poller, by_sock)
+    link.sock, link.monitor = self._socket(link.address)
+    self._watch(link, poller, by_sock)
 
   @staticmethod
   def _fail_pending(link: Link, error: BaseException) -> None:

@@ -265,6 +265,7 @@ class Engine:
     self._closing = False
     self._error: Optional[BaseException] = None
     self._end_errors: Dict[int, BaseException] = {}  # why requests ending now fail
+    self._losses: Dict[str, BaseException] = {}  # lost instances (until back): why
     self.counts = {"finished": 0, "aborted": 0, "failed": 0, "rejected": 0}
     self._thread = threading.Thread(target=self._loop, name="pdserve-engine", daemon=True)
     self._thread.start()
@@ -472,7 +473,7 @@ class Engine:
     reason = req.end_reason
     if reason == "error":
       self.counts["failed"] += 1
-      out.end(out.error or self._end_errors.get(req.request_id)
+      out.end(out.error or self._end_errors.get(req.request_id) or self._unservable()
               or RuntimeError(f"request {req.request_id} failed"))
     else:
       self.counts["aborted" if reason == "aborted" else "finished"] += 1
@@ -491,9 +492,8 @@ class Engine:
       except ValueError as e:
         self.counts["rejected"] += 1
         req.finish_time, req.end_reason = now, "error"
-        blocked = coord.unservable()  # an instance was lost since `submit` checked
-        req.payload.end(EngineUnavailable(f"no instance can serve: {blocked}") if blocked
-                        else e)
+        # An instance was lost since `submit` checked?
+        req.payload.end(self._unservable() or e)
         with self._lock:
           self._live.pop(req.request_id, None)
     elif isinstance(event, seam.StepDone):
@@ -512,6 +512,7 @@ class Engine:
       self._lose(event.instance, event.error)
     elif isinstance(event, seam.InstanceBack):
       logging.warning("instance %s is back", event.instance.name)
+      self._losses.pop(event.instance.name, None)
       coord.readmit(event.instance, self.clock())
     elif isinstance(event, seam.CopyDone):
       now, req = self.clock(), event.request
@@ -546,7 +547,7 @@ class Engine:
       return
     logging.error("instance %s lost: %s", inst.name, error)
     self.executor.drop_step(inst)
-    lost = RuntimeError(f"instance {inst.name} was lost: {error}")
+    lost = self._losses[inst.name] = RuntimeError(f"instance {inst.name} was lost: {error}")
     with self._lock:
       live = list(self._live.values())  # any request the loss ends, it ends for this
     self._ending_with(lost, live, lambda: self.coordinator.lose(inst, self.clock()))
@@ -559,6 +560,21 @@ class Engine:
       act()
     finally:
       self._end_errors = {}
+
+  def _unservable(self) -> Optional[EngineUnavailable]:
+    """Why no request can be served now, naming the lost instances; None if one can.
+    (The error of requests that end for want of an instance, after the loss.)"""
+    blocked = self.coordinator.unservable()
+    if blocked is None:
+      return None
+    why = "; ".join(str(e) for e in self._losses.values())
+    return EngineUnavailable(f"no instance can serve: {blocked}" + (f" ({why})" if why else ""))
+
+  def pages_held(self) -> Dict[str, int]:
+    """Per instance, the KV pages its requests hold now (semi-PD's two phases report
+    their shared pool). Read from any thread: counters only, they may lag a step."""
+    return {i.name: i.sched.allocator.capacity - i.sched.allocator.num_free
+            for i in self.coordinator.instances}
 
   def unavailable(self) -> Optional[str]:
     """Why the engine cannot take a request now (failed, closed, or no instance left
