@@ -203,8 +203,9 @@ class TestOnePrefillOneDecode:
     and the others wait as hand-offs in prefill memory. A worker is SIGKILLed only once it
     provably holds requests (/health counts its pages; tokens stream). With one
     instance per role nothing can recompute them: every request it held ends with an
-    error naming it, every other request gets the single-process tokens (none
-    streamed twice), none hangs, and at least one of each happens. /health goes 503;
+    error naming it (with the decode worker, all of them: none can decode), every
+    other request gets the single-process tokens, none hangs; killing the prefill
+    worker, at least one of each happens. /health goes 503;
     the same command restarts the worker, the router takes it back (/health 200) and
     later requests get the reference tokens. Catches: a lost worker never taken back
     (issue 24's defect 2), /health 200 while nothing can serve, a hang, an error that
@@ -232,7 +233,9 @@ class TestOnePrefillOneDecode:
         assert name in str(r), r
       else:
         assert r == w
-    assert errors and len(errors) < len(results), results
+    assert errors, "no request was held by the killed worker"
+    if role == "prefill":  # those already decoding finish
+      assert len(errors) < len(results), results
     _wait_for(lambda: httpx.get(cluster.url + "/health", timeout=10).status_code == 503, 60,
               f"/health says 503 with {name} lost")
     assert cluster.health()["lost_instances"] == [name]
