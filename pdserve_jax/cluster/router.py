@@ -160,7 +160,8 @@ class Channel:
     self._ctx.term()
 
   def _loop(self) -> None:
-    poller, by_sock, last_ping = zmq.Poller(), {}, 0.0
+    poller, last_ping = zmq.Poller(), 0.0
+    by_sock: Dict[zmq.Socket, Link] = {}  # each link's socket and monitor
     while not self._stop.is_set():
       while True:
         try:
