@@ -207,9 +207,10 @@ class TestOnePrefillOneDecode:
     other request gets the single-process tokens, none hangs; killing the prefill
     worker, at least one of each happens. /health goes 503;
     the same command restarts the worker, the router takes it back (/health 200) and
-    later requests get the reference tokens. Catches: a lost worker never taken back
-    (issue 24's defect 2), /health 200 while nothing can serve, a hang, an error that
-    does not say which instance, a wrong token after recomputation."""
+    later requests get the reference tokens; meanwhile a request is refused with 503,
+    Retry-After and the lost instance's name. Catches: a lost worker never taken back
+    (issue 24's defect 2), /health 200 or a 500 while nothing can serve, a hang, an
+    error that does not say which instance, a wrong token after recomputation."""
     prompts, want = prompts_and_tokens
     client = cluster.client()
     demo = pdj.load_demo()
@@ -239,6 +240,11 @@ class TestOnePrefillOneDecode:
     _wait_for(lambda: httpx.get(cluster.url + "/health", timeout=10).status_code == 503, 60,
               f"/health says 503 with {name} lost")
     assert cluster.health()["lost_instances"] == [name]
+    # Refused at once while it is out: 503 (not 500), when to retry, and why.
+    r = httpx.post(cluster.url + "/v1/completions", timeout=30,
+                   json={"model": "demo", "prompt": "And", "max_tokens": 4})
+    assert r.status_code == 503 and "retry-after" in r.headers, r.text
+    assert f"every {role} instance is lost" in r.text and f"instance {name} was lost" in r.text
     cluster.workers[role][0] = _start(role, port=_port(address))
     _wait_for(lambda: httpx.get(cluster.url + "/health", timeout=10).status_code == 200, 300,
               f"the router takes {name} back")

@@ -302,9 +302,9 @@ class Engine:
         raise RuntimeError(f"engine failed: {self._error!r}")
       if self._closing:
         raise RuntimeError("engine is closed")
-      blocked = self.coordinator.unservable()
-      if blocked is not None:
-        raise EngineUnavailable(f"no instance can serve: {blocked}")
+      unservable = self._unservable()
+      if unservable is not None:
+        raise unservable
       n = sum(params.n for _, _, params in prepared)
       if len(self._live) + n > self.config.max_queued:
         raise EngineOverloaded(
@@ -567,7 +567,7 @@ class Engine:
     blocked = self.coordinator.unservable()
     if blocked is None:
       return None
-    why = "; ".join(str(e) for e in self._losses.values())
+    why = "; ".join(str(e) for e in list(self._losses.values()))  # other threads read it
     return EngineUnavailable(f"no instance can serve: {blocked}" + (f" ({why})" if why else ""))
 
   def pages_held(self) -> Dict[str, int]:
@@ -583,7 +583,8 @@ class Engine:
       return f"engine failed: {self._error!r}"
     if self._closing:
       return "engine is closed"
-    return self.coordinator.unservable()
+    unservable = self._unservable()
+    return None if unservable is None else str(unservable)
 
   def health(self) -> dict:
     """{instance name: "ok" or "lost"}."""
