@@ -31,9 +31,13 @@ TEST_CACHE := $(CURDIR)/.test_jax_cache
 TEST_ENV := JAX_COMPILATION_CACHE_DIR=$(TEST_CACHE) JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
 	JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 
+# Under coverage (`[tool.coverage]` in pyproject.toml: the library's lines run in the
+# pytest process); the report is printed whether the tests pass or not, and gates
+# nothing. On Python < 3.12 the tracer slows pure-Python tests 5-7x (docs/testing.md).
 test: $(STAMP)
-	rm -rf $(TEST_CACHE)
-	$(TEST_ENV) $(BIN)/python -m pytest -q -x tests
+	rm -rf $(TEST_CACHE) .coverage
+	$(TEST_ENV) $(BIN)/python -m coverage run -m pytest -q -x tests; status=$$?; \
+	  $(BIN)/python -m coverage report; exit $$status
 
 # Skips the tests marked slow (engines in every mode, profiling, notebooks).
 test-fast: $(STAMP)
@@ -44,8 +48,12 @@ test-fast: $(STAMP)
 test-tpu: $(STAMP)
 	$(BIN)/python -m pytest -q tests/test_tpu_compile.py
 
+# Which mode to deploy, twice: the demo model's four modes served on this machine at a
+# load where they differ (configs/serve_demo.py), then the planner's pick for OPT-13B on
+# 8 A100s (configs/plan_demo.py). Plots go to demo_plots/{serve,plan}/.
 demo: $(STAMP)
-	$(BIN)/python -m pdserve_jax.cli.serve --config=configs/serve_demo.py --plots_dir=demo_plots
+	$(BIN)/python -m pdserve_jax.cli.serve --config=serve_demo --plots_dir=demo_plots/serve
+	$(BIN)/python -m pdserve_jax.cli.plan --config=plan_demo --plots_dir=demo_plots/plan
 
 # A wheel to upload to a Colab runtime (the notebooks' install cell finds it).
 wheel: $(STAMP)
@@ -53,3 +61,14 @@ wheel: $(STAMP)
 
 clean:
 	rm -rf $(VENV) dist
+
+# The docs' pictures and the notebooks' outputs, regenerated and saved in the tree
+# (commit the result). figures: docs/figures/*.png from the apps that draw them
+# (reproduce and plan on the simulator, sweep on this CPU's engine; 15-40 minutes on
+# 2 shared cores). notebooks: colabs/*.ipynb executed in place with their outputs.
+.PHONY: figures notebooks
+figures: $(STAMP)
+	$(BIN)/python benchmarks/figures.py
+
+notebooks: $(STAMP)
+	$(BIN)/python benchmarks/notebooks.py

@@ -4,7 +4,7 @@ arrivals), under P90-style SLOs TTFT 0.25 s and TPOT 0.1 s (DistServe's chatbot
 SLOs for OPT-13B). Run from the repository root (the trace path is relative to
 the current directory).
 
-  python -m pdserve_jax.cli.plan --config=configs/plan_opt13b.py
+  python -m pdserve_jax.cli.plan --config=plan_opt13b
   ... --config.latency=roofline --config.tp_options=1,2,4,8
 
 The planner searches tp, pp, instance counts and semi-PD shares; of the deployment

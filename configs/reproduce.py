@@ -6,13 +6,15 @@
 Each experiment is a file in `experiments_dir`; the knobs here apply to all of them.
 """
 
+import os
+
 import ml_collections
 
 
 def get_config():
   c = ml_collections.ConfigDict()
   c.experiments = "all"  # or comma-separated names of files in experiments_dir
-  c.experiments_dir = "configs/reproduce"
+  c.experiments_dir = os.path.join(os.path.dirname(__file__), "reproduce")  # beside this file
   # Goodput over workload seeds 0, 1, ...: at least min_seeds, more until the 95%
   # interval of the mean is within max_spread of it, at most max_seeds.
   c.min_seeds = 3

@@ -1,7 +1,7 @@
 """DistServe's Figure 1 scenario: OPT-13B, 512-token prompts, 64 output tokens, on
 A100-80GB with DistServe's latency figures, served by 2 prefill + 1 decode GPUs.
 
-  python -m pdserve_jax.cli.simulate --config=configs/simulate_distserve_fig1.py
+  python -m pdserve_jax.cli.simulate --config=simulate_distserve_fig1
   ... --config.modes=colocated_prefill_first --config.workload.rate=1.6
 """
 

@@ -4,7 +4,7 @@ the SLO-aware partitioner; the trace's lengths (filtered to OPT's 2048-token
 context) with Poisson arrivals. Run from the repository root (the trace path is
 relative to the current directory).
 
-  python -m pdserve_jax.cli.simulate --config=configs/simulate_semipd_conv.py
+  python -m pdserve_jax.cli.simulate --config=simulate_semipd_conv
   ... --config.semi_pd.concurrent=True --config.semi_pd.decode_scaling=0.3,0.7  # SM partitioning
 """
 

@@ -2,7 +2,7 @@
 device per instance, a few rates, on this machine's CPU. The simulator's latency
 model is profiled from each engine's own runners. A few minutes on 2 cores.
 
-  python -m pdserve_jax.cli.sweep --config=configs/sweep_demo.py
+  python -m pdserve_jax.cli.sweep --config=sweep_demo
   ... --config.modes=semi_pd --config.rates=10,40 --plots_dir=/tmp/sweep
 """
 

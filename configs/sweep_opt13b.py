@@ -2,7 +2,7 @@
 A100-80GB (Figure 8's axes; Figure 1's lengths and SLOs): colocated and semi-PD on
 one GPU, disaggregated on one prefill and one decode GPU. Seconds to run.
 
-  python -m pdserve_jax.cli.sweep --config=configs/sweep_opt13b.py
+  python -m pdserve_jax.cli.sweep --config=sweep_opt13b
   ... --config.rates=1,2,3,4,5,6 --config.workload.source=trace \
       --config.workload.trace=../shared/data/traces/splitwise_conv.csv
 """

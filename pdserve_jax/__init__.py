@@ -15,6 +15,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, List
 
+from pdserve_jax import tpu_probe
+
+# Before jax initialises a backend: on a machine without a TPU, libtpu (if installed)
+# would print errors on the first device query (see `tpu_probe`).
+tpu_probe.skip_absent_tpu()
+
 # name -> module that defines it.
 _LAZY = {
     "ModelConfig": "pdserve_jax.model.config",

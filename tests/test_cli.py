@@ -71,8 +71,9 @@ def test_simulate_default_config_and_override(tmp_path):
 
 
 def test_plan_default_config_and_override(tmp_path, shared_data):
-  # The default config's trace, with a smaller sample and search.
-  proc = run("plan", "--config.workload.num_requests=100", "--config.tp_options=1,2",
+  # plan_opt13b: the conversation trace, with a smaller sample and search.
+  proc = run("plan", "--config=plan_opt13b", "--config.workload.num_requests=100",
+             "--config.tp_options=1,2",
              "--config.pp_options=1", "--config.max_seeds=4",
              f"--output_json={tmp_path / 'a.json'}")
   doc = ok(proc, tmp_path / "a.json")
@@ -86,8 +87,9 @@ def test_plan_default_config_and_override(tmp_path, shared_data):
   ranked = [c["goodput_per_device"] for c in kept]
   assert ranked == sorted(ranked, reverse=True)
   assert {r["mode"] for r in doc["runs"]} == {m for m, c in doc["plan"]["best"].items() if c}
-  proc = run("plan", "--config.workload.source=synthetic", "--config.workload.num_requests=60",
-             "--config.tp_options=1", "--config.pp_options=1",
+  # The default config (plan_demo: synthetic lengths), one mode.
+  proc = run("plan", "--config.workload.num_requests=60", "--config.tp_options=1",
+             "--config.pp_options=1",
              "--config.modes=colocated_prefill_first", "--config.max_spread=0",
              f"--output_json={tmp_path / 'b.json'}",
              f"--plots_dir={tmp_path / 'plots'}")
@@ -96,6 +98,7 @@ def test_plan_default_config_and_override(tmp_path, shared_data):
   assert doc["plan"]["best"]["colocated_prefill_first"]["goodput_rps"] > 0
   assert doc["plan"]["best"]["colocated_prefill_first"]["estimate"] is None  # one seed
   assert "planner_goodput.png" in {os.path.basename(p) for p in doc["plots"]}
+  assert "The planner's pick: colocated_prefill_first, 1x tp1pp1" in proc.stdout
 
 
 @pytest.mark.slow  # compiles an engine
@@ -233,6 +236,24 @@ def test_bad_input_is_one_line_naming_it(app, args, expected):
 
 
 # --- the pieces -----------------------------------------------------------------------------
+
+
+def test_serve_answer_names_the_best_mode_and_ties():
+  # Catches a winner picked by anything but attainment, a tie named as one winner, and
+  # an overloaded run presented without its caveat.
+  from pdserve_jax.cli.serve import answer
+
+  run_ = lambda mode, att: dict(mode=mode, num_devices=2, rate_rps=40.0,
+                                summary=dict(attainment=att))
+  text = answer([run_("colocated_chunked", 0.6), run_("disaggregated", 0.95),
+                 run_("semi_pd", 0.7)])
+  assert text == ("At 40 req/s on 2 devices each, disaggregated met both SLOs for 95% of "
+                  "requests (semi_pd 70%, colocated_chunked 60%): disaggregated wins at this "
+                  "load.")
+  assert "semi_pd and disaggregated tie" in answer([
+      run_("semi_pd", 0.9), run_("disaggregated", 0.9), run_("colocated_chunked", 0.5)])
+  assert "they do not differ" in answer([run_("semi_pd", 1.0), run_("disaggregated", 1.0)])
+  assert "lower workload.rate" in answer([run_("semi_pd", 0.2), run_("disaggregated", 0.1)])
 
 
 def _walk(node, where="$"):

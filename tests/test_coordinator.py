@@ -5,7 +5,8 @@ nothing: launched steps and started KV copies wait in lists until the test
 completes them (`Harness.complete`, `Harness.finish_copy`), in whatever order it
 chooses. `Harness` wraps a coordinator and its executor and checks invariants
 after every event: pages conserved and held only by live requests, every request
-ended exactly once, tokens already produced never lost.
+ended exactly once, tokens already produced never lost, nothing launched on or
+copied to or from an instance that was lost.
 """
 
 import collections
@@ -23,7 +24,7 @@ from pdserve_jax.core.share import PartitionerConfig
 from pdserve_jax.core.step import DECODE, PREFILL
 
 PAGE = 4  # tokens per page in every test pool
-REASONS = {"stop", "length", "aborted"}
+REASONS = {"stop", "length", "aborted", "error"}
 
 
 class Stuck(AssertionError):
@@ -67,6 +68,7 @@ class ManualExecutor:
     return True
 
   def launch(self, inst, step, now):
+    assert not inst.lost, f"launched a step on {inst}, which was lost"
     assert inst.step is step and not step.empty
     assert all(i is not inst for i, _ in self.steps), f"{inst} runs two steps"
     assert inst.group not in self.held
@@ -74,6 +76,7 @@ class ManualExecutor:
     self.steps.append((inst, step))
 
   def start_copy(self, req, src, dst, now):
+    assert not src.lost and not dst.lost, f"copy {src} -> {dst} involves a lost instance"
     assert src.phase == PREFILL and dst.phase == DECODE
     assert req.finish_time is None and req.prefill_done and req.num_output >= 1
     assert src.sched.allocator.pages(req) and dst.sched.allocator.pages(req)
@@ -101,6 +104,7 @@ class Harness:
                                    on_end=self.ex.ended)
     self.now = 0.0
     self.reqs = []  # accepted requests
+    self.faults = 0  # failed steps, lost groups and failed copies so far
     self._next_id = 0
     self._tokens = {}  # request -> token_times seen at the last check
 
@@ -136,12 +140,36 @@ class Harness:
     self.check()
     return step
 
-  def finish_copy(self, req=None):
-    """Lands `req`'s KV copy (default: the oldest in flight)."""
+  def finish_copy(self, req=None, failed=False):
+    """Lands `req`'s KV copy (default: the oldest in flight). A copy that `failed`, or
+    from or to an instance lost meanwhile, ends its request with an error, as the
+    engine's executor reports it."""
     k = 0 if req is None else next(k for k, c in enumerate(self.ex.copies) if c[0] is req)
-    req, _, _ = self.ex.copies.pop(k)
+    req, src, dst = self.ex.copies.pop(k)
+    if failed or src.lost or dst.lost:
+      req.end_reason = "error"
+      self.faults += 1
     self.coord.copy_done(req, self._tick())
     self.check()
+
+  def fail(self, inst):
+    """`inst`'s step in flight could not run: it never returns, and the coordinator
+    ends its requests with an error (the engine's `_fail`)."""
+    self.ex.steps = [(i, s) for i, s in self.ex.steps if i is not inst]
+    self.faults += 1
+    self.coord.fail(inst, self._tick())
+    self.check()
+
+  def lose(self, group: str):
+    """`group`'s devices are gone (a worker died): the executor reports each of its
+    instances lost, one after another; their steps never return."""
+    now = self._tick()
+    self.faults += 1
+    for inst in self.coord.instances:
+      if inst.group == group and not inst.lost:
+        self.ex.steps = [(i, s) for i, s in self.ex.steps if i is not inst]
+        self.coord.lose(inst, now)
+        self.check()
 
   def abort(self, req: Request):
     self.coord.abort(req, self._tick())
@@ -215,6 +243,8 @@ class Harness:
         assert r.num_output == r.max_tokens
       elif r.finish_reason == "stop":
         assert 1 <= r.num_output <= r.max_tokens
+      elif r.finish_reason == "error":
+        assert self.faults, f"request {r.request_id} failed, but nothing did"
       else:
         assert r.num_output < r.max_tokens
     assert len(self.ex.ends) == len(self.reqs)
@@ -592,6 +622,28 @@ def _refused(h: Harness, prompt: int, out: int):
   h.check()
 
 
+def _arrivals_refused(coord) -> bool:
+  """Whether every instance an arrival needs is lost (a worker process died)."""
+  if isinstance(coord, coordinator.DisaggregatedCoordinator):
+    return all(i.lost for i in coord.prefills) or all(i.lost for i in coord.decodes)
+  return all(i.lost for i in coord.instances)
+
+
+def _arrive(h: Harness, prompt: int, out: int):
+  """An arrival: served if some instance can take it, else refused (keeping
+  nothing) because it cannot fit a pool or every instance it needs is lost."""
+  if _arrivals_refused(h.coord):
+    before = [(i.num_waiting, i.num_running) for i in h.coord.instances]
+    with pytest.raises(ValueError, match=r"is lost|needs \d+ pages"):
+      h.coord.add(Request(-1, prompt, out, arrival_time=h.now), h.now)
+    assert [(i.num_waiting, i.num_running) for i in h.coord.instances] == before
+    event("arrival refused: every instance it needs is lost")
+  elif _fits(h, prompt, out):
+    h.submit(prompt, out)
+  else:
+    _refused(h, prompt, out)
+
+
 def _pick(seq, k: int):
   return seq[k % len(seq)]
 
@@ -608,47 +660,61 @@ EVENTS = st.lists(st.one_of(
     st.tuples(st.just("copy"), st.integers(0, 7)),
     st.tuples(st.just("abort"), st.integers(0, 63)),
     st.tuples(st.just("hold"), st.integers(0, 7)),
-    st.tuples(st.just("release"), st.integers(0, 7))), min_size=10, max_size=80)
+    st.tuples(st.just("release"), st.integers(0, 7)),
+    # Faults, as the engine's executor reports them: a step that could not run, a
+    # KV copy that could not land, a device group gone for good.
+    st.tuples(st.just("fail"), st.integers(0, 7)),
+    st.tuples(st.just("copy_fail"), st.integers(0, 7)),
+    st.tuples(st.just("lose"), st.integers(0, 7))), min_size=10, max_size=80)
 
 
 @settings(max_examples=500, deadline=None, derandomize=True)
 @given(deployments(), EVENTS)
 def test_random_events(deployment, events):
-  """Random arrivals, step and copy completions (with stop tokens), aborts and
-  device holds, in any order: pages stay consistent after every event, and once
+  """Random arrivals, step and copy completions (with stop tokens), aborts, device
+  holds and faults (failed steps and copies, lost instances), in any order: pages
+  stay consistent after every event, nothing runs on a lost instance, and once
   drained every request has ended exactly once and every pool is full."""
   dep, kw, pages = deployment
   h = Harness(dep, pages, **kw)
   groups = sorted({i.group for i in h.coord.instances})
+  # The engine runs no SM-partitioned semi-PD, so nothing reports its faults.
+  faults = not getattr(dep, "concurrent", False)
   for kind, *args in events:
     if kind == "submit":
-      prompt, out = args
-      if _fits(h, prompt, out):
-        h.submit(prompt, out)
-      else:
-        _refused(h, prompt, out)
+      _arrive(h, *args)
     elif kind == "burst":
       prompt, out, n = args
       for _ in range(n):
-        h.submit(prompt, out)
+        _arrive(h, prompt, out)
     elif kind == "step" and h.ex.steps:
       inst, step = _pick(h.ex.steps, args[0])
       samplers = [c.request for c in step.prefills if c.last] + list(step.decodes)
       stop = args[1]
       h.complete(inst, stop=[_pick(samplers, stop)] if stop >= 0 and samplers else [])
-    elif kind == "copy" and h.ex.copies:
-      h.finish_copy(_pick(h.ex.copies, args[0])[0])
+    elif kind in ("copy", "copy_fail") and h.ex.copies:
+      h.finish_copy(_pick(h.ex.copies, args[0])[0], failed=kind == "copy_fail")
     elif kind == "abort" and h.reqs:
       h.abort(_pick(h.reqs, args[0]))
     elif kind == "hold":
       h.hold(_pick(groups, args[0]))
     elif kind == "release" and h.ex.held:
       h.release(_pick(sorted(h.ex.held), args[0]))
+    elif kind == "fail" and faults and h.ex.steps:
+      h.fail(_pick(h.ex.steps, args[0])[0])
+    elif kind == "lose" and faults:
+      h.lose(_pick(groups, args[0]))
   h.drain()
   # Coverage, shown by pytest --hypothesis-show-statistics.
   event(f"{dep.mode}, {len(h.reqs) // 10 * 10}+ requests")
   event(f"aborted: {any(r.finish_reason == 'aborted' for r in h.reqs)}")
+  event(f"failed: {any(r.finish_reason == 'error' for r in h.reqs)}")
   event(f"preempted: {h.coord.num_preemptions > 0}")
+  lost = {i.phase or "colocated" for i in h.coord.instances if i.lost}
+  event(f"lost: {sorted(lost)}")
+  if isinstance(h.coord, coordinator.DisaggregatedCoordinator):
+    if all(i.lost for i in h.coord.prefills):
+      event("every prefill instance lost")
 
 
 # --- 4. deployment errors -------------------------------------------------------------
@@ -773,3 +839,44 @@ def test_a_lost_instance_ends_what_it_holds_and_takes_no_more_work():
   back = h.submit(8, 6)
   h.run_until(lambda: back.finish_time is not None)
   assert back.finish_reason == "length"
+
+
+def test_every_prefill_instance_lost_leaves_preempted_requests_nowhere_to_recompute():
+  """Disaggregated, its only prefill instance lost while two requests decode in a
+  pool too small for both to finish: the hand-offs it held end with an error, the
+  decode request preempted later has nowhere to recompute and ends with an error
+  too (its pages freed), the other finishes, and arrivals are refused."""
+  h = harness("disaggregated", SMALL["disaggregated"])  # 6 usable decode pages
+  reqs = [h.submit(p, m) for p, m in CROWD]  # 4 pages each over their life
+  h.run_until(lambda: all(r.num_output for r in reqs) and not h.ex.copies)
+  (prefill,), (decode,) = h.coord.prefills, h.coord.decodes
+  waiting, decoding = list(prefill.sched.handoffs), decode.sched.held()
+  assert len(waiting) == len(decoding) == 2
+  h.lose(prefill.group)
+  assert all(r.finish_reason == "error" and r.num_output == 1 for r in waiting)
+  with pytest.raises(ValueError, match="every prefill instance is lost"):
+    h.submit(4, 2)
+  h.drain()  # the two decoding requests outgrow the pool: one is preempted
+  preempted = [r for r in decoding if r.num_preemptions]
+  assert len(preempted) == 1 and preempted[0].finish_reason == "error"
+  assert preempted[0].num_output > 1  # the tokens it made are kept in its result
+  (finished,) = [r for r in decoding if r not in preempted]
+  assert finished.finish_reason == "length" and finished.num_output == finished.max_tokens
+
+
+def test_a_lost_semi_pd_replica_takes_no_more_arrivals():
+  """semi-PD: both phases of a lost replica go (they share its devices); arrivals go
+  to a live replica, and once none is left they are refused."""
+  h = harness("semi_pd", n=2)
+  a = h.submit(8, 4)
+  unit = next(u for u in h.coord.units if a in u.prefill.sched.held())
+  h.lose(unit.prefill.group)
+  assert a.finish_reason == "error" and unit.prefill.lost and unit.decode.lost
+  b = h.submit(8, 4)
+  live = next(u for u in h.coord.units if u is not unit)
+  assert b in live.prefill.sched.held()
+  h.lose(live.prefill.group)
+  with pytest.raises(ValueError, match="every semi-PD replica is lost"):
+    h.submit(8, 4)
+  h.drain()
+  assert b.finish_reason == "error"

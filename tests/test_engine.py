@@ -1,5 +1,8 @@
 """The three serving modes against the cache-less reference, on 8 virtual devices."""
 
+import threading
+
+import jax
 import numpy as np
 import pytest
 
@@ -332,8 +335,69 @@ def test_a_step_that_raises_fails_only_its_requests(model):
     assert engine.generate([[3, 4, 5]], pdj.SamplingParams(max_tokens=6))[0].token_ids == want
 
 
+def test_caller_mistakes_raise_at_once_and_cost_nothing(model):
+  """An empty workload, a wrong count of SamplingParams and a result() that times
+  out each raise at once naming the problem; nothing is queued by the first two, and
+  the timed-out request is not cancelled: it ends with the reference tokens."""
+  with pdj.Engine(model, MODES["colocated_prefill_first"], pdj.EngineConfig(**BASE)) as engine:
+    with pytest.raises(ValueError, match="empty workload"):
+      engine.run_workload([])
+    with pytest.raises(ValueError, match="2 SamplingParams for 3 prompts"):
+      engine.generate([[1], [2], [3]], [pdj.SamplingParams()] * 2)
+    assert engine.stats()["unfinished"] == 0
+    # The first decode call waits at a gate, so the request cannot finish before
+    # the test opens it, however fast the machine.
+    runner = engine.executor.runner(engine.coordinator.instances[0]).runner
+    gate, real = threading.Event(), runner.decode
+
+    def gated(*args, **kw):
+      gate.wait(600)
+      return real(*args, **kw)
+
+    runner.decode = gated
+    h = engine.submit([3, 4, 5], pdj.SamplingParams(max_tokens=6))
+    with pytest.raises(TimeoutError, match=rf"request {h.request_id} not finished after 0.2 s"):
+      h.result(timeout=0.2)
+    assert not h.done
+    gate.set()
+    want = pdj.greedy_reference(model, [[3, 4, 5]], 6)[0]
+    assert h.result(timeout=600).token_ids == want
+    assert engine.stats()["finished"] == 1 and engine.pages_in_use() == 0
+
+
+def test_a_failed_kv_copy_ends_only_its_request(model, monkeypatch):
+  """A KV copy that cannot start (the transfer raises) and one whose arrays fail on
+  the way each end their request with an error naming the copy; no page leaks on
+  either side, and the engine goes on serving the reference tokens."""
+  from pdserve_jax.serving import local
+
+  faults, real = ["raise", "fail"], local.transfer_pages
+
+  def transfer(*args):
+    fault = faults.pop(0) if faults else None
+    if fault == "raise":
+      raise RuntimeError("injected transfer fault")
+    if fault == "fail":
+      lost = jax.numpy.zeros(4)
+      lost.delete()  # what a failed device computation leaves to wait on
+      return [lost]
+    return real(*args)
+
+  monkeypatch.setattr(local, "transfer_pages", transfer)
+  with pdj.Engine(model, MODES["disagg_2p1_1d2"], pdj.EngineConfig(**BASE)) as engine:
+    for why in ("injected transfer fault", "deleted"):
+      h = engine.submit([3, 4, 5], pdj.SamplingParams(max_tokens=6))
+      with pytest.raises(RuntimeError, match=rf"KV copy prefill\d -> decode0 failed: .*{why}"):
+        h.result(timeout=600)
+      assert engine.pages_in_use() == 0
+    assert not faults and engine.stats()["failed"] == 2
+    want = pdj.greedy_reference(model, [[3, 4, 5]], 6)[0]
+    assert engine.generate([[3, 4, 5]], pdj.SamplingParams(max_tokens=6))[0].token_ids == want
+    for alloc in engine.allocators():
+      alloc.check()
+
+
 def test_non_finite_logits_end_the_request_with_an_error(model):
-  import jax
   bad = pdj.Model(model.config, jax.tree.map(lambda a: a * np.nan, model.params))
   with pdj.Engine(bad, MODES["colocated_prefill_first"], pdj.EngineConfig(**BASE)) as engine:
     h = engine.submit([3, 4, 5], pdj.SamplingParams(max_tokens=4))
@@ -346,7 +410,7 @@ def test_non_finite_logits_end_the_request_with_an_error(model):
 def test_engine_thread_dying_ends_every_request(model):
   engine = pdj.Engine(model, MODES["colocated_chunked"], pdj.EngineConfig(**BASE))
   # Stall the thread on a first request while more queue up, then kill it.
-  gate = __import__("threading").Event()
+  gate = threading.Event()
   real_add = engine.coordinator.add
 
   def add(req, now):
@@ -368,7 +432,6 @@ def test_engine_thread_dying_ends_every_request(model):
 
 
 def test_submit_racing_close_leaves_no_handle_waiting(model):
-  import threading
   engine = pdj.Engine(model, MODES["colocated_chunked"], pdj.EngineConfig(**BASE))
   handles, refused = [], []
 

@@ -146,10 +146,11 @@ def _prefill_inputs(rng, *, batch, q_len, kv_len, kv_heads, group, head_dim,
 # Reference sanity: the references themselves against a naive numpy loop.
 
 
-def _naive_decode(q, k_pages, v_pages, lengths, page_tables):
+def _naive_decode(q, k_pages, v_pages, lengths, page_tables, scale=None):
   q, k_pages, v_pages = (np.asarray(x, np.float64) for x in
                          (q, k_pages, v_pages))
   batch, num_q_heads, head_dim = q.shape
+  scale = head_dim**-0.5 if scale is None else scale
   group = num_q_heads // k_pages.shape[0]
   out = np.zeros_like(q)
   for b in range(batch):
@@ -159,15 +160,16 @@ def _naive_decode(q, k_pages, v_pages, lengths, page_tables):
       vh = v_pages[h // group][np.asarray(page_tables[b])].reshape(-1, head_dim)
       if n == 0:
         continue
-      s = kh[:n] @ q[b, h] / np.sqrt(head_dim)
+      s = kh[:n] @ q[b, h] * scale
       w = np.exp(s - s.max())
       out[b, h] = w @ vh[:n] / w.sum()
   return out
 
 
-def _naive_prefill(q, k, v, q_offsets, kv_lengths):
+def _naive_prefill(q, k, v, q_offsets, kv_lengths, scale=None):
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   batch, q_len, num_q_heads, head_dim = q.shape
+  scale = head_dim**-0.5 if scale is None else scale
   group = num_q_heads // k.shape[2]
   out = np.zeros_like(q)
   for b in range(batch):
@@ -176,7 +178,7 @@ def _naive_prefill(q, k, v, q_offsets, kv_lengths):
       for h in range(num_q_heads):
         if n <= 0:
           continue
-        s = k[b, :n, h // group] @ q[b, i, h] / np.sqrt(head_dim)
+        s = k[b, :n, h // group] @ q[b, i, h] * scale
         w = np.exp(s - s.max())
         out[b, i, h] = w @ v[b, :n, h // group] / w.sum()
   return out
@@ -519,18 +521,31 @@ def test_prefill_bad_args_name_the_argument(name, bad):
       pallas_kernels.prefill_attention(*args.values(), impl=impl)
 
 
+# Every other test runs the default scale, head_dim**-0.5: a kernel (or a dispatcher
+# path) that ignored `scale` would pass them. Here each implementation gets a scale
+# that is not its head dim's default, at a head dim the other tests do not use, and
+# is held against the naive loops above, not against the module's reference.
+SCALE, HEAD_DIM = 0.3, 32
+
+
 @pytest.mark.parametrize("impl", ["reference", "pallas_gpu_interpret",
                                   "pallas_tpu_interpret"])
-def test_dispatch_under_jit(seed, impl):
-  args, ref = _decode_case(seed, (3, 2, 4, 8, 64, 3))
+def test_dispatch_under_jit_honours_scale(seed, impl):
+  assert SCALE != HEAD_DIM**-0.5
+  rng = np.random.default_rng(seed)
+  args = _decode_inputs(rng, batch=3, kv_heads=2, group=4, page_size=8, head_dim=HEAD_DIM,
+                        max_pages=3)
   decode = jax.jit(pallas_kernels.paged_decode_attention,
                    static_argnames=("impl", "scale"))
-  out = decode(*args, impl=impl, scale=64**-0.5)
-  _assert_close(out, ref, seed, F32_TOL, f"jit decode {impl}")
-  pargs, pref = _prefill_case(seed, (2, 9, 20, 2, 4, 64))
-  prefill = jax.jit(functools.partial(pallas_kernels.prefill_attention,
-                                      impl=impl))
-  _assert_close(prefill(*pargs), pref, seed, F32_TOL, f"jit prefill {impl}")
+  out = decode(*args, impl=impl, scale=SCALE)
+  _assert_close(out, _naive_decode(*args, scale=SCALE), seed, F32_TOL, f"jit decode {impl}")
+  _check_empty_slots(out, args[3], seed)
+  pargs = _prefill_inputs(rng, batch=2, q_len=9, kv_len=20, kv_heads=2, group=4,
+                          head_dim=HEAD_DIM)
+  prefill = jax.jit(functools.partial(pallas_kernels.prefill_attention, impl=impl,
+                                      scale=SCALE))
+  _assert_close(prefill(*pargs), _naive_prefill(*pargs, scale=SCALE), seed, F32_TOL,
+                f"jit prefill {impl}")
 
 
 @pytest.mark.parametrize("impl", ["reference", "pallas_gpu_interpret",
@@ -554,7 +569,7 @@ def test_dispatch_under_scan(seed, impl):
   _, outs = jax.jit(lambda xs: lax.scan(decode_step, 0, xs))(stacked)
   for i in range(2):
     q, k, v = (s[i] for s in stacked)
-    ref = reference.paged_decode_attention_ref(q, k, v, lengths, tables)
+    ref = _naive_decode(q, k, v, lengths, tables)
     _assert_close(outs[i], ref, seed, F32_TOL, f"scan decode {impl} layer {i}")
 
   pargs, _ = _prefill_case(seed, (2, 8, 12, 1, 4, 64))
@@ -567,5 +582,5 @@ def test_dispatch_under_scan(seed, impl):
 
   _, outs = jax.jit(lambda qs: lax.scan(prefill_step, 0, qs))(qs)
   for i in range(2):
-    ref = reference.prefill_attention_ref(qs[i], k, v, q_offsets, kv_lengths)
+    ref = _naive_prefill(qs[i], k, v, q_offsets, kv_lengths)
     _assert_close(outs[i], ref, seed, F32_TOL, f"scan prefill {impl} {i}")

@@ -12,6 +12,7 @@ import pytest
 from pdserve_jax import plots
 
 image = pytest.importorskip("matplotlib.image")
+colors = pytest.importorskip("matplotlib.colors")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -25,10 +26,30 @@ def pixel_size(size):
   return round(h * plots.DPI), round(w * plots.DPI)
 
 
-def assert_drawn(img):
-  # A blank canvas is one colour; curves, text and grid make many.
-  rgb = img[..., :3].reshape(-1, 3)
-  assert len(np.unique(rgb, axis=0)) > 20
+def colour_pixels(img, colour) -> int:
+  """Pixels of `colour` (a matplotlib colour spec) in an RGB(A) image, within the
+  anti-aliasing tolerance."""
+  rgb = np.asarray(colors.to_rgb(colour))
+  return int((np.abs(img[..., :3] - rgb).max(axis=-1) < 0.1).sum())
+
+
+# A curve across the axes colours hundreds of pixels (measured: 700 to 2,200 here);
+# its legend entry alone a few dozen (29 to 103), and a blank plot none.
+MIN_SERIES_PIXELS = 300
+
+
+def assert_each_series_drawn(draw, series: dict, colour_of, tmp_path):
+  """Each entry of `series` is drawn: the image with it (drawn last, so the others
+  keep their colours) holds MIN_SERIES_PIXELS more pixels of its colour,
+  `colour_of(entries, key)`, than the image without it. Fails for a blank plot, and
+  for one that drops a series or draws only its legend entry."""
+  for key in series:
+    others = {k: v for k, v in series.items() if k != key}
+    entries = {**others, key: series[key]}
+    colour = colour_of(entries, key)
+    gained = (colour_pixels(read_png(draw(entries, tmp_path / "with.png")), colour)
+              - colour_pixels(read_png(draw(others, tmp_path / "without.png")), colour))
+    assert gained >= MIN_SERIES_PIXELS, f"{key!r}: {gained} more pixels of {colour}"
 
 
 def test_attainment_vs_rate(tmp_path):
@@ -40,7 +61,13 @@ def test_attainment_vs_rate(tmp_path):
   assert path == str(out)
   img = read_png(path)
   assert img.shape[:2] == pixel_size(plots.ATTAINMENT_SIZE)
-  assert_drawn(img)
+
+  def mode_colour(entries, key):  # a mode's curves share the colour of its first
+    modes = list(dict.fromkeys(plots._split_label(label)[0] for label in entries))
+    return f"C{modes.index(plots._split_label(key)[0])}"
+
+  assert_each_series_drawn(lambda entries, out: plots.attainment_vs_rate(entries, out),
+                           series, mode_colour, tmp_path)
 
 
 def test_attainment_modes_share_a_colour():
@@ -84,7 +111,10 @@ def test_latency_cdfs(tmp_path):
   path = plots.latency_cdfs(samples, tmp_path / "cdf.png", ttft_slo=0.4, tpot_slo=0.05)
   img = read_png(path)
   assert img.shape[:2] == pixel_size(plots.CDF_SIZE)
-  assert_drawn(img)
+  drawn = {k: v for k, v in samples.items() if k != "empty"}  # "empty" draws nothing
+  assert_each_series_drawn(
+      lambda entries, out: plots.latency_cdfs(entries, out, ttft_slo=0.4, tpot_slo=0.05),
+      drawn, lambda entries, key: f"C{list(entries).index(key)}", tmp_path)
 
 
 def test_latency_cdfs_all_empty(tmp_path):
@@ -114,7 +144,9 @@ def test_share_over_time(tmp_path):
   history = [(0.0, 0.5), (1.0, 0.6), (2.5, 0.55), (4.0, 0.7)]
   img = read_png(plots.share_over_time(history, tmp_path / "s.png", title="semi-PD"))
   assert img.shape[:2] == pixel_size(plots.SHARE_SIZE)
-  assert_drawn(img)
+  # Its one series against a history of one point (a marker, no course).
+  point = read_png(plots.share_over_time(history[:1], tmp_path / "p.png", title="semi-PD"))
+  assert colour_pixels(img, "C0") - colour_pixels(point, "C0") >= MIN_SERIES_PIXELS
 
 
 @pytest.mark.parametrize("history, match", [
@@ -137,12 +169,30 @@ def test_planner_goodput_grows_with_rows(tmp_path):
     height = plots.GOODPUT_BASE_HEIGHT + plots.GOODPUT_ROW_HEIGHT * n
     assert img.shape[:2] == pixel_size((plots.GOODPUT_WIDTH, height))
   assert img6.shape[0] > img3.shape[0]
-  assert_drawn(img3)
+  # The best bar stands out in its own colour.
+  assert colour_pixels(img3, "C2") >= MIN_SERIES_PIXELS
   # With half-widths the bars carry error bars; the size rule is the same.
   img = read_png(plots.planner_goodput([(r[0], r[1], 0.1) for r in rows], tmp_path / "e.png",
                                        highlight_best=False))
   assert img.shape[:2] == img3.shape[:2]
-  assert_drawn(img)
+
+
+@pytest.mark.parametrize("highlight_best", [True, False])
+def test_planner_goodput_draws_each_bar(tmp_path, highlight_best):
+  # Each row's bar against the same row at goodput 0 (same rows, so the same size;
+  # the largest row stays, so the same scale).
+  rows = [("colocated tp=2", 0.8), ("disagg 1P(tp=1)+1D(tp=1)", 1.3), ("semi-PD x=0.6", 1.1),
+          ("colocated tp=4", 0.4)]
+  full = read_png(plots.planner_goodput(rows, tmp_path / "full.png",
+                                        highlight_best=highlight_best))
+  for i, (label, _) in enumerate(rows):
+    if label.startswith("disagg"):
+      continue  # the largest: the scale
+    zeroed = rows[:i] + [(label, 0.0)] + rows[i + 1:]
+    without = read_png(plots.planner_goodput(zeroed, tmp_path / "zero.png",
+                                             highlight_best=highlight_best))
+    gained = colour_pixels(full, "C0") - colour_pixels(without, "C0")
+    assert gained >= MIN_SERIES_PIXELS, f"{label!r}: {gained} more bar pixels"
 
 
 @pytest.mark.parametrize("rows, match", [

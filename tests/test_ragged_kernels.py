@@ -73,9 +73,10 @@ def _ragged_inputs(rng, *, kv_heads, group, page_size, head_dim, max_pages,
           jnp.asarray(page_tables, jnp.int32))
 
 
-def _naive_ragged(q, k_pages, v_pages, q_starts, q_lens, kv_lens, page_tables):
+def _naive_ragged(q, k_pages, v_pages, q_starts, q_lens, kv_lens, page_tables, scale=None):
   q, k_pages, v_pages = (np.asarray(x, np.float64) for x in (q, k_pages, v_pages))
   num_q_heads, head_dim = q.shape[1:]
+  scale = head_dim**-0.5 if scale is None else scale
   group = num_q_heads // k_pages.shape[0]
   out = np.zeros_like(q)
   for r in range(len(q_starts)):
@@ -85,7 +86,7 @@ def _naive_ragged(q, k_pages, v_pages, q_starts, q_lens, kv_lens, page_tables):
       for h in range(num_q_heads):
         kh = k_pages[h // group][table].reshape(-1, head_dim)[:n]
         vh = v_pages[h // group][table].reshape(-1, head_dim)[:n]
-        s = kh @ q[t, h] / np.sqrt(head_dim)
+        s = kh @ q[t, h] * scale
         w = np.exp(s - s.max())
         out[t, h] = w @ vh / w.sum()
   return out
@@ -173,12 +174,15 @@ def test_ragged_paged_bf16(seed, kernel, page_size):
 # Dispatcher and lowering.
 
 
+# As test_kernels.test_dispatch_under_jit_honours_scale: a scale other than the head
+# dim's default, at a head dim no other case uses, against the naive loop.
 @pytest.mark.parametrize("impl", ["reference", "pallas_gpu_interpret", "pallas_tpu_interpret"])
-def test_ragged_dispatch_under_jit(seed, impl):
-  args, ref = _case(seed, (1, 4, 8, 64, 3))
+def test_ragged_dispatch_under_jit_honours_scale(seed, impl):
+  scale, head_dim = test_kernels.SCALE, test_kernels.HEAD_DIM
+  args, _ = _case(seed, (1, 4, 8, head_dim, 3))
   fn = jax.jit(pallas_kernels.ragged_paged_attention, static_argnames=("impl", "scale"))
-  out = fn(*args, impl=impl, scale=64**-0.5)
-  _check(out, args, ref, seed, F32_TOL, f"jit ragged {impl}")
+  out = fn(*args, impl=impl, scale=scale)
+  _check(out, args, _naive_ragged(*args, scale=scale), seed, F32_TOL, f"jit ragged {impl}")
 
 
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])

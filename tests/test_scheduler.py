@@ -9,7 +9,7 @@ from pdserve_jax.core.pages import OutOfPages, PageAllocator, pages_for
 from pdserve_jax.core import policies as S
 from pdserve_jax.core import share
 from pdserve_jax.core.share import PartitionerConfig
-from pdserve_jax.core.step import DECODE, PREFILL, Step
+from pdserve_jax.core.step import DECODE, PREFILL, PrefillChunk, Step
 from pdserve_jax.core.request import Request
 
 
@@ -232,6 +232,70 @@ def test_protocol_errors():
   sched.complete(step, 1.0)
   with pytest.raises(ValueError, match="fresh"):
     sched.add(r)
+
+
+def test_chunk_start_mismatch_is_refused():
+  """A chunk must start where the request's cached tokens end: a step completed
+  after something else advanced its request would write KV at the wrong place."""
+  sched = S.ChunkedPrefillScheduler(PageAllocator(16, 4), max_batch=2, max_step_tokens=8)
+  r = _req(0, 20, 2)
+  sched.add(r)
+  step = sched.schedule()
+  assert [(c.start, c.end) for c in step.prefills] == [(0, 8)]
+  r.num_prefilled = 3
+  with pytest.raises(RuntimeError, match="request 0: chunk starts at 0 but 3 tokens are cached"):
+    sched.complete(step, 1.0)
+
+
+def test_phase_schedulers_refuse_steps_of_the_other_phase():
+  """A prefill-only scheduler never completes a decode step, nor a decode-only one a
+  prefill step; the refused step changes nothing, and the real one completes."""
+  pre = S.PrefillScheduler(PageAllocator(16, 4), max_batch=2, max_step_tokens=64)
+  a = _req(0, 4, 3)
+  pre.add(a)
+  step = pre.schedule()
+  with pytest.raises(RuntimeError, match="prefill scheduler's step has no decodes"):
+    pre.complete(Step(step.prefills, [a]), 1.0)
+  assert pre.complete(step, 1.0) == [] and pre.handoffs == (a,)
+
+  dec = S.DecodeScheduler(PageAllocator(16, 4), max_batch=2)
+  b = _req(1, 4, 3)
+  b.num_prefilled, b.num_output, b.token_times = 4, 1, [0.0]
+  dec.reserve(b)
+  dec.admit(b)
+  step = dec.schedule()
+  with pytest.raises(RuntimeError, match="decode scheduler's step has no prefills"):
+    dec.complete(Step([PrefillChunk(b, 0, b.prompt_len)], step.decodes), 2.0)
+  assert dec.complete(step, 2.0) == [] and b.num_output == 2
+
+
+def test_requeue_takes_only_preempted_requests():
+  """`requeue` is for a request preempted elsewhere (no KV cached, tokens to
+  recompute): a fresh request, or one with KV cached, is refused and not queued."""
+  pre = S.PrefillScheduler(PageAllocator(16, 4), max_batch=2, max_step_tokens=64)
+  fresh = _req(0, 4, 3)
+  with pytest.raises(ValueError, match="request 0 was not preempted"):
+    pre.requeue(fresh)
+  cached = _req(1, 4, 3)
+  cached.num_prefilled, cached.num_output, cached.num_recompute = 4, 2, 1
+  with pytest.raises(ValueError, match="request 1 was not preempted"):
+    pre.requeue(cached)
+  assert pre.num_waiting == 0 and pre.schedule() is None
+
+
+def test_reserving_twice_is_refused():
+  """A second `reserve` of one request would give it two page lists' worth of a
+  copy target: refused, and its pages are unchanged."""
+  alloc = PageAllocator(16, 4)
+  dec = S.DecodeScheduler(alloc, max_batch=2)
+  r = _req(0, 6, 3)
+  r.num_prefilled, r.num_output, r.token_times = 6, 1, [0.0]
+  dec.reserve(r)
+  pages = list(alloc.pages(r))
+  with pytest.raises(ValueError, match="request 0 already holds pages here"):
+    dec.reserve(r)
+  assert alloc.pages(r) == pages and dec.num_waiting == 1
+  alloc.check()
 
 
 # --- Disaggregated -------------------------------------------------------------------

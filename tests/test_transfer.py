@@ -1,7 +1,8 @@
 """`benchmarks/transfer.py` moves KV bytes between two real processes with
-`jax.experimental.transfer` and over TCP, and between meshes with `device_put`; the
-script itself checks the bytes that arrive equal those offered. No speed is asserted
-here (the ratios are the benchmark's output)."""
+`jax.experimental.transfer` (a ready buffer, and the worker's own hand-off functions
+between two tp-2 page pools) and over TCP, and between meshes with `device_put`; the
+script itself checks the bytes that arrive (and the pages that land) equal those
+offered. No speed is asserted here (the ratios are the benchmark's output)."""
 
 import os
 import subprocess
@@ -15,5 +16,6 @@ def test_transfer_benchmark_moves_the_bytes_intact():
                          "--streams=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for line in ("jax.experimental.transfer pull", "loopback TCP copy", "transfer / TCP",
-               "jax.device_put", "device_put / memcpy"):
+               "scatter into the pool", "hand-off end to end", "jax.device_put",
+               "device_put / memcpy"):
     assert line in proc.stdout

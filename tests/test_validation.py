@@ -1,4 +1,5 @@
-"""Prompt and sampling-parameter checks: each rule, its message, and normalisation."""
+"""Prompt and sampling-parameter checks, the engine config's and whether an engine can
+serve a deployment: each rule, its message, and normalisation."""
 
 import dataclasses
 import math
@@ -7,8 +8,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from pdserve_jax.core.deploy import Colocated, Disaggregated, InstanceSpec, PhaseOnly, SemiPD
 from pdserve_jax.core.sampling import SamplingParams
 from pdserve_jax.core.sampling import check_prompt, check_sampling
+from pdserve_jax.model.config import get_preset
+from pdserve_jax.serving.config import EngineConfig, check_servable
 
 V = 100
 MAX_LEN = 8
@@ -183,3 +187,48 @@ def test_valid_params_round_trip(params):
   want = dataclasses.replace(params, stop_token_ids=tuple(params.stop_token_ids or ()))
   assert got == want
   assert check_sampling(got, V) == got  # normalising twice changes nothing
+
+
+# -- engine config and servability -------------------------------------------
+
+@pytest.mark.parametrize("field, value, match", [
+    ("page_size", 0, "page_size must be an int >= 1, got 0"),
+    ("page_size", True, "page_size must be an int >= 1, got True"),
+    ("max_seq_len", 64.0, "max_seq_len must be an int >= 1, got 64.0"),
+    ("min_token_bucket", -1, "min_token_bucket must be an int >= 1, got -1"),
+    ("max_queued", 0, "max_queued must be an int >= 1, got 0"),
+    ("num_pages", 1, r"num_pages must be >= 2 \(page 0 is scratch\), got 1"),
+    ("num_pages", 8.0, "num_pages must be >= 2"),
+    ("max_seq_len", 60, "max_seq_len=60 must be a multiple of page_size=16"),
+    ("ttft_slo", 0.0, "SLOs must be positive, got ttft_slo=0.0"),
+    ("tpot_slo", math.nan, "SLOs must be positive, got .*tpot_slo=nan"),
+])
+def test_engine_config_check_names_the_field(field, value, match):
+  EngineConfig().check()  # the defaults pass
+  with pytest.raises(ValueError, match=match):
+    EngineConfig(**{field: value}).check()
+
+
+TINY = get_preset("tiny")  # 2 layers, 2 KV heads
+
+
+@pytest.mark.parametrize("deployment, devices, match", [
+    (Colocated(InstanceSpec(tp=3)), None,
+     "tp=3 neither divides nor is a multiple of the model's 2 KV heads"),
+    (Disaggregated(InstanceSpec(tp=1), InstanceSpec(tp=3)), None, "tp=3 neither divides"),
+    (Colocated(InstanceSpec(pp=3)), None, "pp=3 does not divide the model's 2 layers"),
+    (SemiPD(concurrent=True), None, "SM caps"),
+    (PhaseOnly("decode"), None, "serves Colocated, Disaggregated or SemiPD deployments"),
+    (Colocated(InstanceSpec(max_batch=0)), None, "max_batch"),
+    (Disaggregated(InstanceSpec(tp=2), InstanceSpec(tp=2), num_prefill=2), 4,
+     "needs 6 devices; 4 available"),
+])
+def test_check_servable_names_why_not(deployment, devices, match):
+  with pytest.raises(ValueError, match=match):
+    check_servable(deployment, TINY, devices)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])  # divides the 2 KV heads, or a multiple of them
+def test_check_servable_takes_tp_that_fits_the_kv_heads(tp):
+  check_servable(Colocated(InstanceSpec(tp=tp)), TINY, 8)
+  check_servable(Disaggregated(InstanceSpec(tp=tp), InstanceSpec(tp=1)), TINY, 8)

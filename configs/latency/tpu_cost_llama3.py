@@ -1,10 +1,10 @@
 """Cost tables of Llama 3 programs compiled for TPU (`cli.tpu_cost`), read by
 `configs/plan_llama3_tpu.py`. Made on a CPU-only machine with libtpu by:
 
-  python -m pdserve_jax.cli.tpu_cost --config=configs/latency/tpu_cost_llama3.py \
+  python -m pdserve_jax.cli.tpu_cost --config=latency/tpu_cost_llama3 \
       --config.model=llama3-8b --config.tp=8,4 \
       --output_json=configs/latency/llama3-8b_v5e.json
-  python -m pdserve_jax.cli.tpu_cost --config=configs/latency/tpu_cost_llama3.py \
+  python -m pdserve_jax.cli.tpu_cost --config=latency/tpu_cost_llama3 \
       --config.model=llama3-70b --config.tp=8 \
       --output_json=configs/latency/llama3-70b_v5e.json
 

@@ -1,7 +1,7 @@
 """absl app: an OpenAI-compatible HTTP server over one engine (`api.app`),
 in one process or as a router over prefill and decode worker processes.
 
-  python -m pdserve_jax.cli.api --config=configs/api_demo.py --port=8000
+  python -m pdserve_jax.cli.api --config=api_demo --port=8000
   curl localhost:8000/v1/completions -H 'Content-Type: application/json' \
       -d '{"prompt": "And the king said", "max_tokens": 24, "temperature": 0}'
 
@@ -10,9 +10,9 @@ is the same app): each worker holds one instance's devices, weights and pool, an
 the router (the disaggregated coordinator over `cluster.router.WorkerPlacement`)
 serves HTTP and schedules everything:
 
-  python -m pdserve_jax.cli.api --config=configs/cluster_demo.py --role=prefill --port=5601
-  python -m pdserve_jax.cli.api --config=configs/cluster_demo.py --role=decode --port=5602
-  python -m pdserve_jax.cli.api --config=configs/cluster_demo.py --role=router --port=8000 \
+  python -m pdserve_jax.cli.api --config=cluster_demo --role=prefill --port=5601
+  python -m pdserve_jax.cli.api --config=cluster_demo --role=decode --port=5602
+  python -m pdserve_jax.cli.api --config=cluster_demo --role=router --port=8000 \
       --prefill=tcp://127.0.0.1:5601 --decode=tcp://127.0.0.1:5602
 
 The served model name (what `/v1/models` lists and clients send as `model`) is
@@ -200,4 +200,4 @@ def main(cfg, out: common.Outputs):
 
 
 if __name__ == "__main__":
-  common.run(main, "configs/api_demo.py")
+  common.run(main, "api_demo")

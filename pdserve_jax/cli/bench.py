@@ -1,6 +1,6 @@
 """absl app: a serving benchmark client for any OpenAI-compatible endpoint.
 
-  python -m pdserve_jax.cli.bench --config=configs/bench.py \
+  python -m pdserve_jax.cli.bench --config=bench \
       --config.url=http://127.0.0.1:8000 --config.rates=2,4,8 --output_json=bench.json
 
 Replays the workload block (`workloads.DEFAULTS`: Poisson or gamma arrivals at each
@@ -119,4 +119,4 @@ def main(cfg, out: common.Outputs):
 
 
 if __name__ == "__main__":
-  common.run(main, "configs/bench.py")
+  common.run(main, "bench")

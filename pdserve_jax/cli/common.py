@@ -1,12 +1,20 @@
 """What every absl app shares: its flags, one-line errors, config checks, list syntax.
 
 `run(main, default_config)` defines `--config` (an ml_collections file),
-`--output_json` and `--plots_dir`, parses them and calls `main(cfg, out)`. A bad
-flag or config value ends the app with one line on stderr naming it and exit
-code 1, never a traceback: absl's flag errors, ml_collections' unknown keys (which
-it raises as AttributeError from inside flag parsing), and the ValueError,
-TypeError and OSError that config checks and the library raise. Pass `-v 1` for
-the traceback. Other exceptions are bugs and keep theirs.
+`--output_json` and `--plots_dir`, parses them and calls `main(cfg, out)`.
+`--config` takes a file's path (relative to the current directory) or the name of a
+config that ships with the package (`--config=serve_demo`,
+`--config=reproduce/distserve_fig1`: `config_file`), either with ml_collections'
+`:args` for `get_config(args)`. A bad flag or config value ends the app with one
+line on stderr naming it and exit code 1, never a traceback: absl's flag errors,
+ml_collections' unknown keys (which it raises as AttributeError from inside flag
+parsing), and the ValueError, TypeError and OSError that config checks and the
+library raise. Pass `-v 1` for the traceback. Other exceptions are bugs and keep
+theirs.
+
+Quiet by default: the apps print their reports, and log at WARNING, not at absl's
+INFO, unless `-v`/`--verbosity` is given (`-v 0`: INFO lines, such as orbax's
+checkpoint reads and the engine's warm-up; `-v 1`: DEBUG and tracebacks).
 
 Lists take one syntax everywhere: comma-separated values
 (`--config.modes=semi_pd,disaggregated`, `--config.rates=1,2,4`); Python tuple
@@ -23,7 +31,7 @@ import sys
 import time
 from typing import Callable, Optional
 
-from absl import app, flags
+from absl import app, flags, logging
 
 
 class ConfigError(ValueError):
@@ -50,23 +58,88 @@ class Outputs:
   plots_dir: Optional[str]  # where to write PNGs (None: no plots)
 
 
+# The configs that ship with the package. In the repository `pdserve_jax/configs` is a
+# link to the top-level `configs/` folder, where they live; a wheel holds them there as
+# a folder of their own (setuptools follows the link). So one path serves a checkout,
+# an editable install and an installed wheel alike.
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "configs")
+_CONFIG_NAME = re.compile(r"[A-Za-z_]\w*(/[A-Za-z_]\w*)*")
+
+
+def shipped_configs() -> list[str]:
+  """The names of the configs that ship with the package ("serve_demo",
+  "reproduce/distserve_fig1", ...)."""
+  out = []
+  for folder, _, files in os.walk(CONFIGS_DIR):
+    rel = os.path.relpath(folder, CONFIGS_DIR)
+    out += [os.path.normpath(os.path.join(rel, f[:-3])).replace(os.sep, "/") for f in files
+            if f.endswith(".py") and not f.startswith("_")]
+  return sorted(out)
+
+
+def config_file(value: str) -> str:
+  """The config file `--config=value` means, its `:args` kept: an existing file as
+  given (relative to the current directory), else a shipped config by name
+  ("serve_demo" is `CONFIGS_DIR/serve_demo.py`). Raises ConfigError naming what is
+  missing: a path that names no file is never looked up among the shipped configs."""
+  file, colon, args = value.partition(":")
+  if os.path.isfile(file):
+    return value
+  if _CONFIG_NAME.fullmatch(file):
+    path = os.path.join(CONFIGS_DIR, *file.split("/")) + ".py"
+    if os.path.isfile(path):
+      return path + colon + args
+    raise ConfigError(f"no config file {file!r} here and no shipped config of that name "
+                      f"(shipped: {', '.join(shipped_configs())})")
+  # "configs/serve_demo.py" outside the checkout: say which name would do.
+  name = os.path.splitext(file)[0].split("configs/", 1)[-1]
+  hint = (f"; the shipped config of that name is --config={name}"
+          if name in shipped_configs() else "")
+  raise ConfigError(f"no such file {file!r} (relative to {os.getcwd()}){hint}")
+
+
+def resolve_config_flag(argv: list) -> list:
+  """`argv` with the value of `--config` (`--config=x` or `--config x`) made a file's
+  path by `config_file`; ends the app with one line when it names none."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    flag, eq, value = arg.partition("=")
+    if flag not in ("--config", "-config"):
+      continue
+    if not eq and i + 1 < len(out):
+      i, value = i + 1, out[i + 1]
+    elif not eq:
+      continue
+    try:
+      out[i] = (flag + "=" if eq else "") + config_file(value)
+    except ConfigError as e:
+      fail(f"--config: {e}")
+  return out
+
+
 def run(main: Callable, default_config: Optional[str] = None,
         plots_dir: Optional[str] = None, output_json: Optional[str] = None) -> None:
   """Runs `main(cfg, Outputs)` as an absl app with these flag defaults; see the
-  module docstring."""
+  module docstring. `default_config` is a shipped config's name or a path."""
   from ml_collections import config_flags
 
+  if default_config is not None:
+    default_config = config_file(default_config)
+  argv = resolve_config_flag(sys.argv)
   try:  # with a default file, ml_collections applies the command line's overrides here
-    config_flags.DEFINE_config_file("config", default_config, "experiment config file")
+    config_flags.DEFINE_config_file("config", default_config, "experiment config file",
+                                    sys_argv=argv)
   except (AttributeError, KeyError, TypeError) as e:
-    fail(_unknown_key(e, sys.argv, default_config))
+    fail(_unknown_key(e, argv, default_config))
   flags.DEFINE_string("output_json", output_json, "write the result JSON here")
   flags.DEFINE_string("plots_dir", plots_dir, "write PNG plots into this folder")
   flags.DEFINE_string("compilation_cache", default_cache_dir(),
                       "JAX's persistent compilation cache folder, so a second run skips "
                       "compiling ('' turns it off)")
-  app.run(lambda argv: _guarded(main, argv),
-          flags_parser=lambda argv: _parse(argv, default_config))
+  # sys.argv keeps what was typed (the result file records it); flags parse `argv`.
+  app.run(lambda rest: _guarded(main, rest),
+          flags_parser=lambda typed: _parse(resolve_config_flag(typed), default_config))
 
 
 def default_cache_dir() -> str:
@@ -146,12 +219,14 @@ def _unknown_path(argv, default_config: Optional[str]) -> Optional[str]:
 
   import ml_collections
 
-  file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), default_config)
+  value = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
+               default_config)
   try:
+    file, colon, args = value.partition(":")
     spec = importlib.util.spec_from_file_location("_config", file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    cfg = module.get_config()
+    cfg = module.get_config(*([args] if colon else []))
   except Exception:  # noqa: BLE001 - any failure here just means "cannot tell"
     return None
   for arg in argv[1:]:
@@ -184,6 +259,8 @@ def _flag_error(text: str) -> str:
 
 
 def _guarded(main: Callable, argv) -> None:
+  if not flags.FLAGS["verbosity"].present:  # absl raised it to INFO after parsing
+    logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     fail(f"unexpected argument(s): {' '.join(argv[1:])}")
   try:

@@ -1,5 +1,5 @@
 """The engine side of the apps (`serve`, `sweep`): model, engine config, serving a
-workload with a progress bar, printing text continuations.
+workload with a progress bar, text continuations.
 
 Importing this sets XLA_FLAGS to 8 virtual CPU devices when unset, so import it
 before anything imports jax.
@@ -118,12 +118,12 @@ def _capture(engine, reqs):
     return e
 
 
-def print_continuations(engine, cfg, label: str) -> None:
-  """Prints each of `cfg.prompts` with its continuation (models with a tokenizer)."""
+def continuations(engine, cfg) -> list[str]:
+  """The engine's continuation of each of `cfg.prompts` under `cfg.generation`
+  (models with a tokenizer)."""
   import pdserve_jax as pdj
 
   g = cfg.generation
   params = pdj.SamplingParams(max_tokens=g.max_tokens, temperature=g.temperature,
                               seed=None if g.seed < 0 else g.seed)
-  for prompt, result in zip(cfg.prompts, engine.generate(list(cfg.prompts), params)):
-    print(f"  [{label}] {prompt!r} -> {result.text!r}")
+  return [result.text for result in engine.generate(list(cfg.prompts), params)]

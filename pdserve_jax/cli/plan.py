@@ -1,8 +1,13 @@
 """absl app: plan placements, goodput per device of each mode's placements under
-the SLOs, ranked, as a table, a result JSON and a bar chart.
+the SLOs, ranked, as a table, a result JSON and a bar chart; it ends with each mode's
+best placement and the winner.
 
-  python -m pdserve_jax.cli.plan --config=configs/plan_opt13b.py \
+  python -m pdserve_jax.cli.plan        # plan_demo: OPT-13B on 8 A100s, runs anywhere
+  python -m pdserve_jax.cli.plan --config=plan_opt13b \
       --config.ttft_slo=0.25 --config.modes=disaggregated,semi_pd --output_json=plan.json
+
+The table of every candidate is printed unless the config's `print_candidates` is
+False (plan_demo's).
 
 The planner (`sim.planner`) searches tp, pp, instance counts and semi-PD shares;
 the config gives the model, hardware and latency source (`cli.sim_runs`), the
@@ -112,6 +117,27 @@ def table(cands) -> str:
   return "\n".join(rows)
 
 
+def answer(cfg, spec: planner.PlanSpec, best: dict) -> str:
+  """Each mode's best placement with its goodput per device, and the winner, in a
+  few lines (`best`: mode -> its top candidate, ranked)."""
+  hw = spec.setup.hardware
+  nodes = f"{cfg.num_nodes} node{'s' if cfg.num_nodes > 1 else ''}"
+  lines = [f"{cfg.model} on {nodes} of {hw.devices_per_node} {hw.name}, SLOs TTFT "
+           f"{cfg.ttft_slo * 1e3:g} ms and TPOT {cfg.tpot_slo * 1e3:g} ms: each mode's best "
+           f"placement and its goodput per device (the highest rate at which "
+           f"{cfg.target:.0%} of requests meet both SLOs, over the devices it uses):"]
+  for mode, c in best.items():
+    lines.append(f"  {mode:<24} {c.describe():<44} {c.per_device:6.2f} req/s")
+  if not best:
+    return "\n".join(lines + ["  no placement meets the SLOs"])
+  first, *rest = best.values()
+  margin = (f", {first.per_device / rest[0].per_device:.2f}x the next mode's "
+            f"({rest[0].deployment.mode})" if rest else "")
+  lines.append(f"The planner's pick: {first.deployment.mode}, {first.describe()}: "
+               f"{first.per_device:.2f} req/s per device{margin}.")
+  return "\n".join(lines)
+
+
 def main(cfg, out: common.Outputs):
   start = time.perf_counter()
   names = deployments.modes(cfg)
@@ -127,12 +153,14 @@ def main(cfg, out: common.Outputs):
   params = getattr(spec.setup.latency, "parameters", None)
   if params:
     print("latency model: " + ", ".join(f"{k}={v}" for k, v in params.items()))
-  print(table(cands))
-  print(f"\nsearch took {seconds:.1f} s")
+  if cfg.get("print_candidates", True):
+    print(table(cands))
+    print(f"\nsearch took {seconds:.1f} s")
   best = {}  # the candidates come ranked
   for c in result.candidates:
     if c.goodput is not None:
       best.setdefault(c.deployment.mode, c)
+  print(answer(cfg, spec, best))
   # Each mode's best placement once more at its goodput: its per-request records.
   runs = [sim_runs.run(spec.setup, c.deployment, spec.workload(c.goodput), c.goodput,
                          cfg.ttft_slo, cfg.tpot_slo, cfg.latency,
@@ -152,4 +180,4 @@ def main(cfg, out: common.Outputs):
 
 
 if __name__ == "__main__":
-  common.run(main, "configs/plan_opt13b.py")
+  common.run(main, "plan_demo")

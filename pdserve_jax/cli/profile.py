@@ -1,6 +1,6 @@
 """absl app: time this library's prefill and decode programs into a latency model.
 
-  python -m pdserve_jax.cli.profile --config=configs/profile_cpu.py \
+  python -m pdserve_jax.cli.profile --config=profile_cpu \
       --output_json=latency_cpu.json [--config.kind=shapes]
 
 Writes what `simulate`, `plan` and `sweep` read (`--config.latency=<the JSON's
@@ -72,4 +72,4 @@ def main(c, out: common.Outputs):
 
 
 if __name__ == "__main__":
-  common.run(main, "configs/profile_cpu.py", output_json="latency_profile.json")
+  common.run(main, "profile_cpu", output_json="latency_profile.json")

@@ -339,4 +339,4 @@ def main(cfg, out: common.Outputs):
 
 
 if __name__ == "__main__":
-  common.run(main, "configs/reproduce.py")
+  common.run(main, "reproduce")

@@ -1,6 +1,8 @@
-"""absl app: serve one workload with the real engine, in each listed mode.
+"""absl app: serve one workload with the real engine, in each listed mode, and say
+which mode met the SLOs best at that load.
 
-  python -m pdserve_jax.cli.serve --config=configs/serve_demo.py \
+  python -m pdserve_jax.cli.serve     # serve_demo: the demo model in four modes
+  python -m pdserve_jax.cli.serve --config=serve_demo \
       --config.modes=semi_pd --config.workload.rate=4 --output_json=out.json
 
 With `--role=prefill|decode|router` it is `cli.api`'s multi-process server instead:
@@ -10,8 +12,10 @@ Each mode (`cli.deployments`) runs on its own engine built from the config's
 deployment blocks and `config.engine` (`pdj.EngineConfig`), and serves the
 `config.workload` block at its `rate`. With `prompts` and a model that has a
 tokenizer (`checkpoint="demo"`, an HF folder), each engine first prints their
-continuations. Prints one table row per mode; `--output_json` writes the result
-(`pdserve_jax.results`), `--plots_dir` its TTFT/TPOT CDFs and semi-PD share.
+continuations (one line for a mode whose text equals the first mode's). Prints one
+table row per mode, then the modes' SLO attainment with the best named;
+`--output_json` writes the result (`pdserve_jax.results`), `--plots_dir` its TTFT/TPOT
+CDFs and semi-PD share.
 """
 
 import time
@@ -52,21 +56,60 @@ def main(cfg, out: common.Outputs):
   text = bool(cfg.prompts) and model.tokenizer is not None
   if cfg.prompts and not text:
     print("  (prompts skipped: the model has no tokenizer)")
-  runs = []
+  runs, texts = [], {}
   for mode, dep in by_mode.items():
     with pdj.Engine(model, dep, ec) as engine:
       if text:
-        engine_runs.print_continuations(engine, cfg, mode)
+        texts[mode] = engine_runs.continuations(engine, cfg)
+        print_texts(cfg.prompts, texts)
       report = engine_runs.serve_workload(engine, requests, mode)
       stats = engine.stats()
     runs.append(results.run_record(mode, "engine", dep, w.rate, report.requests, cfg.ttft_slo,
                                    cfg.tpot_slo, report.share_history, engine_stats=stats))
     print(f"  served {mode}: {dep.describe()}", flush=True)
   print(common.table(runs))
+  print(answer(runs))
   plots = (figures.write(out.plots_dir, runs, cfg.ttft_slo, cfg.tpot_slo)
            if out.plots_dir else [])
   common.save("serve", cfg, out, runs, plots, start)
 
 
+def print_texts(prompts, texts: dict) -> None:
+  """The latest mode's continuations of `prompts`, or one line when they equal the
+  first mode's (`texts`: mode -> continuations, in serving order)."""
+  first, mode = list(texts)[0], list(texts)[-1]
+  if mode != first and texts[mode] == texts[first]:
+    print(f"  [{mode}] the same continuations as {first}")
+    return
+  for prompt, continuation in zip(prompts, texts[mode]):
+    print(f"  [{mode}] {prompt!r} -> {continuation!r}")
+
+
+def answer(runs) -> str:
+  """Which mode to deploy at this load: each mode's SLO attainment, the best named
+  (all of them when tied), and a hint when no mode served half the requests."""
+  att = {r["mode"]: r["summary"]["attainment"] for r in runs}
+  top = max(att.values())
+  best = [m for m, a in att.items() if a == top]
+  devices = {r["num_devices"] for r in runs}
+  n = devices.pop() if len(devices) == 1 else None
+  where = f"At {runs[0]['rate_rps']:g} req/s on " + (
+      "these devices" if n is None else f"{n} device{'s' if n > 1 else ''}"
+      + (" each" if len(runs) > 1 else ""))
+  who = " and ".join(best)
+  if len(best) == len(att):
+    text = (f"{where}, {'every mode' if len(att) > 1 else who} met both SLOs for {top:.0%} "
+            f"of requests" + (": at this load they do not differ." if len(att) > 1 else "."))
+  else:
+    rest = ", ".join(f"{m} {a:.0%}" for m, a in sorted(att.items(), key=lambda x: -x[1])
+                     if m not in best)
+    text = (f"{where}, {who} met both SLOs for {top:.0%} of requests ({rest}): {who} "
+            f"{'wins' if len(best) == 1 else 'tie'} at this load.")
+  if top < 0.5:  # beyond every mode: a busy or slow machine ranks them by noise
+    text += (" No mode served half the requests within the SLOs: the load is beyond "
+             "this machine now; a lower workload.rate compares the modes where they serve.")
+  return text
+
+
 if __name__ == "__main__":
-  common.run(main, "configs/serve_demo.py")
+  common.run(main, "serve_demo")

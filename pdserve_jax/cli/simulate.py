@@ -1,6 +1,6 @@
 """absl app: simulate one workload on each listed mode's deployment.
 
-  python -m pdserve_jax.cli.simulate --config=configs/simulate_distserve_fig1.py \
+  python -m pdserve_jax.cli.simulate --config=simulate_distserve_fig1 \
       --config.modes=disaggregated,colocated_prefill_first --config.workload.rate=2
 
 The config names the model preset, hardware and latency source
@@ -34,4 +34,4 @@ def main(cfg, out: common.Outputs):
 
 
 if __name__ == "__main__":
-  common.run(main, "configs/simulate_distserve_fig1.py")
+  common.run(main, "simulate_distserve_fig1")

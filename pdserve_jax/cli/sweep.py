@@ -1,8 +1,8 @@
 """absl app: SLO attainment against arrival rate per mode (DistServe's Figure 8),
 from the real engine and from the simulator, on the same axes.
 
-  python -m pdserve_jax.cli.sweep --config=configs/sweep_demo.py [--plots_dir=DIR]
-  python -m pdserve_jax.cli.sweep --config=configs/sweep_opt13b.py   # simulator only
+  python -m pdserve_jax.cli.sweep --config=sweep_demo [--plots_dir=DIR]
+  python -m pdserve_jax.cli.sweep --config=sweep_opt13b   # simulator only
 
 With `run_engine`, each mode's engine is built once and serves the workload block
 at each of `rates`; with `latency="profile"` the simulator's latency model is
@@ -105,4 +105,4 @@ def main(cfg, out: common.Outputs):
 
 
 if __name__ == "__main__":
-  common.run(main, "configs/sweep_demo.py", plots_dir="sweep_plots")
+  common.run(main, "sweep_demo", plots_dir="sweep_plots")

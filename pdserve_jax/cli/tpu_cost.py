@@ -2,7 +2,7 @@
 for a TPU topology (compile-only devices from libtpu: no TPU needed), as the cost
 table `plan`, `simulate` and `sweep` read (`--config.latency=<the JSON>`).
 
-  python -m pdserve_jax.cli.tpu_cost --config=configs/latency/tpu_cost_llama3.py \
+  python -m pdserve_jax.cli.tpu_cost --config=latency/tpu_cost_llama3 \
       --config.model=llama3-8b --config.tp=1,2,4,8 \
       --output_json=configs/latency/llama3-8b_tpu.json
 
@@ -51,4 +51,4 @@ def main(c, out: common.Outputs):
 
 
 if __name__ == "__main__":
-  common.run(main, "configs/latency/tpu_cost_llama3.py")
+  common.run(main, "latency/tpu_cost_llama3")

@@ -1,6 +1,6 @@
 """absl app: train the demo byte-level Llama with optax and save it with orbax.
 
-  python -m pdserve_jax.cli.train_demo --config=configs/train_demo.py \
+  python -m pdserve_jax.cli.train_demo --config=train_demo \
       [--config.text_file=book.txt] [--config.output_dir=DIR] [--config.steps=N]
 
 The text is `text_file` if set (paragraphs, split at blank lines, are the documents),
@@ -349,5 +349,7 @@ def main(argv):
 if __name__ == "__main__":
   # Defined here, not at import: importing this module for its functions (the tests do)
   # must neither claim the global `--config` flag nor read a config file.
-  config_flags.DEFINE_config_file("config", "configs/train_demo.py", "training run")
-  app.run(main)
+  from pdserve_jax.cli import common
+
+  config_flags.DEFINE_config_file("config", common.config_file("train_demo"), "training run")
+  app.run(main, flags_parser=lambda argv: flags.FLAGS(common.resolve_config_flag(argv)))

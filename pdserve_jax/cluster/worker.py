@@ -89,8 +89,6 @@ class Worker:
                peers: str = ""):
     """`peers`: with several processes (`jax.distributed` initialized), the address
     the leader binds for its followers and they connect to."""
-    from jax.experimental import transfer
-
     if role not in ROLES:
       raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     self.process, self.processes = jax.process_index(), jax.process_count()
@@ -118,8 +116,7 @@ class Worker:
           ident, _, raw = self._peers.recv_multipart()
           self._followers.append(ident)
     self._device = jax.local_devices()[0]  # its own: the global list starts with process 0
-    self._transfer = transfer.start_transfer_server(
-        self._device.client, f"{transfer_host}:0", [f"{transfer_host}:0"] * transfer_streams)
+    self._transfer = start_transfer_server(self._device, transfer_host, transfer_streams)
     self.transfer_address = self._transfer.address()
     self._conns: dict = {}
     self.runner: Optional[InstanceRunner] = None
@@ -285,12 +282,12 @@ class Worker:
     """The pages' KV as one buffer on this process's first device. Across processes
     every process runs this (an all-gather over the instance's mesh)."""
     pool = self.runner.pool
-    buf = pool.gather(pages)
-    if self.processes > 1:
-      if self._replicate is None:
-        whole = jax.sharding.NamedSharding(pool.sharding.mesh, jax.sharding.PartitionSpec())
-        self._replicate = jax.jit(lambda b: b, out_shardings=whole)
-      buf = {k: a.addressable_data(0) for k, a in self._replicate(buf).items()}
+    if self.processes == 1:
+      return stage_pages(pool, pages, self._device)
+    if self._replicate is None:
+      whole = jax.sharding.NamedSharding(pool.sharding.mesh, jax.sharding.PartitionSpec())
+      self._replicate = jax.jit(lambda b: b, out_shardings=whole)
+    buf = {k: a.addressable_data(0) for k, a in self._replicate(pool.gather(pages)).items()}
     return jax.device_put(buf, self._device)
 
   def _op_offer(self, ident, msg) -> dict:
@@ -298,7 +295,7 @@ class Worker:
     process); the pages may be reused at once (the buffer is a copy). A follower
     only takes its part in the gather."""
     buf = self._gathered(np.asarray(msg["pages"], np.int32))
-    jax.block_until_ready(buf)
+    jax.block_until_ready(buf)  # a failed gather fails this command, not a later pull
     if self.process == 0:
       for uuid in msg["uuids"]:
         self._transfer.await_pull(uuid, [buf["k"], buf["v"]])
@@ -326,16 +323,11 @@ class Worker:
 
   def _pull_own(self, msg) -> dict:
     """This process's copy of the offer, on its first device."""
-    pool = self.runner.pool
     conn = self._conns.get(msg["src"])
     if conn is None:
       conn = self._conns[msg["src"]] = self._transfer.connect(msg["src"])
-    shape = (pool.shape[0], pool.shape[1], len(msg["pages"]), pool.shape[3], pool.shape[4])
-    spec = jax.ShapeDtypeStruct(shape, pool.dtype,
-                                sharding=jax.sharding.SingleDeviceSharding(self._device))
-    k, v = conn.pull(msg["uuid"] + self.process, [spec, spec])
-    jax.block_until_ready((k, v))
-    return {"k": k, "v": v}
+    return pull_pages(conn, msg["uuid"] + self.process, self.runner.pool,
+                      len(msg["pages"]), self._device)
 
   def _pull(self, ident, msg) -> None:
     try:
@@ -348,10 +340,56 @@ class Worker:
     self._commands.put((ident, dict(msg, op="scatter", buffer=buf)))
 
   def _op_scatter(self, ident, msg) -> dict:
-    pool = self.runner.pool
     buf = msg["buffer"] if "buffer" in msg else self._pull_own(msg)  # a follower pulls now
-    if self.processes > 1:  # onto the global mesh from each process's host copy
-      buf = {k: np.asarray(a) for k, a in buf.items()}
-    pool.scatter(jax.device_put(buf, pool.pool_shardings), np.asarray(msg["pages"], np.int32))
-    jax.block_until_ready(pool.arrays)
+    land_pages(self.runner.pool, buf, msg["pages"], self.processes > 1)
     return {}
+
+
+# -- moving KV between workers (the offer, pull and scatter above; benchmarks/transfer.py
+# times each stage with these same functions) ----------------------------------------
+
+# The transfer server moves a buffer in chunks of this size, up to 8 in flight over its
+# streams. With jax's default (256 MiB) a KV buffer under 256 MiB is one chunk: copied
+# whole into the server's staging memory, sent whole over one socket, copied whole out,
+# one step after another, so extra streams idle. Chunks of 1 MiB overlap those steps:
+# 2-4.8x the bytes per second on CPU (benchmarks/transfer.py prints both; README,
+# "Measured figures"). It also sizes the address space each server maps for staging
+# (3 x 8 parallel copies x chunk): 0.1 GiB instead of 6 GiB.
+TRANSFER_CHUNK_BYTES = 1 << 20
+
+
+def start_transfer_server(device, host: str, streams: int,
+                          chunk_bytes: int = TRANSFER_CHUNK_BYTES):
+  """A transfer server on `device`'s client, listening on `host` with `streams`
+  transport sockets, moving buffers in chunks of `chunk_bytes`."""
+  from jax.experimental import transfer
+
+  return transfer.start_transfer_server(device.client, f"{host}:0", [f"{host}:0"] * streams,
+                                        transfer_size=chunk_bytes)
+
+
+def stage_pages(pool, pages, device) -> dict:
+  """The listed pages of every layer, gathered on the pool's mesh and staged whole on
+  `device` (one buffer each for K and V, which any tp on the other side can take).
+  Returns at once (async dispatch)."""
+  return jax.device_put(pool.gather(np.asarray(pages, np.int32)), device)
+
+
+def pull_pages(conn, uuid: int, pool, num_pages: int, device) -> dict:
+  """Pulls an offer of `num_pages` pages of `pool`'s layout onto `device`; returns once
+  the bytes have landed."""
+  shape = (pool.shape[0], pool.shape[1], num_pages, pool.shape[3], pool.shape[4])
+  spec = jax.ShapeDtypeStruct(shape, pool.dtype,
+                              sharding=jax.sharding.SingleDeviceSharding(device))
+  k, v = conn.pull(uuid, [spec, spec])
+  jax.block_until_ready((k, v))
+  return {"k": k, "v": v}
+
+
+def land_pages(pool, buf: dict, pages, spans_processes: bool) -> None:
+  """Lays a pulled buffer out on the pool's mesh and scatters it into `pages`; returns
+  once the pool is written."""
+  if spans_processes:  # onto the global mesh from each process's host copy
+    buf = {k: np.asarray(a) for k, a in buf.items()}
+  pool.scatter(jax.device_put(buf, pool.pool_shardings), np.asarray(pages, np.int32))
+  jax.block_until_ready(pool.arrays)

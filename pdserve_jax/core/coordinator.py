@@ -485,7 +485,7 @@ class SemiPDCoordinator(Coordinator):
   def add(self, req, now):
     unit = least_loaded([u for u in self.units if not (u.prefill.lost or u.decode.lost)])
     if unit is None:
-      raise ValueError("every instance is lost")
+      raise ValueError("every semi-PD replica is lost")
     unit.prefill.sched.add(req)
     self._kick(unit, now)
 

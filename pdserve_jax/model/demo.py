@@ -17,7 +17,7 @@ import os
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "assets", "demo_model")
-MAKE_COMMAND = "python -m pdserve_jax.cli.train_demo --config=configs/train_demo.py"
+MAKE_COMMAND = "python -m pdserve_jax.cli.train_demo --config=train_demo"
 
 
 def load_demo(mesh=None, dtype=None):
