@@ -38,6 +38,7 @@ import threading
 import time
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,6 +137,7 @@ def shorten(message: str) -> str:
 
 
 def main(_):
+  absl_logging.set_verbosity(absl_logging.WARNING)  # no line per health poll or request
   import httpx
   import numpy as np
 
