@@ -100,6 +100,7 @@ def test_an_oversized_body_gets_413_before_it_is_sent(served):
   reply = _read_all(s)  # the server answered and closed: the rest is never read
   s.close()
   assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+  assert b"connection: close" in reply.lower()  # not held open until keep-alive ends
   err = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
   assert "exceeds the limit" in err["message"] and err["code"] == 413
   # Without a Content-Length (chunked), the limit holds as bytes arrive.
@@ -116,6 +117,7 @@ def test_a_stalled_body_is_closed_at_the_deadline(served):
   reply = _read_all(s)  # returns only because the server closed the connection
   s.close()
   assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+  assert b"connection: close" in reply.lower()
   assert b"did not arrive within" in reply
 
 

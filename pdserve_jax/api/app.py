@@ -45,8 +45,8 @@ from typing import Any, Callable, List, Optional, Sequence
 from pdserve_jax.api import chat, protocol
 from pdserve_jax.api.metrics import Metrics
 from pdserve_jax.api.protocol import ApiError, Call
-from pdserve_jax.api.transport import (ClientGone, CountStatuses, EventStream, read_body,
-                                       retry_headers, until_disconnect)
+from pdserve_jax.api.transport import (ClientGone, CountStatuses, EventStream,
+                                       error_headers, read_body, until_disconnect)
 from pdserve_jax.serving.engine import Engine, EngineOverloaded, EngineUnavailable
 
 # Kept for callers of the first version of this module.
@@ -424,7 +424,7 @@ def create_app(engine: Engine, model_name: str, config: ApiConfig = ApiConfig(),
     return PlainTextResponse(metrics.text(engine), media_type="text/plain; version=0.0.4")
 
   async def api_error(request, e: ApiError):
-    return JSONResponse(e.body(), e.status, headers=retry_headers(e))
+    return JSONResponse(e.body(), e.status, headers=error_headers(e))
 
   async def client_gone(request, e: ClientGone):
     metrics.disconnect()

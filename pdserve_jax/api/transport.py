@@ -126,7 +126,12 @@ class CountStatuses:
     return getattr(self.app, name)
 
 
-def retry_headers(e: ApiError) -> Optional[dict]:
-  if e.retry_after is None:
-    return None
-  return {"Retry-After": str(max(1, round(e.retry_after)))}
+def error_headers(e: ApiError) -> Optional[dict]:
+  """Retry-After for a 429 or 503; `Connection: close` for a 413 or 408, whose body
+  was left unread: the connection closes at once instead of idling out keep-alive."""
+  headers = {}
+  if e.retry_after is not None:
+    headers["Retry-After"] = str(max(1, round(e.retry_after)))
+  if e.status in (408, 413):
+    headers["Connection"] = "close"
+  return headers or None
