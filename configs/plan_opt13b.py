@@ -25,6 +25,10 @@ def get_config():
   c.latency = "distserve"  # "roofline", or a profiled JSON (cli.profile)
   c.overheads = "none"  # or "distserve": its per-step costs, as in its paper
   c.page_size = 16
+  # True runs DistServe's own simulator's conventions (its 50,000-token decode cap;
+  # an output length counting the decode steps after the prefill's token), to
+  # reproduce its numbers exactly (docs/fidelity.md); False is this library's.
+  c.distserve_compat = False
   c.memory_utilization = 0.9
   c.ttft_slo = 0.25
   c.tpot_slo = 0.1
@@ -48,4 +52,7 @@ def get_config():
   c.max_spread = 0.05
   c.min_seeds = 3
   c.max_seeds = 24
+  # Placements whose intervals overlap the best's get more seeds, up to this many,
+  # before they are ranked (0: twice max_seeds); any still overlapping are "tied".
+  c.max_tie_seeds = 0
   return c

@@ -1,7 +1,7 @@
 """The reproductions of the papers' headline figures (`pdserve_jax.cli.reproduce`).
 
   python -m pdserve_jax.cli.reproduce                       # all of configs/reproduce/
-  python -m pdserve_jax.cli.reproduce --config.experiments=distserve_fig1,semipd_llama3_8b
+  python -m pdserve_jax.cli.reproduce --config.experiments=distserve_fig1,semipd_ablation
 
 Each experiment is a file in `experiments_dir`; the knobs here apply to all of them.
 """

@@ -20,6 +20,10 @@ def get_config():
   # figures; "none" for the fitted forward-pass times alone.
   c.overheads = "distserve"
   c.page_size = 16
+  # True runs DistServe's own simulator's conventions (its 50,000-token decode cap;
+  # an output length counting the decode steps after the prefill's token), to
+  # reproduce its numbers exactly (docs/fidelity.md); False is this library's.
+  c.distserve_compat = False
   c.memory_utilization = 0.9
   c.ttft_slo = 0.4
   c.tpot_slo = 0.04

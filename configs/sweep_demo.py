@@ -30,6 +30,11 @@ def get_config():
   c.memory_utilization = 0.9
   c.modes = ("colocated_prefill_first", "colocated_chunked", "disaggregated", "semi_pd")
   c.rates = (10.0, 20.0, 40.0, 80.0)  # requests/s, each served in every mode
+  # True: instead of `rates`, each mode's goodput by bisection on the engine and in
+  # the simulator, over goodput_seeds workload seeds, to goodput_tol (the knee).
+  c.goodput = False
+  c.goodput_seeds = 3
+  c.goodput_tol = 0.1
   c.target = 0.9  # the attainment goal drawn on the plot
   c.ttft_slo = 0.1
   c.tpot_slo = 0.02

@@ -49,6 +49,7 @@ _LAZY = {
     "SemiPD": "pdserve_jax.core.deploy",
     "InstanceSpec": "pdserve_jax.core.deploy",
     "PartitionerConfig": "pdserve_jax.core.deploy",
+    "ModelPartitionerConfig": "pdserve_jax.core.deploy",
 }
 
 __all__ = list(_LAZY)
@@ -64,7 +65,7 @@ if TYPE_CHECKING:  # lets type checkers and IDEs see the names; never runs
   from pdserve_jax.serving.engine import (Engine, EngineOverloaded, Result, Completion,
                                          RequestHandle)
   from pdserve_jax.core.deploy import (Colocated, Disaggregated, SemiPD, InstanceSpec,
-                                       PartitionerConfig)
+                                       PartitionerConfig, ModelPartitionerConfig)
 
 
 def __getattr__(name: str) -> Any:

@@ -102,7 +102,7 @@ def device() -> Optional[dict]:
 
 def document(app: str, config: dict, runs: Sequence[dict], plots: Sequence[str] = (),
              plan: Optional[dict] = None, wall_seconds: Optional[float] = None,
-             reproduce: Optional[dict] = None) -> dict:
+             reproduce: Optional[dict] = None, knee: Optional[dict] = None) -> dict:
   """The result of one app invocation, JSON-ready (see `result_schema.json`)."""
   commit, dirty = git_commit()
   doc = {"schema_version": SCHEMA_VERSION, "app": app,
@@ -110,7 +110,7 @@ def document(app: str, config: dict, runs: Sequence[dict], plots: Sequence[str] 
          "command": list(sys.argv), "config": config, "versions": versions(),
          "git_commit": commit, "git_dirty": dirty, "device": device(),
          "wall_seconds": wall_seconds, "runs": list(runs), "plan": plan,
-         "reproduce": reproduce,
+         "reproduce": reproduce, "knee": knee,
          "plots": [os.path.abspath(p) for p in plots]}
   return _clean(doc)
 

@@ -258,8 +258,12 @@ DEFAULTS = dict(
     output_mean=64,
     output_spread=0.0,
     max_total_tokens=0,  # prompt + output cap; 0: the app's context (model or engine)
+    max_prompt_tokens=0,  # prompt cap (LongBench truncates prompts so); 0: none
+    too_long="drop",  # trace rows beyond the caps: "drop" them, or "clip" (prompt first)
+    allow_dropping_most=False,  # go on when over half of a trace's rows are dropped
     seed=0,
 )
+TOO_LONG = ("drop", "clip")
 SOURCES = ("synthetic", "trace")
 LENGTHS = ("fixed", "uniform", "lognormal")
 
@@ -288,14 +292,16 @@ def check_config(w) -> None:
   missing = sorted(set(DEFAULTS) - set(w.keys()))
   if missing:
     raise ValueError(f"config key workload.{missing[0]} is missing")
-  choices = {"source": SOURCES, "arrival": ARRIVAL_PROCESSES, "lengths": LENGTHS}
+  choices = {"source": SOURCES, "arrival": ARRIVAL_PROCESSES, "lengths": LENGTHS,
+             "too_long": TOO_LONG}
   for key, known in choices.items():
     if w[key] not in known:
       raise _bad(key, f"must be one of {', '.join(known)}", w[key])
   for key in ("num_requests", "prompt_mean", "output_mean"):
     if not w[key] >= 1:
       raise _bad(key, "must be >= 1", w[key])
-  for key in ("prompt_spread", "output_spread", "max_total_tokens", "seed"):
+  for key in ("prompt_spread", "output_spread", "max_total_tokens", "max_prompt_tokens",
+              "seed"):
     if not w[key] >= 0:
       raise _bad(key, "must be >= 0", w[key])
   if not w.cv > 0 or not math.isfinite(w.cv):
@@ -320,24 +326,73 @@ def _lengths(kind: str, mean: float, spread: float, high: int):
   return Lognormal(mean, spread, 1, high)
 
 
+@dataclasses.dataclass(frozen=True)
+class Fit:
+  """What a workload block's caps did to its lengths: of `rows` (trace rows, or a
+  seed's synthetic draws) `kept` fitted as they were, `clipped` were shortened
+  and `dropped` left out; mean prompt and output lengths before and after."""
+  source: str
+  cap: int  # prompt + output tokens allowed
+  prompt_cap: int
+  rows: int
+  kept: int
+  clipped: int
+  dropped: int
+  mean_prompt_before: float
+  mean_output_before: float
+  mean_prompt: float
+  mean_output: float
+
+  @property
+  def dropped_share(self) -> float:
+    return self.dropped / self.rows if self.rows else 0.0
+
+  def describe(self) -> str:
+    return (f"workload: {self.source}: {self.rows:,} rows; {self.kept:,} kept, "
+            f"{self.clipped:,} clipped, {self.dropped:,} dropped by the {self.cap:,}-token "
+            f"context" + (f" and {self.prompt_cap:,}-token prompt cap"
+                          if self.prompt_cap < self.cap - 1 else "")
+            + f"; mean prompt {self.mean_prompt:,.0f} tokens (before "
+            f"{self.mean_prompt_before:,.0f}), mean output {self.mean_output:,.0f} (before "
+            f"{self.mean_output_before:,.0f})")
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def _fit_lengths(p: np.ndarray, o: np.ndarray, total: int, max_prompt: int,
+                 too_long: str):
+  """(prompts, outputs, keep mask, clipped mask) under the caps: rows beyond them are
+  dropped, or clipped prompt first (then the output into what is left)."""
+  over = (p > max_prompt) | (p + o > total)
+  if too_long == "drop":
+    return p, o, ~over, np.zeros_like(over)
+  pc = np.minimum(p, max_prompt)
+  oc = np.maximum(np.minimum(o, total - pc), 1)
+  return pc, oc, np.ones_like(over), over
+
+
 def from_config(w, context: int, max_prompt_len: Optional[int] = None) -> Callable:
   """(rate, seed=None) -> requests, from a workload block (`DEFAULTS`); every app
   reads its workload through this. `seed` (default: the block's) seeds lengths and
-  arrivals, for estimates over seeds (`sim.goodput.over_seeds`).
+  arrivals, for estimates over seeds (`sim.goodput.over_seeds`). The callable's
+  `fit` (a `Fit`) says what the caps did to the lengths.
 
   A synthetic source draws `num_requests` prompt and output lengths from
   `lengths`; a trace source (`trace`, a CSV path relative to the current
   directory) samples its rows with replacement, or at rate 0 replays its first
   `num_requests` rows at their recorded times. Prompt + output stay within
-  `max_total_tokens` (0: `context`) and prompts within `max_prompt_len`: synthetic
-  lengths are clipped, trace rows beyond them dropped. Arrivals follow `arrival`
-  at the rate, seeded by `seed`: one seed gives the same requests at every rate,
-  compressed or stretched in time. Raises ValueError naming a bad key and
-  FileNotFoundError for a missing trace.
+  `max_total_tokens` (0: `context`) and prompts within `max_prompt_tokens` and
+  `max_prompt_len`: synthetic lengths are clipped; trace rows beyond them are
+  dropped, or clipped with `too_long="clip"`. A trace that loses more than half
+  its rows is refused (ValueError naming the fixes) unless `allow_dropping_most`.
+  Arrivals follow `arrival` at the rate, seeded by `seed`: one seed gives the same
+  requests at every rate, compressed or stretched in time. Raises ValueError
+  naming a bad key and FileNotFoundError for a missing trace.
   """
   check_config(w)
   total = w.max_total_tokens or context
-  max_prompt = min(total - 1, max_prompt_len or total)
+  max_prompt = min(total - 1, max_prompt_len or total, w.max_prompt_tokens or total)
   if max_prompt < 1:
     raise _bad("max_total_tokens", "leaves no room for a prompt and an output", total)
   n, seed = w.num_requests, w.seed
@@ -350,16 +405,54 @@ def from_config(w, context: int, max_prompt_len: Optional[int] = None) -> Callab
       for r in reqs:  # the prompt first, the output in what is left
         r.max_tokens = min(r.max_tokens, total - r.prompt_len)
       return reqs
+    make.fit = _synthetic_fit(w, make, total, max_prompt)
     return make
   path = os.path.abspath(w.trace)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"workload.trace: no such file {w.trace!r} (relative to "
                             f"{os.getcwd()})")
-  trace = load_csv_trace(path).filter(total, max_prompt)
+  full = load_csv_trace(path)
+  p, o, keep, clipped = _fit_lengths(full.prompt_lens, full.output_lens, total, max_prompt,
+                                     w.too_long)
+  fit = Fit(w.trace, total, max_prompt, len(full), int((keep & ~clipped).sum()),
+            int(clipped.sum()), int((~keep).sum()), float(full.prompt_lens.mean()),
+            float(full.output_lens.mean()), float(p[keep].mean()) if keep.any() else 0.0,
+            float(o[keep].mean()) if keep.any() else 0.0)
+  if not keep.any():
+    raise ValueError(f"workload.trace: no row of {w.trace} fits {total} tokens with a "
+                     f"prompt of at most {max_prompt}; set workload.too_long=clip")
+  if fit.dropped_share > 0.5 and not w.allow_dropping_most:
+    raise ValueError(
+        f"workload.trace: {fit.dropped:,} of {fit.rows:,} rows of {w.trace} "
+        f"({fit.dropped_share:.0%}) do not fit the {total:,}-token context (prompt cap "
+        f"{max_prompt:,}), and the kept rows are not the trace: mean prompt "
+        f"{fit.mean_prompt:,.0f} tokens against {fit.mean_prompt_before:,.0f}. Set "
+        "workload.too_long=clip to truncate them, use a model with a longer context, or "
+        "set workload.allow_dropping_most=True to go on with the rows that fit")
+  arr = None if full.arrivals is None else full.arrivals[keep]
+  trace = Trace(full.name, p[keep], o[keep], arr)
 
   def make(rate, seed=seed):
     if not rate:
       return trace.requests(n=min(n, len(trace)))
     return trace.requests(n=n, rate=rate, process=w.arrival, cv=w.cv, seed=seed,
                           sample=True)
+  make.fit = fit
   return make
+
+
+def _synthetic_fit(w, make, total: int, max_prompt: int) -> Fit:
+  """The caps' effect on the block seed's synthetic draws."""
+  raw = synthetic(w.num_requests, 1.0, _lengths(w.lengths, w.prompt_mean, w.prompt_spread,
+                                                1 << 40),
+                  _lengths(w.lengths, w.output_mean, w.output_spread, 1 << 40), w.arrival,
+                  w.cv, w.seed)
+  got = make(1.0)
+  p0 = np.array([r.prompt_len for r in raw])
+  o0 = np.array([r.max_tokens for r in raw])
+  p1 = np.array([r.prompt_len for r in got])
+  o1 = np.array([r.max_tokens for r in got])
+  clipped = int(((p0 > max_prompt) | (p0 + o0 > total)).sum())
+  return Fit(f"synthetic {w.lengths}", total, max_prompt, len(raw), len(raw) - clipped,
+             clipped, 0, float(p0.mean()), float(o0.mean()), float(p1.mean()),
+             float(o1.mean()))

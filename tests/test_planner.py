@@ -44,7 +44,7 @@ def test_plan_structure_and_ranking():
   assert {"alg1-high-affinity", "alg2-low-affinity", "fixed-share", "dynamic",
           "prefill_first", "chunked"} <= algs
   d = json.loads(json.dumps(plan.to_dict()))
-  assert set(d) == {"candidates", "best", "phase_goodput_rps", "skipped_configs"}
+  assert set(d) == {"candidates", "best", "phase_goodput_rps", "skipped_configs", "tied"}
   assert d["best"]["disaggregated"]["goodput_per_device"] > 0
   assert "per device" in plan.table().splitlines()[0]
   # That disaggregation wins on Figure 1's workload is test_simulator's

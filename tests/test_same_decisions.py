@@ -34,7 +34,13 @@ DEPLOYMENTS = {
     "disagg_2p1_1d1": pdj.Disaggregated(_inst(1), _inst(1), num_prefill=2),
     "semi_pd_dynamic": pdj.SemiPD(_inst(1), partitioner=pdj.PartitionerConfig(window=4,
                                                                             step=0.1)),
+    # semi-PD's own partitioner (its Algorithm 1 and latency model), time-shared.
+    "semi_pd_paper": pdj.SemiPD(_inst(1), prefill_share=0.5, decode_share=0.5,
+                                partitioner=pdj.ModelPartitionerConfig(window=4, step=0.1)),
 }
+# The paper's partitioner moves nothing when both SLOs fail ("no room"): a TPOT SLO
+# that holds lets the failing TTFT move it.
+SLOS = {"semi_pd_paper": dict(ttft_slo=0.05, tpot_slo=10.0)}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +86,8 @@ def test_engine_and_simulator_run_the_same_steps(model, name, record_property):
   dep = DEPLOYMENTS[name]
   reqs = _crowd()
   # Tight SLOs move the semi-PD share.
-  cfg = pdj.EngineConfig(**ENGINE, num_pages=NUM_PAGES, ttft_slo=0.05, tpot_slo=0.01)
+  cfg = pdj.EngineConfig(**ENGINE, num_pages=NUM_PAGES,
+                         **SLOS.get(name, dict(ttft_slo=0.05, tpot_slo=0.01)))
   with pdj.Engine(model, dep, cfg) as engine:
     report = engine.run_workload(reqs, timeout=600)
     replay = _replay(engine)
@@ -96,7 +103,7 @@ def test_engine_and_simulator_run_the_same_steps(model, name, record_property):
                      record_steps=True)
   assert res.steps == by_engine
   assert res.num_preemptions == preemptions > 0
-  if name == "semi_pd_dynamic":
+  if name.startswith("semi_pd"):
     simulated = res.share_history["semi_pd0"]
     assert [x for _, x in simulated] == [x for _, x in history] and len(history) > 1
     assert [t for t, _ in simulated[1:]] == [t for t, _ in history[1:]]

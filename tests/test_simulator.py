@@ -190,3 +190,29 @@ def test_link_latency_and_overlap_slowdown():
 def test_setup_refuses_out_of_range_values(field, value):
   with pytest.raises(ValueError, match=f"^{field}"):
     dataclasses.replace(SETUP, **{field: value})
+
+
+class _WithHost(L.LatencyModel):
+  """Every step 0.1 s, of which 0.01 s is host work (`step_overhead_s`)."""
+  step_overhead_s = 0.01
+
+  def prefill_totals(self, num_seqs, tokens, sq_tokens):
+    return 0.1
+
+  def decode_totals(self, batch, context):
+    return 0.1
+
+  def mixed_totals(self, *a):
+    return 0.1
+
+
+def test_shared_host_serialises_the_instances_host_work():
+  """Two replicas start a step at once: with one engine thread the second waits for
+  the first's 10 ms of host work (a simulator that gave each instance its own host
+  would finish both at 0.1 s)."""
+  reqs = [Request(0, 16, 2, 0.0), Request(1, 16, 2, 0.0)]
+  dep = sim.Colocated(replicas=2)
+  own = sim.Setup(get_preset("opt-13b"), H.get_hardware("a100-80gb"), lambda tp, pp: _WithHost())
+  firsts = lambda setup: sorted(r.token_times[0] for r in sim.simulate(reqs, setup, dep).requests)
+  assert firsts(own) == pytest.approx([0.1, 0.1])
+  assert firsts(dataclasses.replace(own, shared_host=True)) == pytest.approx([0.1, 0.11])

@@ -16,7 +16,8 @@ import ml_collections
 
 from pdserve_jax.core import deploy
 from pdserve_jax.cli import common
-from pdserve_jax.core.share import PartitionerConfig, ShareScaling
+from pdserve_jax.core.share import (PAPER_DECODE_STEP, PAPER_PREFILL_STEP,
+                                   ModelPartitionerConfig, PartitionerConfig, ShareScaling)
 
 MODES = deploy.MODES
 
@@ -30,13 +31,19 @@ _DEFAULTS = dict(
     # `same_node`: KV moves over the node link, else the network (simulator only).
     disaggregated=dict(num_prefill=1, prefill_tp=1, prefill_pp=1, num_decode=1,
                        decode_tp=1, decode_pp=1, same_node=True),
-    # The initial prefill share; `dynamic` moves it online by the SLO partitioner.
-    # `concurrent` (simulator only) models SM partitioning, each phase slowed by
-    # its ShareScaling (alpha, beta).
-    semi_pd=dict(prefill_share=0.5, dynamic=False, concurrent=False,
+    # The SM ratios (x, y): `prefill_share` and `decode_share` (0: 1 - x); `dynamic`
+    # moves them online, by `algorithm` "ours" (`partitioner`, the SloPartitioner) or
+    # "paper" (`model_partitioner`, semi-PD's Algorithm 1). `concurrent` (simulator
+    # only) models SM partitioning under caps x and y (which may add up to more
+    # than 1; `work_conserving`: a phase alone takes the whole device), each phase
+    # slowed by its ShareScaling: (alpha, beta) or "paper" (semi-PD's Figure 10).
+    semi_pd=dict(prefill_share=0.5, decode_share=0.0, dynamic=False, algorithm="ours",
+                 concurrent=False, work_conserving=False,
                  prefill_scaling=(1.0, 0.0), decode_scaling=(1.0, 0.0),
-                 partitioner=dataclasses.asdict(PartitionerConfig())),
+                 partitioner=dataclasses.asdict(PartitionerConfig()),
+                 model_partitioner=dataclasses.asdict(ModelPartitionerConfig())),
 )
+ALGORITHMS = ("ours", "paper")
 
 
 def blocks(**overrides) -> dict:
@@ -53,7 +60,8 @@ def blocks(**overrides) -> dict:
       raise ValueError(f"unknown {name} key(s) {unknown}; known: {sorted(default)}")
     block = dict(default, **given)
     if name == "semi_pd":
-      block["partitioner"] = dict(default["partitioner"], **given.get("partitioner", {}))
+      for sub in ("partitioner", "model_partitioner"):
+        block[sub] = dict(default[sub], **given.get(sub, {}))
     out[name] = ml_collections.ConfigDict(block)
   if overrides:
     raise ValueError(f"unknown block(s) {sorted(overrides)}; known: {sorted(_DEFAULTS)}")
@@ -67,8 +75,8 @@ RULES = {
     "instance.page_policy": common.one_of(*deploy.PAGE_POLICIES),
     **{f"disaggregated.{k}": _POS for k in ("num_prefill", "prefill_tp", "prefill_pp",
                                             "num_decode", "decode_tp", "decode_pp")},
-    "semi_pd.prefill_share": common.open_fraction,
-}  # semi_pd.partitioner: `partitioner` checks it
+    "semi_pd.algorithm": common.one_of(*ALGORITHMS),
+}  # semi_pd's shares and partitioners: `deployment` and `partitioner` check them
 
 
 def modes(cfg, key: str = "modes") -> tuple[str, ...]:
@@ -81,6 +89,8 @@ def modes(cfg, key: str = "modes") -> tuple[str, ...]:
 
 
 def _scaling(cfg, key) -> ShareScaling:
+  if cfg.semi_pd[key] == "paper":
+    return PAPER_PREFILL_STEP if key == "prefill_scaling" else PAPER_DECODE_STEP
   pair = common.numbers(f"semi_pd.{key}", cfg.semi_pd[key], low=0.0, strict=False)
   if len(pair) != 2:
     raise common.ConfigError(f"semi_pd.{key}: expected (alpha, beta), got {pair}")
@@ -110,15 +120,21 @@ def deployment(cfg, mode: str) -> deploy.Deployment:
     s = cfg.semi_pd
     part = partitioner(cfg) if s.dynamic else None
     dep = deploy.SemiPD(spec(i.tp, i.pp), i.replicas, s.prefill_share, part, s.concurrent,
-                        _scaling(cfg, "prefill_scaling"), _scaling(cfg, "decode_scaling"))
+                        _scaling(cfg, "prefill_scaling"), _scaling(cfg, "decode_scaling"),
+                        s.get("decode_share", 0.0) or None, s.get("work_conserving", False))
   else:
     raise common.ConfigError(f"modes: unknown mode {mode!r}; known: {', '.join(MODES)}")
   return _checked(f"modes: {mode}", dep)
 
 
-def partitioner(cfg) -> PartitionerConfig:
-  """The semi-PD partitioner of `config.semi_pd.partitioner`, checked."""
-  return _checked("semi_pd.partitioner", PartitionerConfig(**cfg.semi_pd.partitioner.to_dict()))
+def partitioner(cfg):
+  """The semi-PD partitioner `config.semi_pd.algorithm` names: ours
+  (`semi_pd.partitioner`) or the paper's (`semi_pd.model_partitioner`), checked."""
+  s = cfg.semi_pd
+  if s.get("algorithm", "ours") == "paper":
+    return _checked("semi_pd.model_partitioner",
+                    ModelPartitionerConfig(**s.model_partitioner.to_dict()))
+  return _checked("semi_pd.partitioner", PartitionerConfig(**s.partitioner.to_dict()))
 
 
 def _checked(key: str, obj):

@@ -28,6 +28,7 @@ RULES = {
     "target_rate": lambda v: None if v >= 0 else "must be >= 0 (0: no target)",
     "max_spread": lambda v: None if v >= 0 else "must be >= 0 (0: one seed)",
     "min_seeds": common.at_least(1), "max_seeds": common.at_least(1),
+    "max_tie_seeds": common.at_least(0),
 }
 
 
@@ -63,6 +64,7 @@ def tpu_config(model: str, latency: str, ttft_slo: float, tpot_slo: float, num_n
   c.max_spread = 0.0  # one seed: a quick ranking
   c.min_seeds = 3
   c.max_seeds = 8
+  c.max_tie_seeds = 0  # 0: twice max_seeds
   return c
 
 
@@ -83,7 +85,8 @@ def build_spec(cfg) -> planner.PlanSpec:
       semi_pd_shares=_shares(cfg.semi_pd_shares), semi_pd_concurrent=cfg.semi_pd.concurrent,
       partitioner=deployments.partitioner(cfg),
       page_policy=i.page_policy, max_spread=cfg.max_spread or None, min_seeds=cfg.min_seeds,
-      max_seeds=max(cfg.min_seeds, cfg.max_seeds))
+      max_seeds=max(cfg.min_seeds, cfg.max_seeds),
+      max_tie_seeds=cfg.get("max_tie_seeds", 0) or None)
 
 
 def _shares(value) -> tuple:
@@ -99,19 +102,24 @@ def candidate(c) -> dict:
 
 
 def table(cands) -> str:
-  """The candidates, ranked; a pruned one shows the capacity bound that pruned it."""
+  """The candidates, ranked; a pruned one says why, with the capacity bound the
+  search used."""
   rows = [f"{'mode':<24}{'algorithm':<20}{'placement':<46}{'devices':>8}{'goodput':>9}"
           f"{'per device':>12}{'± (95%)':>9}{'seeds':>6}"]
   for c in cands:
+    why = ""
     if c["goodput_rps"] is None:
-      goodput, per = "pruned", f"<{c['capacity_rps'] / c['num_devices']:.2f}"
+      goodput, per = "pruned", "-"
+      what = "measured" if c["capacity_measured"] else "estimated"
+      why = (f"  ({c['note']}; {what} capacity "
+             f"{c['capacity_rps'] / c['num_devices']:.2f}/device)")
     else:
       goodput, per = f"{c['goodput_rps']:.2f}", f"{c['goodput_per_device']:.2f}"
     e = c["estimate"]
     spread = "" if e is None else f"{e['half_width_95'] / c['num_devices']:.2f}"
     seeds = "" if e is None else f"{e['num_seeds']}" + ("*" if c["overlaps_best"] else "")
     rows.append(f"{c['mode']:<24}{c['algorithm']:<20}{c['placement']:<46}"
-                f"{c['num_devices']:>8}{goodput:>9}{per:>12}{spread:>9}{seeds:>6}")
+                f"{c['num_devices']:>8}{goodput:>9}{per:>12}{spread:>9}{seeds:>6}{why}")
   if any(c["overlaps_best"] for c in cands):
     rows.append("* its 95% interval overlaps the best's: these seeds do not separate them")
   return "\n".join(rows)
@@ -142,6 +150,8 @@ def main(cfg, out: common.Outputs):
   start = time.perf_counter()
   names = deployments.modes(cfg)
   spec = build_spec(cfg)
+  fit = spec.workload.fit
+  print(fit.describe())  # what the context did to the lengths, before any ranking
   with common.progress(None, "placements", "cand") as bar:
     def step(c):
       bar.set_postfix_str(f"{c.mode} {c.describe()}", refresh=False)
@@ -156,6 +166,8 @@ def main(cfg, out: common.Outputs):
   if cfg.get("print_candidates", True):
     print(table(cands))
     print(f"\nsearch took {seconds:.1f} s")
+  if result.tied:
+    print(result.tie_message())
   best = {}  # the candidates come ranked
   for c in result.candidates:
     if c.goodput is not None:
@@ -169,7 +181,8 @@ def main(cfg, out: common.Outputs):
   plan = dict(candidates=cands, best={m: candidate(best[m]) if m in best else None
                                       for m in names}, phase_goodput_rps=result.phase_goodput,
               skipped_configs=result.skipped, search_seconds=seconds,
-              latency_parameters=params or None)
+              latency_parameters=params or None, workload_fit=fit.to_dict(),
+              tied=[c.describe() for c in result.tied])
   plots = []
   if out.plots_dir:
     rows = [(f"{c['mode']}: {c['placement']}", c["goodput_per_device"]) for c in cands

@@ -28,6 +28,7 @@ import importlib.util
 import math
 import os
 import time
+from typing import Optional
 
 import ml_collections
 
@@ -49,12 +50,18 @@ def system(label: str, latency: str, mode: str, plan: bool = False, **placement)
   "roofline"), at the placement our planner picks (`plan=True`) or at a fixed one:
   `tp`, `pp`, `replicas` (colocated, semi-PD), `num_prefill`, `prefill_tp`,
   `prefill_pp`, `num_decode`, `decode_tp`, `decode_pp` (disaggregated),
-  `prefill_share`, `dynamic`, `concurrent`, `prefill_scaling`, `decode_scaling`
-  (semi-PD; the scalings are (alpha, beta) of `ShareScaling`), `page_policy`."""
+  `prefill_share`, `decode_share` (0: 1 - prefill_share), `dynamic`, `algorithm`
+  ("ours" or "paper"), `concurrent`, `work_conserving`, `prefill_scaling`,
+  `decode_scaling` (semi-PD; the scalings are (alpha, beta) of `ShareScaling` or
+  "paper"), `page_policy`; and what differs from the experiment's: `overheads`
+  (its engine's per-step costs: "none", "distserve", "vllm"), `max_batch`,
+  `max_step_tokens`, `chunk` (chunked prefill's token budget)."""
   out = dict(label=label, latency=latency, mode=mode, plan=plan, tp=1, pp=1, replicas=1,
              num_prefill=1, prefill_tp=1, prefill_pp=1, num_decode=1, decode_tp=1,
-             decode_pp=1, prefill_share=0.5, dynamic=False, concurrent=False,
-             prefill_scaling=(1.0, 0.0), decode_scaling=(1.0, 0.0), page_policy="on_demand")
+             decode_pp=1, prefill_share=0.5, decode_share=0.0, dynamic=False,
+             algorithm="ours", concurrent=False, work_conserving=False,
+             prefill_scaling=(1.0, 0.0), decode_scaling=(1.0, 0.0), page_policy="on_demand",
+             overheads="", max_batch=0, max_step_tokens=0, chunk=0)
   unknown = sorted(set(placement) - set(out))
   if unknown:
     raise ValueError(f"unknown system key(s) {unknown}; known: {sorted(out)}")
@@ -65,7 +72,8 @@ def system(label: str, latency: str, mode: str, plan: bool = False, **placement)
 def experiment(**kw) -> ml_collections.ConfigDict:
   """An experiment config with the shared defaults (see `configs/reproduce/`)."""
   c = ml_collections.ConfigDict(dict(
-      title="", source="", hardware="a100-80gb", overheads="distserve", page_size=16,
+      kind="compare", group="", title="", source="", hardware="a100-80gb",
+      overheads="distserve", page_size=16,
       memory_utilization=0.9, target=0.9, tol=0.02, num_nodes=1, tp_options=(1, 2, 4, 8),
       pp_options=(1,), max_batch=256, max_step_tokens=4096, chunked_max_step_tokens=512,
       semi_pd_shares=(0.4, 0.5, 0.6, 0.7), paper_per_device={}, ratios={}, notes=""))
@@ -119,27 +127,33 @@ def _load(name: str, folder: str) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def _setup(exp, kind: str) -> sim.Setup:
-  """The simulator's Setup of a system on latency source `kind`, as every app builds
-  it (`cli.sim_runs.setup`, checks and messages included)."""
+def _setup(exp, s: dict) -> sim.Setup:
+  """The simulator's Setup of system `s` (its latency source and engine costs), as
+  every app builds it (`cli.sim_runs.setup`, checks and messages included)."""
   cfg = ml_collections.ConfigDict({k: exp[k] for k in (
       "model", "hardware", "page_size", "memory_utilization", "overheads")})
-  cfg.latency = kind
+  cfg.latency = s["latency"]
+  cfg.overheads = s.get("overheads") or exp.overheads
   return sim_runs.setup(cfg)
+
+
+def _limits(exp, s: dict) -> dict:
+  """The batch limits of system `s`: its own where it sets them, else the experiment's."""
+  return dict(max_batch=s.get("max_batch") or exp.max_batch,
+              max_step_tokens=s.get("max_step_tokens") or exp.max_step_tokens,
+              chunked_max_step_tokens=s.get("chunk") or exp.chunked_max_step_tokens)
 
 
 def _fixed(exp, s: dict):
   """A system's fixed placement, through the same blocks as every app."""
   cfg = ml_collections.ConfigDict(deployments.blocks(
-      instance=dict(tp=s["tp"], pp=s["pp"], replicas=s["replicas"], max_batch=exp.max_batch,
-                    max_step_tokens=exp.max_step_tokens,
-                    chunked_max_step_tokens=exp.chunked_max_step_tokens,
+      instance=dict(tp=s["tp"], pp=s["pp"], replicas=s["replicas"], **_limits(exp, s),
                     page_policy=s["page_policy"]),
       disaggregated={k: s[k] for k in ("num_prefill", "prefill_tp", "prefill_pp",
                                        "num_decode", "decode_tp", "decode_pp")},
-      semi_pd=dict(prefill_share=s["prefill_share"], dynamic=s["dynamic"],
-                   concurrent=s["concurrent"], prefill_scaling=s["prefill_scaling"],
-                   decode_scaling=s["decode_scaling"])))
+      semi_pd={k: s[k] for k in ("prefill_share", "decode_share", "dynamic", "algorithm",
+                                 "concurrent", "work_conserving", "prefill_scaling",
+                                 "decode_scaling")}))
   cfg.ttft_slo, cfg.tpot_slo = exp.ttft_slo, exp.tpot_slo
   return deployments.deployment(cfg, s["mode"])
 
@@ -149,8 +163,7 @@ def _planned(exp, s: dict, setup: sim.Setup, make):
   spec = planner.PlanSpec(
       setup, lambda rate: make(rate, 0), exp.ttft_slo, exp.tpot_slo, num_nodes=exp.num_nodes,
       tp_options=tuple(exp.tp_options), pp_options=tuple(exp.pp_options),
-      max_batch=exp.max_batch, max_step_tokens=exp.max_step_tokens,
-      chunked_max_step_tokens=exp.chunked_max_step_tokens, target=exp.target, tol=exp.tol,
+      **_limits(exp, s), target=exp.target, tol=exp.tol,
       semi_pd_shares=tuple(exp.semi_pd_shares), semi_pd_concurrent=s["concurrent"],
       semi_pd_scaling=(ShareScaling(*s["prefill_scaling"]), ShareScaling(*s["decode_scaling"])),
       page_policy=s["page_policy"])
@@ -182,12 +195,13 @@ def _ratio(a: gp.Estimate, b: gp.Estimate) -> dict:
 
 
 def run_experiment(exp, seeds: dict, num_requests: int = 0, curve_seeds: int = 3,
-                   progress=lambda msg: None) -> dict:
+                   progress=lambda msg: None, cache: Optional[dict] = None) -> dict:
   """Runs one experiment config; a JSON-ready record (see `result_schema.json`).
 
   `seeds` holds `min_seeds`, `max_seeds` and `max_spread` (`goodput.over_seeds`);
   `num_requests` (if > 0) overrides the workload's sample size; `curve_seeds`
-  seeds are averaged per point of the attainment curves."""
+  seeds are averaged per point of the attainment curves (0: none). `cache` keeps
+  goodputs by everything that sets them, for experiments that share systems."""
   w = ml_collections.ConfigDict(exp.workload.to_dict())
   if num_requests:
     w.num_requests = num_requests
@@ -198,14 +212,23 @@ def run_experiment(exp, seeds: dict, num_requests: int = 0, curve_seeds: int = 3
   for key, s in exp.systems.items():
     s = s.to_dict()
     progress(f"{exp.name}: {s['label']}")
-    setup = _setup(exp, s["latency"])
+    setup = _setup(exp, s)
     dep = _planned(exp, s, setup, make) if s["plan"] else _fixed(exp, s)
-    est = gp.goodput_over_seeds(make, setup, dep, exp.ttft_slo, exp.tpot_slo, exp.target,
-                                exp.tol, **seeds)
+    what = repr((exp.model, exp.hardware, exp.page_size, exp.memory_utilization,
+                 s["latency"], s.get("overheads") or exp.overheads, dep, w.to_dict(),
+                 exp.ttft_slo, exp.tpot_slo, exp.target, exp.tol, sorted(seeds.items())))
+    if cache is not None and what in cache:
+      est = cache[what]
+    else:
+      est = gp.goodput_over_seeds(make, setup, dep, exp.ttft_slo, exp.tpot_slo, exp.target,
+                                  exp.tol, **seeds)
+      if cache is not None:
+        cache[what] = est
     per_device[key] = est.scaled(1 / dep.num_devices)
     paper = exp.paper_per_device.get(key)
     systems[key] = dict(
         label=s["label"], mode=dep.mode, latency=s["latency"],
+        overheads=s.get("overheads") or exp.overheads,
         placement=dep.describe(), planned=s["plan"], num_devices=dep.num_devices,
         kv_tokens_per_device=_kv_tokens_per_device(setup, dep), goodput_rps=est.to_dict(),
         per_device=per_device[key].to_dict(), paper_per_device=paper,
@@ -217,16 +240,18 @@ def run_experiment(exp, seeds: dict, num_requests: int = 0, curve_seeds: int = 3
     ratios[name] = dict(numerator=num, denominator=den, ours=r, paper=[lo, hi],
                         within_paper=r["mean"] is not None and lo <= r["mean"] <= hi)
   curves = _curves(exp, placed, per_device, make, curve_seeds)
-  return dict(name=exp.name, title=exp.title, source=exp.source, model=exp.model,
-              hardware=exp.hardware, overheads=exp.overheads, ttft_slo=exp.ttft_slo,
-              tpot_slo=exp.tpot_slo, target=exp.target, num_requests=w.num_requests,
-              max_spread=seeds["max_spread"],
-              systems=systems, ratios=ratios, curves=curves, notes=exp.notes)
+  return dict(name=exp.name, group=exp.get("group", ""), title=exp.title, source=exp.source,
+              model=exp.model, hardware=exp.hardware, overheads=exp.overheads,
+              ttft_slo=exp.ttft_slo, tpot_slo=exp.tpot_slo, target=exp.target,
+              num_requests=w.num_requests, max_spread=seeds["max_spread"], systems=systems,
+              ratios=ratios, curves=curves, notes=exp.notes)
 
 
 def _curves(exp, placed, per_device, make, curve_seeds) -> dict:
   """Attainment (mean over `curve_seeds` seeds) at rates per device around each
   system's goodput, DistServe's Figure 8 axes."""
+  if not curve_seeds:
+    return {}
   rates = sorted({round(e.mean * f, 6) for e in per_device.values() for f in CURVE_POINTS
                   if e.mean > 0})
   out = {}
@@ -256,11 +281,11 @@ def report(rec: dict) -> str:
            f"   {rec['model']} on {rec['hardware']}, SLOs TTFT {rec['ttft_slo']} s / TPOT "
            f"{rec['tpot_slo']} s at {rec['target']:.0%}, {rec['num_requests']} requests per "
            f"seed, overheads: {rec['overheads']}",
-           f"   {'system':<34}{'latency':<10}{'placement':<44}{'GPUs':>5}{'req/s/GPU':>11}"
+           f"   {'system':<34}{'latency':<10}{'placement':<64}{'GPUs':>5}{'req/s/GPU':>11}"
            f"{'± 95%':>8}{'seeds':>6}{'paper':>7}{'ours/paper':>11}{'KV tok/GPU':>11}"]
   for s in rec["systems"].values():
     d = s["per_device"]
-    lines.append(f"   {s['label']:<34}{s['latency']:<10}{s['placement']:<44}"
+    lines.append(f"   {s['label']:<34}{s['latency']:<10}{s['placement']:<64}"
                  f"{s['num_devices']:>5}{d['mean']:>11.2f}{d['half_width_95']:>8.2f}"
                  f"{d['num_seeds']:>6}{_fmt(s['paper_per_device']):>7}"
                  f"{_fmt(s['ours_over_paper']):>11}{s['kv_tokens_per_device']:>11.0f}")
@@ -318,25 +343,46 @@ def main(cfg, out: common.Outputs):
   exps = [_load(n, folder) for n in names]
   for n, e in zip(names, exps):
     e.name = n
-  seeds = dict(min_seeds=cfg.min_seeds, max_seeds=max(cfg.min_seeds, cfg.max_seeds),
-               max_spread=cfg.max_spread)
-  records, written = [], []
+  all_seeds = dict(min_seeds=cfg.min_seeds, max_seeds=max(cfg.min_seeds, cfg.max_seeds),
+                   max_spread=cfg.max_spread)
+  from pdserve_jax.cli import repro_semipd as semipd
+
+  records, ablations, memory, written, cache = [], [], [], [], {}
   with common.progress(len(exps), "experiments", "exp") as bar:
     for e in exps:
+      note = lambda m: bar.set_postfix_str(m, refresh=True)
+      kind = e.get("kind", "compare")
+      if e.get("max_seeds"):  # an experiment may cap the seeds (its systems are many)
+        seeds = dict(all_seeds, max_seeds=max(cfg.min_seeds, min(all_seeds["max_seeds"],
+                                                                 e.max_seeds)))
+      else:
+        seeds = all_seeds
       try:
-        rec = run_experiment(e, seeds, cfg.num_requests, cfg.curve_seeds,
-                             lambda m: bar.set_postfix_str(m, refresh=True))
+        if kind == "ablation":
+          rec = semipd.run_ablation(e, seeds, cfg.num_requests, note, cache)
+          ablations.append(rec)
+          text = semipd.report_ablation(rec)
+        elif kind == "memory":
+          rec = semipd.run_memory(e, cfg.num_requests, cfg.curve_seeds, note)
+          memory.append(rec)
+          text = semipd.report_memory(rec)
+        else:
+          rec = run_experiment(e, seeds, cfg.num_requests, cfg.curve_seeds, note, cache)
+          records.append(rec)
+          text = report(rec)
+          if out.plots_dir:
+            written += plots(rec, out.plots_dir)
       except FileNotFoundError as err:
         raise common.ConfigError(f"{e.name}: {err}") from None
-      records.append(rec)
-      print(report(rec), flush=True)
+      print(text, flush=True)
       print()
-      if out.plots_dir:
-        written += plots(rec, out.plots_dir)
       bar.update(1)
+  summary = semipd.summary(records)
+  if summary:
+    print(summary + "\n")
   print(f"reproduce took {time.perf_counter() - start:.1f} s")
-  common.save("reproduce", cfg, out, [], written, start, reproduce=dict(experiments=records))
-
+  common.save("reproduce", cfg, out, [], written, start, reproduce=dict(
+      experiments=records, ablations=ablations, memory_pressure=memory))
 
 if __name__ == "__main__":
   common.run(main, "reproduce")

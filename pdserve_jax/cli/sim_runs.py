@@ -18,8 +18,10 @@ def setup(cfg) -> sim.Setup:
   """The simulator's fixed part; `latency` is "distserve", "vllm", "roofline" or a
   profiled JSON (`cli.profile`) relative to the current directory, plus the
   optional `overheads` ("none", the default, or "distserve": DistServe's per-step
-  costs, `sim.latency.overheads`), and the optional `latency_params`: the
-  roofline's or a TPU cost table's efficiency factors by name."""
+  costs, `sim.latency.overheads`; or "vllm"), the optional `latency_params`: the
+  roofline's or a TPU cost table's efficiency factors by name, and the optional
+  `distserve_compat` (False: DistServe's simulator's conventions, for
+  cross-checks with it; `sim.simulator.Setup`)."""
   from pdserve_jax.model.config import get_preset
   from pdserve_jax.sim.hardware import get_hardware
   from pdserve_jax.sim.latency import latency_source
@@ -45,7 +47,8 @@ def setup(cfg) -> sim.Setup:
   except (ValueError, KeyError, TypeError) as e:
     raise common.ConfigError(f"latency: {e}") from None
   return sim.Setup(model, hw, latency, page_size=cfg.page_size,
-                   memory_utilization=cfg.memory_utilization)
+                   memory_utilization=cfg.memory_utilization,
+                   distserve_compat=bool(cfg.get("distserve_compat", False)))
 
 
 def run(setup: sim.Setup, dep, requests, rate, ttft_slo: float, tpot_slo: float,

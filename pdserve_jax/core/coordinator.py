@@ -34,7 +34,8 @@ from pdserve_jax.core.policies import (ChunkedPrefillScheduler, DecodeScheduler,
                                           PrefillFirstScheduler, PrefillScheduler,
                                           check_fits, least_loaded, move_handoffs)
 from pdserve_jax.core.request import Request
-from pdserve_jax.core.share import PartitionerConfig, ShareController, SloPartitioner
+from pdserve_jax.core.share import (ModelPartitioner, ModelPartitionerConfig, PartitionerConfig,
+                                   ShareController, SloPartitioner, SmShares)
 from pdserve_jax.core.step import DECODE, PREFILL, Step
 
 if TYPE_CHECKING:
@@ -49,14 +50,12 @@ MAX_RECOMPUTES = 3
 class Instance:
   """One scheduler on one device group (a mesh, or in the simulator a pipeline's
   virtual engine)."""
-  __slots__ = ("name", "group", "sched", "spec", "phase", "step", "unit", "slowdown",
-               "lost")
+  __slots__ = ("name", "group", "sched", "spec", "phase", "step", "unit", "lost")
 
   def __init__(self, name, group, sched, spec, phase=None):
     self.name, self.group, self.sched, self.spec, self.phase = name, group, sched, spec, phase
     self.step: Optional[Step] = None
-    self.unit = None  # semi-PD: the replica both phases belong to
-    self.slowdown = None  # semi-PD SM partitioning: () -> factor on its step time
+    self.unit = None  # semi-PD: the replica both phases belong to (`_Unit`)
     self.lost = False  # its devices are gone: it takes no more work
 
   @property
@@ -266,8 +265,12 @@ class ColocatedCoordinator(Coordinator):
   def __init__(self, dep: deploy.Colocated, ex, on_end=None):
     super().__init__(ex, on_end)
     spec = dep.instance
-    policy = ChunkedPrefillScheduler if dep.policy == "chunked" else PrefillFirstScheduler
-    make = lambda a: policy(a, spec.max_batch, spec.max_step_tokens, spec.page_policy)
+    if dep.policy == "chunked":
+      make: Callable = lambda a: ChunkedPrefillScheduler(a, spec.max_batch,
+                                                         spec.max_step_tokens, spec.page_policy)
+    else:
+      make = lambda a: PrefillFirstScheduler(a, spec.max_batch, spec.max_step_tokens,
+                                             spec.page_policy, spec.max_decode_tokens)
     for k in range(dep.replicas):
       self._make("colocated", spec, k, make)
 
@@ -291,7 +294,7 @@ class DisaggregatedCoordinator(Coordinator):
           a, p.max_batch, p.max_step_tokens, p.page_policy), PREFILL)
     for k in range(dep.num_decode):
       self.decodes += self._make("decode", d, k, lambda a: DecodeScheduler(
-          a, d.max_batch, d.page_policy), DECODE)
+          a, d.max_batch, d.page_policy, d.max_decode_tokens), DECODE)
 
   def _entry_instances(self):
     return [self.prefills[0], self.decodes[0]]  # every pool of a kind is alike
@@ -426,13 +429,29 @@ class DisaggregatedCoordinator(Coordinator):
 
 
 class _Unit:
-  """One semi-PD replica: its two phases on one pool, and how they share it."""
+  """One semi-PD replica: its two phases on one pool, and how they share it: SM
+  ratios (x, y), the time share x / (x + y) its controller follows when
+  time-shared, and the shares `SmShares` gives each phase when SM-partitioned."""
 
-  def __init__(self, prefill, decode, share, partitioner):
+  def __init__(self, prefill, decode, caps, partitioner, dep: deploy.SemiPD):
     self.prefill, self.decode = prefill, decode
-    self.controller = ShareController(share)
-    self.share = share
+    self.dep = dep
     self.partitioner = partitioner
+    self.controller = ShareController(caps[0] / (caps[0] + caps[1]))
+    self.set_caps(*caps)
+
+  def set_caps(self, x: float, y: float) -> None:
+    self.caps = SmShares(x, y, self.dep.work_conserving)
+    self.share = self.caps.time_share
+    self.controller.set_share(self.share)
+
+  def slowdown(self, phase: str, prefill_busy: bool, decode_busy: bool) -> float:
+    """SM partitioning: the factor on `phase`'s step time while the phases are
+    busy as given (its own included)."""
+    sp, sd = self.caps.shares(prefill_busy, decode_busy)
+    if phase == PREFILL:
+      return self.dep.prefill_scaling.factor(sp)
+    return self.dep.decode_scaling.factor(sd)
 
   @property
   def num_waiting(self):
@@ -447,12 +466,14 @@ class SemiPDCoordinator(Coordinator):
   """semi-PD: per replica one pool and two schedulers, prefill and decode.
 
   Time-shared (what the engine runs): one step at a time per replica; a
-  `ShareController` picks the phase so busy time follows the share. SM-partitioned
+  `ShareController` picks the phase so busy time follows x : y. SM-partitioned
   (`concurrent`, the simulator's what-if): both phases run at once on their own
-  device groups, each step slowed by its `ShareScaling` at its share. Finished
-  prompts move to the decode scheduler without a copy; a request preempted by
-  decode goes back to the front of the prefill queue. With a partitioner, the
-  share moves from the TTFT and TPOT of finished requests.
+  device groups, each step slowed by its `ShareScaling` at the share `SmShares`
+  gives it while the other phase is busy or idle (the executor asks the unit's
+  `slowdown` and re-times a step in flight when the other phase starts or
+  stops). Finished prompts move to the decode scheduler without a copy; a
+  request preempted by decode goes back to the front of the prefill queue. With
+  a partitioner, (x, y) move after steps through its `after_step` hook.
   """
 
   def __init__(self, dep: deploy.SemiPD, ex, ttft_slo=None, tpot_slo=None,
@@ -470,17 +491,22 @@ class SemiPDCoordinator(Coordinator):
       pi = Instance(f"{group}.prefill", pg, PrefillScheduler(
           alloc, spec.max_batch, spec.max_step_tokens, spec.page_policy, shared=True), spec,
           PREFILL)
-      di = Instance(f"{group}.decode", dg, DecodeScheduler(alloc, spec.max_batch,
-                                                           spec.page_policy), spec, DECODE)
-      part = None if dep.partitioner is None else SloPartitioner(
-          ttft_slo, tpot_slo, dep.partitioner, dep.prefill_share, start_time)
-      unit = _Unit(pi, di, dep.prefill_share, part)
+      di = Instance(f"{group}.decode", dg, DecodeScheduler(
+          alloc, spec.max_batch, spec.page_policy, spec.max_decode_tokens), spec, DECODE)
+      unit = _Unit(pi, di, dep.caps, self._partitioner(dep, ttft_slo, tpot_slo, start_time),
+                   dep)
       pi.unit = di.unit = unit
-      if dep.concurrent:
-        pi.slowdown = lambda u=unit: dep.prefill_scaling.factor(u.share)
-        di.slowdown = lambda u=unit: dep.decode_scaling.factor(1.0 - u.share)
       self.instances += [pi, di]
       self.units.append(unit)
+
+  @staticmethod
+  def _partitioner(dep, ttft_slo, tpot_slo, start_time):
+    cfg, (x, y) = dep.partitioner, dep.caps
+    if cfg is None:
+      return None
+    if isinstance(cfg, ModelPartitionerConfig):
+      return ModelPartitioner(ttft_slo, tpot_slo, cfg, x, y, dep.concurrent, start_time)
+    return SloPartitioner(ttft_slo, tpot_slo, cfg, x / (x + y), start_time)
 
   def add(self, req, now):
     unit = least_loaded([u for u in self.units if not (u.prefill.lost or u.decode.lost)])
@@ -521,10 +547,9 @@ class SemiPDCoordinator(Coordinator):
       unit.controller.record(inst.phase, seconds)
     part = unit.partitioner
     if part is not None:
-      for r in finished:
-        if r.token_times and part.observe(r) is not None:
-          unit.share = part.share
-          unit.controller.set_share(part.share)
+      caps = part.after_step(inst.phase, seconds, finished, now)
+      if caps is not None:
+        unit.set_caps(*caps)
     if not self.concurrent:
       self._kick(unit, now)
     elif inst.phase == PREFILL:
@@ -578,7 +603,7 @@ class DecodeOnlyCoordinator(Coordinator):
     spec = dep.instance
     for k in range(dep.replicas):
       self._make("decode", spec, k, lambda a: DecodeScheduler(
-          a, spec.max_batch, spec.page_policy), DECODE)
+          a, spec.max_batch, spec.page_policy, spec.max_decode_tokens), DECODE)
     self._queue: collections.deque[Request] = collections.deque()
 
   @property
@@ -651,4 +676,4 @@ def build(dep, ex: Executor, ttft_slo: Optional[float] = None,
 
 __all__ = ["Instance", "Coordinator", "ColocatedCoordinator", "DisaggregatedCoordinator",
            "SemiPDCoordinator", "PrefillOnlyCoordinator", "DecodeOnlyCoordinator", "build",
-           "PartitionerConfig"]
+           "PartitionerConfig", "ModelPartitionerConfig"]

@@ -16,7 +16,8 @@ import dataclasses
 from typing import Optional, Union
 
 from pdserve_jax.core.policies import PAGE_POLICIES, check_page_policy
-from pdserve_jax.core.share import PartitionerConfig, ShareScaling
+from pdserve_jax.core.share import (ModelPartitionerConfig, PartitionerConfig, ShareScaling,
+                                   SmShares)
 
 POLICIES = ("prefill_first", "chunked")
 # The one mode vocabulary: every app, config, result file and the planner use these
@@ -34,12 +35,15 @@ def _positive_int(name: str, value) -> None:
 class InstanceSpec:
   """One instance: `tp` x `pp` devices, a batch cap, a per-step token budget
   (prompt tokens for prefill-first and prefill instances, all tokens for chunked
-  prefill) and a page policy ("on_demand" or "reserve", see `core.policies`)."""
+  prefill), a page policy ("on_demand" or "reserve", see `core.policies`) and an
+  optional cap on the tokens a decode step attends over (`max_decode_tokens`,
+  prefill-first and decode schedulers; DistServe's simulator hard-codes 50,000)."""
   tp: int = 1
   pp: int = 1
   max_batch: int = 256
   max_step_tokens: int = 4096
   page_policy: str = "on_demand"
+  max_decode_tokens: Optional[int] = None
 
   @property
   def num_devices(self) -> int:
@@ -48,6 +52,8 @@ class InstanceSpec:
   def check(self, what: str = "instance") -> None:
     for f in ("tp", "pp", "max_batch", "max_step_tokens"):
       _positive_int(f"{what}.{f}", getattr(self, f))
+    if self.max_decode_tokens is not None:
+      _positive_int(f"{what}.max_decode_tokens", self.max_decode_tokens)
     check_page_policy(self.page_policy)
 
   def describe(self) -> str:
@@ -124,34 +130,63 @@ class Disaggregated:
 @dataclasses.dataclass(frozen=True)
 class SemiPD(_Replicas):
   """semi-PD replicas: one weight copy and one KV pool per replica, prefill and
-  decode sharing its compute from an initial prefill share. `partitioner` turns
-  the online `SloPartitioner` on. `concurrent` models true SM partitioning (both
-  phases at once, each slowed by its `ShareScaling`); only the simulator can run
-  that, the engine time-shares."""
+  decode sharing its compute.
+
+  `prefill_share` and `decode_share` are the SM ratios (x, y) of semi-PD's paper;
+  `decode_share=None` means 1 - x. Time-shared (what the engine runs), the device's
+  time is split x' : y' = x / (x + y) : y / (x + y). With `concurrent` (true SM
+  partitioning, simulator only) both phases run at once under MPS-style caps x
+  and y, which may add up to more than 1 (`SmShares`: contention beyond the
+  device, `work_conserving` to give a phase running alone the whole device), each
+  step slowed by its `ShareScaling` at the share it gets. `partitioner` moves the
+  split online: a `PartitionerConfig` (ours, `SloPartitioner`) or a
+  `ModelPartitionerConfig` (the paper's Algorithm 1, `ModelPartitioner`)."""
   instance: InstanceSpec = InstanceSpec()
   replicas: int = 1
   prefill_share: float = 0.5
-  partitioner: Optional[PartitionerConfig] = None
+  partitioner: Union[PartitionerConfig, ModelPartitionerConfig, None] = None
   concurrent: bool = False
   prefill_scaling: ShareScaling = ShareScaling()
   decode_scaling: ShareScaling = ShareScaling()
+  decode_share: Optional[float] = None
+  work_conserving: bool = False
 
   mode = "semi_pd"
 
+  @property
+  def caps(self) -> tuple[float, float]:
+    """(x, y): the prefill and decode SM ratios."""
+    x = self.prefill_share
+    return x, (1.0 - x if self.decode_share is None else self.decode_share)
+
   def check(self) -> None:
     self._check_replicas()
-    if not 0 < self.prefill_share < 1:
-      raise ValueError(f"prefill_share must lie strictly between 0 and 1, got "
-                       f"{self.prefill_share}")
+    x, y = self.prefill_share, self.decode_share
+    if y is None:
+      if not 0 < x < 1:
+        raise ValueError(f"prefill_share must lie strictly between 0 and 1, got {x}")
+    else:
+      SmShares(x, y)  # each in (0, 1]; x + y may exceed 1
     if self.instance.pp != 1:
       raise ValueError("semi-PD time-shares one mesh; pipeline stages (pp > 1) are not "
                        "modelled for it")
     if self.partitioner is not None:
+      if not isinstance(self.partitioner, (PartitionerConfig, ModelPartitionerConfig)):
+        raise ValueError(f"partitioner must be a PartitionerConfig or a "
+                         f"ModelPartitionerConfig, got {self.partitioner!r}")
       self.partitioner.check()
+    if self.work_conserving and not self.concurrent:
+      raise ValueError("work_conserving applies to SM partitioning (concurrent=True); a "
+                       "time-shared device already gives a phase running alone all of it")
 
   def describe(self) -> str:
-    how = "dynamic from" if self.partitioner else "share"
-    return f"{self.replicas}x {self.instance.describe()} {how} x={self.prefill_share:.2f}"
+    how = ("dynamic (paper) from" if isinstance(self.partitioner, ModelPartitionerConfig)
+           else "dynamic from" if self.partitioner else "share")
+    x, y = self.caps
+    split = f"x={x:.2f}" if self.decode_share is None else f"(x, y)=({x:.2f}, {y:.2f})"
+    sm = (" SM caps" + (", work-conserving" if self.work_conserving else "")
+          if self.concurrent else "")
+    return f"{self.replicas}x {self.instance.describe()} {how} {split}{sm}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,4 +213,5 @@ Deployment = Union[Colocated, Disaggregated, SemiPD, PhaseOnly]
 
 
 __all__ = ["InstanceSpec", "Colocated", "Disaggregated", "SemiPD", "PhaseOnly",
-           "PartitionerConfig", "ShareScaling", "PAGE_POLICIES", "POLICIES", "MODES", "COLOCATED"]
+           "PartitionerConfig", "ModelPartitionerConfig", "ShareScaling", "SmShares",
+           "PAGE_POLICIES", "POLICIES", "MODES", "COLOCATED"]

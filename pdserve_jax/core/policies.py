@@ -18,6 +18,12 @@ Page policies (`page_policy`):
   "reserve": pages for a request's whole life (`prompt_len + max_tokens`) are
     taken at admission; nothing is ever preempted.
 
+Decode batch cap (`max_decode_tokens`, off by default): a decode step takes
+running requests in a rotating order while the tokens they attend over stay
+within the cap, and the requests it decoded go to the back (DistServe's
+simulator does this with a hard-coded 50,000, `simdistserve/base/worker.py`,
+`_enter_decodes`). Page growth is then checked per request and step.
+
 Preempted requests of a colocated scheduler rejoin the front of its own queue; a
 decode-only scheduler hands them back (`take_preempted`) for its coordinator to
 send to a prefill scheduler.
@@ -95,9 +101,13 @@ class _Scheduler:
   writes the first token past their last page.
   """
 
-  def __init__(self, allocator: PageAllocator, page_policy: str = "on_demand"):
+  def __init__(self, allocator: PageAllocator, page_policy: str = "on_demand",
+               max_decode_tokens: Optional[int] = None):
     self.allocator = allocator
     self.page_policy = check_page_policy(page_policy)
+    if max_decode_tokens is not None:
+      check_limit("max_decode_tokens", max_decode_tokens)
+    self.max_decode_tokens = max_decode_tokens
     self._lifetime = page_policy == "reserve"
     self._watermark = max(1, int(allocator.capacity * WATERMARK))
     self._waiting: collections.deque[Request] = collections.deque()
@@ -207,8 +217,8 @@ class _Scheduler:
 
   def _track(self, req: Request) -> None:
     """Notes the decode step at which `req` first writes past its pages."""
-    if self._lifetime:
-      return
+    if self._lifetime or self.max_decode_tokens is not None:
+      return  # (capped batches grow per request and step: `_capped_batch`)
     have = len(self.allocator.pages(req)) * self.allocator.page_size
     due = self._decode_steps + max(have - req.kv_len, 0)
     self._due.setdefault(due, []).append(req)
@@ -241,6 +251,32 @@ class _Scheduler:
         return True
     self._preempt(req)
     return False
+
+  def _capped_batch(self, running: list[Request]) -> list[Request]:
+    """The next decode batch under `max_decode_tokens`: running requests in order
+    while their attended tokens fit the cap (the first always goes), each given
+    the page its next token needs (oldest first, preempting newer ones)."""
+    assert self.max_decode_tokens is not None  # only called under a cap
+    room, batch = self.max_decode_tokens, list[Request]()
+    for r in running:
+      if batch and r.context_len > room:
+        break
+      room -= r.context_len
+      batch.append(r)
+    if not self._lifetime:
+      for r in sorted(batch, key=_seq):
+        if self.allocator.pages(r):
+          self._grow(r, r.context_len)
+      batch = [r for r in batch if self.allocator.pages(r)]
+    self._recount = True
+    return batch
+
+  def _rotate(self, running: list[Request], step: Step) -> list[Request]:
+    """`running` with the requests `step` decoded (and still running) moved to the
+    back, in their order: the cap's round robin."""
+    decoded = {id(r) for r in step.decodes}
+    return ([r for r in running if id(r) not in decoded]
+            + [r for r in step.decodes if r.finish_time is None])
 
   def _preempt(self, req: Request) -> None:
     self.allocator.free(req)
@@ -335,8 +371,8 @@ class PrefillFirstScheduler(_Scheduler):
   """
 
   def __init__(self, allocator: PageAllocator, max_batch: int, max_step_tokens: int,
-               page_policy: str = "on_demand"):
-    super().__init__(allocator, page_policy)
+               page_policy: str = "on_demand", max_decode_tokens: Optional[int] = None):
+    super().__init__(allocator, page_policy, max_decode_tokens)
     check_limit("max_batch", max_batch)
     check_limit("max_step_tokens", max_step_tokens)
     self.max_batch = max_batch
@@ -370,6 +406,8 @@ class PrefillFirstScheduler(_Scheduler):
       return self._begin(Step(chunks, []))
     if not self._running:
       return None
+    if self.max_decode_tokens is not None:
+      return self._begin(Step([], self._capped_batch(self._running)))
     self._grow_due()
     self._settle()
     return self._begin(Step([], self._running, self._ctx))
@@ -380,6 +418,8 @@ class PrefillFirstScheduler(_Scheduler):
     self._ctx += len(step.decodes) - gone + _context(joined)
     for r in joined:
       self._track(r)
+    if self.max_decode_tokens is not None and step.decodes:
+      self._running = self._rotate(self._running, step)
     if done:
       self._release(done)
       self._running = [r for r in self._running if r.finish_time is None]
@@ -629,8 +669,8 @@ class DecodeScheduler(_Scheduler):
   """
 
   def __init__(self, allocator: PageAllocator, max_batch: int,
-               page_policy: str = "on_demand"):
-    super().__init__(allocator, page_policy)
+               page_policy: str = "on_demand", max_decode_tokens: Optional[int] = None):
+    super().__init__(allocator, page_policy, max_decode_tokens)
     check_limit("max_batch", max_batch)
     self.max_batch = max_batch
     self._reserved: dict[Request, None] = {}
@@ -711,6 +751,9 @@ class DecodeScheduler(_Scheduler):
       self._ctx += _context(joined)
       for r in joined:
         self._track(r)
+    if self.max_decode_tokens is not None:
+      batch = self._capped_batch(self._running) if self._running else []
+      return self._begin(Step([], batch)) if batch else None
     self._grow_due()
     self._settle()
     if not self._running:
@@ -722,6 +765,8 @@ class DecodeScheduler(_Scheduler):
       raise RuntimeError("a decode scheduler's step has no prefills")
     done, gone = self._advance(step, now)
     self._ctx += len(step.decodes) - gone
+    if self.max_decode_tokens is not None:
+      self._running = self._rotate(self._running, step)
     if done:
       self._release(done)
       self._running = [r for r in self._running if r.finish_time is None]

@@ -25,9 +25,12 @@ a finite sample can meet the SLOs at rates no steady state sustains (TPOT in
 particular hides queueing for a decode slot, spread over every output token).
 With `max_spread` set, every candidate that kept a goodput is measured again over
 workload seeds (`goodput.over_seeds`, until the 95% interval of the mean is within
-`max_spread` of it); the ranking is then by the mean, and a candidate whose
-interval overlaps the top one's is marked `overlaps_best`: these seeds do not
-separate the two. The search itself runs on the workload's own seed.
+`max_spread` of it); the ranking is then by the mean. When other candidates'
+intervals overlap the top one's, the top and those get more seeds, one round at a
+time, until the overlaps clear or each has `max_tie_seeds`; a candidate still
+overlapping is marked `overlaps_best` and `Plan.tied` names them: these seeds do
+not rank them. A pruned candidate keeps the reason in `note`. The search itself
+runs on the workload's own seed.
 Limits: the workload is a fixed-size sample; the ranking gives exact goodput only
 for configs that were the best of their mode when tried.
 """
@@ -78,6 +81,8 @@ class PlanSpec:
     max_spread: if set, measure each kept candidate over seeds (see the module
       docstring); `workload` must then take `(rate, seed)`.
     min_seeds, max_seeds: the seed counts of those measurements.
+    max_tie_seeds: the seeds a candidate tied with the best may get (None: twice
+      `max_seeds`).
   """
   setup: sim.Setup
   workload: Workload
@@ -100,6 +105,7 @@ class PlanSpec:
   max_spread: Optional[float] = None
   min_seeds: int = search.MIN_SEEDS
   max_seeds: int = search.MAX_SEEDS
+  max_tie_seeds: Optional[int] = None
 
   @property
   def devices_per_node(self) -> int:
@@ -151,6 +157,17 @@ class Plan:
   phase_goodput: dict          # {"prefill"|"decode": {"tpXppY": req/s}}
   skipped: dict                # {"tpXppY": reason}
   config_devices: dict         # {"tpXppY": devices}
+  tied: list = dataclasses.field(default_factory=list)  # overlapping the best, with it
+
+  def tie_message(self) -> str:
+    """"" or a line naming the placements these seeds cannot rank."""
+    if not self.tied:
+      return ""
+    seeds = max(len(c.estimate.seeds) for c in self.tied)
+    return (f"tied: {len(self.tied)} placements' 95% intervals overlap the best's after up "
+            f"to {seeds} seeds, so these seeds do not rank them: "
+            + "; ".join(f"{c.mode} {c.describe()} {c.estimate.scaled(1 / c.num_devices).describe()}"
+                        for c in self.tied))
 
   def phase_per_device(self, phase: str) -> dict:
     """{"tpXppY": req/s per device} of `phase` alone."""
@@ -168,22 +185,34 @@ class Plan:
     return {"candidates": [c.to_dict() for c in self.candidates],
             "best": {m: (c.to_dict() if (c := self.best(m)) else None)
                      for m in deploy.MODES},
-            "phase_goodput_rps": self.phase_goodput, "skipped_configs": self.skipped}
+            "phase_goodput_rps": self.phase_goodput, "skipped_configs": self.skipped,
+            "tied": [c.describe() for c in self.tied]}
 
   def table(self) -> str:
     rows = [f"{'mode':<24}{'algorithm':<20}{'placement':<46}{'devices':>8}"
             f"{'goodput':>10}{'per device':>12}{'± (95%)':>10}{'seeds':>6}"]
     for c in self.candidates:
       g = "pruned" if c.goodput is None else f"{c.goodput:.2f}"
-      p = f"<{c.capacity / c.num_devices:.2f}" if c.goodput is None else f"{c.per_device:.2f}"
+      p = "-" if c.goodput is None else f"{c.per_device:.2f}"
       e = c.estimate
       spread = "" if e is None else f"{e.half_width / c.num_devices:.2f}"
       seeds = "" if e is None else f"{len(e.seeds)}" + ("*" if c.overlaps_best else "")
       rows.append(f"{c.mode:<24}{c.algorithm:<20}{c.describe():<46}{c.num_devices:>8}"
-                  f"{g:>10}{p:>12}{spread:>10}{seeds:>6}")
+                  f"{g:>10}{p:>12}{spread:>10}{seeds:>6}" + pruned_reason(c))
     if any(c.overlaps_best for c in self.candidates):
       rows.append("* its 95% interval overlaps the best's: these seeds do not rank them")
+    if self.tied:
+      rows.append(self.tie_message())
     return "\n".join(rows)
+
+
+def pruned_reason(c: Candidate) -> str:
+  """Why `c` kept no goodput, with the capacity bound the search used ("" when it
+  kept one)."""
+  if c.goodput is not None:
+    return ""
+  what = "measured" if c.measured else "estimated"
+  return f"  ({c.note}; {what} capacity {c.capacity / c.num_devices:.2f}/device)"
 
 
 class _Planner:
@@ -439,17 +468,39 @@ def plan(spec: PlanSpec, modes: Sequence[str] = deploy.MODES,
     cands += p.colocated([policy])
   if spec.max_spread is not None:
     _over_seeds(spec, [c for c in cands if c.goodput is not None])
-  cands.sort(key=lambda c: (c.goodput is None, -(c.per_device or 0.0),
-                            -c.capacity / c.num_devices))
-  top = cands[0] if cands and cands[0].estimate is not None else None
-  for c in cands[1:]:
-    if top is not None and c.estimate is not None:
-      c.overlaps_best = c.estimate.scaled(1 / c.num_devices).overlaps(
-          top.estimate.scaled(1 / top.num_devices))
+  tied = _rank(spec, cands)
   phase = {ph: {f"tp{tp}pp{pp}": g for (tp, pp), g in sorted(v.items())}
            for ph, v in p.phase.items()}
   devices = {f"tp{tp}pp{pp}": tp * pp for tp, pp in p.configs}
-  return Plan(cands, phase, p.skipped, devices)
+  return Plan(cands, phase, p.skipped, devices, tied)
+
+
+def _rank(spec: PlanSpec, cands: list[Candidate]) -> list[Candidate]:
+  """Sorts `cands` best first; while candidates measured over seeds overlap the
+  top one's interval, gives the top and them one more seed each (up to
+  `max_tie_seeds`) and sorts again. Returns the top and those still overlapping
+  it (empty when none does)."""
+  bound = spec.max_tie_seeds or 2 * spec.max_seeds
+  while True:
+    cands.sort(key=lambda c: (c.goodput is None, -(c.per_device or 0.0),
+                              -c.capacity / c.num_devices))
+    top = cands[0] if cands and cands[0].estimate is not None else None
+    if top is None:
+      return []
+    best = top.estimate.scaled(1 / top.num_devices)
+    for c in cands[1:]:
+      c.overlaps_best = c.estimate is not None and c.estimate.scaled(
+          1 / c.num_devices).overlaps(best)
+    tied = [top] + [c for c in cands[1:] if c.overlaps_best]
+    short = [c for c in tied if len(c.estimate.seeds) < bound]
+    if len(tied) == 1 or not short:
+      return tied if len(tied) > 1 else []
+    for c in short:  # one more seed each, then rank again
+      seed = c.estimate.seeds[-1] + 1
+      more = search.goodput(lambda rate: spec.workload(rate, seed), spec.setup, c.deployment,
+                            spec.ttft_slo, spec.tpot_slo, spec.target, tol=spec.tol)
+      c.estimate = search.Estimate(c.estimate.values + (more,), c.estimate.seeds + (seed,))
+      c.goodput = c.estimate.mean
 
 
 def _over_seeds(spec: PlanSpec, cands: list[Candidate]) -> None:

@@ -11,8 +11,19 @@ Each instance's KV capacity is its devices' HBM times `memory_utilization`, minu
 one copy of the weights (or `Setup.kv_tokens`). An instance with pp pipeline
 stages runs pp schedulers on slices of its pool so that pp steps are in flight
 (see `_Pipe`). `Replay` drives a run with the event times an engine logged, so the
-two executors can be compared decision by decision. Limits: KV copies do not
-contend for links; a step's stages are equal (the latency model's time / pp each).
+two executors can be compared decision by decision.
+
+SM-partitioned semi-PD (`SemiPD(concurrent=True)`) runs both phases of a replica at
+once; a step's time is its time alone stretched by its phase's slowdown at the
+share it gets (`core.share.SmShares`), which changes when the other phase starts
+or stops a step, so a step in flight is re-timed then from the work it has left.
+
+`Setup.distserve_compat` reproduces DistServe's own simulator (simdistserve) where
+its conventions differ from ours: a request's output length counts the decode
+steps after the prefill's token (ours counts that token too), and a decode step
+attends over at most 50,000 tokens. Off by default; see `docs/fidelity.md`.
+Limits: KV copies do not contend for links; a step's stages are equal (the
+latency model's time / pp each).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from pdserve_jax.model.config import ModelConfig
 from pdserve_jax.core import coordinator as C
 from pdserve_jax.core import metrics
 from pdserve_jax.core.request import Request
+from pdserve_jax.core.step import DECODE, PREFILL
 from pdserve_jax.sim.hardware import HardwareSpec
 from pdserve_jax.sim.latency import LatencyModel, transfer_time
 
@@ -57,6 +69,12 @@ class Setup:
   # 1 for separate accelerators; above 1 where instances share a host's cores, as
   # virtual CPU devices do (`profiler.profile_overlap` measures it).
   overlap_slowdown: float = 1.0
+  # DistServe's simulator's conventions (module docstring); for cross-checks only.
+  distserve_compat: bool = False
+  # One host thread serves every instance's per-step host work (the latency model's
+  # `step_overhead_s`), as this library's engine thread does: a step waits for it
+  # while the host handles another instance's step. False: each instance has its own.
+  shared_host: bool = False
 
   def __post_init__(self):
     if not 0 < self.memory_utilization <= 1:
@@ -95,6 +113,10 @@ class SimResult:
   share_history: dict[str, list[tuple[float, float]]]
   num_preemptions: int = 0
   steps: Optional[dict[str, list[tuple]]] = None
+  # Prompt and output tokens prefilled again after preemptions.
+  recomputed_tokens: int = 0
+  # Per device group, the largest share of its KV pool held when a step started.
+  peak_kv: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def attainment(self, ttft_slo: float, tpot_slo: float) -> float:
     return metrics.attainment(self.requests, ttft_slo, tpot_slo)
@@ -104,6 +126,7 @@ class SimResult:
     out = metrics.summarize(self.requests, ttft_slo, tpot_slo)
     out.update(num_devices=self.num_devices, makespan_s=self.makespan,
                utilization=self.utilization, num_preemptions=self.num_preemptions,
+               recomputed_tokens=self.recomputed_tokens, peak_kv=self.peak_kv,
                share_history={k: [list(p) for p in v] for k, v in self.share_history.items()})
     return out
 
@@ -189,6 +212,13 @@ class LatencyExecutor:
     self.steps = collections.defaultdict(list) if record_steps or replay else None
     self._copies = collections.defaultdict(int)
     self._stretch = setup.overlap_slowdown != 1.0 and replay is None
+    # SM-partitioned semi-PD: per replica, phase -> its step in flight,
+    # [instance, base seconds left, slowdown, since, version, started].
+    self._sm = isinstance(dep, SemiPD) and dep.concurrent
+    self._flight: dict = collections.defaultdict(dict)
+    self.recomputed_tokens = 0
+    self._peak: dict[str, tuple[int, int]] = {}  # group -> (pages held, capacity)
+    self._host_free = -math.inf  # with a shared host: when it is next free
     if isinstance(dep, Disaggregated):
       # Each device pair moves its shard of the KV at once.
       self.kv_bytes = setup.model.kv_bytes_per_token(setup.dtype_bytes)
@@ -226,6 +256,10 @@ class LatencyExecutor:
 
   def launch(self, inst, step, now) -> None:
     pipe = self.pipes[inst.group]
+    alloc = inst.sched.allocator
+    held = alloc.capacity - alloc.num_free
+    if held > self._peak.get(inst.group, (-1,))[0]:
+      self._peak[inst.group] = (held, alloc.capacity)
     if self.steps is not None:
       self.steps[inst.name].append(step.describe())
     if self.replay is not None:
@@ -233,9 +267,19 @@ class LatencyExecutor:
       pipe.busy_time += seconds
       self.sim.at(done, self._done, (inst, seconds))
       return
+    for c in step.prefills:
+      if c.request.num_preemptions:
+        self.recomputed_tokens += c.end - c.start
     stage = pipe.model.step_time(step, inst.sched.allocator.pages)
-    if inst.slowdown is not None:
-      stage *= inst.slowdown()
+    if self._sm:
+      self._flight[inst.unit][inst.phase] = [inst, stage, 1.0, now, 0, now]
+      self._retime(inst.unit, now)
+      return
+    if self.setup.shared_host:
+      # The step's host part runs when the one host thread is free; it waits until then.
+      start = max(now, self._host_free)
+      self._host_free = start + getattr(pipe.model, "step_overhead_s", 0.0)
+      stage += start - now
     if self._stretch:
       stage = self._overlap(pipe, now, stage)
     pipe.free_at = now + stage
@@ -246,6 +290,31 @@ class LatencyExecutor:
 
   def _done(self, now, arg):
     self.coord.step_done(arg[0], now, arg[1])
+
+  def _retime(self, unit, now) -> None:
+    """Re-times the steps in flight on `unit` (SM partitioning) at the shares the
+    phases busy now give them: each keeps the work it has left."""
+    flight = self._flight[unit]
+    busy = PREFILL in flight, DECODE in flight
+    for phase, rec in flight.items():
+      inst, left, factor, since, version, started = rec
+      left = max(left - (now - since) / factor, 0.0)
+      factor = unit.slowdown(phase, *busy)
+      rec[1:5] = [left, factor, now, version + 1]
+      done = now + left * factor
+      self.pipes[inst.group].free_at = done
+      self.sim.at(done, self._sm_done, (unit, phase, version + 1))
+
+  def _sm_done(self, now, arg):
+    unit, phase, version = arg
+    rec = self._flight[unit].get(phase)
+    if rec is None or rec[4] != version:
+      return  # re-timed since
+    del self._flight[unit][phase]
+    inst, seconds = rec[0], now - rec[5]
+    self.pipes[inst.group].busy_time += seconds
+    self.coord.step_done(inst, now, seconds)
+    self._retime(unit, now)  # the other phase may run alone now, or at new caps
 
   def start_copy(self, req, src, dst, now) -> None:
     if self.replay is not None:
@@ -282,6 +351,8 @@ def simulate(requests: Sequence[Request], setup: Setup, deployment,
   """
   if not requests:
     raise ValueError("no requests to simulate")
+  if setup.distserve_compat:
+    requests, deployment = _distserve_conventions(requests, deployment)
   if replay is None:
     reqs = sorted((r.fresh() for r in requests), key=lambda r: r.arrival_time)
     times = [r.arrival_time for r in reqs]
@@ -309,4 +380,27 @@ def simulate(requests: Sequence[Request], setup: Setup, deployment,
   span = end - start
   util = {name: (p.busy_time / span if span > 0 else 0.0) for name, p in ex.pipes.items()}
   return SimResult(reqs, span, deployment.num_devices, util, coord.share_history(),
-                   coord.num_preemptions, dict(ex.steps) if ex.steps is not None else None)
+                   coord.num_preemptions, dict(ex.steps) if ex.steps is not None else None,
+                   ex.recomputed_tokens, {g: h / c for g, (h, c) in ex._peak.items()})
+
+
+# simdistserve/base/worker.py, Worker._enter_decodes: "decode_max_tokens = 50000",
+# marked there as a temporary hack, whatever the parallelism and memory.
+DISTSERVE_DECODE_CAP = 50_000
+
+
+def _distserve_conventions(requests, deployment):
+  """`requests` and `deployment` as DistServe's simulator runs them: an output
+  length of L runs L decode steps after the prefill (its Request.should_finish:
+  counter >= output_lens, the counter starting at 0 after the prefill), so L + 1
+  tokens in our count; decode steps capped at `DISTSERVE_DECODE_CAP` tokens."""
+  reqs = [Request(r.request_id, r.prompt_len, r.max_tokens + 1, r.arrival_time, r.payload)
+          for r in requests]
+  capped = lambda spec: dataclasses.replace(
+      spec, max_decode_tokens=spec.max_decode_tokens or DISTSERVE_DECODE_CAP)
+  if isinstance(deployment, Disaggregated):
+    dep = dataclasses.replace(deployment, prefill=capped(deployment.prefill),
+                              decode=capped(deployment.decode))
+  else:
+    dep = dataclasses.replace(deployment, instance=capped(deployment.instance))
+  return reqs, dep

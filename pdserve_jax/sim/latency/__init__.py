@@ -65,8 +65,8 @@ def latency_source(kind: str, model: ModelConfig, hardware: HardwareSpec,
       or a TPU cost table (`cli.tpu_cost`), for the tp it compiled, any pp.
     model, hardware: what runs.
     overheads: per-step serving costs added to every step: "none", "distserve"
-      (what DistServe's simulator adds, to reproduce its paper) or a
-      `StepOverheads`.
+      (what DistServe's simulator adds, to reproduce its paper), "vllm" (vLLM's
+      published CPU time per iteration and per request) or a `StepOverheads`.
     roofline_kw: efficiency factors of `RooflineLatencyModel`, or of
       `TpuCostLatencyModel` with a TPU cost table.
 
