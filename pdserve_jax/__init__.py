@@ -49,6 +49,7 @@ _LAZY = {
     "SemiPD": "pdserve_jax.core.deploy",
     "InstanceSpec": "pdserve_jax.core.deploy",
     "PartitionerConfig": "pdserve_jax.core.deploy",
+    "ElasticConfig": "pdserve_jax.core.deploy",
     "ModelPartitionerConfig": "pdserve_jax.core.deploy",
 }
 
@@ -65,7 +66,8 @@ if TYPE_CHECKING:  # lets type checkers and IDEs see the names; never runs
   from pdserve_jax.serving.engine import (Engine, EngineOverloaded, Result, Completion,
                                          RequestHandle)
   from pdserve_jax.core.deploy import (Colocated, Disaggregated, SemiPD, InstanceSpec,
-                                       PartitionerConfig, ModelPartitionerConfig)
+                                       PartitionerConfig, ModelPartitionerConfig,
+                                       ElasticConfig)
 
 
 def __getattr__(name: str) -> Any:

@@ -116,6 +116,56 @@ def synthetic(n: int, rate: float, prompt, output, process: str = "poisson",
 
 
 @dataclasses.dataclass(frozen=True)
+class Phase:
+  """`num_requests` requests at `rate` requests/s with lengths from the `prompt` and
+  `output` distributions: one stretch of a `shifting` workload."""
+  num_requests: int
+  rate: float
+  prompt: object  # a length distribution (`Fixed`, `Uniform`, `Lognormal`)
+  output: object
+
+
+def shifting(phases: Sequence[Phase], rate_scale: float = 1.0, process: str = "poisson",
+             cv: float = 1.0, seed: int = 0) -> list[Request]:
+  """Requests whose prompt/output mix shifts over time: each phase's arrivals start
+  where the previous phase's ended, at its rate times `rate_scale` (so one seed gives
+  the same requests at every scale, compressed or stretched in time). Ids count up
+  across phases."""
+  if not phases:
+    raise ValueError("a shifting workload needs at least one phase")
+  out: list[Request] = []
+  start = 0.0
+  for k, ph in enumerate(phases):
+    if not ph.rate > 0:
+      raise ValueError(f"phase {k}: rate must be positive, got {ph.rate}")
+    reqs = synthetic(ph.num_requests, ph.rate * rate_scale, ph.prompt, ph.output, process,
+                     cv, seed=seed * 1000 + k)
+    for r in reqs:
+      r.request_id += len(out)
+      r.arrival_time += start
+    if reqs:
+      start = reqs[-1].arrival_time
+    out += reqs
+  return out
+
+
+def long_prompt_burst(context: int, num_requests: int = 120, rate: float = 1.0,
+                      seed: int = 0) -> list[Request]:
+  """A chat-like mix (short prompts, long outputs: decode-heavy), then a burst of
+  long prompts with short outputs at twice the rate (prefill-heavy, say a batch of
+  documents to summarise), then chat again; lengths scaled to `context` tokens
+  (prompt + output). The shift a fixed prefill:decode split cannot follow."""
+  if context < 16:
+    raise ValueError(f"context must be >= 16 tokens, got {context}")
+  c, third = context, num_requests // 3
+  chat = lambda n: Phase(n, rate, Uniform(max(1, c // 32), c // 8),
+                         Uniform(c // 4, c // 2))
+  burst = Phase(num_requests - 2 * third, 2 * rate, Uniform(c // 2, 3 * c // 4),
+                Uniform(2, max(2, c // 32)))
+  return shifting([chat(third), burst, chat(third)], seed=seed)
+
+
+@dataclasses.dataclass(frozen=True)
 class Trace:
   """Request lengths, with recorded arrival times (s, starting at 0) when known."""
   name: str

@@ -74,10 +74,14 @@ class ManualExecutor:
     assert inst.group not in self.held
     assert all(r.finish_time is None for r in step.requests), "launched an ended request"
     self.steps.append((inst, step))
+    for req, dst in step.streams:  # layer-wise KV streaming: copies that start now
+      assert inst.phase == PREFILL and dst.phase == DECODE and dst.group != inst.group
+      assert req in step.requests and dst.sched.allocator.pages(req)
+      self.copies.append((req, inst, dst))
 
   def start_copy(self, req, src, dst, now):
     assert not src.lost and not dst.lost, f"copy {src} -> {dst} involves a lost instance"
-    assert src.phase == PREFILL and dst.phase == DECODE
+    assert dst.phase == DECODE and src.group != dst.group  # a hand-off, or a migration
     assert req.finish_time is None and req.prefill_done and req.num_output >= 1
     assert src.sched.allocator.pages(req) and dst.sched.allocator.pages(req)
     self.copies.append((req, src, dst))
@@ -274,11 +278,11 @@ def stuck_handoff(coord) -> bool:
   instance has room for it (a pull would move it)."""
   if not isinstance(coord, coordinator.DisaggregatedCoordinator):
     return False
-  waiting = [h for h in (p.sched.peek_handoff() for p in coord.prefills) if h is not None]
+  waiting = [(h, p) for p in coord._sources() if (h := p.sched.peek_handoff()) is not None]
   if not waiting:
     return False
-  oldest = min(waiting, key=lambda r: r.token_times[0])
-  return any(d.sched.can_accept(oldest) for d in coord.decodes)
+  oldest, src = min(waiting, key=lambda hp: hp[0].token_times[0])
+  return any(d.sched.can_accept(oldest) for d in coord.decodes if d.group != src.group)
 
 
 # --- deployments ----------------------------------------------------------------------

@@ -4,7 +4,9 @@ One trace runs through the real engine, then through the simulator driven by the
 engine's own event times (`sim.simulator.Replay`: when each request was seen, each
 step ended and each KV copy landed). Both executors drive the same coordinator, so
 every instance must have run the same sequence of steps: the same requests, the
-same prefill chunks, in every mode, with preemptions and the semi-PD partitioner on.
+same prefill chunks, in every mode, with preemptions and the semi-PD partitioner on,
+with KV streamed layer by layer (the same streams to the same decode instances) and
+with elastic roles (the same moves at the same times).
 """
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 
 import pdserve_jax as pdj
 from pdserve_jax import workloads
+from pdserve_jax.core.elastic import ElasticConfig
 from pdserve_jax.core.request import Request
 from pdserve_jax.runtime.programs import InstanceRunner, RunnerShape
 from pdserve_jax.model import sharding
@@ -34,13 +37,20 @@ DEPLOYMENTS = {
     "disagg_2p1_1d1": pdj.Disaggregated(_inst(1), _inst(1), num_prefill=2),
     "semi_pd_dynamic": pdj.SemiPD(_inst(1), partitioner=pdj.PartitionerConfig(window=4,
                                                                             step=0.1)),
+    # KV streamed layer by layer, and SLOs only TTFT can miss: the controller moves a
+    # decode group to prefill (it migrates its requests first) mid-run.
+    "disagg_layerwise_elastic": pdj.Disaggregated(_inst(1), _inst(1), num_decode=2,
+                                                  kv_transfer="layerwise",
+                                                  elastic=ElasticConfig(window=4)),
     # semi-PD's own partitioner (its Algorithm 1 and latency model), time-shared.
     "semi_pd_paper": pdj.SemiPD(_inst(1), prefill_share=0.5, decode_share=0.5,
                                 partitioner=pdj.ModelPartitionerConfig(window=4, step=0.1)),
 }
 # The paper's partitioner moves nothing when both SLOs fail ("no room"): a TPOT SLO
-# that holds lets the failing TTFT move it.
-SLOS = {"semi_pd_paper": dict(ttft_slo=0.05, tpot_slo=10.0)}
+# that holds lets the failing TTFT move it. The elastic roles likewise: only TTFT can
+# miss there.
+SLOS = {"semi_pd_paper": dict(ttft_slo=0.05, tpot_slo=10.0),
+        "disagg_layerwise_elastic": dict(ttft_slo=1e-4, tpot_slo=10.0)}
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +95,21 @@ def test_the_crowd_cannot_fit_two_at_a_time():
 def test_engine_and_simulator_run_the_same_steps(model, name, record_property):
   dep = DEPLOYMENTS[name]
   reqs = _crowd()
-  # Tight SLOs move the semi-PD share.
+  want = None
+  if name == "disagg_layerwise_elastic":  # and the greedy tokens across moves and streams
+    rng = np.random.default_rng(7)
+    for r in reqs:
+      r.payload = rng.integers(0, CFG.vocab_size, r.prompt_len).tolist()
+    longest = max(r.max_tokens for r in reqs)
+    ref = pdj.greedy_reference(model, [r.payload for r in reqs], longest)
+    want = [ref[i][:r.max_tokens] for i, r in enumerate(reqs)]
+  # Tight SLOs move the semi-PD share (and the elastic roles: only TTFT can miss there).
   cfg = pdj.EngineConfig(**ENGINE, num_pages=NUM_PAGES,
                          **SLOS.get(name, dict(ttft_slo=0.05, tpot_slo=0.01)))
   with pdj.Engine(model, dep, cfg) as engine:
     report = engine.run_workload(reqs, timeout=600)
+    if want is not None:
+      assert [res.token_ids for res in report.results] == want
     replay = _replay(engine)
     by_engine = {}
     for rec in engine.step_log:
@@ -103,8 +123,10 @@ def test_engine_and_simulator_run_the_same_steps(model, name, record_property):
                      record_steps=True)
   assert res.steps == by_engine
   assert res.num_preemptions == preemptions > 0
-  if name.startswith("semi_pd"):
-    simulated = res.share_history["semi_pd0"]
+  if name == "disagg_layerwise_elastic":
+    assert any(len(work) == 3 for steps in by_engine.values() for work in steps)  # streams
+  if name.startswith("semi_pd") or name == "disagg_layerwise_elastic":
+    simulated = next(iter(res.share_history.values()))
     assert [x for _, x in simulated] == [x for _, x in history] and len(history) > 1
     assert [t for t, _ in simulated[1:]] == [t for t, _ in history[1:]]
   done = {r.request_id: r.token_times for r in res.requests}

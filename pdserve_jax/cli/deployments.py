@@ -16,6 +16,7 @@ import ml_collections
 
 from pdserve_jax.core import deploy
 from pdserve_jax.cli import common
+from pdserve_jax.core.elastic import ElasticConfig
 from pdserve_jax.core.share import (PAPER_DECODE_STEP, PAPER_PREFILL_STEP,
                                    ModelPartitionerConfig, PartitionerConfig, ShareScaling)
 
@@ -29,8 +30,12 @@ _DEFAULTS = dict(
                   chunked_max_step_tokens=512, page_policy="on_demand"),
     # Prefill and decode instances of the `instance` limits with their own tp x pp;
     # `same_node`: KV moves over the node link, else the network (simulator only).
+    # `kv_transfer`: "whole" or "layerwise" (streamed in `layer_groups` groups during
+    # the prefill); `elastic`: instances change role online, by `elastic_controller`.
     disaggregated=dict(num_prefill=1, prefill_tp=1, prefill_pp=1, num_decode=1,
-                       decode_tp=1, decode_pp=1, same_node=True),
+                       decode_tp=1, decode_pp=1, same_node=True, kv_transfer="whole",
+                       layer_groups=2, elastic=False,
+                       elastic_controller=dataclasses.asdict(ElasticConfig())),
     # The SM ratios (x, y): `prefill_share` and `decode_share` (0: 1 - x); `dynamic`
     # moves them online, by `algorithm` "ours" (`partitioner`, the SloPartitioner) or
     # "paper" (`model_partitioner`, semi-PD's Algorithm 1). `concurrent` (simulator
@@ -62,6 +67,9 @@ def blocks(**overrides) -> dict:
     if name == "semi_pd":
       for sub in ("partitioner", "model_partitioner"):
         block[sub] = dict(default[sub], **given.get(sub, {}))
+    if name == "disaggregated":
+      block["elastic_controller"] = dict(default["elastic_controller"],
+                                         **given.get("elastic_controller", {}))
     out[name] = ml_collections.ConfigDict(block)
   if overrides:
     raise ValueError(f"unknown block(s) {sorted(overrides)}; known: {sorted(_DEFAULTS)}")
@@ -74,9 +82,12 @@ RULES = {
     "instance.chunked_max_step_tokens": common.at_least(2),
     "instance.page_policy": common.one_of(*deploy.PAGE_POLICIES),
     **{f"disaggregated.{k}": _POS for k in ("num_prefill", "prefill_tp", "prefill_pp",
-                                            "num_decode", "decode_tp", "decode_pp")},
+                                            "num_decode", "decode_tp", "decode_pp",
+                                            "layer_groups")},
+    "disaggregated.kv_transfer": common.one_of(*deploy.KV_TRANSFERS),
     "semi_pd.algorithm": common.one_of(*ALGORITHMS),
-}  # semi_pd's shares and partitioners: `deployment` and `partitioner` check them
+}  # semi_pd's shares and partitioners: `deployment` and `partitioner` check them;
+# disaggregated.elastic_controller: its `check` does
 
 
 def modes(cfg, key: str = "modes") -> tuple[str, ...]:
@@ -114,8 +125,11 @@ def deployment(cfg, mode: str) -> deploy.Deployment:
                            "chunked")
   elif mode == "disaggregated":
     d = cfg.disaggregated
+    elastic = _checked("disaggregated.elastic_controller",
+                       ElasticConfig(**d.elastic_controller.to_dict())) if d.elastic else None
     dep = deploy.Disaggregated(spec(d.prefill_tp, d.prefill_pp), spec(d.decode_tp, d.decode_pp),
-                               d.num_prefill, d.num_decode, d.same_node)
+                               d.num_prefill, d.num_decode, d.same_node, d.kv_transfer,
+                               d.layer_groups, elastic)
   elif mode == "semi_pd":
     s = cfg.semi_pd
     part = partitioner(cfg) if s.dynamic else None

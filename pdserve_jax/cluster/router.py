@@ -314,7 +314,9 @@ class RemoteRunner:
     if getattr(fut.exception(), "pool_reset", False):
       self.link.pool_reset = True
 
-  def packed(self, chunks, starts, tables, sampling) -> _RemotePending:
+  def packed(self, chunks, starts, tables, sampling, streams=()) -> _RemotePending:
+    if streams:  # `check_servable` refuses such deployments across processes
+      raise NotImplementedError("layer-wise KV streaming between worker processes")
     return self._call("packed", chunks, starts, tables, sampling)
 
   def decode(self, tokens, positions, tables, sampling) -> _RemotePending:
@@ -421,6 +423,7 @@ class WorkerPlacement:
   coordinator asks for is the next free worker of its role."""
 
   device_count: Optional[int] = None  # the workers' devices are theirs to count
+  in_process = False
 
   def __init__(self, model_name: str, attn_impl: str, workers: Dict[str, List[str]],
                settings: ClusterSettings = ClusterSettings()):

@@ -8,7 +8,9 @@ the partitioner moves the share, and how an abort or a failed step ends requests
 
 It reaches devices only through an executor (`core.seam.Executor`): a page
 allocator per device group, `can_launch` / `launch` a step (later `step_done` or
-`fail`), `start_copy` a request's KV (later `copy_done`). The executor calls
+`fail`), `start_copy` a request's KV (later `copy_done`), or with layer-wise
+streaming a step that carries KV copies out as it runs (`Step.streams`; each later
+`copy_done`, before or after the step's `step_done`). The executor calls
 `lose(inst, now)` when an instance's devices are gone (a worker process died): no
 new work goes to it, and the requests there end with an error, except in the
 disaggregated mode, where they are recomputed on a live prefill instance from
@@ -236,8 +238,12 @@ class Coordinator:
     if step is None:
       return False
     inst.step = step
+    self._prepare(inst, step, now)
     self.ex.launch(inst, step, now)
     return True
+
+  def _prepare(self, inst: Instance, step: Step, now: float) -> None:
+    """`step` is about to launch on `inst` (a mode may attach KV streams to it)."""
 
   def _recompute(self, inst: Instance, reqs: list[Request], now: float) -> None:
     raise RuntimeError(f"{inst.name} preempted requests with nowhere to recompute them")
@@ -283,11 +289,20 @@ class DisaggregatedCoordinator(Coordinator):
   hand-off waits in prefill memory (the pull stops, keeping FCFS). A request
   preempted on a decode instance goes back to the least loaded prefill instance,
   at the front of its queue, to recompute its KV.
+
+  Layer-wise streaming (`kv_transfer="layerwise"`): when a prefill step launches and
+  no hand-off waits, each request it finishes prefilling (oldest first, while decode
+  pages last) gets its decode instance and pages at once, and its KV streams there
+  with the step (`Step.streams`). It is admitted when the copy has landed and the
+  step has ended, in either order; its prefill pages are freed only then. A request
+  that cannot be placed then (or ends with its first token) hands off as usual.
   """
 
   def __init__(self, dep: deploy.Disaggregated, ex, on_end=None):
     super().__init__(ex, on_end)
-    p, d = dep.prefill, dep.decode
+    p, d = dep.instance_specs()
+    self.streaming = dep.streams_kv
+    self._landed: set[Request] = set()  # streamed copies in before their step ended
     self.prefills, self.decodes = [], []
     for k in range(dep.num_prefill):
       self.prefills += self._make("prefill", p, k, lambda a: PrefillScheduler(
@@ -320,9 +335,39 @@ class DisaggregatedCoordinator(Coordinator):
     self._launch(inst, now)
 
   def _after_step(self, inst, finished, now, seconds):
+    if self._landed and inst.phase == PREFILL:
+      for r in [r for r in self._landed if self._copies[r][0] is inst]:
+        self._landed.discard(r)
+        self.copy_done(r, now)
     if inst.phase == PREFILL or finished:
       self._pull(now)
     self._launch(inst, now)
+
+  def _sources(self) -> list[Instance]:
+    """The instances whose memory may hold hand-offs."""
+    return self._alive(self.prefills)
+
+  def _home(self, src: Instance) -> Optional[Instance]:
+    """A decode instance over `src`'s own pool, which takes its hand-offs in place."""
+    return None
+
+  def _prepare(self, inst, step, now):
+    if not self.streaming or inst.phase != PREFILL:
+      return
+    if any(p.sched.peek_handoff() is not None for p in self._sources()):
+      return  # older prompts wait for decode memory: they go first
+    decodes = [d for d in self._alive(self.decodes) if d.group != inst.group]
+    for c in step.prefills:
+      r = c.request
+      if not c.last or r.end_reason is not None or r.num_output + 1 >= r.max_tokens:
+        continue  # it ends with its first token: nothing to stream
+      dst = least_loaded(decodes, lambda d: d.sched.can_accept(r))
+      if dst is None:
+        break  # decode memory is full: the rest hand off when the step ends
+      dst.sched.reserve(r)
+      inst.sched.stream(r)
+      self._copies[r] = (inst, dst)
+      step.streams.append((r, dst))
 
   def _pull(self, now: float) -> None:
     decodes = self._alive(self.decodes)
@@ -332,13 +377,18 @@ class DisaggregatedCoordinator(Coordinator):
     while True:
       req: Optional[Request] = None
       src: Optional[Instance] = None
-      for p in self._alive(self.prefills):
+      for p in self._sources():
         h = p.sched.peek_handoff()
         if h is not None and (req is None or h.token_times[0] < req.token_times[0]):
           req, src = h, p
       if req is None or src is None:
         return
-      dst = least_loaded(decodes, lambda d: d.sched.can_accept(req))
+      home = self._home(src)
+      if home is not None and home.sched.can_adopt(req):
+        home.sched.adopt(src.sched.detach_handoff())
+        self._launch(home, now)
+        continue
+      dst = least_loaded(decodes, lambda d: d.group != src.group and d.sched.can_accept(req))
       if dst is None:
         return  # decode memory is full: hand-offs wait in prefill memory
       src.sched.take_handoff()
@@ -348,14 +398,22 @@ class DisaggregatedCoordinator(Coordinator):
 
   def copy_done(self, req, now, failed: bool = False):
     """`req`'s KV copy landed, or (`failed`) could not: then, or when its decode
-    instance was lost meanwhile, it is recomputed (`_recompute_lost`)."""
-    src, dst = self._copies.pop(req)
+    instance was lost meanwhile, it is recomputed (`_recompute_lost`). A copy
+    streamed ahead of its prefill step's end is settled when that step ends (a
+    failed one then ends its request: it is still in that step)."""
+    src, dst = self._copies[req]
+    if src.step is not None and req in src.step.requests:
+      if failed:
+        req.end_reason = req.end_reason or "error"
+      self._landed.add(req)  # streamed ahead of its step's end: admitted when it ends
+      return
+    del self._copies[req]
     src.sched.release_handoff(req)
-    if (failed or dst.lost) and req.end_reason is None:
+    if (failed or dst.lost) and not req.done:
       dst.sched.cancel_reserved(req)
       self._recompute_lost([req], now)
       self._pull(now)
-    elif req.end_reason is not None:
+    elif req.done:  # cancelled, or (streamed) ended with its first token
       dst.sched.cancel_reserved(req)
       req.finish_time = now
       self._end([req], now)
@@ -409,7 +467,7 @@ class DisaggregatedCoordinator(Coordinator):
 
   def _drop_handoffs(self, now: float) -> None:
     """No decode instance is left: finished prompts have nowhere to go."""
-    for p in self._alive(self.prefills):
+    for p in self._sources():
       while (r := p.sched.take_handoff()) is not None:
         p.sched.release_handoff(r)
         self._end_with_error([r], now)
@@ -660,6 +718,10 @@ def build(dep, ex: Executor, ttft_slo: Optional[float] = None,
   coord: Coordinator
   if isinstance(dep, deploy.Colocated):
     coord = ColocatedCoordinator(dep, ex, on_end)
+  elif isinstance(dep, deploy.Disaggregated) and dep.elastic is not None:
+    from pdserve_jax.core.roles import ElasticCoordinator  # it builds on this module
+
+    coord = ElasticCoordinator(dep, ex, ttft_slo, tpot_slo, start_time, on_end)
   elif isinstance(dep, deploy.Disaggregated):
     coord = DisaggregatedCoordinator(dep, ex, on_end)
   elif isinstance(dep, deploy.SemiPD):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Union
 
+from pdserve_jax.core.elastic import ElasticConfig
 from pdserve_jax.core.policies import PAGE_POLICIES, check_page_policy
 from pdserve_jax.core.share import (ModelPartitionerConfig, PartitionerConfig, ShareScaling,
                                    SmShares)
@@ -24,6 +25,9 @@ POLICIES = ("prefill_first", "chunked")
 # names, and `deployment.mode` gives a deployment's.
 MODES = ("colocated_prefill_first", "colocated_chunked", "disaggregated", "semi_pd")
 COLOCATED = MODES[:2]
+# How a disaggregated prefill's KV reaches the decode side: copied whole once the
+# prefill has finished, or streamed layer group by layer group while it runs.
+KV_TRANSFERS = ("whole", "layerwise")
 
 
 def _positive_int(name: str, value) -> None:
@@ -37,12 +41,17 @@ class InstanceSpec:
   (prompt tokens for prefill-first and prefill instances, all tokens for chunked
   prefill), a page policy ("on_demand" or "reserve", see `core.policies`) and an
   optional cap on the tokens a decode step attends over (`max_decode_tokens`,
-  prefill-first and decode schedulers; DistServe's simulator hard-codes 50,000)."""
+  prefill-first and decode schedulers; DistServe's simulator hard-codes 50,000).
+  `layer_groups`: its layers run as this many programs in a row, equal groups on
+  the pipeline stages' devices (1: one program per stage); a disaggregated
+  deployment that streams KV layer by layer sets it on the instances that prefill
+  (`Disaggregated.instance_specs`), so each group's KV can leave once written."""
   tp: int = 1
   pp: int = 1
   max_batch: int = 256
   max_step_tokens: int = 4096
   page_policy: str = "on_demand"
+  layer_groups: int = 1
   max_decode_tokens: Optional[int] = None
 
   @property
@@ -50,11 +59,24 @@ class InstanceSpec:
     return self.tp * self.pp
 
   def check(self, what: str = "instance") -> None:
-    for f in ("tp", "pp", "max_batch", "max_step_tokens"):
+    for f in ("tp", "pp", "max_batch", "max_step_tokens", "layer_groups"):
       _positive_int(f"{what}.{f}", getattr(self, f))
     if self.max_decode_tokens is not None:
       _positive_int(f"{what}.max_decode_tokens", self.max_decode_tokens)
     check_page_policy(self.page_policy)
+    if self.layer_groups > 1 and self.layer_groups % self.pp:
+      raise ValueError(f"{what}.layer_groups={self.layer_groups} must be a multiple of "
+                       f"pp={self.pp} (each pipeline stage runs an equal number of groups)")
+
+  def check_layers(self, num_layers: int, what: str = "instance") -> None:
+    """Raises ValueError when a model of `num_layers` layers does not split into this
+    instance's pipeline stages and layer groups."""
+    if num_layers % self.pp:
+      raise ValueError(f"{what}: pp={self.pp} does not divide the model's {num_layers} "
+                       "layers into equal pipeline stages")
+    if num_layers % self.layer_groups:
+      raise ValueError(f"{what}: layer_groups={self.layer_groups} does not divide the "
+                       f"model's {num_layers} layers into equal groups")
 
   def describe(self) -> str:
     return f"tp{self.tp}pp{self.pp}"
@@ -101,14 +123,42 @@ class Colocated(_Replicas):
 @dataclasses.dataclass(frozen=True)
 class Disaggregated:
   """`num_prefill` prefill instances and `num_decode` decode instances (DistServe).
-  `same_node`: KV moves over the node link, else over the network."""
+  `same_node`: KV moves over the node link, else over the network.
+
+  `kv_transfer`: "whole" copies a request's KV once its prefill finished and a
+  decode instance has room; "layerwise" (Mooncake's, and vLLM's and LMCache's
+  per-layer connectors') picks the decode instance when the prefill starts and
+  streams each of `layer_groups` groups of layers as soon as the prefill wrote it,
+  overlapping the copy with the later layers. It is a deployment's property, not an
+  engine knob, because it changes what the simulator and planner must model (when
+  the decode side's pages are taken, when the copy ends) and the planner chooses it.
+
+  `elastic`: instances may change role at run time, driven by a `RoleController`
+  with these knobs (`core.elastic`, `core.roles`); each then holds the programs of
+  both phases. None: the prefill:decode split is fixed.
+  """
   prefill: InstanceSpec = InstanceSpec()
   decode: InstanceSpec = InstanceSpec()
   num_prefill: int = 1
   num_decode: int = 1
   same_node: bool = True
+  kv_transfer: str = "whole"
+  layer_groups: int = 2
+  elastic: Optional[ElasticConfig] = None
 
   mode = "disaggregated"
+
+  @property
+  def streams_kv(self) -> bool:
+    return self.kv_transfer == "layerwise"
+
+  def instance_specs(self) -> tuple[InstanceSpec, InstanceSpec]:
+    """The (prefill, decode) instances as built: with layer-wise streaming, every
+    instance that may prefill (each one, when elastic) runs `layer_groups` programs."""
+    if not self.streams_kv:
+      return self.prefill, self.decode
+    grouped = lambda s: dataclasses.replace(s, layer_groups=self.layer_groups)
+    return grouped(self.prefill), grouped(self.decode) if self.elastic else self.decode
 
   @property
   def num_devices(self) -> int:
@@ -116,15 +166,34 @@ class Disaggregated:
             + self.num_decode * self.decode.num_devices)
 
   def check(self) -> None:
-    self.prefill.check("prefill")
-    self.decode.check("decode")
     _positive_int("num_prefill", self.num_prefill)
     _positive_int("num_decode", self.num_decode)
+    if self.kv_transfer not in KV_TRANSFERS:
+      raise ValueError(f"kv_transfer must be one of {KV_TRANSFERS}, got {self.kv_transfer!r}")
+    _positive_int("layer_groups", self.layer_groups)
+    if self.elastic is not None:
+      self.elastic.check()
+      if self.num_prefill + self.num_decode < self.elastic.min_prefill + self.elastic.min_decode:
+        raise ValueError(f"an elastic deployment of {self.num_prefill + self.num_decode} "
+                         f"instances cannot keep min_prefill={self.elastic.min_prefill} and "
+                         f"min_decode={self.elastic.min_decode}")
+    p, d = self.instance_specs()
+    p.check("prefill")
+    d.check("decode")
+
+  def check_layers(self, num_layers: int) -> None:
+    """Raises ValueError when a model of `num_layers` layers does not split into the
+    instances' pipeline stages and layer groups."""
+    p, d = self.instance_specs()
+    p.check_layers(num_layers, "prefill")
+    d.check_layers(num_layers, "decode")
 
   def describe(self) -> str:
     return (f"{self.num_prefill}x prefill {self.prefill.describe()} + {self.num_decode}x "
             f"decode {self.decode.describe()}" + ("" if self.same_node else
-                                                  ", KV over network"))
+                                                  ", KV over network")
+            + (f", KV layerwise x{self.layer_groups}" if self.streams_kv else "")
+            + (", elastic" if self.elastic is not None else ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,4 +283,4 @@ Deployment = Union[Colocated, Disaggregated, SemiPD, PhaseOnly]
 
 __all__ = ["InstanceSpec", "Colocated", "Disaggregated", "SemiPD", "PhaseOnly",
            "PartitionerConfig", "ModelPartitionerConfig", "ShareScaling", "SmShares",
-           "PAGE_POLICIES", "POLICIES", "MODES", "COLOCATED"]
+           "ElasticConfig", "PAGE_POLICIES", "POLICIES", "MODES", "COLOCATED", "KV_TRANSFERS"]

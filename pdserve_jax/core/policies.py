@@ -150,10 +150,11 @@ class _Scheduler:
       raise RuntimeError("schedule() called while a step is in flight; call "
                          "complete(step, now) first")
 
-  def _advance(self, step: Step, now: float) -> tuple[list[Request], int]:
+  def _advance(self, step: Step, now: float, keep=()) -> tuple[list[Request], int]:
     """Applies a finished step to its requests. Returns those now done (finish time
     set) and the context the finished decodes had reached (see `_context`).
-    Cancelled requests (`end_reason` set) make no progress and end here."""
+    Cancelled requests (`end_reason` set) make no progress and end here, but those
+    prefilled in `keep`, which end later (when their KV copy lands)."""
     if step is not self._in_flight:
       raise RuntimeError("complete() got a step this scheduler did not schedule last")
     self._in_flight = None
@@ -170,7 +171,7 @@ class _Scheduler:
           r.token_times.append(now)
       else:
         self._recount = True
-      if r.stopped or r.end_reason is not None or r.num_output >= r.max_tokens:
+      if r.done and r not in keep:
         r.finish_time = now
         done.append(r)
     gone = 0
@@ -551,6 +552,11 @@ class PrefillScheduler(_Scheduler):
   Pages held per request: its prefill. With `shared=True` (semi-PD, where decode
   keeps using the same pool) the reserve policy takes the whole life at admission
   and the on-demand policy keeps the watermark free for decodes to grow into.
+
+  Layer-wise KV streaming: a request `stream`ed while its step is in flight is
+  copied out as the step computes it, so when the step ends it goes straight to
+  the copies out (done or not: one that ends with its first token, or was
+  cancelled meanwhile, ends when the copy lands and `release_handoff` frees it).
   """
 
   def __init__(self, allocator: PageAllocator, max_batch: int, max_step_tokens: int,
@@ -564,6 +570,7 @@ class PrefillScheduler(_Scheduler):
     self._running: list[Request] = []
     self._handoffs: collections.deque[Request] = collections.deque()
     self._transferring: dict[Request, None] = {}
+    self._streamed: set[Request] = set()
 
   def _decoding(self):
     return ()
@@ -600,12 +607,24 @@ class PrefillScheduler(_Scheduler):
     self._running = [c.request for c in chunks]
     return self._begin(Step(chunks, []))
 
+  def stream(self, req: Request) -> None:
+    """`req`'s KV leaves while the step in flight prefills it (see the class
+    docstring)."""
+    if self._in_flight is None or not any(c.request is req and c.last
+                                          for c in self._in_flight.prefills):
+      raise ValueError(f"request {req.request_id} is not finishing its prefill in the step "
+                       "in flight")
+    self._streamed.add(req)
+
   def complete(self, step: Step, now: float) -> list[Request]:
     if step.decodes:
       raise RuntimeError("a prefill scheduler's step has no decodes")
-    done, _ = self._advance(step, now)
+    streamed, self._streamed = self._streamed, set()
+    done, _ = self._advance(step, now, streamed)
     for r in self._running:
-      if r.finish_time is None:
+      if r in streamed:
+        self._transferring[r] = None
+      elif r.finish_time is None:
         self._handoffs.append(r)
     self._release(done)
     self._running = []
@@ -647,6 +666,27 @@ class PrefillScheduler(_Scheduler):
     self._handoffs.clear()
     return out
 
+  def detach_handoff(self) -> Optional[Request]:
+    """The oldest hand-off leaves with its pages (see `detach_handoffs`)."""
+    return self._handoffs.popleft() if self._handoffs else None
+
+  def take_waiting(self) -> list[Request]:
+    """Every queued request (none holds pages) leaves the queue, in order."""
+    out = list(self._waiting)
+    self._waiting.clear()
+    return out
+
+  def take_newest(self) -> Optional[Request]:
+    """The most recently queued request (it holds no pages) leaves the queue."""
+    return self._waiting.pop() if self._waiting else None
+
+  def merge_waiting(self, reqs: Sequence[Request]) -> None:
+    """Requests queued elsewhere join this queue: requests to recompute stay first,
+    then the rest in arrival order."""
+    merged = list(self._waiting) + list(reqs)
+    merged.sort(key=lambda r: (r.num_recompute == 0, r.arrival_time))
+    self._waiting = collections.deque(merged)
+
   @property
   def num_running(self) -> int:
     return len(self._running)
@@ -676,6 +716,7 @@ class DecodeScheduler(_Scheduler):
     self._reserved: dict[Request, None] = {}
     self._running: list[Request] = []
     self._preempted: list[Request] = []
+    self._leaving: dict[Request, None] = {}  # detached, their KV being copied out
 
   def _decoding(self):
     return self._running
@@ -700,7 +741,9 @@ class DecodeScheduler(_Scheduler):
     return out
 
   def _tokens(self, req: Request) -> int:
-    return req.lifetime_tokens if self._lifetime else req.kv_len + 1
+    # Its KV (once prefilled, for a streamed copy that starts with the prefill) and
+    # the next token's.
+    return req.lifetime_tokens if self._lifetime else max(req.kv_len, req.prefill_len) + 1
 
   def check_fits(self, req: Request) -> None:
     """Raises ValueError when `req` could never fit this instance's KV pool."""
@@ -717,6 +760,42 @@ class DecodeScheduler(_Scheduler):
       raise ValueError(f"request {req.request_id} already holds pages here")
     self.allocator.ensure(req, self._tokens(req))
     self._reserved[req] = None
+
+  def can_adopt(self, req: Request) -> bool:
+    """Whether `req`, holding its prefill's pages in this allocator (a hand-off of a
+    prefill scheduler sharing it), can join the queue now: under "reserve" its
+    pages must grow to its whole life."""
+    return not self._lifetime or self._fits_now(req, req.lifetime_tokens, watermark=False)
+
+  def adopt(self, req: Request) -> None:
+    """`req` joins the queue with the pages it holds here (see `can_adopt`)."""
+    if self._lifetime:
+      self.allocator.ensure(req, req.lifetime_tokens)
+    self.admit(req)
+
+  def detach(self, req: Request) -> bool:
+    """`req`, admitted here, leaves with its pages for another decode instance (a
+    migration); False, changing nothing, while it is in the step in flight. Its
+    pages are freed by `release_handoff` once its KV copy has landed."""
+    if self._in_flight is not None and req in self._in_flight.requests:
+      return False
+    if not self._drop(req):
+      self._waiting.remove(req)
+    self._due_of.pop(req, None)
+    self._recount = True
+    self._settle()
+    self._leaving[req] = None
+    return True
+
+  @property
+  def admitted(self) -> list[Request]:
+    """Requests in the batch, then those queued for it."""
+    return self._running + list(self._waiting)
+
+  def release_handoff(self, req: Request) -> None:
+    """The KV copy of a detached `req` landed: its pages here are freed."""
+    del self._leaving[req]
+    self.allocator.free(req)
 
   def cancel_reserved(self, req: Request) -> None:
     """The copy into `req`'s reserved pages finished but the request was cancelled

@@ -53,7 +53,11 @@ class Executor(Protocol):
 
   def launch(self, inst: Instance, step: Step, now: float) -> None:
     """Runs `step` on `inst`; later `step_done(inst, now, seconds)` (or, on the
-    engine, a `StepDone` / `StepFailed` event)."""
+    engine, a `StepDone` / `StepFailed` event). Each of `step.streams` (request,
+    decode instance) is a KV copy that starts with the step, layer group by layer
+    group as the step writes them; later `copy_done(request, now)` (or a `CopyDone`
+    event) once the last group landed or the copy failed, before or after the
+    step's end, even when the step fails."""
     ...
 
   def start_copy(self, req: Request, src: Instance, dst: Instance, now: float) -> None:

@@ -46,6 +46,10 @@ class Step:
   # Schedulers keep this total up to date as requests join and leave, so that a
   # latency model need not walk the batch every step.
   _decode_context: Optional[int] = None
+  # Layer-wise KV streaming: (request, decode instance) pairs whose KV leaves this
+  # step layer group by layer group as it is written; the coordinator adds them
+  # before the launch, and the executor reports each copy's end with `copy_done`.
+  streams: list = dataclasses.field(default_factory=list)
 
   @property
   def num_prefill_tokens(self) -> int:
@@ -72,6 +76,10 @@ class Step:
 
   def describe(self) -> tuple:
     """((request id, start, end) per chunk, (request id per decode)): what a step
-    did, comparable across executors."""
-    return (tuple((c.request.request_id, c.start, c.end) for c in self.prefills),
-            tuple(r.request_id for r in self.decodes))
+    did, comparable across executors; a step that streams KV out adds ((request
+    id, destination instance) per stream)."""
+    out: tuple = (tuple((c.request.request_id, c.start, c.end) for c in self.prefills),
+                  tuple(r.request_id for r in self.decodes))
+    if self.streams:
+      out += (tuple((r.request_id, dst.name) for r, dst in self.streams),)
+    return out

@@ -52,6 +52,9 @@ class RunnerShape:
   max_step_tokens: int = 512  # largest packed call
   max_seq_len: int = 512  # prompt + output, fixes the page-table width
   min_step_tokens: int = 16  # smallest packed bucket
+  # A call runs the layers as this many programs in a row (1: one per pipeline
+  # stage), so each group's KV can leave as soon as it is written.
+  layer_groups: int = 1
 
   def __post_init__(self):
     if self.max_seq_len % self.page_size:

@@ -11,7 +11,9 @@ dispatch, the program, reading tokens back: what a serving step costs), two ways
     what predicts this machine's engine (`benchmarks/sim_vs_engine.py`).
 
 `profile_transfers` times KV copies between two pools (a disaggregated engine's
-hand-off) and fits a fixed cost and a bandwidth. `profile_overlap` measures how
+hand-off) and fits a fixed cost and a bandwidth; from one layer group's pool it
+measures the per-group copy of layer-wise streaming, which the simulator charges
+per group (each pays the fixed cost). `profile_overlap` measures how
 much one instance slows another beside it on shared host cores (virtual CPU
 devices; 1 on separate accelerators). `step_overhead` reads the host
 time between back-to-back steps from an engine's step log (`StepRecord`s).
@@ -140,10 +142,12 @@ def _decode_call(runner: InstanceRunner, B: int):
   return lambda: np.asarray(runner.decode([1] * B, [last] * B, tables, rows).tokens)
 
 
-def profile_transfers(src: PagePool, dst: PagePool, page_counts: Sequence[int],
+def profile_transfers(src: PagePool, dst, page_counts: Sequence[int],
                       reps: int = 5) -> Tuple[float, float]:
-  """Times `transfer_pages` from `src` to `dst` for each page count (copies land
-  in the scratch page); returns (fixed seconds, bytes/s) fitted by least squares."""
+  """Times `transfer_pages` from `src` to `dst` (a pool, or a pipeline's stage pools)
+  for each page count (copies land in the scratch page); returns (fixed seconds,
+  bytes/s) fitted by least squares. With `src` one layer group's pool, this is the
+  copy of one group of a layer-wise stream."""
   page_bytes = src.bytes / src.num_pages
   xs, ts = [], []
   for n in page_counts:
@@ -218,8 +222,9 @@ def setup_from_engine(engine, reps: int = 5):
     pre, dec = runner("prefill"), runner("decode")
     latency = dataclasses.replace(profile_shapes(pre, reps, decode=False),
                                   decode=profile_shapes(dec, reps, packed=False).decode)
-    copy_s, copy_bw = profile_transfers(pre.pool, dec.pool, engine.executor.page_buckets,
-                                        reps)
+    # Streaming moves one layer group at a time: time that; a whole copy, the pool.
+    src = pre.pools[0] if dep.streams_kv else pre.pool
+    copy_s, copy_bw = profile_transfers(src, dec.pools, engine.executor.page_buckets, reps)
     overlap = profile_overlap(pre, dec)
   else:
     latency = profile_shapes(engine.executor.runner(instances[0]).runner, reps)

@@ -14,6 +14,12 @@ Page tables have one width per instance. Both are `jax.jit` programs with explic
 in/out shardings and the pool donated. `warmup()` compiles every bucket;
 `CompileCounter` proves nothing compiles after it. The runner knows nothing of
 requests or scheduling: callers pass page tables.
+
+Layers run as segments, each a program over its own layers and its own pool: one
+per pipeline stage, or with `RunnerShape.layer_groups` > 1 that many equal groups
+(each stage's on its mesh), so a caller's hook (`after_stage`) can move a group's
+KV pages out while the next group computes (layer-wise KV streaming). Segments on
+one mesh with the same ends share their compiled programs.
 """
 
 from __future__ import annotations
@@ -238,40 +244,49 @@ class _Stage(NamedTuple):
 class InstanceRunner:
   """One instance's weights, page pool and compiled programs: on one mesh, or on one
   mesh per pipeline stage (pp > 1), each holding an equal share of the layers with
-  their weights and KV pages. A call runs the stages in order, the hidden states
-  moving mesh to mesh with `jax.device_put`; calls are dispatched asynchronously, so
-  a pipeline's virtual engines (`sibling`) keep several calls in flight, one per
-  stage."""
+  their weights and KV pages. A call runs the segments (stages, or layer groups:
+  see the module docstring) in order, the hidden states moving mesh to mesh with
+  `jax.device_put`; calls are dispatched asynchronously, so a pipeline's virtual
+  engines (`sibling`) keep several calls in flight, one per stage."""
 
   def __init__(self, model: Model, mesh, shape: RunnerShape = RunnerShape(),
                attn_impl: str = "auto", _stages=None):
     """`mesh`: a Mesh, or a list of them, one per pipeline stage."""
     cfg = model.config
     meshes = [mesh] if isinstance(mesh, Mesh) else list(mesh)
-    pp = len(meshes)
-    if cfg.num_layers % pp:
-      raise ValueError(f"{cfg.num_layers} layers do not split into {pp} equal pipeline stages")
-    per = cfg.num_layers // pp
+    pp, groups = len(meshes), shape.layer_groups
+    if groups > 1 and groups % pp:
+      raise ValueError(f"layer_groups={groups} is not a multiple of the {pp} pipeline stages")
+    n = max(pp, groups)  # segments
+    if cfg.num_layers % n:
+      raise ValueError(f"{cfg.num_layers} layers do not split into {n} equal "
+                       + ("pipeline stages" if groups <= 1 else "layer groups"))
+    per = cfg.num_layers // n
     self.model, self.cfg, self.shape, self.attn_impl = model, cfg, shape, attn_impl
     self.mesh, self.meshes = meshes[0], meshes
     self.stage_cfg = cfg.replace(num_layers=per)
-    self.pools = [PagePool(self.stage_cfg, m, shape.num_pages, shape.page_size, model.dtype,
-                           first_layer=s * per) for s, m in enumerate(meshes)]
-    self.stages = _stages or [self._build_stage(model, m, s, pp)
-                              for s, m in enumerate(meshes)]
+    self.pools = [PagePool(self.stage_cfg, meshes[s * pp // n], shape.num_pages,
+                           shape.page_size, model.dtype, first_layer=s * per)
+                  for s in range(n)]
+    self.stages = _stages or self._build_stages(model)
 
-  def _build_stage(self, model, mesh, s, pp) -> _Stage:
-    ends = (s == 0, s == pp - 1)
-    if pp == 1:
-      params = model.shard(mesh).params
-    else:
-      layers = self.pools[s].layers
-      params = _stage_params(model.params, ends, layers)
-      axes = _stage_params(llama.logical_axes(self.cfg), ends)
-      params = jax.device_put(params, sharding.tree_shardings(mesh, axes, params))
-    param_sh = jax.tree.map(lambda a: a.sharding, params)
-    return _Stage(mesh, params, _jit_programs(self.stage_cfg, self.attn_impl, mesh, param_sh,
-                                              self.pools[s].pool_shardings, ends))
+  def _build_stages(self, model) -> List[_Stage]:
+    n, stages, programs = len(self.pools), [], {}
+    for s, pool in enumerate(self.pools):
+      mesh, ends = pool.mesh, (s == 0, s == n - 1)
+      if n == 1:
+        params = model.shard(mesh).params
+      else:
+        params = _stage_params(model.params, ends, pool.layers)
+        axes = _stage_params(llama.logical_axes(self.cfg), ends)
+        params = jax.device_put(params, sharding.tree_shardings(mesh, axes, params))
+      key = (mesh, ends)
+      if key not in programs:
+        param_sh = jax.tree.map(lambda a: a.sharding, params)
+        programs[key] = _jit_programs(self.stage_cfg, self.attn_impl, mesh, param_sh,
+                                      pool.pool_shardings, ends)
+      stages.append(_Stage(mesh, params, programs[key]))
+    return stages
 
   def sibling(self, num_pages: int) -> "InstanceRunner":
     """A runner on the same meshes sharing these weights and compiled programs, with
@@ -299,13 +314,16 @@ class InstanceRunner:
     for p in self.pools:
       p.reset()
 
-  def _run(self, program: str, inp, args):
-    """Runs `program` through every stage; returns the last stage's outputs."""
-    x = inp
+  def _run(self, program: str, inp, args, after_stage=None):
+    """Runs `program` through every segment; returns the last one's outputs. Calls
+    `after_stage(pool)` once each segment is dispatched, with its pool."""
+    x, mesh = inp, self.stages[0].mesh
     for st, pool in zip(self.stages, self.pools):
-      if st is not self.stages[0]:
-        x = jax.device_put(x, sharding.replicated(st.mesh))
+      if st.mesh is not mesh:
+        x, mesh = jax.device_put(x, sharding.replicated(st.mesh)), st.mesh
       pool.arrays, x = st.programs[program](st.params, pool.arrays, x, *args)
+      if after_stage is not None:
+        after_stage(pool)
     return x
 
   # -- host-level calls ------------------------------------------------------
@@ -316,12 +334,12 @@ class InstanceRunner:
     return pages[positions // size], positions % size
 
   def packed(self, chunks: Sequence[Sequence[int]], starts: Sequence[int],
-             page_tables: Sequence[Sequence[int]], sampling: SamplingRows):
+             page_tables: Sequence[Sequence[int]], sampling: SamplingRows, after_stage=None):
     """One packed call: row r feeds `chunks[r]` (a prompt chunk, or one decode
     token) at positions starts[r] .. starts[r] + len(chunks[r]) - 1, which its pages
     cover. Returns device arrays (`Sampled`) whose first `len(chunks)` rows are the
     tokens sampled at each row's end (slice them on the host, after `np.asarray`:
-    slicing on device would compile)."""
+    slicing on device would compile). `after_stage(pool)`: see `_run`."""
     (T,) = self.shape.packed_shape(sum(len(c) for c in chunks))
     R, n = self.shape.packed_rows(T), len(chunks)
     if n > R:
@@ -339,7 +357,8 @@ class InstanceRunner:
       tables[r, :len(table)] = table
       at += m
     return Sampled(*self._run("packed", tokens, (positions, pages, slots, q_starts, q_lens,
-                                                 kv_lens, tables, *sampling.padded(R).arrays())))
+                                                 kv_lens, tables, *sampling.padded(R).arrays()),
+                              after_stage))
 
   def decode(self, tokens: Sequence[int], positions: Sequence[int],
              page_tables: Sequence[Sequence[int]], sampling: SamplingRows):

@@ -2,8 +2,9 @@
 whether an engine can serve a deployment here.
 
 Limits: SM-partitioned semi-PD (`concurrent=True`) is refused with the reason, as
-JAX has no MPS-style SM caps; pipeline stages must divide the model's layers, and
-tp must divide or be a multiple of its KV heads.
+JAX has no MPS-style SM caps; pipeline stages and layer groups must divide the
+model's layers, and tp must divide or be a multiple of its KV heads; layer-wise KV
+streaming and elastic roles run with instances in this process only.
 """
 
 from __future__ import annotations
@@ -47,19 +48,20 @@ class EngineConfig:
                        f"tpot_slo={self.tpot_slo}")
 
 
-def check_servable(deployment, model_config, num_devices: Optional[int] = None) -> None:
+def check_servable(deployment, model_config, num_devices: Optional[int] = None,
+                   in_process: bool = True) -> None:
   """Raises ValueError naming why the engine cannot run `deployment` for a model of
-  `model_config`; with `num_devices`, also when it needs more devices than that."""
+  `model_config`; with `num_devices`, also when it needs more devices than that;
+  with `in_process=False` (instances in worker processes), also when it streams KV
+  layer by layer or moves instances between roles."""
   if not isinstance(deployment, (deploy.Colocated, deploy.Disaggregated, deploy.SemiPD)):
     raise ValueError(f"the engine serves Colocated, Disaggregated or SemiPD deployments, "
                      f"got {type(deployment).__name__}")
   deployment.check()
-  specs = ([deployment.prefill, deployment.decode]
+  specs = (list(deployment.instance_specs())
            if isinstance(deployment, deploy.Disaggregated) else [deployment.instance])
   for s in specs:
-    if model_config.num_layers % s.pp:
-      raise ValueError(f"pp={s.pp} does not divide the model's {model_config.num_layers} "
-                       "layers into equal pipeline stages")
+    s.check_layers(model_config.num_layers)
     heads = model_config.num_kv_heads
     if heads % s.tp and s.tp % heads:
       raise ValueError(f"tp={s.tp} neither divides nor is a multiple of the model's "
@@ -67,6 +69,10 @@ def check_servable(deployment, model_config, num_devices: Optional[int] = None) 
   if isinstance(deployment, deploy.SemiPD) and deployment.concurrent:
     raise ValueError("SM-partitioned semi-PD (concurrent=True) needs MPS-style SM caps, "
                      "which JAX lacks; the engine time-shares (concurrent=False)")
+  if not in_process and isinstance(deployment, deploy.Disaggregated) and (
+      deployment.streams_kv or deployment.elastic is not None):
+    raise ValueError("layer-wise KV streaming and elastic roles run in one process; "
+                     "across worker processes use kv_transfer='whole' and elastic=None")
   if num_devices is not None and deployment.num_devices > num_devices:
     raise ValueError(f"{deployment.describe()} needs {deployment.num_devices} devices; "
                      f"{num_devices} available")
@@ -90,4 +96,5 @@ def runner_shape(cfg: EngineConfig, spec: deploy.InstanceSpec, num_pages: int) -
                      max_rows=spec.max_batch,
                      max_step_tokens=min(max(spec.max_step_tokens, cfg.max_seq_len),
                                          pool_tokens),
-                     max_seq_len=cfg.max_seq_len, min_step_tokens=cfg.min_token_bucket)
+                     max_seq_len=cfg.max_seq_len, min_step_tokens=cfg.min_token_bucket,
+                     layer_groups=spec.layer_groups)

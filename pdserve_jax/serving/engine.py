@@ -20,8 +20,10 @@ with the error.
 
 Pipeline-parallel instances (pp > 1) run as the simulator models them: pp virtual
 engines per replica, each with 1/pp of the pool, their calls in flight through the
-stages at once. Limits: SM-partitioned semi-PD runs in the simulator only, and is
-refused here with the reason.
+stages at once. A disaggregated deployment may stream KV layer by layer during the
+prefill and move instances between roles (`Disaggregated.kv_transfer`, `elastic`);
+both need the instances in this process. Limits: SM-partitioned semi-PD runs in the
+simulator only, and is refused here with the reason.
 """
 
 from __future__ import annotations
@@ -238,7 +240,7 @@ class Engine:
       from pdserve_jax.serving.local import LocalPlacement  # loads jax
 
       placement = LocalPlacement(model, config.attn_impl)
-    check_servable(deployment, model.config, placement.device_count)
+    check_servable(deployment, model.config, placement.device_count, placement.in_process)
     self.model, self.deployment, self.config = model, deployment, config
     self.tokenizer = model.tokenizer
     self._seeds = np.random.default_rng()  # OS entropy: fresh seeds per engine

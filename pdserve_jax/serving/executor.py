@@ -9,6 +9,11 @@ sampling rows), dispatches them, and turns sampled tokens back into request stat
 stop tokens mark `req.stopped`, and a row whose logits were not finite cancels its
 request with an error instead of producing a token.
 
+A step that streams KV (`Step.streams`, layer-wise transfer) passes each stream to
+the packed call that holds its request's row: the runner moves the request's pages
+of each layer group to the destination runner as soon as the group's program is
+dispatched, and reports when the last group landed, as a whole copy does.
+
 Launching only dispatches (programs run asynchronously; a remote call is in flight
 on a socket). When every call of a step is ready, the runner's callback posts a
 `StepDone` to the engine's inbox; the engine thread then calls `collect` and the
@@ -56,12 +61,27 @@ class Pending(Protocol):
     ...
 
 
+@dataclasses.dataclass(frozen=True)
+class KvStream:
+  """A request's KV leaving with the packed call that computes it: pages
+  `src_pages` of the caller's pool go to `dst`'s pages `dst_pages` layer group by
+  layer group; `done(None)` once every group landed, `done(error)` if one failed."""
+  dst: "Runner"
+  src_pages: np.ndarray
+  dst_pages: np.ndarray
+  done: Callable[[Optional[BaseException]], None]
+
+
 class Runner(Protocol):
   """One instance's devices: its programs, its KV pool, its KV movers."""
   shape: RunnerShape
 
   def packed(self, chunks: Sequence[Sequence[int]], starts: Sequence[int],
-             tables: Sequence[Sequence[int]], sampling: SamplingRows) -> Pending: ...
+             tables: Sequence[Sequence[int]], sampling: SamplingRows,
+             streams: Sequence[KvStream] = ()) -> Pending:
+    """A packed call; each of `streams` moves as the call's layer groups are written.
+    If it raises, no stream's `done` is ever called."""
+    ...
 
   def decode(self, tokens: Sequence[int], positions: Sequence[int],
              tables: Sequence[Sequence[int]], sampling: SamplingRows) -> Pending: ...
@@ -105,6 +125,8 @@ class Placement(Protocol):
 
   #: Devices instances may use, or None when unknown here (other processes).
   device_count: Optional[int]
+  #: Whether its runners live in this process (KV streams and shared runners work).
+  in_process: bool
 
   def open(self, group: str, spec: InstanceSpec, shape: RunnerShape,
            lost: Callable[[BaseException], None]) -> Runner:
@@ -262,10 +284,14 @@ class JaxExecutor:
     return True  # the coordinator keeps one step in flight per instance
 
   def launch(self, inst: Instance, step: Step, now: float) -> None:
+    taken: set = set()  # requests whose KV stream a call took
     try:
-      launched = self._dispatch(inst, step)
+      launched = self._dispatch(inst, step, taken)
     except Exception as e:  # noqa: BLE001 - the step's requests fail, the rest go on
       self._post(seam.StepFailed(inst, e))
+      for req, dst in step.streams:  # streams no call took never start: they fail
+        if req not in taken:
+          self._copied(req, inst, dst)(e)
       return
     self._inflight[inst.name] = launched
     left, lock = [len(launched.calls)], threading.Lock()
@@ -280,8 +306,11 @@ class JaxExecutor:
     for _, pending in launched.calls:
       pending.on_ready(ready)
 
-  def _dispatch(self, inst: Instance, step: Step) -> _Launched:
+  def _dispatch(self, inst: Instance, step: Step, taken: set) -> _Launched:
+    """Dispatches `step`'s calls; adds to `taken` each request whose KV stream a call
+    took (its `done` is the runner's to call)."""
     runner, pages = self._runner[inst.name], inst.sched.allocator.pages
+    streams = {req: self._stream(req, inst, dst) for req, dst in step.streams}
     started = self.clock()  # the host's share of a step counts: it is serving time too
     shape, calls = runner.shape, []
     if step.prefills:
@@ -290,10 +319,12 @@ class JaxExecutor:
       for lo, hi in shape.packed_groups([_row_tokens(r) for r in rows]):
         group = rows[lo:hi]
         reqs = [_request(r) for r in group]
+        mine = [streams[r] for r in reqs if r in streams]
         calls.append((group, runner.packed(
             [_row_input(r) for r in group],
             [r.start if isinstance(r, PrefillChunk) else r.kv_len for r in group],
-            [pages(r) for r in reqs], _sampling_rows(reqs))))
+            [pages(r) for r in reqs], _sampling_rows(reqs), mine)))
+        taken.update(r for r in reqs if r in streams)
     else:
       for group in groups(step.decodes, shape.max_rows):
         calls.append((group, runner.decode(
@@ -345,19 +376,33 @@ class JaxExecutor:
           f"the KV pool of {inst.group} was lost when a step failed")
     return list(held)
 
-  def start_copy(self, req: Request, src: Instance, dst: Instance, now: float) -> None:
+  def _copied(self, req: Request, src: Instance, dst: Instance
+              ) -> Callable[[Optional[BaseException]], None]:
+    """The callback that reports `req`'s KV copy to the engine (once)."""
     def done(error: Optional[BaseException]) -> None:
       if error is not None:
         error = RuntimeError(f"KV copy {src.name} -> {dst.name} failed: {error}")
       self._post(seam.CopyDone(req, error))
+    return done
 
+  def _pages(self, req: Request, src: Instance, dst: Instance) -> Tuple[np.ndarray, np.ndarray]:
+    """`req`'s pages on `src` and the first as many of its pages on `dst`, padded to
+    a transfer bucket with the scratch page."""
+    src_pages = src.sched.allocator.pages(req)
+    n = bk.bucket(len(src_pages), self.page_buckets, "pages per transfer")
+    pad = [SCRATCH_PAGE] * (n - len(src_pages))
+    dst_pages = dst.sched.allocator.pages(req)[:len(src_pages)]
+    return np.array(src_pages + pad), np.array(dst_pages + pad)
+
+  def _stream(self, req: Request, src: Instance, dst: Instance) -> KvStream:
+    return KvStream(self._runner[dst.name], *self._pages(req, src, dst),
+                    self._copied(req, src, dst))
+
+  def start_copy(self, req: Request, src: Instance, dst: Instance, now: float) -> None:
+    done = self._copied(req, src, dst)
     try:
-      src_pages = src.sched.allocator.pages(req)
-      n = bk.bucket(len(src_pages), self.page_buckets, "pages per transfer")
-      pad = [SCRATCH_PAGE] * (n - len(src_pages))
-      dst_pages = dst.sched.allocator.pages(req)[:len(src_pages)]
-      self._runner[src.name].copy_to(self._runner[dst.name], np.array(src_pages + pad),
-                                     np.array(dst_pages + pad), done)
+      self._runner[src.name].copy_to(self._runner[dst.name], *self._pages(req, src, dst),
+                                     done)
     except Exception as e:  # noqa: BLE001 - this request fails; its pages come back
       done(e)
 

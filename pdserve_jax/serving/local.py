@@ -7,10 +7,14 @@ adapts it to the executor's `Runner`: a call returns at once with its device arr
 (JAX dispatches asynchronously), and a `Watcher` thread per device group waits for
 them and rings the executor's callback. KV copies move with `kv.pool.transfer_pages`
 (`jax.device_put` between meshes) and are watched by a thread per destination group.
+A packed call with KV streams moves each layer group's pages right after dispatching
+that group's program, so the copy of one group runs while the next computes (JAX
+orders each pool's reads and donations, so the gather sees the group's writes).
 """
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from typing import Callable, Dict, List, Optional, Sequence
@@ -24,7 +28,7 @@ from pdserve_jax.model import sharding
 from pdserve_jax.runtime.buckets import RunnerShape
 from pdserve_jax.runtime.programs import InstanceRunner
 from pdserve_jax.runtime.rows import Sampled
-from pdserve_jax.serving.executor import Runner
+from pdserve_jax.serving.executor import KvStream, Runner
 
 
 class Watcher:
@@ -76,8 +80,21 @@ class LocalRunner:
     self.runner, self._watcher, self._copies = runner, watcher, copies
     self.shape: RunnerShape = runner.shape
 
-  def packed(self, chunks, starts, tables, sampling) -> _Pending:
-    return _Pending(self.runner.packed(chunks, starts, tables, sampling), self._watcher)
+  def packed(self, chunks, starts, tables, sampling, streams: Sequence[KvStream] = ()
+             ) -> _Pending:
+    if not streams:
+      return _Pending(self.runner.packed(chunks, starts, tables, sampling), self._watcher)
+    dsts = [_local(s.dst) for s in streams]
+    moved: List[list] = [[] for _ in streams]
+
+    def send(pool):  # this group's pages of each stream, while the next group computes
+      for s, dst, bufs in zip(streams, dsts, moved):
+        bufs += transfer_pages(pool, s.src_pages, dst.runner.pools, s.dst_pages)
+
+    out = self.runner.packed(chunks, starts, tables, sampling, after_stage=send)
+    for s, dst, bufs in zip(streams, dsts, moved):
+      dst._copies().watch(bufs, functools.partial(_report, bufs, s.done))
+    return _Pending(out, self._watcher)
 
   def decode(self, tokens, positions, tables, sampling) -> _Pending:
     return _Pending(self.runner.decode(tokens, positions, tables, sampling), self._watcher)
@@ -91,8 +108,7 @@ class LocalRunner:
     self.runner.warmup(packed, decode, progress=progress)
 
   def warm_copies(self, dst: Runner, copy_pages: Sequence[int]) -> None:
-    if not isinstance(dst, LocalRunner):
-      raise TypeError(f"a local runner copies KV to local runners, not {type(dst).__name__}")
+    dst = _local(dst)
     for n in copy_pages:
       scratch = np.full(n, SCRATCH_PAGE)
       moved = transfer_pages(self.runner.pools, scratch, dst.runner.pools, scratch)
@@ -101,8 +117,7 @@ class LocalRunner:
 
   def copy_to(self, dst: Runner, src_pages: np.ndarray, dst_pages: np.ndarray,
               done: Callable[[Optional[BaseException]], None]) -> None:
-    if not isinstance(dst, LocalRunner):
-      raise TypeError(f"a local runner copies KV to local runners, not {type(dst).__name__}")
+    dst = _local(dst)
     moved = transfer_pages(self.runner.pools, src_pages, dst.runner.pools, dst_pages)
     dst._copies().watch(moved, lambda: done(_failure(moved)))
 
@@ -116,6 +131,16 @@ class LocalRunner:
 
   def reset_pools(self) -> None:
     self.runner.reset_pools()
+
+
+def _local(dst: Runner) -> LocalRunner:
+  if not isinstance(dst, LocalRunner):
+    raise TypeError(f"a local runner copies KV to local runners, not {type(dst).__name__}")
+  return dst
+
+
+def _report(arrays, done: Callable[[Optional[BaseException]], None]) -> None:
+  done(_failure(arrays))
 
 
 def _failure(arrays) -> Optional[BaseException]:
@@ -134,6 +159,7 @@ class LocalPlacement:
     self.model, self.attn_impl = model, attn_impl
     self._devices = list(jax.devices() if devices is None else devices)
     self.device_count: Optional[int] = len(self._devices)
+    self.in_process = True
     self._watchers: Dict[str, Watcher] = {}
     self._copy_watchers: Dict[str, Watcher] = {}
     self._lock = threading.Lock()

@@ -11,6 +11,10 @@ runs, divided by the devices used. The planner searches:
   * disaggregated, DistServe's Algorithm 2 (low node affinity): a prefill and a
     decode instance whose matching pipeline stages share a node (KV moves over the
     node link), pipeline stages across nodes, checked end to end;
+  * with `layer_groups` set, the best disaggregated placement of each algorithm
+    again with its KV streamed layer by layer in that many groups (the copy
+    overlapping the prefill, each group paying the link's latency); with `elastic`
+    set, the best disaggregated placement with instances that change role online;
   * semi-PD: the best fixed prefill share on a grid, then the online partitioner
     starting from it;
   * colocated, prefill-first and chunked prefill: the baseline.
@@ -44,6 +48,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 
 from pdserve_jax.core import deploy
+from pdserve_jax.core.elastic import ElasticConfig
 from pdserve_jax.core.metrics import check_slos
 from pdserve_jax.core.request import Request
 from pdserve_jax.core.share import PartitionerConfig, ShareScaling
@@ -80,6 +85,10 @@ class PlanSpec:
     page_policy: every instance's page policy ("on_demand" or "reserve").
     max_spread: if set, measure each kept candidate over seeds (see the module
       docstring); `workload` must then take `(rate, seed)`.
+    layer_groups: if > 0, also try the best disaggregated placements with layer-wise
+      KV streaming in this many groups.
+    elastic: if set, also try the best disaggregated placement with elastic roles
+      steered by these `RoleController` knobs.
     min_seeds, max_seeds: the seed counts of those measurements.
     max_tie_seeds: the seeds a candidate tied with the best may get (None: twice
       `max_seeds`).
@@ -105,6 +114,8 @@ class PlanSpec:
   max_spread: Optional[float] = None
   min_seeds: int = search.MIN_SEEDS
   max_seeds: int = search.MAX_SEEDS
+  layer_groups: int = 0
+  elastic: Optional[ElasticConfig] = None
   max_tie_seeds: Optional[int] = None
 
   @property
@@ -302,7 +313,8 @@ class _Planner:
 
   def _capacity(self, deployment) -> float:
     s = self.spec
-    return search.saturation_throughput(s.workload(search.BURST_RATE), s.setup, deployment)
+    return search.saturation_throughput(s.workload(search.BURST_RATE), s.setup, deployment,
+                                        s.ttft_slo, s.tpot_slo)
 
   def _goodput(self, deployment, capacity, floor=0.0) -> float:
     return search.goodput(self.spec.workload, self.spec.setup, deployment, self.spec.ttft_slo,
@@ -403,6 +415,37 @@ class _Planner:
                                  (ptp + dtp) * pp, None, est))
     return self._search(cands)
 
+  def disaggregated_variants(self, cands: list[Candidate]) -> list[Candidate]:
+    """The best of `cands` of each algorithm with layer-wise KV streaming, and the
+    best of all with elastic roles, as the spec asks; each must beat its original."""
+    s, out = self.spec, []
+    kept = [c for c in cands if c.goodput is not None]
+    if s.layer_groups:
+      for algorithm in dict.fromkeys(c.algorithm for c in kept):
+        top = max((c for c in kept if c.algorithm == algorithm), key=lambda c: c.per_device)
+        dep = dataclasses.replace(top.deployment, kv_transfer="layerwise",
+                                  layer_groups=s.layer_groups)
+        try:
+          dep.check()
+          dep.check_layers(s.setup.model.num_layers)
+        except ValueError as e:
+          self.skipped[f"{top.describe()}, layerwise"] = str(e)
+          continue
+        out.append(Candidate("disaggregated", f"{algorithm}+layerwise", dep,
+                             top.num_devices, None, top.capacity))
+    if s.elastic is not None and kept:
+      top = max(kept, key=lambda c: c.per_device)
+      dep = dataclasses.replace(top.deployment, elastic=s.elastic)
+      try:
+        dep.check()
+        out.append(Candidate("disaggregated", "elastic", dep, top.num_devices, None,
+                             top.capacity, "roles move online (RoleController)"))
+      except ValueError as e:
+        self.skipped[f"{top.describe()}, elastic"] = str(e)
+    best = max((c.per_device for c in kept), default=0.0)
+    # Each is tried from the best per device so far, as a candidate of its mode.
+    return self._search(out, best * (1 - self.spec.tol)) if out else []
+
   def _combined(self, mode, algorithm, make, configs) -> list[Candidate]:
     # Both phases spend the same devices' time, so their capacities combine
     # harmonically: a request costs 1/prefill + 1/decode of a second.
@@ -461,7 +504,8 @@ def plan(spec: PlanSpec, modes: Sequence[str] = deploy.MODES,
   p = _Planner(spec, progress)
   cands = []
   if "disaggregated" in modes:
-    cands += p.disaggregated_alg1() + p.disaggregated_alg2()
+    disagg = p.disaggregated_alg1() + p.disaggregated_alg2()
+    cands += disagg + p.disaggregated_variants(disagg)
   if "semi_pd" in modes:
     cands += p.semi_pd()
   for policy in policies:  # each its own search, so each policy has a best

@@ -22,8 +22,17 @@ or stops a step, so a step in flight is re-timed then from the work it has left.
 its conventions differ from ours: a request's output length counts the decode
 steps after the prefill's token (ours counts that token too), and a decode step
 attends over at most 50,000 tokens. Off by default; see `docs/fidelity.md`.
-Limits: KV copies do not contend for links; a step's stages are equal (the
-latency model's time / pp each).
+
+KV copies: a whole-request copy takes the link's latency plus its bytes over the
+bandwidth, from the hand-off. A layer-wise stream (`Disaggregated.kv_transfer`)
+moves `layer_groups` equal groups one after another over the link, each leaving
+when the prefill has computed its layers (the step's time split evenly over the
+groups): it ends at max(prefill end + one group's copy, first group's end + every
+group's copy), each group paying the link latency. Elastic deployments need no
+more here: their coordinator moves instances between roles on the same pipes.
+Limits: KV copies do not contend for links or for the compute they overlap with;
+a step's stages are equal (the latency model's time / pp each), and a prefill in
+layer groups costs what the latency model says of the whole step.
 """
 
 from __future__ import annotations
@@ -224,6 +233,7 @@ class LatencyExecutor:
       self.kv_bytes = setup.model.kv_bytes_per_token(setup.dtype_bytes)
       self.bandwidth = setup.hardware.link_bandwidth(dep.same_node) * min(
           dep.prefill.num_devices, dep.decode.num_devices)
+      self.layer_groups = dep.layer_groups
 
   # -- the executor seam -------------------------------------------------------------
 
@@ -266,6 +276,8 @@ class LatencyExecutor:
       done, seconds = self.replay.steps[inst.name][len(self.steps[inst.name]) - 1]
       pipe.busy_time += seconds
       self.sim.at(done, self._done, (inst, seconds))
+      for req, _ in step.streams:
+        self._replayed_copy(req)
       return
     for c in step.prefills:
       if c.request.num_preemptions:
@@ -287,9 +299,28 @@ class LatencyExecutor:
     done = max(now + stage * pipe.pp, pipe.last_done + stage)
     pipe.last_done = done
     self.sim.at(done, self._done, (inst, stage))
+    if step.streams:
+      # The step computes its layer groups in turn over its last stage * pp seconds.
+      k = self.layer_groups
+      first_group = done - stage * pipe.pp * (k - 1) / k
+      for req, _ in step.streams:
+        group = self._copy_time(req, k)
+        self.sim.at(max(done + group, first_group + k * group), self._copied, req)
 
   def _done(self, now, arg):
     self.coord.step_done(arg[0], now, arg[1])
+
+  def _copy_time(self, req, parts: int = 1) -> float:
+    """Seconds to move one of `parts` equal shares of `req`'s KV (its prefill's, or
+    all it has cached when it migrates between decode instances) over the link."""
+    tokens = max(req.kv_len, req.prefill_len)
+    return transfer_time(tokens * self.kv_bytes / parts, self.bandwidth,
+                         self.setup.hardware.link_latency_s)
+
+  def _replayed_copy(self, req) -> None:
+    k = self._copies[req.request_id]
+    self._copies[req.request_id] = k + 1
+    self.sim.at(self.replay.copies[req.request_id][k], self._copied, req)
 
   def _retime(self, unit, now) -> None:
     """Re-times the steps in flight on `unit` (SM partitioning) at the shares the
@@ -318,12 +349,9 @@ class LatencyExecutor:
 
   def start_copy(self, req, src, dst, now) -> None:
     if self.replay is not None:
-      k = self._copies[req.request_id]
-      self._copies[req.request_id] = k + 1
-      self.sim.at(self.replay.copies[req.request_id][k], self._copied, req)
+      self._replayed_copy(req)
       return
-    self.sim.at(now + transfer_time(req.prefill_len * self.kv_bytes, self.bandwidth,
-                                    self.setup.hardware.link_latency_s), self._copied, req)
+    self.sim.at(now + self._copy_time(req), self._copied, req)
 
   def _copied(self, now, req):
     self.coord.copy_done(req, now)
@@ -359,6 +387,8 @@ def simulate(requests: Sequence[Request], setup: Setup, deployment,
   else:
     reqs = sorted((r.fresh() for r in requests), key=lambda r: replay.arrivals[r.request_id])
     times = [replay.arrivals[r.request_id] for r in reqs]
+  if isinstance(deployment, Disaggregated) and deployment.streams_kv:
+    deployment.check_layers(setup.model.num_layers)
   sim = _Simulation()
   ex = LatencyExecutor(setup, deployment, sim, replay, record_steps)
   coord = C.build(deployment, ex, ttft_slo, tpot_slo, start_time=times[0])
