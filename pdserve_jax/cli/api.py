@@ -175,8 +175,9 @@ def main(cfg, out: common.Outputs):
     model = engine_runs.load_model(cfg)
     engine_runs.check_servable({mode: dep}, model)
   name, aliases, root = served_name(cfg)
-  # Bound before the engine warms up, so a taken port fails at once; connections
-  # wait in the backlog until uvicorn serves.
+  # Bound and listening before the engine warms up, so a taken port fails at once and
+  # connections wait in the backlog until uvicorn serves (bound but not listening, a
+  # client that read the address below was refused until uvicorn's startup ran).
   sock = socket.socket(socket.AF_INET6 if ":" in flags.FLAGS.host else socket.AF_INET)
   sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
   try:
@@ -184,6 +185,7 @@ def main(cfg, out: common.Outputs):
   except OSError as e:
     raise common.ConfigError(f"port: cannot bind {flags.FLAGS.host}:{flags.FLAGS.port}: "
                              f"{e.strerror}") from None
+  sock.listen(2048)
   host, port = sock.getsockname()[:2]
   engine = pdj.Engine(model, dep, ec, placement=placement)
   drain = cfg.get("drain_seconds", 10.0)  # `serve --role=router` configs may lack it
