@@ -26,4 +26,9 @@ def get_config():
       page_size=16, num_pages=160, max_seq_len=256, warmup=True,
       min_token_bucket=128, attn_impl="auto", max_queued=256))
   c.drain_seconds = 10.0  # on shutdown: serve in-flight requests this long, then abort
+  # HTTP limits (`api.app.ApiConfig`): a larger body gets 413 before it is read, one
+  # not arrived within body_timeout_s gets 408; Retry-After seconds of 429 and 503.
+  c.api = ml_collections.ConfigDict(dict(
+      max_body_bytes=4 << 20, body_timeout_s=30.0, retry_after_s=1.0,
+      unavailable_retry_after_s=5.0))
   return c

@@ -1,7 +1,9 @@
 """The demo model as worker processes behind a router (`cli.api --role=...`).
 
 One prefill worker at tp=1 and one decode worker at tp=2 by default; the router
-makes one instance per worker address it is given. Every process reads this same
+makes one instance per worker address it is given. With `--config.mode=semi_pd` or
+a colocated mode the workers are `--role=replica` and the router takes them with
+`--replicas=...`. Every process reads this same
 file: the workers take the model from it, the router the engine knobs (which it
 sends to each worker) and the instance limits.
 """
@@ -29,4 +31,10 @@ def get_config():
       page_size=16, num_pages=160, max_seq_len=256, warmup=True,
       min_token_bucket=64, attn_impl="auto", max_queued=256))
   c.drain_seconds = 10.0
+  # The router's timeouts (seconds; `cluster.router.ClusterSettings`): a worker silent
+  # for timeout_s is lost; raise it on a loaded machine, where a busy worker may be
+  # slow to answer a ping.
+  c.cluster = ml_collections.ConfigDict(dict(
+      heartbeat_s=0.5, timeout_s=5.0, command_timeout_s=600.0, copy_timeout_s=60.0,
+      connect_timeout_s=120.0))
   return c

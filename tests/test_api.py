@@ -17,6 +17,7 @@ import pytest
 import pdserve_jax as pdj
 from conftest import demo_prompts
 from pdserve_jax.api import app as api
+from pdserve_jax.model.demo import DEMO_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +40,8 @@ def _bytes_decode(ids):
     ({"prompt": "a", "temperature": "hot"}, "temperature", 400),
     ({"prompt": "a", "stream": "yes"}, "stream", 400),
     ({"prompt": "a", "stop": [1]}, "stop", 400),
-    ({"prompt": "a", "echo": True}, "echo", 400),
+    ({"prompt": "a", "echo": True, "stream": True}, "echo", 400),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens", 400),
     ({"prompt": "a", "frobnicate": 1}, "frobnicate", 400),
     ({"prompt": "a", "model": "gpt-4"}, "model", 404),
     ({"prompt": "a", "n": 2, "stream": True}, "n", 400),
@@ -49,16 +51,21 @@ def test_parse_completion_names_the_bad_field(body, param, status):
   with pytest.raises(api.BadRequest) as e:
     api.parse_completion(body, "demo")
   assert e.value.param == param and e.value.status == status
+  assert set(e.value.body()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_parse_completion_defaults_are_openai_s():
-  prompt, p, stream, usage = api.parse_completion({"prompt": ["hi"]}, "demo")
-  assert prompt == "hi" and not stream and not usage
+  call = api.parse_completion({"prompt": ["hi"]}, "demo")
+  p = call.params
+  assert call.prompt == "hi" and not call.stream and not call.include_usage
   assert (p.max_tokens, p.temperature, p.top_p, p.n) == (16, 1.0, 1.0, 1)
-  _, p, stream, usage = api.parse_completion(
+  call = api.parse_completion(
       {"prompt": [1, 2], "model": "demo", "stop": "x", "stream": True, "seed": 3,
-       "stream_options": {"include_usage": True}, "top_k": 5}, "demo")
-  assert p.stop == ("x",) and stream and usage and p.seed == 3 and p.top_k == 5
+       "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+       "top_k": 5}, "demo")
+  p = call.params
+  assert p.stop == ("x",) and call.stream and call.include_usage and call.continuous_usage
+  assert p.seed == 3 and p.top_k == 5
 
 
 # --- a real server -----------------------------------------------------------------------
@@ -103,7 +110,7 @@ def test_openai_client_gets_the_engine_s_greedy_tokens(server, prompts):
   _, url = server
   client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
   model = client.models.list().data[0].id
-  assert model == "demo"
+  assert model == DEMO_DIR  # the folder, which a client's tokenizer lookup resolves
 
   def ask(prompt):
     return client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0,
@@ -178,7 +185,7 @@ def test_bad_http_input_gets_a_4xx_and_the_server_keeps_serving(server):
   health = httpx.get(url + "/health", timeout=10).json()
   assert health["status"] == "ok" and health["pages_in_use"] == 0
   metrics = httpx.get(url + "/metrics", timeout=10).text
-  assert re.search(r'pdserve_responses_total\{outcome="http_400"\} (\d+)', metrics)
+  assert re.search(r'pdserve_http_responses_total\{status="400"\} (\d+)', metrics)
   series = ("pdserve_ttft_seconds_bucket", "pdserve_tpot_seconds_count", "pdserve_kv_pages_total")
   assert all(name in metrics for name in series)
 

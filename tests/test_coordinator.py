@@ -807,9 +807,10 @@ def test_decode_only_abort_queued():
 
 
 def test_a_lost_instance_ends_what_it_holds_and_takes_no_more_work():
-  """`lose`: an instance whose devices are gone (a worker process died). Its step
-  and every request it holds end with an error, copies to it fail, arrivals go
-  elsewhere, and with no decode instance left arrivals are refused."""
+  """`lose`: an instance whose devices are gone (a worker process died). Every
+  request it holds is recomputed on the other prefill instance (none ends), arrivals
+  go elsewhere; with no decode instance left, copies to it fail their requests and
+  arrivals are refused; `readmit` takes it back."""
   h = Harness(deploy.Disaggregated(SPEC, SPEC, num_prefill=2, num_decode=1), 64)
   for _ in range(6):
     h.submit(8, 6)
@@ -819,7 +820,7 @@ def test_a_lost_instance_ends_what_it_holds_and_takes_no_more_work():
   h.ex.steps = [(i, s) for i, s in h.ex.steps if i is not p0]  # its step never returns
   h.coord.lose(p0, h._tick())
   h.check()
-  assert all(r.finish_reason == "error" for r in held)
+  assert all(r.finish_time is None for r in held)  # recomputed on p1, or copied out
   assert not p0.sched.held() and p0.sched.allocator.num_free == p0.sched.allocator.capacity
   late = h.submit(8, 6)
   assert late in p1.sched.held()
@@ -837,6 +838,11 @@ def test_a_lost_instance_ends_what_it_holds_and_takes_no_more_work():
   assert all(r.num_output == r.max_tokens for r in done)
   for alloc in h.coord.allocators():
     assert alloc.num_free == alloc.capacity
+  h.coord.readmit(d0, h._tick())
+  assert h.coord.unservable() is None
+  back = h.submit(8, 6)
+  h.run_until(lambda: back.finish_time is not None)
+  assert back.finish_reason == "length"
 
 
 def test_every_prefill_instance_lost_leaves_preempted_requests_nowhere_to_recompute():

@@ -291,11 +291,28 @@ def test_decode_cache_moves_fewer_pages(kv_transfer):
   assert gap(on) < gap(off)
 
 
-# --- with layer-wise streaming and elastic roles ---------------------------------------
-
-
 ESPEC = InstanceSpec(max_batch=4, max_step_tokens=32)
 PROMPT = list(range(12))  # three full pages of 4
+
+
+def test_an_instance_back_from_a_loss_maps_nothing_cached_before():
+  """A worker that restarted has an empty pool: a prompt cached before the loss is
+  computed again in full (mapping the old pages would read KV that is gone)."""
+  h = CacheHarness(deploy.Colocated(ESPEC), 17)
+  a = h.submit_tokens(PROMPT, 2)
+  h.drain()
+  inst = h.coord.instances[0]
+  assert inst.sched.allocator.lookup(a.prefix_keys, 3)  # cached
+  h.lose(inst.group)
+  h.coord.readmit(inst, h._tick())
+  b = h.submit_tokens(PROMPT, 2)
+  _, step = h.step_of(b)
+  assert [(c.start, c.end) for c in step.prefills] == [(0, 12)]
+  h.drain()
+  assert b.finish_reason == "length"
+
+
+# --- with layer-wise streaming and elastic roles ---------------------------------------
 
 
 def test_elastic_refuses_a_decode_side_without_cache():
@@ -428,10 +445,17 @@ class CacheHarness(Harness):
                                    start_time=0.0, on_end=self.ex.ended)
     self.now = 0.0
     self.reqs = []
+    self.faults = 0
     self._next_id = 0
     self._tokens = {}
 
   def submit_tokens(self, tokens, max_tokens):
+    """Adds a request for `tokens` (None, refused with a ValueError, while every
+    instance of a role it needs is lost)."""
+    if self.coord.unservable() is not None:
+      with pytest.raises(ValueError, match="lost"):
+        self.coord.add(Request(-1, len(tokens), max_tokens, self.now), self.now)
+      return None
     req = Request(self._next_id, len(tokens), max_tokens, arrival_time=self._tick(),
                   prefix_keys=token_keys(tokens, PAGE))
     self._next_id += 1
@@ -523,18 +547,23 @@ CACHE_EVENTS = st.lists(st.one_of(
     st.tuples(st.just("abort"), st.integers(0, 63)),
     st.tuples(st.just("hold"), st.integers(0, 7)),
     st.tuples(st.just("release"), st.integers(0, 7)),
-    st.tuples(st.just("move"), st.sampled_from([PREFILL, DECODE]))), min_size=10, max_size=80)
+    st.tuples(st.just("move"), st.sampled_from([PREFILL, DECODE])),
+    st.tuples(st.just("lose"), st.integers(0, 7)),  # a worker process died
+    st.tuples(st.just("back"), st.integers(0, 7))), min_size=10, max_size=80)
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
 @given(cached_deployments(), CACHE_EVENTS)
 def test_random_events_with_shared_prefixes(deployment, events):
   """Random arrivals sharing prefixes (n > 1 samples among them), step and copy
-  completions with stop tokens, aborts and holds, on pools small enough to evict
+  completions with stop tokens, aborts and holds, streams and elastic moves, lost
+  instances and their return with empty pools, on pools small enough to evict
   and preempt: after every event the cache's invariants hold (see `CacheHarness`);
   once drained every request ended once and every page is free or cached."""
   dep, pages = deployment
   elastic = isinstance(dep, deploy.Disaggregated) and dep.elastic is not None
+  # Streaming and elastic roles run in one process only: no worker is ever lost.
+  one_process = elastic or isinstance(dep, deploy.Disaggregated) and dep.streams_kv
   h = CacheHarness(dep, pages, **(SLOS if elastic else {}))
   groups = sorted({i.group for i in h.coord.instances})
   salt = 0
@@ -565,12 +594,26 @@ def test_random_events_with_shared_prefixes(deployment, events):
     elif kind == "move" and elastic:
       h.coord.move(args[0], h._tick())
       h.check()
+    elif kind == "lose" and not one_process:
+      h.lose(groups[args[0] % len(groups)])
+    elif kind == "back":  # its worker restarted, with an empty pool: each instance back
+      lost = sorted({i.group for i in h.coord.instances if i.lost})
+      if lost:
+        now = h._tick()
+        for inst in h.coord.instances:
+          if inst.group == lost[args[0] % len(lost)]:
+            h.coord.readmit(inst, now)
+        h.check()
+  for inst in h.coord.instances:  # every worker restarted, so the rest can drain
+    if inst.lost:
+      h.coord.readmit(inst, h._tick())
   h.drain()
   for alloc in h.coord.allocators():  # every page free or cached, none held
     assert alloc.num_free == alloc.capacity and not alloc.owners()
   stats = h.coord.prefix_stats()
   event(f"{dep.mode}: hits {stats['hit_tokens'] > 0}, evictions {stats['evictions'] > 0}")
   event(f"preempted: {h.coord.num_preemptions > 0}")
+  event(f"lost: {h.faults > 0}")
   if isinstance(dep, deploy.Disaggregated) and dep.conditional_threshold:
     event(f"local prefills: {stats['local_prefills'] > 0}")
   if isinstance(dep, deploy.Disaggregated):

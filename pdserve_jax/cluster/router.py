@@ -11,15 +11,31 @@ id) and a pull on the destination, after which the router frees the source pages
 (the acknowledgement).
 
 ZeroMQ carries the control messages (JSON, one DEALER socket per worker, owned by
-one I/O thread): it queues while a peer restarts, frames messages, and needs no
-hand-made wire protocol. Every worker is pinged every `heartbeat_s`; one silent for
-`timeout_s` (or whose command gets no answer within `command_timeout_s`) is lost:
-its pending commands fail, the engine ends every request it held with an error
-naming it (`Engine._lose`), and no new work goes there. A KV copy that has not
-landed within `copy_timeout_s` fails its request alone.
+one I/O thread): it frames messages and needs no hand-made wire protocol. A worker
+is lost when its connection closes (the process died: seen at once, through the
+socket's monitor), when it is silent for `timeout_s` (pinged every `heartbeat_s`: a
+hung process or host), or when a command gets no answer within
+`command_timeout_s`. So a busy worker on a loaded machine may be given a long
+`timeout_s` without slowing the response to a crash. The engine hears of a loss
+first (`Engine._lose`: its requests are recomputed elsewhere, or end with an error
+naming it), then its pending commands fail, and no new work goes there. A KV copy
+that has not landed within `copy_timeout_s` fails, and the coordinator recomputes
+its request.
+
+A lost worker is not forgotten: its socket is replaced (so no command queued for
+the dead process reaches its successor) and pinged on. When a process answers at
+that address again (the worker restarted with the same command), a thread of its
+own checks it (`hello`: role and model, else it stays lost and the log says why),
+sets it up and warms it up as at the start, and the executor hears it is back
+(`on_back`): the instance takes work again, with an empty pool, no router restart.
+Any number of losses and returns leave the router's state as it was.
+
+Workers serve one role each: "prefill" or "decode" (disaggregated), or "replica"
+(a colocated replica or a semi-PD instance, both phases on one pool).
 
 Limits: JSON rows cost host time per step (fine for research-sized batches);
-pp > 1 instances are not served across processes.
+pp > 1 instances are not served across processes; a worker is known by the
+address the router was given (a new address needs a router restart).
 """
 
 from __future__ import annotations
@@ -35,11 +51,12 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from pdserve_jax.cluster import wire
 from pdserve_jax.core.deploy import InstanceSpec
 from pdserve_jax.runtime.buckets import RunnerShape
-from pdserve_jax.runtime.rows import Sampled
+from pdserve_jax.runtime.rows import PromptLogprobs, Sampled
 from pdserve_jax.serving.executor import Runner
 
 
@@ -64,11 +81,14 @@ class Link:
   address: str
   role: str
   sock: zmq.Socket
+  monitor: zmq.Socket  # `sock`'s connection events (a closed connection)
   pending: Dict[int, tuple] = dataclasses.field(default_factory=dict)  # id -> (future, sent)
   last_seen: float = dataclasses.field(default_factory=time.monotonic)
   lost: Optional[BaseException] = None
   info: dict = dataclasses.field(default_factory=dict)  # its "hello" answer
   pool_reset: bool = False  # a failed command cost the worker its pool
+  returning: bool = False  # lost, and a process answers again: being set up
+  losses: int = 0  # how many times it was lost
 
 
 class Channel:
@@ -76,11 +96,15 @@ class Channel:
   owns every socket (ZeroMQ sockets are not thread-safe)."""
 
   def __init__(self, on_lost, heartbeat_s: float = 0.5, timeout_s: float = 5.0,
-               command_timeout_s: float = 600.0, connect_timeout_s: float = 120.0):
+               command_timeout_s: float = 600.0, connect_timeout_s: float = 120.0,
+               on_answer=None):
+    """`on_lost(link)` when a worker is lost; `on_answer(link)` when a lost worker's
+    address answers again (both on the I/O thread: they must not block)."""
     self._ctx = zmq.Context()
     self._ids = itertools.count()
     self._out: "queue.SimpleQueue" = queue.SimpleQueue()
     self._on_lost = on_lost
+    self._on_answer = on_answer or (lambda link: None)
     self.heartbeat_s, self.timeout_s = heartbeat_s, timeout_s
     self.command_timeout_s, self.connect_timeout_s = command_timeout_s, connect_timeout_s
     self.links: List[Link] = []
@@ -88,26 +112,47 @@ class Channel:
     self._thread = threading.Thread(target=self._loop, name="pdserve-router-io", daemon=True)
     self._thread.start()
 
-  def connect(self, address: str, role: str) -> Link:
+  def _socket(self, address: str) -> tuple:
+    """A DEALER socket connected to `address`, and its monitor."""
     sock = self._ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
     sock.connect(address)
-    link = Link(address, role, sock)
+    return sock, monitor
+
+  def connect(self, address: str, role: str) -> Link:
+    link = Link(address, role, *self._socket(address))
     self._out.put(("add", link))
     return link
 
-  def request(self, link: Link, msg: dict) -> cf.Future:
+  def request(self, link: Link, msg: dict, returning: bool = False) -> cf.Future:
+    """Sends `msg`; its future holds the reply. To a lost worker it fails at once,
+    unless `returning` (the commands that take a restarted worker back)."""
     fut: cf.Future = cf.Future()
-    self._out.put(("send", link, dict(msg, id=next(self._ids)), fut))
+    self._out.put(("send", link, dict(msg, id=next(self._ids)), fut, returning))
     return fut
 
-  def call(self, link: Link, msg: dict, timeout: float):
+  def call(self, link: Link, msg: dict, timeout: float, returning: bool = False):
     """A request answered within `timeout` seconds; raises WorkerLost otherwise."""
     try:
-      return self.request(link, msg).result(timeout)
+      return self.request(link, msg, returning).result(timeout)
     except cf.TimeoutError:
       raise WorkerLost(f"worker {link.address} did not answer {msg['op']!r} within "
                        f"{timeout:g} s") from None
+
+  def forget(self, link: Link, fut: cf.Future, error: BaseException) -> None:
+    """No answer to `fut`'s command is awaited any more (it fails with `error`; a
+    late answer is dropped): a pull the router gave up on must not make its worker
+    look lost once `command_timeout_s` passed."""
+    self._out.put(("forget", link, fut, error))
+
+  def back(self, link: Link) -> None:
+    """The returning worker is set up: it serves again."""
+    self._out.put(("back", link))
+
+  def still_lost(self, link: Link) -> None:
+    """Taking the returning worker back failed: it stays lost (pinged on)."""
+    self._out.put(("still_lost", link))
 
   def close(self) -> None:
     self._stop.set()
@@ -115,33 +160,52 @@ class Channel:
     self._ctx.term()
 
   def _loop(self) -> None:
-    poller, by_sock, last_ping = zmq.Poller(), {}, 0.0
+    poller, last_ping = zmq.Poller(), 0.0
+    by_sock: Dict[zmq.Socket, Link] = {}  # each link's socket and monitor
     while not self._stop.is_set():
       while True:
         try:
           item = self._out.get_nowait()
         except queue.Empty:
           break
-        if item[0] == "add":
-          link = item[1]
+        kind, link = item[0], item[1]
+        if kind == "add":
           self.links.append(link)
-          by_sock[link.sock] = link
-          poller.register(link.sock, zmq.POLLIN)
+          self._watch(link, poller, by_sock)
+        elif kind == "back":
+          link.lost, link.returning, link.last_seen = None, False, time.monotonic()
+        elif kind == "still_lost":
+          link.returning = False
+          self._fail_pending(link, link.lost)
+        elif kind == "forget":
+          _, link, fut, error = item
+          for msg_id, (pending, _) in list(link.pending.items()):
+            if pending is fut:
+              del link.pending[msg_id]
+              fut.set_exception(error)
         else:
-          _, link, msg, fut = item
-          if link.lost is not None:
+          _, link, msg, fut, returning = item
+          if link.lost is not None and not returning:
             fut.set_exception(link.lost)
             continue
           link.pending[msg["id"]] = (fut, time.monotonic())
           link.sock.send(wire.encode(msg))
       for sock, _ in poller.poll(5):
-        link = by_sock[sock]
+        link = by_sock.get(sock)
+        if link is None:
+          continue  # the socket of a lost worker, replaced
+        if sock is link.monitor:
+          self._closed(link, poller, by_sock)
+          continue
         while True:
           try:
             reply = wire.decode(sock.recv(zmq.NOBLOCK))
           except zmq.Again:
             break
           link.last_seen = time.monotonic()
+          if link.lost is not None and not link.returning:
+            link.returning = True  # a process answers at a lost worker's address
+            self._on_answer(link)
           fut, _ = link.pending.pop(reply["id"], (None, 0.0))
           if fut is None:
             continue  # a heartbeat's answer
@@ -153,9 +217,8 @@ class Channel:
       now = time.monotonic()
       if now - last_ping >= self.heartbeat_s:
         last_ping = now
-        for link in self.links:
-          if link.lost is None:
-            link.sock.send(wire.encode({"op": "ping", "id": next(self._ids)}))
+        for link in self.links:  # lost ones too: a restarted worker answers
+          link.sock.send(wire.encode({"op": "ping", "id": next(self._ids)}))
       for link in self.links:
         if link.lost is not None:
           continue
@@ -164,16 +227,54 @@ class Channel:
           self._lose(link, WorkerLost(
               f"worker {link.address} ({link.role}) "
               + ("left a command unanswered" if overdue else
-                 f"sent nothing for {now - link.last_seen:.1f} s")))
+                 f"sent nothing for {now - link.last_seen:.1f} s")), poller, by_sock)
     for link in self.links:
-      link.sock.close()
+      self._unwatch(link, poller, by_sock)
 
-  def _lose(self, link: Link, error: BaseException) -> None:
-    link.lost = error
+  @staticmethod
+  def _watch(link: Link, poller, by_sock) -> None:
+    for sock in (link.sock, link.monitor):
+      by_sock[sock] = link
+      poller.register(sock, zmq.POLLIN)
+
+  @staticmethod
+  def _unwatch(link: Link, poller, by_sock) -> None:
+    for sock in (link.sock, link.monitor):
+      poller.unregister(sock)
+      by_sock.pop(sock, None)
+    link.sock.disable_monitor()
+    link.monitor.close()
+    link.sock.close()
+
+  def _closed(self, link: Link, poller, by_sock) -> None:
+    """`link`'s monitor has news: a closed connection means its process is gone."""
+    try:
+      event = recv_monitor_message(link.monitor, zmq.NOBLOCK)
+    except zmq.Again:
+      return
+    if event["event"] != zmq.EVENT_DISCONNECTED:
+      return
+    error = WorkerLost(f"worker {link.address} ({link.role}) closed its connection")
+    if link.lost is None:
+      self._lose(link, error, poller, by_sock)
+    elif link.returning:  # died while being taken back: its set-up fails now
+      self._fail_pending(link, error)
+
+  def _lose(self, link: Link, error: BaseException, poller, by_sock) -> None:
+    link.lost, link.losses = error, link.losses + 1
+    # The engine first: the requests there go elsewhere before their calls fail.
+    self._on_lost(link)
+    self._fail_pending(link, error)
+    # A fresh socket: nothing queued for the dead process reaches its successor.
+    self._unwatch(link, poller, by_sock)
+    link.sock, link.monitor = self._socket(link.address)
+    self._watch(link, poller, by_sock)
+
+  @staticmethod
+  def _fail_pending(link: Link, error: BaseException) -> None:
     pending, link.pending = link.pending, {}
     for fut, _ in pending.values():
       fut.set_exception(error)
-    self._on_lost(link)
 
 
 class _RemotePending:
@@ -193,9 +294,12 @@ class RemoteRunner:
   """The executor's `Runner` for one worker process (see the module docstring)."""
 
   def __init__(self, channel: Channel, link: Link, shape: RunnerShape,
-               copy_timeout_s: float, copy_ids):
+               copy_timeout_s: float, copy_ids, setup: dict):
     self._channel, self.link, self.shape = channel, link, shape
     self.copy_timeout_s, self._copy_ids = copy_timeout_s, copy_ids
+    self.setup = setup  # the "setup" command, sent again to a restarted worker
+    self.warmup_msg: Optional[dict] = None  # and the "warmup" one
+    self.on_back: Callable[[], None] = lambda: None  # set by the executor
 
   def _call(self, program: str, rows, starts, tables, sampling) -> _RemotePending:
     names = ("chunks", "starts") if program == "packed" else ("tokens", "positions")
@@ -223,11 +327,19 @@ class RemoteRunner:
             + len(self.shape.compiled_decode_shapes()) * decode)
 
   def warmup(self, packed, decode, copy_pages, progress) -> None:
-    reply = self._channel.request(self.link, {
-        "op": "warmup", "packed": packed, "decode": decode,
-        "page_buckets": list(copy_pages)}).result(self._channel.connect_timeout_s)
+    self.warmup_msg = {"op": "warmup", "packed": packed, "decode": decode,
+                       "page_buckets": list(copy_pages)}
+    reply = self._channel.call(self.link, self.warmup_msg, self._channel.connect_timeout_s)
     for _ in range(reply["programs"]):
       progress()
+
+  def prompt_logprobs(self, tokens) -> PromptLogprobs:
+    reply = self._channel.call(self.link, {"op": "score", "tokens": list(tokens)},
+                               self._channel.command_timeout_s)
+    n = max(len(tokens) - 1, 0)
+    return PromptLogprobs(np.asarray(reply["logprobs"], np.float32),
+                          np.asarray(reply["top_ids"], np.int32).reshape(n, -1),
+                          np.asarray(reply["top_logprobs"], np.float32).reshape(n, -1))
 
   def warm_copies(self, dst: Runner, copy_pages) -> None:
     pass  # each worker compiled its own gather or scatter in `warmup`
@@ -242,6 +354,7 @@ class RemoteRunner:
     processes = dst.link.info.get("processes", 1)
     uuid = next(self._copy_ids) * MAX_PROCESSES
     settled, lock = threading.Event(), threading.Lock()
+    calls: Dict[str, cf.Future] = {}  # "offer" and "pull", once sent
 
     def finish(error: Optional[BaseException]) -> None:
       with lock:
@@ -255,23 +368,54 @@ class RemoteRunner:
       if fut.exception() is not None:
         finish(fut.exception())
         return
-      self._channel.request(dst.link, {
-          "op": "pull", "uuid": uuid, "src": self.link.info["transfer"],
-          "pages": dst_pages.tolist()}).add_done_callback(lambda f: finish(f.exception()))
+      # Sent even after a time-out (then cancelled first): the pull drains the offer
+      # from the source's memory and lands nowhere.
+      with lock:
+        calls["pull"] = self._channel.request(dst.link, {
+            "op": "pull", "uuid": uuid, "src": self.link.info["transfer"],
+            "pages": dst_pages.tolist()})
+      calls["pull"].add_done_callback(lambda f: finish(f.exception()))
 
-    timer = threading.Timer(self.copy_timeout_s, lambda: finish(TimeoutError(
-        f"not landed within {self.copy_timeout_s:g} s")))
+    def timed_out():
+      error = TimeoutError(f"not landed within {self.copy_timeout_s:g} s")
+      # Before the engine hears of it (and reuses the destination pages): the late
+      # pull must not scatter (`cluster.worker`), and no answer is awaited.
+      with lock:
+        self._channel.request(dst.link, {"op": "cancel_pull", "uuid": uuid})
+        for link, name in ((self.link, "offer"), (dst.link, "pull")):
+          if name in calls:
+            self._channel.forget(link, calls[name], error)
+      finish(error)
+
+    timer = threading.Timer(self.copy_timeout_s, timed_out)
     timer.daemon = True
     timer.start()
-    self._channel.request(self.link, {
-        "op": "offer", "uuids": [uuid + i for i in range(processes)],
-        "pages": src_pages.tolist()}).add_done_callback(offered)
+    with lock:
+      calls["offer"] = self._channel.request(self.link, {
+          "op": "offer", "uuids": [uuid + i for i in range(processes)],
+          "pages": src_pages.tolist()})
+    calls["offer"].add_done_callback(offered)
 
   def pools_lost(self) -> bool:
     return self.link.pool_reset
 
   def reset_pools(self) -> None:
     self.link.pool_reset = False  # the worker reset its pool when the command failed
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSettings:
+  """The router's timeouts, in seconds (`cli.api`'s `cluster` config block)."""
+  heartbeat_s: float = 0.5  # between pings of every worker
+  timeout_s: float = 5.0  # silent this long: lost
+  command_timeout_s: float = 600.0  # a command unanswered this long: lost
+  copy_timeout_s: float = 60.0  # a KV copy not landed this long: recomputed
+  connect_timeout_s: float = 120.0  # hello, setup and warm-up of a worker
+
+
+# The worker role each device group kind needs.
+ROLE_OF_GROUP = (("prefill", "prefill"), ("decode", "decode"), ("colocated", "replica"),
+                 ("semi_pd", "replica"))
 
 
 class WorkerPlacement:
@@ -281,44 +425,56 @@ class WorkerPlacement:
   device_count: Optional[int] = None  # the workers' devices are theirs to count
   in_process = False
 
-  def __init__(self, model_name: str, attn_impl: str, prefill: List[str], decode: List[str],
-               heartbeat_s: float = 0.5, timeout_s: float = 5.0,
-               copy_timeout_s: float = 60.0, connect_timeout_s: float = 120.0,
-               command_timeout_s: float = 600.0):
-    """`prefill`, `decode`: the control addresses of the workers of each role,
-    e.g. "tcp://10.0.0.2:5601", one instance each."""
-    self.model_name, self.attn_impl = model_name, attn_impl
+  def __init__(self, model_name: str, attn_impl: str, workers: Dict[str, List[str]],
+               settings: ClusterSettings = ClusterSettings()):
+    """`workers`: per role ("prefill", "decode", "replica") the control addresses of
+    its workers, e.g. "tcp://10.0.0.2:5601", one instance each."""
+    self.model_name, self.attn_impl, self.settings = model_name, attn_impl, settings
     self._lost: Dict[int, Callable[[BaseException], None]] = {}
-    self._channel = Channel(self._on_lost, heartbeat_s, timeout_s, command_timeout_s,
-                            connect_timeout_s)
-    self._free = {"prefill": list(prefill), "decode": list(decode)}
-    self.copy_timeout_s = copy_timeout_s
+    self._runners: Dict[int, RemoteRunner] = {}
+    self._channel = Channel(self._on_lost, settings.heartbeat_s, settings.timeout_s,
+                            settings.command_timeout_s, settings.connect_timeout_s,
+                            on_answer=self._on_answer)
+    self._free = {role: list(addresses) for role, addresses in workers.items()}
+    self.copy_timeout_s = settings.copy_timeout_s
     self._copy_ids = itertools.count(1)
 
   def open(self, group: str, spec: InstanceSpec, shape: RunnerShape,
            lost: Callable[[BaseException], None]) -> Runner:
-    if not group.startswith(("prefill", "decode")):
-      raise ValueError(f"worker processes serve disaggregated instances; got {group!r}")
-    role = "prefill" if group.startswith("prefill") else "decode"
+    role = next((r for prefix, r in ROLE_OF_GROUP if group.startswith(prefix)), None)
+    if role is None:
+      raise ValueError(f"worker processes serve prefill, decode, colocated and semi-PD "
+                       f"instances; got {group!r}")
     if spec.pp != 1:
       raise ValueError("pipeline stages (pp > 1) are not served across processes")
-    if not self._free[role]:
+    if not self._free.get(role):
       raise ValueError(f"{group} needs a {role} worker; none is left (give one address "
                        f"per {role} instance)")
-    channel, timeout = self._channel, self._channel.connect_timeout_s
+    channel = self._channel
     link = channel.connect(self._free[role].pop(0), role)
-    info = channel.call(link, {"op": "hello"}, timeout)
-    if info["role"] != role:
-      raise ValueError(f"worker {link.address} serves {info['role']}, not {role}")
+    setup = {"op": "setup", "spec": wire.spec_json(spec), "shape": dataclasses.asdict(shape),
+             "attn_impl": self.attn_impl}
+    self._admit(link, setup, returning=False)
+    runner = RemoteRunner(channel, link, shape, self.copy_timeout_s, self._copy_ids, setup)
+    self._lost[id(link)] = lost
+    self._runners[id(link)] = runner
+    return runner
+
+  def _admit(self, link: Link, setup: dict, returning: bool,
+             warmup: Optional[dict] = None) -> None:
+    """Checks the worker at `link` (role, model) and sets it up; raises ValueError
+    when it is not the worker wanted, WorkerLost when it does not answer."""
+    channel, timeout = self._channel, self._channel.connect_timeout_s
+    info = channel.call(link, {"op": "hello"}, timeout, returning)
+    if info["role"] != link.role:
+      raise ValueError(f"worker {link.address} serves {info['role']}, not {link.role}")
     if info["model"] != self.model_name:
       raise ValueError(f"worker {link.address} serves model {info['model']!r}, the router "
                        f"{self.model_name!r}")
     link.info = info
-    channel.call(link, {"op": "setup", "spec": wire.spec_json(spec),
-                        "shape": dataclasses.asdict(shape), "attn_impl": self.attn_impl},
-                 timeout)
-    self._lost[id(link)] = lost
-    return RemoteRunner(channel, link, shape, self.copy_timeout_s, self._copy_ids)
+    channel.call(link, setup, timeout, returning)
+    if warmup is not None:
+      channel.call(link, warmup, timeout, returning)
 
   def sibling(self, runner: Runner, shape: RunnerShape) -> Runner:
     raise ValueError("pipeline stages (pp > 1) are not served across processes")
@@ -327,6 +483,29 @@ class WorkerPlacement:
     lost = self._lost.get(id(link))
     if lost is not None and link.lost is not None:
       lost(link.lost)
+
+  def _on_answer(self, link: Link) -> None:
+    """A lost worker's address answers: take it back on a thread of its own."""
+    runner = self._runners.get(id(link))
+    if runner is None:
+      self._channel.still_lost(link)
+      return
+    threading.Thread(target=self._readmit, args=(runner,), daemon=True,
+                     name=f"pdserve-readmit-{link.address}").start()
+
+  def _readmit(self, runner: RemoteRunner) -> None:
+    link, start = runner.link, time.monotonic()
+    try:
+      self._admit(link, runner.setup, True, runner.warmup_msg)
+    except Exception as e:  # noqa: BLE001 - it stays lost; the log says why
+      logging.error("worker %s answered again but was not taken back: %s", link.address, e)
+      self._channel.still_lost(link)
+      return
+    link.pool_reset = False
+    self._channel.back(link)
+    logging.warning("worker %s (%s) is back after %.1f s of set-up", link.address, link.role,
+                    time.monotonic() - start)
+    runner.on_back()
 
   def close(self) -> None:
     self._channel.close()

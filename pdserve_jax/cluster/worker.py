@@ -1,4 +1,8 @@
-"""A prefill or decode instance as a process of its own, driven by a router.
+"""A prefill, decode or replica instance as a process of its own, driven by a router.
+
+Roles: "prefill" and "decode" (the disaggregated mode's instances, which move KV
+between them), "replica" (a colocated replica or a semi-PD instance: both phases
+on one pool, no KV copies).
 
 The worker holds one instance's devices, mesh, weights, KV pool and programs (an
 `InstanceRunner`) and does what the router's `WorkerPlacement` asks over a ZeroMQ
@@ -15,7 +19,14 @@ Three kinds of threads: the socket thread answers heartbeats at once (a busy
 worker still proves it is alive) and sends every reply; the command thread runs
 commands in arrival order, so the pool sees them as the router sent them; each
 pull runs on a thread of its own, so a pull from a dead peer cannot stall the
-steps, and its scatter joins the command queue.
+steps, and its scatter joins the command queue. A pull the router gave up on
+(`cancel_pull`, sent when the copy timed out, before the router reuses its pages),
+or one begun before a new "setup" (a router that lost this worker, say while it
+hung, and took it back), lands nowhere: its scatter is skipped, so late KV never
+overwrites pages that another request holds by then. On "stop" (or `stop()`) the
+socket closes and the command thread ends once its command is done, so no thread
+is left inside jax when the process exits (CPython would end it mid-call: a
+native abort).
 
 One instance may span several processes (hosts): each calls
 `jax.distributed.initialize` (on CPU with the gloo collectives) and the instance's
@@ -24,12 +35,14 @@ forwards every device command, in its order, to the followers over a ZeroMQ chan
 of its own; every process then runs the same programs (multi-controller JAX), and
 the leader answers. For a KV pull each process pulls its own copy of the offer
 (the source offers it once per destination process), the followers inside the
-scatter command, so every process scatters at the same point of the sequence.
+scatter command, so every process scatters at the same point of the sequence. To
+offer KV, every process gathers the pages and all-gathers them (one program over
+the instance's mesh), so the leader holds the whole buffer and offers it alone.
 
 Limits: one router per worker; no authentication on any port, so bind them to
 loopback or a private network; pipeline stages (pp > 1) are not served across
-processes, and an instance spanning processes takes KV (decode) but does not offer
-it (prefill).
+processes; an instance spanning processes stages each offer whole on every one of
+its devices (the all-gather's cost, fine at research sizes).
 """
 
 from __future__ import annotations
@@ -50,11 +63,11 @@ from pdserve_jax.model import sharding
 from pdserve_jax.runtime.programs import InstanceRunner
 from pdserve_jax.runtime.buckets import RunnerShape
 
-ROLES = ("prefill", "decode")
+ROLES = ("prefill", "decode", "replica")
 
 
 # Commands that run programs or move pool data: every process of an instance runs them.
-DEVICE_OPS = ("setup", "warmup", "packed", "decode", "scatter")
+DEVICE_OPS = ("setup", "warmup", "packed", "decode", "scatter", "score", "offer")
 
 
 def _host(a) -> np.ndarray:
@@ -107,28 +120,48 @@ class Worker:
     self.transfer_address = self._transfer.address()
     self._conns: dict = {}
     self.runner: Optional[InstanceRunner] = None
+    self._replicate = None
+    self._setups = 0  # pools set up so far: a pull lands only in the one it began in
     self._commands: "queue.Queue" = queue.Queue()
     self._replies: "queue.Queue" = queue.Queue()
     self._stop = threading.Event()
+    self._pulls_lock = threading.Lock()
+    self._cancelled: set = set()  # transfer ids of pulls the router gave up on
+    self.skipped_scatters = 0  # late pulls that landed nowhere (tests read it)
+
+  def stop(self) -> None:
+    """Ends `serve()` (as a "stop" command does), from any thread."""
+    self._stop.set()
 
   # -- the socket thread ---------------------------------------------------------
 
   def serve(self) -> None:
     if self.address is None:
       return self._follow()
-    threading.Thread(target=self._run_commands, name="pdserve-worker-commands",
-                     daemon=True).start()
+    commands = threading.Thread(target=self._run_commands, name="pdserve-worker-commands",
+                                daemon=True)
+    commands.start()
     poller = zmq.Poller()
     poller.register(self._sock, zmq.POLLIN)
+    router = None  # the connection of the router that set this worker up last
     while not self._stop.is_set():
       if poller.poll(5):
         ident, raw = self._sock.recv_multipart()
         msg = decode(raw)
+        if msg["op"] == "setup":
+          router = ident
         if msg["op"] == "ping":
           self._sock.send_multipart([ident, encode({"id": msg["id"], "ok": True})])
         elif msg["op"] == "stop":
           self._sock.send_multipart([ident, encode({"id": msg["id"], "ok": True})])
           self._stop.set()
+        elif msg["op"] != "hello" and ident != router:
+          # A connection the router replaced (it lost this worker, e.g. while the
+          # process hung, and took it back): its late commands must not touch the
+          # pool set up since.
+          self._sock.send_multipart([ident, encode({
+              "id": msg["id"], "ok": False, "error": "this worker was set up again by "
+              "another connection; commands of this one are refused"})])
         else:
           self._commands.put((ident, msg))
       while True:
@@ -138,6 +171,12 @@ class Worker:
           break
         self._sock.send_multipart([ident, encode(reply)])
     self._sock.close()
+    self._commands.put(None)  # after the command it runs, if any
+    commands.join()
+    if self._followers:
+      for ident in self._followers:
+        self._peers.send_multipart([ident, b"", encode({"op": "stop"})])
+      self._peers.close()
     self._ctx.term()
 
   # -- the command thread --------------------------------------------------------
@@ -164,8 +203,17 @@ class Worker:
       self._peers.send_multipart([ident, b"", wire])
 
   def _run_commands(self) -> None:
-    while True:
-      ident, msg = self._commands.get()
+    while (item := self._commands.get()) is not None:
+      ident, msg = item
+      # A pull the router gave up on, or one started before the pool was set up
+      # again (a router that lost this worker and took it back), lands nowhere.
+      if msg["op"] == "scatter" and (self._cancelled_pull(msg["uuid"])
+                                     or msg["setup"] != self._setups):
+        self.skipped_scatters += 1
+        logging.warning("KV pull %d landed after the router gave up on it: not scattered",
+                        msg["uuid"])
+        self._replies.put((ident, {"id": msg["id"], "ok": False, "error": "pull cancelled"}))
+        continue
       if msg["op"] in DEVICE_OPS:
         self._forward(msg)
       try:
@@ -197,15 +245,17 @@ class Worker:
                        f"{jax.device_count()}")
     mesh = sharding.make_mesh(jax.devices()[:spec.tp])
     self.runner = InstanceRunner(self.model, mesh, shape, msg["attn_impl"])
+    self._replicate = None  # `_gathered`'s all-gather, compiled for this mesh
+    self._setups += 1
     return {"num_pages": self.runner.shape.num_pages}
 
   def _op_warmup(self, ident, msg) -> dict:
     n = self.runner.warmup(msg["packed"], msg["decode"])
     pool = self.runner.pool
-    for size in msg["page_buckets"]:  # the KV movers, at every transfer size
+    for size in msg["page_buckets"] if self.role != "replica" else ():  # the KV movers
       scratch = np.zeros(size, np.int32)
       if self.role == "prefill":
-        jax.block_until_ready(jax.device_put(pool.gather(scratch), self._device))
+        jax.block_until_ready(self._gathered(scratch))
       else:
         zeros = np.zeros(pool.shape[:2] + (size,) + pool.shape[3:], pool.dtype)
         pool.scatter(jax.device_put({"k": zeros, "v": zeros}, pool.pool_shardings), scratch)
@@ -222,21 +272,53 @@ class Worker:
                              wire.sampling_from_json(msg["sampling"]))
     return sampled_to_json(out, len(msg["tokens"]))
 
+  def _op_score(self, ident, msg) -> dict:
+    """The prompt logprobs of `tokens` (`runtime.scoring`)."""
+    from pdserve_jax.runtime.scoring import prompt_logprobs
+
+    return wire.sampled_json(prompt_logprobs(self.runner, msg["tokens"])._asdict())
+
+  def _gathered(self, pages: np.ndarray) -> dict:
+    """The pages' KV as one buffer on this process's first device. Across processes
+    every process runs this (an all-gather over the instance's mesh)."""
+    pool = self.runner.pool
+    if self.processes == 1:
+      return stage_pages(pool, pages, self._device)
+    if self._replicate is None:
+      whole = jax.sharding.NamedSharding(pool.sharding.mesh, jax.sharding.PartitionSpec())
+      self._replicate = jax.jit(lambda b: b, out_shardings=whole)
+    buf = {k: a.addressable_data(0) for k, a in self._replicate(pool.gather(pages)).items()}
+    return jax.device_put(buf, self._device)
+
   def _op_offer(self, ident, msg) -> dict:
     """Gathers the pages and offers them under each transfer id (one per destination
-    process); the pages may be reused at once (the buffer is a copy)."""
-    if self.processes > 1:
-      raise ValueError("an instance spanning processes does not offer KV")
-    buf = stage_pages(self.runner.pool, msg["pages"], self._device)
+    process); the pages may be reused at once (the buffer is a copy). A follower
+    only takes its part in the gather."""
+    buf = self._gathered(np.asarray(msg["pages"], np.int32))
     jax.block_until_ready(buf)  # a failed gather fails this command, not a later pull
-    for uuid in msg["uuids"]:
-      self._transfer.await_pull(uuid, [buf["k"], buf["v"]])
+    if self.process == 0:
+      for uuid in msg["uuids"]:
+        self._transfer.await_pull(uuid, [buf["k"], buf["v"]])
+    return {}
+
+  def _cancelled_pull(self, uuid: int) -> bool:
+    with self._pulls_lock:
+      if uuid in self._cancelled:
+        self._cancelled.discard(uuid)
+        return True
+      return False
+
+  def _op_cancel_pull(self, ident, msg) -> dict:
+    """The router gave up on the copy under `uuid` (it timed out): its pull, landed
+    later or not yet sent, must not scatter (the pages are the router's again)."""
+    with self._pulls_lock:
+      self._cancelled.add(msg["uuid"])
     return {}
 
   def _op_pull(self, ident, msg) -> None:
     """Pulls a peer's offer on a thread of its own; the scatter comes back here."""
-    threading.Thread(target=self._pull, args=(ident, msg), daemon=True,
-                     name=f"pdserve-pull-{msg['uuid']}").start()
+    threading.Thread(target=self._pull, args=(ident, dict(msg, setup=self._setups)),
+                     daemon=True, name=f"pdserve-pull-{msg['uuid']}").start()
     return None
 
   def _pull_own(self, msg) -> dict:
@@ -251,6 +333,7 @@ class Worker:
     try:
       buf = self._pull_own(msg)
     except Exception as e:  # noqa: BLE001 - the router fails this request only
+      self._cancelled_pull(msg["uuid"])
       self._replies.put((ident, {"id": msg["id"], "ok": False,
                                  "error": f"pull failed: {type(e).__name__}: {e}"}))
       return

@@ -11,8 +11,13 @@ allocator per device group, `can_launch` / `launch` a step (later `step_done` or
 `fail`), `start_copy` a request's KV (later `copy_done`), or with layer-wise
 streaming a step that carries KV copies out as it runs (`Step.streams`; each later
 `copy_done`, before or after the step's `step_done`). The executor calls
-`lose(inst, now)` when an instance's devices are gone for good (a worker process
-died): the requests there end with an error, and no new work goes to it. Every
+`lose(inst, now)` when an instance's devices are gone (a worker process died): no
+new work goes to it, and the requests there end with an error, except in the
+disaggregated mode, where they are recomputed on a live prefill instance from
+their prompt and the tokens already produced (as after a preemption: nothing is
+produced twice). A KV copy that fails is recomputed the same way, up to
+`MAX_RECOMPUTES` times per request. `readmit(inst, now)` takes an instance back
+(its worker restarted, with an empty pool). Every
 request that ends (finished, aborted or failed) is passed to `on_end(req, now)`,
 the engine's hook for waking its caller.
 The JAX executor (`serving.executor`) runs real programs on the wall clock; the
@@ -51,6 +56,9 @@ if TYPE_CHECKING:
   from pdserve_jax.core.seam import Executor
 
 OnEnd = Callable[[Request, float], None]
+# Recomputations after lost instances or failed KV copies, per request, before it
+# fails: a copy that keeps failing must not loop forever.
+MAX_RECOMPUTES = 3
 
 
 class Instance:
@@ -138,6 +146,22 @@ class Coordinator:
         self._end([r], now)
     self._relaunch(now)
 
+  def readmit(self, inst: Instance, now: float) -> None:
+    """`inst`'s devices are back (its worker process restarted, with an empty pool):
+    it takes work again."""
+    if not inst.lost:
+      return
+    inst.lost = False
+    # The pool came back empty: no page registered before the loss may be mapped
+    # again (its KV is gone), so the prefix cache forgets them.
+    inst.sched.allocator.forget()
+    self._relaunch(now)
+
+  def unservable(self) -> Optional[str]:
+    """Why no arrival can be served now (every instance of a role it needs is lost),
+    or None. Read from any thread: it reads only the instances' lost marks."""
+    return None if self._alive(self.instances) else "every instance is lost"
+
   def _alive(self, instances) -> list[Instance]:
     return [i for i in instances if not i.lost]
 
@@ -166,7 +190,7 @@ class Coordinator:
       r.end_reason, r.finish_time = r.end_reason or "error", now
     self._end(reqs, now)
 
-  def copy_done(self, req: Request, now: float) -> None:
+  def copy_done(self, req: Request, now: float, failed: bool = False) -> None:
     raise RuntimeError(f"{type(self).__name__} starts no KV copies")
 
   def resume(self, inst: Instance, now: float) -> None:
@@ -371,6 +395,12 @@ class DisaggregatedCoordinator(Coordinator):
   def _entry_instances(self):
     return [self.prefills[0], self.decodes[0]]  # every pool of a kind is alike
 
+  def unservable(self):
+    for what, insts in (("prefill", self.prefills), ("decode", self.decodes)):
+      if not self._alive(insts):
+        return f"every {what} instance is lost"
+    return None
+
   def copy_pairs(self):
     return list(dict.fromkeys((p.group, d.group) for p in self.prefills for d in self.decodes))
 
@@ -485,16 +515,24 @@ class DisaggregatedCoordinator(Coordinator):
     self.copy_pages_saved += skip
     self._copies[req] = (src, dst)
 
-  def copy_done(self, req, now):
+  def copy_done(self, req, now, failed: bool = False):
+    """`req`'s KV copy landed, or (`failed`) could not: then, or when its decode
+    instance was lost meanwhile, it is recomputed (`_recompute_lost`). A copy
+    streamed ahead of its prefill step's end is settled when that step ends (a
+    failed one then ends its request: it is still in that step)."""
     src, dst = self._copies[req]
     if src.step is not None and req in src.step.requests:
+      if failed:
+        req.end_reason = req.end_reason or "error"
       self._landed.add(req)  # streamed ahead of its step's end: admitted when it ends
       return
     del self._copies[req]
     src.sched.release_handoff(req)
-    if dst.lost:
-      req.end_reason = req.end_reason or "error"
-    if req.done:  # cancelled, or (streamed) ended with its first token
+    if (failed or dst.lost) and not req.done:
+      dst.sched.cancel_reserved(req)
+      self._recompute_lost([req], now)
+      self._pull(now)
+    elif req.done:  # cancelled, or (streamed) ended with its first token
       dst.sched.cancel_reserved(req)
       req.finish_time = now
       self._end([req], now)
@@ -503,6 +541,48 @@ class DisaggregatedCoordinator(Coordinator):
       dst.sched.admit(req)
     self._launch(dst, now)
     self._launch(src, now)
+
+  def lose(self, inst, now):
+    """Every request `inst` held (but those in a KV copy, which `copy_done` settles)
+    is recomputed on a live prefill instance, or ends with an error when none is
+    left or it was recomputed `MAX_RECOMPUTES` times."""
+    inst.lost = True
+    held = inst.sched.held()
+    if inst.step is not None:
+      inst.step = None
+      inst.sched.drop_step()  # its tokens never come: its requests go on elsewhere
+    again = []
+    if inst.phase == PREFILL:
+      while (r := inst.sched.take_handoff()) is not None:
+        inst.sched.release_handoff(r)
+        again.append(r)
+    for r in held:
+      if r in self._copies or r.finish_time is not None:
+        continue
+      if inst.sched.remove(r):
+        again.append(r)
+    self._recompute_lost(again, now)
+    self._relaunch(now)
+
+  def _recompute_lost(self, reqs, now: float) -> None:
+    """`reqs`, held nowhere now, start over on the least loaded live prefill
+    instance: from the prompt when they produced nothing yet, else recomputing the
+    prompt and their tokens (a preemption). Aborted ones, and those with nowhere
+    to go (no live prefill, or no live decode instance), end."""
+    target = least_loaded(self._alive(self.prefills)) if self._alive(self.decodes) else None
+    ended = []
+    for r in reqs:
+      if r.end_reason is not None or target is None or r.num_preemptions >= MAX_RECOMPUTES:
+        ended.append(r)
+      elif r.num_output == 0:
+        r.num_prefilled = 0
+        target.sched.add(r)
+      else:
+        r.preempt()
+        target.sched.requeue(r)
+    self._end_with_error(ended, now)
+    if target is not None:
+      self._launch(target, now)
 
   def _drop_handoffs(self, now: float) -> None:
     """No decode instance is left: finished prompts have nowhere to go."""

@@ -385,6 +385,12 @@ class _Scheduler:
     self._recount = True
     self._requeue(req)
 
+  def drop_step(self) -> None:
+    """Forgets the step in flight, whose results will never come (its instance's
+    devices are gone); its requests stay held here until `remove`d."""
+    self._in_flight = None
+    self._recount = True
+
   # -- abort ----------------------------------------------------------------------
 
   def remove(self, req: Request) -> Optional[bool]:
@@ -701,6 +707,9 @@ class PrefillScheduler(_Scheduler):
   def _drop(self, req):
     if req in self._handoffs:
       self._handoffs.remove(req)
+      return True
+    if req in self._running:  # only once its step was dropped (`drop_step`)
+      self._running = [r for r in self._running if r is not req]
       return True
     return False
 

@@ -144,8 +144,8 @@ class ElasticCoordinator(DisaggregatedCoordinator):
       self._observe(step, now)
     self._settle(now)
 
-  def copy_done(self, req, now):
-    super().copy_done(req, now)
+  def copy_done(self, req, now, failed=False):
+    super().copy_done(req, now, failed)
     self._settle(now)
 
   def abort(self, req, now, reason="aborted"):

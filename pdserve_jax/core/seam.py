@@ -22,7 +22,8 @@ No jax here: `make lint` type-checks this folder and the executors against it.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Callable, List, Optional, Protocol, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Callable, List, Optional, Protocol, Sequence, Tuple,
+                    Union)
 
 if TYPE_CHECKING:
   from pdserve_jax.core.coordinator import Coordinator, Instance
@@ -102,6 +103,10 @@ class EngineExecutor(Executor, Protocol):
     """The step of `inst` could not run or be read: its requests carry the error."""
     ...
 
+  def drop_step(self, inst: Instance) -> None:
+    """`inst`'s devices are gone: its step in flight is forgotten (no result comes)."""
+    ...
+
   def recover_pool(self, inst: Instance) -> List[Request]:
     """After a failed step: if `inst`'s pool was lost with it, a fresh one replaces
     it; returns the requests whose KV was in the lost pool (they must end)."""
@@ -109,6 +114,12 @@ class EngineExecutor(Executor, Protocol):
 
   def close(self) -> None:
     """Stops the executor's threads and connections; idempotent."""
+    ...
+
+  def prompt_logprobs(self, tokens: Sequence[int]) -> Any:
+    """Each prompt token's log-probability given those before it
+    (`runtime.rows.PromptLogprobs`), computed beside the steps; blocks. Called from
+    a caller's thread, not the engine's."""
     ...
 
 
@@ -136,9 +147,10 @@ class StepFailed:
 
 @dataclasses.dataclass(frozen=True)
 class CopyDone:
-  """`request`'s KV copy landed (or failed: the request then carries the error and
-  `end_reason` "error")."""
+  """`request`'s KV copy landed, or failed with `error` (the coordinator then
+  recomputes the request or ends it)."""
   request: Request
+  error: Optional[BaseException] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +158,13 @@ class InstanceLost:
   """`instance`'s devices are gone for good (its worker process stopped answering)."""
   instance: Instance
   error: BaseException
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceBack:
+  """`instance`'s devices are back (its worker process restarted and was set up
+  again, with an empty pool): it may take work."""
+  instance: Instance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,8 +182,9 @@ class Close:
   deadline: Optional[float]
 
 
-Event = Union[Submit, StepDone, StepFailed, CopyDone, InstanceLost, Abort, Close]
+Event = Union[Submit, StepDone, StepFailed, CopyDone, InstanceLost, InstanceBack, Abort,
+              Close]
 Post = Callable[[Event], None]
 
 __all__ = ["Executor", "EngineExecutor", "StepRecord", "Submit", "StepDone", "StepFailed",
-           "CopyDone", "InstanceLost", "Abort", "Close", "Event", "Post"]
+           "CopyDone", "InstanceLost", "InstanceBack", "Abort", "Close", "Event", "Post"]

@@ -18,6 +18,15 @@ class Sampled(NamedTuple):
   top_logprobs: Any  # f32 [B, K]
 
 
+class PromptLogprobs(NamedTuple):
+  """Per prompt token after the first (host arrays): its log-probability given the
+  tokens before it, and the ids and log-probabilities of the most likely tokens at
+  its position (`runtime.scoring`)."""
+  logprobs: np.ndarray  # f32 [T - 1]
+  top_ids: np.ndarray  # i32 [T - 1, K]
+  top_logprobs: np.ndarray  # f32 [T - 1, K]
+
+
 @dataclasses.dataclass
 class SamplingRows:
   """Per-row sampling parameters, host side."""

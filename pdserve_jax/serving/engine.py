@@ -54,6 +54,11 @@ class EngineOverloaded(RuntimeError):
   """`submit` found the engine holding `max_queued` unfinished requests."""
 
 
+class EngineUnavailable(RuntimeError):
+  """No instance is left that can serve a request (every one of a role is lost);
+  the engine takes requests again once instances come back."""
+
+
 @dataclasses.dataclass
 class Completion:
   """One continuation of a prompt."""
@@ -158,6 +163,34 @@ class RequestHandle:
                       "stream one at a time with n=1, or wait for result()")
     return self._req.payload.deltas()
 
+  @property
+  def arrival_time(self) -> float:
+    return self._req.arrival_time
+
+  def wait(self, timeout: Optional[float] = None) -> bool:
+    """Waits until every completion ended, however; False after `timeout` seconds."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for r in self._reqs:
+      left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+      if not r.payload.finished.wait(left):
+        return False
+    return True
+
+  def outcomes(self) -> List[str]:
+    """Once done, how each completion ended: "stop", "length", "aborted" or
+    "failed" (an error, or refused by the engine thread)."""
+    out = []
+    for r in self._reqs:
+      if r.payload.error is not None or r.end_reason == "error":
+        out.append("failed")
+      else:
+        out.append(r.finish_reason or "aborted")
+    return out
+
+  def token_times(self) -> List[List[float]]:
+    """Each completion's token times (engine clock)."""
+    return [list(r.token_times) for r in self._reqs]
+
   def cancel(self) -> bool:
     """Aborts the request (see `Engine.abort`); False when it had already ended."""
     return any([self._engine.abort(r.request_id) for r in self._reqs])
@@ -234,6 +267,8 @@ class Engine:
     self._live: Dict[int, Request] = {}  # submitted, not ended
     self._closing = False
     self._error: Optional[BaseException] = None
+    self._end_errors: Dict[int, BaseException] = {}  # why requests ending now fail
+    self._losses: Dict[str, BaseException] = {}  # lost instances (until back): why
     self.counts = {"finished": 0, "aborted": 0, "failed": 0, "rejected": 0}
     self._thread = threading.Thread(target=self._loop, name="pdserve-engine", daemon=True)
     self._thread.start()
@@ -270,6 +305,9 @@ class Engine:
         raise RuntimeError(f"engine failed: {self._error!r}")
       if self._closing:
         raise RuntimeError("engine is closed")
+      unservable = self._unservable()
+      if unservable is not None:
+        raise unservable
       n = sum(params.n for _, _, params in prepared)
       if len(self._live) + n > self.config.max_queued:
         raise EngineOverloaded(
@@ -309,6 +347,22 @@ class Engine:
       text, prompt = prompt, self.tokenizer.encode(prompt)
     return text, validate.check_prompt(prompt, self.model.config.vocab_size,
                                        self.max_prompt_len)
+
+  def prompt_ids(self, prompt: Union[str, Sequence[int]]) -> List[int]:
+    """The token ids `submit` would serve for `prompt`, checked (ValueError or
+    TypeError naming what is wrong)."""
+    return self._prompt_ids(prompt)[1]
+
+  def prompt_logprobs(self, prompt: Union[str, Sequence[int]]) -> tuple:
+    """(the prompt's checked token ids, `runtime.rows.PromptLogprobs` of them): each
+    token's log-probability given those before it, by one forward pass on a serving
+    instance's weights (what `echo` with logprobs returns). Blocks until done; call
+    it from any thread but the engine's."""
+    if self._error is not None or self._closing:
+      raise RuntimeError("engine is closed" if self._closing else
+                         f"engine failed: {self._error!r}")
+    _, ids = self._prompt_ids(prompt)
+    return ids, self.executor.prompt_logprobs(ids)
 
   def abort(self, request_id: int) -> bool:
     """Ends a request wherever it is, with finish reason "aborted", freeing its pages
@@ -436,7 +490,8 @@ class Engine:
     reason = req.end_reason
     if reason == "error":
       self.counts["failed"] += 1
-      out.end(out.error or RuntimeError(f"request {req.request_id} failed"))
+      out.end(out.error or self._end_errors.get(req.request_id) or self._unservable()
+              or RuntimeError(f"request {req.request_id} failed"))
     else:
       self.counts["aborted" if reason == "aborted" else "finished"] += 1
       out.end()
@@ -454,7 +509,8 @@ class Engine:
       except ValueError as e:
         self.counts["rejected"] += 1
         req.finish_time, req.end_reason = now, "error"
-        req.payload.end(e)
+        # An instance was lost since `submit` checked?
+        req.payload.end(self._unservable() or e)
         with self._lock:
           self._live.pop(req.request_id, None)
     elif isinstance(event, seam.StepDone):
@@ -471,11 +527,19 @@ class Engine:
       self._fail(event.instance, event.error)
     elif isinstance(event, seam.InstanceLost):
       self._lose(event.instance, event.error)
+    elif isinstance(event, seam.InstanceBack):
+      logging.warning("instance %s is back", event.instance.name)
+      self._losses.pop(event.instance.name, None)
+      coord.readmit(event.instance, self.clock())
     elif isinstance(event, seam.CopyDone):
-      now = self.clock()
+      now, req = self.clock(), event.request
       if self.config.log_steps:
-        self.event_log.append(("copy", event.request.request_id, now))
-      coord.copy_done(event.request, now)
+        self.event_log.append(("copy", req.request_id, now))
+      if event.error is None:
+        coord.copy_done(req, now)
+      else:
+        logging.warning("request %d: %s; recomputing it", req.request_id, event.error)
+        self._ending_with(event.error, [req], lambda: coord.copy_done(req, now, failed=True))
     elif isinstance(event, seam.Abort):
       coord.abort(event.request, self.clock(), event.reason)
     else:
@@ -494,15 +558,50 @@ class Engine:
       coord.abort(r, now, "error")
 
   def _lose(self, inst, error: BaseException) -> None:
-    """`inst`'s devices are gone: every request it holds ends with the error."""
+    """`inst`'s devices are gone: the coordinator recomputes its requests elsewhere
+    or ends them with an error naming it."""
     if inst.lost:
       return
     logging.error("instance %s lost: %s", inst.name, error)
-    self.executor.fail_step(inst, error)
-    for r in inst.sched.held():
-      r.payload.error = r.payload.error or RuntimeError(f"instance {inst.name} was lost: "
-                                                        f"{error}")
-    self.coordinator.lose(inst, self.clock())
+    self.executor.drop_step(inst)
+    lost = self._losses[inst.name] = RuntimeError(f"instance {inst.name} was lost: {error}")
+    with self._lock:
+      live = list(self._live.values())  # any request the loss ends, it ends for this
+    self._ending_with(lost, live, lambda: self.coordinator.lose(inst, self.clock()))
+
+  def _ending_with(self, error: BaseException, reqs, act) -> None:
+    """Runs `act()`; those of `reqs` it ends with an error (and no error of their
+    own) carry `error`; the others go on (recomputed elsewhere)."""
+    self._end_errors = {r.request_id: error for r in reqs}
+    try:
+      act()
+    finally:
+      self._end_errors = {}
+
+  def _unservable(self) -> Optional[EngineUnavailable]:
+    """Why no request can be served now, naming the lost instances; None if one can.
+    (The error of requests that end for want of an instance, after the loss.)"""
+    blocked = self.coordinator.unservable()
+    if blocked is None:
+      return None
+    why = "; ".join(str(e) for e in list(self._losses.values()))  # other threads read it
+    return EngineUnavailable(f"no instance can serve: {blocked}" + (f" ({why})" if why else ""))
+
+  def pages_held(self) -> Dict[str, int]:
+    """Per instance, the KV pages its requests hold now (semi-PD's two phases report
+    their shared pool). Read from any thread: counters only, they may lag a step."""
+    return {i.name: i.sched.allocator.capacity - i.sched.allocator.num_free
+            for i in self.coordinator.instances}
+
+  def unavailable(self) -> Optional[str]:
+    """Why the engine cannot take a request now (failed, closed, or no instance left
+    of a role it needs), or None when it can."""
+    if self._error is not None:
+      return f"engine failed: {self._error!r}"
+    if self._closing:
+      return "engine is closed"
+    unservable = self._unservable()
+    return None if unservable is None else str(unservable)
 
   def health(self) -> dict:
     """{instance name: "ok" or "lost"}."""

@@ -43,7 +43,7 @@ from pdserve_jax.core.request import Request
 from pdserve_jax.core.step import PrefillChunk, Step
 from pdserve_jax.runtime import buckets as bk
 from pdserve_jax.runtime.buckets import RunnerShape, groups
-from pdserve_jax.runtime.rows import Sampled, SamplingRows
+from pdserve_jax.runtime.rows import PromptLogprobs, Sampled, SamplingRows
 from pdserve_jax.serving.config import EngineConfig, runner_shape
 
 SCRATCH_PAGE = 0  # page 0 of every pool: padded slots write there (`kv.pool`)
@@ -110,6 +110,14 @@ class Runner(Protocol):
   def pools_lost(self) -> bool: ...
 
   def reset_pools(self) -> None: ...
+
+  # A runner whose devices may come back after `lost` (a restarted worker process)
+  # has an `on_back` attribute; the executor sets it to a callback to call then.
+
+  def prompt_logprobs(self, tokens: Sequence[int]) -> PromptLogprobs:
+    """Each token's log-probability given those before it (`runtime.scoring`): a
+    forward pass beside the steps, touching no pool; blocks until done."""
+    ...
 
 
 class Placement(Protocol):
@@ -185,8 +193,10 @@ class JaxExecutor:
     if runners:
       runners.append(self.placement.sibling(runners[0], shape))
     else:
-      self._group_runners[group] = [self.placement.open(
-          group, spec, shape, functools.partial(self._lost, group))]
+      runner = self.placement.open(group, spec, shape, functools.partial(self._lost, group))
+      if hasattr(runner, "on_back"):  # a worker process that may restart (`cluster`)
+        runner.on_back = functools.partial(self._back, group)  # type: ignore[attr-defined]
+      self._group_runners[group] = [runner]
     return PageAllocator(num_pages, self.cfg.page_size, reserved=1,
                          prefix_cache=self.cfg.prefix_cache)
 
@@ -209,6 +219,15 @@ class JaxExecutor:
     for inst in self._instances:
       if inst.group == group:
         self._post(seam.InstanceLost(inst, error))
+
+  def _back(self, group: str) -> None:
+    for inst in self._instances:
+      if inst.group == group:
+        self._post(seam.InstanceBack(inst))
+
+  def drop_step(self, inst: Instance) -> None:
+    """`inst`'s devices are gone: its step in flight is forgotten (no result comes)."""
+    self._inflight.pop(inst.name, None)
 
   def warmup(self) -> None:
     """Compiles every bucket of every program the instances use, and every KV copy
@@ -253,6 +272,14 @@ class JaxExecutor:
 
   def close(self) -> None:
     self.placement.close()
+
+  def prompt_logprobs(self, tokens: Sequence[int]) -> PromptLogprobs:
+    """`tokens`' prompt log-probabilities on the first live instance that prefills
+    (any thread may call this: it reads no scheduler state but the lost marks)."""
+    for inst in self._instances:
+      if inst.phase != "decode" and not inst.lost:
+        return self._runner[inst.name].prompt_logprobs(tokens)
+    raise RuntimeError("no instance that prefills is left to compute prompt logprobs")
 
   # -- the seam ---------------------------------------------------------------------
 
@@ -365,10 +392,8 @@ class JaxExecutor:
     """The callback that reports `req`'s KV copy to the engine (once)."""
     def done(error: Optional[BaseException]) -> None:
       if error is not None:
-        req.payload.error = req.payload.error or RuntimeError(
-            f"KV copy {src.name} -> {dst.name} failed: {error}")
-        req.end_reason = "error"
-      self._post(seam.CopyDone(req))
+        error = RuntimeError(f"KV copy {src.name} -> {dst.name} failed: {error}")
+      self._post(seam.CopyDone(req, error))
     return done
 
   def _pages(self, req: Request, src: Instance, dst: Instance

@@ -124,6 +124,11 @@ class LocalRunner:
   def pools_lost(self) -> bool:
     return self.runner.pools_lost()
 
+  def prompt_logprobs(self, tokens):
+    from pdserve_jax.runtime.scoring import prompt_logprobs
+
+    return prompt_logprobs(self.runner, tokens)
+
   def reset_pools(self) -> None:
     self.runner.reset_pools()
 
