@@ -71,6 +71,29 @@ def test_stream_starts_with_the_prefill_and_admits_when_both_ended(lands):
   assert a.finish_reason == "length"
 
 
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0), (1, 2, 0)])
+def test_streams_landed_before_their_step_are_admitted_in_the_steps_order(order):
+  """Copies that land while their prefill step runs are admitted when it ends in
+  the step's order (oldest first), whatever order they landed in: the first
+  admitted starts the decode instance's next step alone. Catches walking them in an
+  order of their own (a set iterates by address, which the engine and the
+  simulator's replay of it do not share)."""
+  h = streaming(num_pages={"prefill": 17, "decode": 33})
+  h.hold("prefill0")
+  reqs = [h.submit(8, 4) for _ in range(3)]
+  h.release("prefill0")
+  src, step = h.step_of(reqs[0])
+  dst = h.coord.decodes[0]
+  assert step.streams == [(r, dst) for r in reqs]
+  for k in order:
+    h.finish_copy(reqs[k])
+  h.complete(src)
+  assert dst.sched.admitted == reqs
+  assert h.step_of(reqs[0])[1].decodes == [reqs[0]]
+  h.drain()
+  assert all(r.finish_reason == "length" for r in reqs)
+
+
 def test_no_stream_while_a_handoff_waits():
   """FCFS: a prompt that waits in prefill memory for decode pages goes first; a
   later prefill does not take decode pages ahead of it by streaming."""

@@ -367,8 +367,9 @@ class DisaggregatedCoordinator(Coordinator):
   no hand-off waits, each request it finishes prefilling (oldest first, while decode
   pages last) gets its decode instance and pages at once, and its KV streams there
   with the step (`Step.streams`). It is admitted when the copy has landed and the
-  step has ended, in either order; its prefill pages are freed only then. A request
-  that cannot be placed then (or ends with its first token) hands off as usual.
+  step has ended, in either order (those that landed first, at the step's end in
+  the step's order); its prefill pages are freed only then. A request that cannot
+  be placed then (or ends with its first token) hands off as usual.
   """
 
   def __init__(self, dep: deploy.Disaggregated, ex, on_end=None):
@@ -376,7 +377,10 @@ class DisaggregatedCoordinator(Coordinator):
     p, d = dep.instance_specs()
     self.threshold = dep.conditional_threshold
     self.streaming = dep.streams_kv
-    self._landed: set[Request] = set()  # streamed copies in before their step ended
+    # Streamed copies in before their step ended. Ordered, as every container the
+    # decisions walk: a set of requests iterates by address, which differs between
+    # the engine and the simulator (and from run to run).
+    self._landed: dict[Request, None] = {}
     self.prefills, self.decodes = [], []
     for k in range(dep.num_prefill):
       self.prefills += self._make("prefill", p, k, lambda a: PrefillScheduler(
@@ -446,8 +450,11 @@ class DisaggregatedCoordinator(Coordinator):
 
   def _after_step(self, inst, finished, now, seconds):
     if self._landed and inst.phase == PREFILL:
-      for r in [r for r in self._landed if self._copies[r][0] is inst]:
-        self._landed.discard(r)
+      # In the step's order (its prefills were admitted oldest first), whichever
+      # landed first: each admission may launch its decode instance's next step.
+      landed = [r for r in self._landed if self._copies[r][0] is inst]
+      for r in sorted(landed, key=lambda r: r.admitted_seq):
+        del self._landed[r]
         self.copy_done(r, now)
     if inst.phase == PREFILL or finished:
       self._pull(now)
@@ -524,7 +531,7 @@ class DisaggregatedCoordinator(Coordinator):
     if src.step is not None and req in src.step.requests:
       if failed:
         req.end_reason = req.end_reason or "error"
-      self._landed.add(req)  # streamed ahead of its step's end: admitted when it ends
+      self._landed[req] = None  # streamed ahead of its step's end: admitted when it ends
       return
     del self._copies[req]
     src.sched.release_handoff(req)
