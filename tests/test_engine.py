@@ -482,11 +482,10 @@ def test_a_failed_step_that_consumed_the_pool_fails_its_holders_and_recovers(mod
     runner = engine.executor.runner(engine.coordinator.instances[0]).runner
     real, calls = runner._run, []
 
-    # `_run` also takes a packed call's `after_stage` (layer-wise streaming's hook).
-    def consume_and_raise(program, inp, args, *after_stage):
+    def consume_and_raise(program, *rest, **kw):
       calls.append(program)
       if len(calls) < 3:  # a few steps run first, so requests hold KV in the pool
-        return real(program, inp, args, *after_stage)
+        return real(program, *rest, **kw)
       runner._run = real
       for a in runner.pool.arrays.values():
         a.delete()  # as a donated program that failed on the device would leave it
