@@ -5,10 +5,19 @@ seed gives the same request sequence at every rate, only compressed or stretched
 time; that keeps attainment-versus-rate curves smooth for the goodput bisection.
 
 Traces are CSV files with `num_prefill_tokens,num_decode_tokens` and an optional
-`arrived_at` column (seconds), or ShareGPT-style JSON conversations measured with a
-caller's tokenizer. Every app's config holds one workload block (`DEFAULTS`,
-built by `config`, read by `from_config`). Nothing here knows about devices or
-models.
+`arrived_at` column (seconds), Mooncake's JSON lines (`timestamp` ms,
+`input_length`, `output_length`, `hash_ids`: one id per 512-token prompt block), or
+ShareGPT-style JSON conversations measured with a caller's tokenizer.
+
+Prefix structure travels as `Request.blocks` (`core.prefix.Blocks`): block ids,
+equal ids meaning equal tokens with equal prefixes. Mooncake's traces carry them;
+`shared_prefix` makes them for a system prompt shared by a fraction of sessions and
+multi-turn sessions whose next prompt is the previous prompt, its answer and a new
+message. The simulator turns blocks into page keys; the engine makes real prompts
+from them (`core.prefix.block_tokens`), so shared blocks share real tokens.
+
+Every app's config holds one workload block (`DEFAULTS`, built by `config`, read by
+`from_config`). Nothing here knows about devices or models.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from pdserve_jax.core.prefix import MOONCAKE_BLOCK, Blocks, reuse_bound
 from pdserve_jax.core.request import Request
 
 ARRIVAL_PROCESSES = ("poisson", "gamma")
@@ -115,6 +125,58 @@ def synthetic(n: int, rate: float, prompt, output, process: str = "poisson",
                        arrival_times(n, rate, process, cv, seed))
 
 
+def shared_prefix(n: int, rate: float, message, output, system_prompt_len: int = 0,
+                  system_prompt_share: float = 0.0, turns: int = 1, think_time: float = 0.0,
+                  block_size: int = 16, max_total_tokens: Optional[int] = None,
+                  process: str = "poisson", cv: float = 1.0, seed: int = 0) -> list[Request]:
+  """`n` requests with prefix structure (`Request.blocks` of `block_size` tokens).
+
+  Sessions start at `rate / turns` per second (`process`, `cv`). A session uses the
+  shared system prompt of `system_prompt_len` tokens with probability
+  `system_prompt_share`; its first prompt is that system prompt (or nothing) plus a
+  message of `message` tokens, and each later turn's prompt is the previous prompt,
+  its answer (`output` tokens) and a new message. Turns follow each other after
+  think times drawn exponentially with mean `think_time` s (open loop: a turn does
+  not wait for the previous answer). A session ends after `turns` turns, or before
+  a turn whose prompt + output would exceed `max_total_tokens`. Requests are
+  numbered in arrival order.
+  """
+  if not 0 <= system_prompt_share <= 1:
+    raise ValueError(f"system_prompt_share must lie in [0, 1], got {system_prompt_share}")
+  for name, v in (("system_prompt_len", system_prompt_len), ("think_time", think_time)):
+    if not v >= 0:
+      raise ValueError(f"{name} must be >= 0, got {v}")
+  _check_positive("turns", turns)
+  _check_positive("block_size", block_size)
+  rng = np.random.default_rng([seed, 3])
+  starts = arrival_times(n, rate / turns, process, cv, seed)
+  system = list(range(system_prompt_len // block_size))  # its full blocks' ids
+  next_id = len(system)
+  out = []  # (arrival, prompt_len, max_tokens, block ids)
+  for start in starts:
+    shared = system_prompt_len > 0 and rng.random() < system_prompt_share
+    length, ids, t, answer = (system_prompt_len if shared else 0), [], float(start), 0
+    for k in range(turns):
+      new = length + answer + int(message.sample(1, rng)[0])
+      out_len = int(output.sample(1, rng)[0])
+      if max_total_tokens is not None and new + out_len > max_total_tokens:
+        break
+      keep = length // block_size if k else (len(system) if shared else 0)
+      fresh = -(-new // block_size) - keep
+      ids = (ids[:keep] if k else system[:keep]) + list(range(next_id, next_id + fresh))
+      next_id += fresh
+      out.append((t, new, out_len, tuple(ids)))
+      length, answer = new, out_len
+      t += float(rng.exponential(think_time)) if think_time else 0.0
+      if len(out) == n:
+        break
+    if len(out) == n:
+      break
+  out.sort(key=lambda x: x[0])
+  return [Request(i, p, o, a, blocks=Blocks(ids, block_size))
+          for i, (a, p, o, ids) in enumerate(out)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Phase:
   """`num_requests` requests at `rate` requests/s with lengths from the `prompt` and
@@ -167,11 +229,13 @@ def long_prompt_burst(context: int, num_requests: int = 120, rate: float = 1.0,
 
 @dataclasses.dataclass(frozen=True)
 class Trace:
-  """Request lengths, with recorded arrival times (s, starting at 0) when known."""
+  """Request lengths, with recorded arrival times (s, starting at 0) when known,
+  and prompt block hashes (`core.prefix.Blocks`, an object array) when recorded."""
   name: str
   prompt_lens: np.ndarray
   output_lens: np.ndarray
   arrivals: Optional[np.ndarray] = None
+  blocks: Optional[np.ndarray] = None
 
   def __len__(self) -> int:
     return len(self.prompt_lens)
@@ -188,7 +252,8 @@ class Trace:
                        + ("" if max_prompt_len is None else
                           f" with a prompt of at most {max_prompt_len}"))
     arr = None if self.arrivals is None else self.arrivals[keep]
-    return Trace(self.name, self.prompt_lens[keep], self.output_lens[keep], arr)
+    blocks = None if self.blocks is None else self.blocks[keep]
+    return Trace(self.name, self.prompt_lens[keep], self.output_lens[keep], arr, blocks)
 
   def requests(self, n: Optional[int] = None, rate: Optional[float] = None,
                process: str = "poisson", cv: float = 1.0, seed: int = 0,
@@ -219,10 +284,23 @@ class Trace:
       arr = self.arrivals[idx] - self.arrivals[0]
     else:
       arr = arrival_times(n, rate, process, cv, seed)
-    return make_requests(self.prompt_lens[idx], self.output_lens[idx], arr)
+    reqs = make_requests(self.prompt_lens[idx], self.output_lens[idx], arr)
+    if self.blocks is not None:
+      for r, b in zip(reqs, self.blocks[idx]):
+        r.blocks = b
+    return reqs
+
+  def hit_bound(self, n: Optional[int] = None) -> float:
+    """The share of prompt tokens of the first `n` requests (all by default) in
+    blocks that an earlier request had: what an infinite cache of whole blocks could
+    reuse (Mooncake's "repeated blocks", weighted by tokens; a partial last block
+    counts its tokens)."""
+    if self.blocks is None:
+      raise ValueError(f"trace {self.name} records no prompt blocks")
+    return reuse_bound(self.blocks[:n], self.prompt_lens[:n])
 
 
-def _validated(name, prompts, outputs, arrivals, rows) -> Trace:
+def _validated(name, prompts, outputs, arrivals, rows, blocks=None) -> Trace:
   if not prompts:
     raise ValueError(f"trace {name} has no requests")
   p = np.asarray(prompts, dtype=np.int64)
@@ -233,13 +311,18 @@ def _validated(name, prompts, outputs, arrivals, rows) -> Trace:
       raise ValueError(f"trace {name}: {what} must be >= 1; row {rows[bad[0]]} has "
                        f"{a[bad[0]]}")
   arr = None
+  if blocks is not None:
+    bl = np.empty(len(blocks), dtype=object)
+    bl[:] = blocks
+    blocks = bl
   if arrivals is not None:
     arr = np.asarray(arrivals, dtype=np.float64)
     if np.any(np.diff(arr) < 0):
       order = np.argsort(arr, kind="stable")
       p, o, arr = p[order], o[order], arr[order]
+      blocks = None if blocks is None else blocks[order]
     arr = arr - arr[0]
-  return Trace(name, p, o, arr)
+  return Trace(name, p, o, arr, blocks)
 
 
 def load_csv_trace(path: str) -> Trace:
@@ -263,6 +346,36 @@ def load_csv_trace(path: str) -> Trace:
         raise ValueError(f"trace {path}, line {line}: {e}") from None
       rows.append(line)
   return _validated(path, prompts, outputs, arrivals if timed else None, rows)
+
+
+def load_mooncake(path: str) -> Trace:
+  """Reads a Mooncake trace (kvcache-ai/Mooncake, FAST25-release/traces): JSON lines
+  of `timestamp` (ms), `input_length`, `output_length` and `hash_ids`, one id per
+  512-token prompt block. Rows are sorted by arrival."""
+  prompts, outputs, arrivals, rows, blocks = [], [], [], [], []
+  with open(path) as f:
+    for line_no, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        p, ids = int(row["input_length"]), tuple(int(h) for h in row["hash_ids"])
+        prompts.append(p)
+        outputs.append(int(row["output_length"]))
+        arrivals.append(float(row["timestamp"]) / 1000.0)
+      except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"trace {path}, line {line_no}: {e!r}") from None
+      if len(ids) != -(-p // MOONCAKE_BLOCK):
+        raise ValueError(f"trace {path}, line {line_no}: {len(ids)} hash_ids for "
+                         f"{p} tokens (one per {MOONCAKE_BLOCK}-token block)")
+      blocks.append(Blocks(ids, MOONCAKE_BLOCK))
+      rows.append(line_no)
+  return _validated(path, prompts, outputs, arrivals, rows, blocks)
+
+
+def load_trace(path: str) -> Trace:
+  """A Mooncake trace (`.jsonl`) or a CSV trace, by the file's extension."""
+  return load_mooncake(path) if path.endswith(".jsonl") else load_csv_trace(path)
 
 
 def load_sharegpt(path: str, tokenizer: Callable[[str], Sequence[int]],
@@ -312,6 +425,15 @@ DEFAULTS = dict(
     too_long="drop",  # trace rows beyond the caps: "drop" them, or "clip" (prompt first)
     allow_dropping_most=False,  # go on when over half of a trace's rows are dropped
     seed=0,
+    # Prefix structure of synthetic requests (`shared_prefix`): a system prompt of
+    # `system_prompt_len` tokens shared by `system_prompt_share` of the sessions,
+    # `turns` per session `think_time` s apart (prompt_mean / lengths then give each
+    # message's length), in blocks of `block_size` tokens. Off at 0 / 1.
+    system_prompt_len=0,
+    system_prompt_share=0.0,
+    turns=1,
+    think_time=0.0,
+    block_size=16,
 )
 TOO_LONG = ("drop", "clip")
 SOURCES = ("synthetic", "trace")
@@ -347,11 +469,13 @@ def check_config(w) -> None:
   for key, known in choices.items():
     if w[key] not in known:
       raise _bad(key, f"must be one of {', '.join(known)}", w[key])
-  for key in ("num_requests", "prompt_mean", "output_mean"):
+  for key in ("num_requests", "prompt_mean", "output_mean", "turns", "block_size"):
     if not w[key] >= 1:
       raise _bad(key, "must be >= 1", w[key])
+  if not 0 <= w.system_prompt_share <= 1:
+    raise _bad("system_prompt_share", "must lie in [0, 1]", w.system_prompt_share)
   for key in ("prompt_spread", "output_spread", "max_total_tokens", "max_prompt_tokens",
-              "seed"):
+              "seed", "system_prompt_len", "think_time"):
     if not w[key] >= 0:
       raise _bad(key, "must be >= 0", w[key])
   if not w.cv > 0 or not math.isfinite(w.cv):
@@ -361,7 +485,7 @@ def check_config(w) -> None:
     raise _bad("rate", "must be > 0" + (" (or 0 to replay the trace's arrivals)"
                                         if w.source == "trace" else ""), w.rate)
   if w.source == "trace" and not w.trace:
-    raise _bad("trace", "a trace source needs a CSV path", w.trace)
+    raise _bad("trace", "a trace source needs a CSV or Mooncake .jsonl path", w.trace)
 
 
 def _lengths(kind: str, mean: float, spread: float, high: int):
@@ -429,16 +553,19 @@ def from_config(w, context: int, max_prompt_len: Optional[int] = None) -> Callab
   `fit` (a `Fit`) says what the caps did to the lengths.
 
   A synthetic source draws `num_requests` prompt and output lengths from
-  `lengths`; a trace source (`trace`, a CSV path relative to the current
-  directory) samples its rows with replacement, or at rate 0 replays its first
-  `num_requests` rows at their recorded times. Prompt + output stay within
-  `max_total_tokens` (0: `context`) and prompts within `max_prompt_tokens` and
-  `max_prompt_len`: synthetic lengths are clipped; trace rows beyond them are
-  dropped, or clipped with `too_long="clip"`. A trace that loses more than half
-  its rows is refused (ValueError naming the fixes) unless `allow_dropping_most`.
-  Arrivals follow `arrival` at the rate, seeded by `seed`: one seed gives the same
-  requests at every rate, compressed or stretched in time. Raises ValueError
-  naming a bad key and FileNotFoundError for a missing trace.
+  `lengths`, with prefix structure (`shared_prefix`: the prompt lengths are then
+  each message's) when `system_prompt_len` > 0 or `turns` > 1; a trace source
+  (`trace`, a CSV or Mooncake `.jsonl` path relative to the current directory)
+  samples its rows with replacement, or at rate 0 replays its first
+  `num_requests` rows at their recorded times; a Mooncake trace at a rate keeps
+  its rows in order (sessions stay in order) under generated arrivals. Prompt +
+  output stay within `max_total_tokens` (0: `context`) and prompts within
+  `max_prompt_tokens` and `max_prompt_len`: synthetic lengths are clipped; trace
+  rows beyond them are dropped, or clipped with `too_long="clip"`. A trace that
+  loses more than half its rows is refused (ValueError naming the fixes) unless
+  `allow_dropping_most`. Arrivals follow `arrival` at the rate, seeded by `seed`:
+  one seed gives the same requests at every rate, compressed or stretched in time.
+  Raises ValueError naming a bad key and FileNotFoundError for a missing trace.
   """
   check_config(w)
   total = w.max_total_tokens or context
@@ -449,6 +576,12 @@ def from_config(w, context: int, max_prompt_len: Optional[int] = None) -> Callab
   if w.source == "synthetic":
     prompt = _lengths(w.lengths, w.prompt_mean, w.prompt_spread, max_prompt)
     output = _lengths(w.lengths, w.output_mean, w.output_spread, total - 1)
+    if w.system_prompt_len > 0 or w.turns > 1:
+      def make_prefixed(rate, seed=seed):
+        return shared_prefix(n, rate, prompt, output, w.system_prompt_len,
+                             w.system_prompt_share, w.turns, w.think_time, w.block_size,
+                             total, w.arrival, w.cv, seed)
+      return make_prefixed
 
     def make(rate, seed=seed):
       reqs = synthetic(n, rate, prompt, output, w.arrival, w.cv, seed)
@@ -461,7 +594,7 @@ def from_config(w, context: int, max_prompt_len: Optional[int] = None) -> Callab
   if not os.path.isfile(path):
     raise FileNotFoundError(f"workload.trace: no such file {w.trace!r} (relative to "
                             f"{os.getcwd()})")
-  full = load_csv_trace(path)
+  full = load_trace(path)
   p, o, keep, clipped = _fit_lengths(full.prompt_lens, full.output_lens, total, max_prompt,
                                      w.too_long)
   fit = Fit(w.trace, total, max_prompt, len(full), int((keep & ~clipped).sum()),
@@ -480,13 +613,15 @@ def from_config(w, context: int, max_prompt_len: Optional[int] = None) -> Callab
         "workload.too_long=clip to truncate them, use a model with a longer context, or "
         "set workload.allow_dropping_most=True to go on with the rows that fit")
   arr = None if full.arrivals is None else full.arrivals[keep]
-  trace = Trace(full.name, p[keep], o[keep], arr)
+  trace = Trace(full.name, p[keep], o[keep], arr,
+                None if full.blocks is None else full.blocks[keep])
+  ordered = trace.blocks is not None  # resampling rows would break their sessions
 
   def make(rate, seed=seed):
     if not rate:
       return trace.requests(n=min(n, len(trace)))
-    return trace.requests(n=n, rate=rate, process=w.arrival, cv=w.cv, seed=seed,
-                          sample=True)
+    return trace.requests(n=min(n, len(trace)) if ordered else n, rate=rate,
+                          process=w.arrival, cv=w.cv, seed=seed, sample=not ordered)
   make.fit = fit
   return make
 

@@ -62,6 +62,24 @@ def test_plan_to_target_rate_replicates_each_phase():
   assert dep.num_decode * gd >= 12.0 and (dep.num_decode - 1) * gd < 12.0
 
 
+def test_plan_searches_conditional_thresholds_on_the_best_disaggregated():
+  """Catches thresholds the planner ignores, or candidates that lose them or keep
+  the decode side's prefill budget: each threshold is one candidate, the best
+  disaggregated placement with it, decode instances in chunked steps (bisected
+  unless the search pruned it)."""
+  plan = P.plan(_spec(tp_options=(1,), pp_options=(1,), conditional_thresholds=(0, 64, 1024)),
+                modes=("disaggregated",))
+  top = max((c for c in plan.candidates if c.goodput is not None and
+             c.algorithm != "conditional"), key=lambda c: c.per_device)
+  cond = [c for c in plan.candidates if c.algorithm == "conditional"]
+  assert sorted(c.deployment.conditional_threshold for c in cond) == [64, 1024]
+  for c in cond:
+    assert c.goodput is None or c.goodput > 0
+    assert c.num_devices == top.num_devices
+    assert c.deployment.prefill == top.deployment.prefill
+    assert c.deployment.decode.max_step_tokens == 512  # chunked_max_step_tokens
+
+
 def test_plan_bad_inputs():
   with pytest.raises(ValueError, match="SLOs must be positive"):
     P.plan(_spec(ttft_slo=0.0))

@@ -5,8 +5,10 @@ engine's own event times (`sim.simulator.Replay`: when each request was seen, ea
 step ended and each KV copy landed). Both executors drive the same coordinator, so
 every instance must have run the same sequence of steps: the same requests, the
 same prefill chunks, in every mode, with preemptions and the semi-PD partitioner on,
-with KV streamed layer by layer (the same streams to the same decode instances) and
-with elastic roles (the same moves at the same times).
+with KV streamed layer by layer (the same streams to the same decode instances),
+with elastic roles (the same moves at the same times), and with the prefix cache
+on prompts that share prefixes: the same hits, evictions, routing and
+conditional-prefill choices.
 """
 
 import numpy as np
@@ -15,6 +17,7 @@ import pytest
 import pdserve_jax as pdj
 from pdserve_jax import workloads
 from pdserve_jax.core.elastic import ElasticConfig
+from pdserve_jax.core.prefix import block_tokens
 from pdserve_jax.core.request import Request
 from pdserve_jax.runtime.programs import InstanceRunner, RunnerShape
 from pdserve_jax.model import sharding
@@ -131,6 +134,72 @@ def test_engine_and_simulator_run_the_same_steps(model, name, record_property):
     assert [t for t, _ in simulated[1:]] == [t for t, _ in history[1:]]
   done = {r.request_id: r.token_times for r in res.requests}
   assert all(done[r.request_id] == r.token_times for r in report.requests)
+
+
+# Colocated replicas route by the cache as prefill instances do (one `_place`); the
+# crowd runs above, whose engines fill `prefix_keys` from the prompts, replay
+# recomputations that map their own cached pages after preemption in every mode.
+PREFIX_DEPLOYMENTS = {
+    # Streamed hand-offs too: each stream moves only the pages the decode cache lacks
+    # (the simulator times the same pages; the greedy tokens catch a skip that is wrong).
+    "disagg_2p1_conditional": pdj.Disaggregated(_inst(1), _inst(1, True), num_prefill=2,
+                                                kv_transfer="layerwise",
+                                                conditional_threshold=12),
+    "semi_pd": pdj.SemiPD(_inst(1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PREFIX_DEPLOYMENTS))
+def test_same_steps_with_the_prefix_cache(model, name):
+  """Two-turn sessions, most on one system prompt, into 11-page pools: the cache hits
+  and evicts, arrivals follow cached prefixes between two instances, and short
+  remainders prefill on the decode instance. The first session runs alone first, so
+  that one instance holds the system prompt when the others arrive, however slow
+  the first compilations. The simulator, replaying the engine's event times, must
+  take every one of those decisions alike (a cache, router or threshold that
+  differed would change the steps). Greedy tokens equal the cache-less reference
+  (catches KV mapped from the wrong page, a chunk at the wrong offset, a copy that
+  skips pages the decode side does not hold)."""
+  dep = PREFIX_DEPLOYMENTS[name]
+  reqs = workloads.shared_prefix(32, 40.0, workloads.Uniform(1, 10), workloads.Uniform(2, 14),
+                                 system_prompt_len=24, system_prompt_share=0.8, turns=2,
+                                 think_time=0.05, block_size=8, max_total_tokens=64, seed=4)
+  first = [r for r in reqs if r.blocks.ids[:3] == (0, 1, 2)][:1]  # on the system prompt
+  cfg = pdj.EngineConfig(**ENGINE, num_pages=12)
+  with pdj.Engine(model, dep, cfg) as engine:
+    warm = engine.run_workload(first, timeout=600)
+    rest = [r for r in reqs if r not in first]
+    report = engine.run_workload(rest, timeout=600)
+    results = report.results
+    report.requests[:0] = warm.requests
+    replay = _replay(engine)
+    by_engine = {}
+    for rec in engine.step_log:
+      by_engine.setdefault(rec.instance, []).append(rec.work)
+    stats = engine.stats()
+  setup = sim.Setup(model.config, HOST, lambda tp, pp: None, page_size=cfg.page_size,
+                    kv_tokens=(cfg.num_pages - 1) * cfg.page_size)
+  res = sim.simulate(report.requests, setup, dep, replay=replay, record_steps=True)
+  assert res.steps == by_engine
+  for key in ("lookups", "hit_tokens", "evictions", "cached_pages", "cache_routed",
+              "local_prefills", "kv_copy_pages", "kv_copy_pages_saved"):
+    assert res.prefix.get(key) == stats.get(f"prefix_{key}"), key
+  assert stats["prefix_hit_tokens"] > 0 and stats["prefix_evictions"] > 0, stats
+  if name != "semi_pd":  # two instances of a kind to route between
+    assert stats["prefix_cache_routed"] > 0, stats
+  if name == "disagg_2p1_conditional":
+    assert 0 < stats["prefix_local_prefills"] < len(reqs), stats
+    assert stats["prefix_kv_copy_pages_saved"] > 0, stats
+    assert any(len(work) == 3 for steps in by_engine.values() for work in steps)  # streams
+  done = {r.request_id: r.token_times for r in res.requests}
+  assert all(done[r.request_id] == r.token_times for r in report.requests)
+  # Each run's results follow its requests in arrival order; prompts as the engine
+  # made them from the blocks.
+  asked = first + sorted(rest, key=lambda r: r.arrival_time)
+  prompts = [block_tokens(r.blocks, r.prompt_len, CFG.vocab_size) for r in asked]
+  want = pdj.greedy_reference(model, prompts, max(r.max_tokens for r in asked))
+  assert [res.token_ids for res in warm.results + results] == \
+      [w[:r.max_tokens] for w, r in zip(want, asked)]
 
 
 def test_planner_pick_is_served_by_the_engine(model):

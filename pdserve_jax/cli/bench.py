@@ -25,6 +25,7 @@ import numpy as np
 
 from pdserve_jax import results, workloads
 from pdserve_jax.cli import common, figures
+from pdserve_jax.core.prefix import block_tokens
 
 RULES = {**common.RULES, "target": common.fraction, "vocab_size": common.at_least(2),
          "timeout": common.positive, "concurrency": common.at_least(1)}
@@ -100,7 +101,11 @@ def main(cfg, out: common.Outputs):
   for rate in rates:
     reqs = [r.fresh() for r in make(rate)]
     rng = np.random.default_rng([cfg.workload.seed, 3])
-    prompts = [rng.integers(0, cfg.vocab_size, r.prompt_len).tolist() for r in reqs]
+    # Requests with prefix structure (a Mooncake trace, shared-prefix workloads) get
+    # prompts made from their blocks, so shared blocks are shared tokens.
+    prompts = [rng.integers(0, cfg.vocab_size, r.prompt_len).tolist() if r.blocks is None
+               else block_tokens(r.blocks, r.prompt_len, cfg.vocab_size, cfg.workload.seed)
+               for r in reqs]
     asyncio.run(_run(cfg, reqs, prompts))
     failed = [r for r in reqs if r.end_reason == "error"]
     for r in failed[:3]:

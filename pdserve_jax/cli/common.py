@@ -400,12 +400,13 @@ def progress(total: Optional[int], desc: str, unit: str = "it"):
 
 
 def table(runs) -> str:
-  """One row per result run: devices, TTFT and TPOT P50/P90, attainment, throughput."""
+  """One row per result run: devices, TTFT and TPOT P50/P90, attainment, throughput,
+  preemptions, and the share of prefill tokens a prefix cache served."""
   ms = lambda v: f"{v * 1e3:9.1f}" if v is not None else "        -"
   num = lambda v, f: format(v, f) if v is not None else "-"
   rows = [f"{'mode':<24} {'run':>10} {'devs':>4} {'TTFT p50':>9} {'TTFT p90':>9} "
           f"{'TPOT p50':>9} {'TPOT p90':>9} {'attain':>7} {'req/s':>7} {'tok/s':>8} "
-          f"{'preempt':>7}   (times in ms)"]
+          f"{'preempt':>7} {'hit':>5}   (times in ms)"]
   for r in runs:
     s, rate = r["summary"], r["rate_rps"]
     what = ("sim" if r["executor"] == "simulator" else "engine") + (
@@ -413,5 +414,6 @@ def table(runs) -> str:
     rows.append(f"{r['mode']:<24} {what:>10} {r['num_devices']:>4} {ms(s['ttft_s']['p50'])} "
                 f"{ms(s['ttft_s']['p90'])} {ms(s['tpot_s']['p50'])} {ms(s['tpot_s']['p90'])} "
                 f"{s['attainment']:>7.0%} {num(s.get('throughput_rps'), '>7.2f')} "
-                f"{num(s.get('output_tokens_per_s'), '>8.1f')} {r['preemptions']:>7d}")
+                f"{num(s.get('output_tokens_per_s'), '>8.1f')} {r['preemptions']:>7d} "
+                f"{num(s.get('prefix_hit_rate'), '>5.0%')}")
   return "\n".join(rows)

@@ -26,16 +26,24 @@ _DEFAULTS = dict(
     # Every instance's batch limits and page policy. Colocated and semi-PD run
     # `replicas` instances of `tp` x `pp` devices; a prefill-first step takes up to
     # `max_step_tokens` prompt tokens, a chunked step `chunked_max_step_tokens` tokens in all.
+    # `routing` places arrivals among instances of a kind: "cache_aware" or
+    # "least_loaded" (`core.coordinator`).
     instance=dict(tp=1, pp=1, replicas=1, max_batch=256, max_step_tokens=4096,
-                  chunked_max_step_tokens=512, page_policy="on_demand"),
+                  chunked_max_step_tokens=512, page_policy="on_demand",
+                  routing="cache_aware"),
     # Prefill and decode instances of the `instance` limits with their own tp x pp;
     # `same_node`: KV moves over the node link, else the network (simulator only).
     # `kv_transfer`: "whole" or "layerwise" (streamed in `layer_groups` groups during
     # the prefill); `elastic`: instances change role online, by `elastic_controller`.
+    # `decode_cache`: decode instances keep a prefix cache and hand-offs move only the
+    # pages they lack; `conditional_threshold` > 0: prompts with at most that many
+    # uncached tokens are prefilled on their decode instance (conditional
+    # disaggregation; its steps take `chunked_max_step_tokens` tokens).
     disaggregated=dict(num_prefill=1, prefill_tp=1, prefill_pp=1, num_decode=1,
                        decode_tp=1, decode_pp=1, same_node=True, kv_transfer="whole",
                        layer_groups=2, elastic=False,
-                       elastic_controller=dataclasses.asdict(ElasticConfig())),
+                       elastic_controller=dataclasses.asdict(ElasticConfig()),
+                       decode_cache=True, conditional_threshold=0),
     # The SM ratios (x, y): `prefill_share` and `decode_share` (0: 1 - x); `dynamic`
     # moves them online, by `algorithm` "ours" (`partitioner`, the SloPartitioner) or
     # "paper" (`model_partitioner`, semi-PD's Algorithm 1). `concurrent` (simulator
@@ -81,6 +89,8 @@ RULES = {
     **{f"instance.{k}": _POS for k in ("tp", "pp", "replicas", "max_batch", "max_step_tokens")},
     "instance.chunked_max_step_tokens": common.at_least(2),
     "instance.page_policy": common.one_of(*deploy.PAGE_POLICIES),
+    "instance.routing": common.one_of(*deploy.ROUTINGS),
+    "disaggregated.conditional_threshold": common.at_least(0),
     **{f"disaggregated.{k}": _POS for k in ("num_prefill", "prefill_tp", "prefill_pp",
                                             "num_decode", "decode_tp", "decode_pp",
                                             "layer_groups")},
@@ -116,26 +126,34 @@ def deployment(cfg, mode: str) -> deploy.Deployment:
   def spec(tp, pp, max_step_tokens=i.max_step_tokens, max_batch=i.max_batch):
     return deploy.InstanceSpec(tp, pp, max_batch, max_step_tokens, i.page_policy)
 
+  # A chunked step holds at most chunked_max_step_tokens - 1 decodes, leaving a prompt token.
+  budget = i.chunked_max_step_tokens
+  routing = i.get("routing", "cache_aware")
   if mode == "colocated_prefill_first":
-    dep = deploy.Colocated(spec(i.tp, i.pp), i.replicas, "prefill_first")
+    dep = deploy.Colocated(spec(i.tp, i.pp), i.replicas, "prefill_first", routing)
   elif mode == "colocated_chunked":
-    # A chunked step holds at most chunked_max_step_tokens - 1 decodes, leaving a prompt token.
-    budget = i.chunked_max_step_tokens
     dep = deploy.Colocated(spec(i.tp, i.pp, budget, min(i.max_batch, budget - 1)), i.replicas,
-                           "chunked")
+                           "chunked", routing)
   elif mode == "disaggregated":
     d = cfg.disaggregated
+    threshold = d.get("conditional_threshold", 0)
+    # Decode instances that prefill prompts chunk them as colocated chunked steps do.
+    decode = spec(d.decode_tp, d.decode_pp, budget, min(i.max_batch, budget - 1)) \
+        if threshold else spec(d.decode_tp, d.decode_pp)
     elastic = _checked("disaggregated.elastic_controller",
                        ElasticConfig(**d.elastic_controller.to_dict())) if d.elastic else None
-    dep = deploy.Disaggregated(spec(d.prefill_tp, d.prefill_pp), spec(d.decode_tp, d.decode_pp),
-                               d.num_prefill, d.num_decode, d.same_node, d.kv_transfer,
-                               d.layer_groups, elastic)
+    dep = deploy.Disaggregated(spec(d.prefill_tp, d.prefill_pp), decode, d.num_prefill,
+                               d.num_decode, d.same_node, d.kv_transfer, d.layer_groups,
+                               elastic, routing=routing,
+                               decode_cache=d.get("decode_cache", True),
+                               conditional_threshold=threshold)
   elif mode == "semi_pd":
     s = cfg.semi_pd
     part = partitioner(cfg) if s.dynamic else None
     dep = deploy.SemiPD(spec(i.tp, i.pp), i.replicas, s.prefill_share, part, s.concurrent,
                         _scaling(cfg, "prefill_scaling"), _scaling(cfg, "decode_scaling"),
-                        s.get("decode_share", 0.0) or None, s.get("work_conserving", False))
+                        s.get("decode_share", 0.0) or None, s.get("work_conserving", False),
+                        routing)
   else:
     raise common.ConfigError(f"modes: unknown mode {mode!r}; known: {', '.join(MODES)}")
   return _checked(f"modes: {mode}", dep)

@@ -19,9 +19,10 @@ def setup(cfg) -> sim.Setup:
   profiled JSON (`cli.profile`) relative to the current directory, plus the
   optional `overheads` ("none", the default, or "distserve": DistServe's per-step
   costs, `sim.latency.overheads`; or "vllm"), the optional `latency_params`: the
-  roofline's or a TPU cost table's efficiency factors by name, and the optional
+  roofline's or a TPU cost table's efficiency factors by name, the optional
   `distserve_compat` (False: DistServe's simulator's conventions, for
-  cross-checks with it; `sim.simulator.Setup`)."""
+  cross-checks with it; `sim.simulator.Setup`), and the optional `prefix_cache`
+  (default True)."""
   from pdserve_jax.model.config import get_preset
   from pdserve_jax.sim.hardware import get_hardware
   from pdserve_jax.sim.latency import latency_source
@@ -48,7 +49,8 @@ def setup(cfg) -> sim.Setup:
     raise common.ConfigError(f"latency: {e}") from None
   return sim.Setup(model, hw, latency, page_size=cfg.page_size,
                    memory_utilization=cfg.memory_utilization,
-                   distserve_compat=bool(cfg.get("distserve_compat", False)))
+                   distserve_compat=bool(cfg.get("distserve_compat", False)),
+                   prefix_cache=cfg.get("prefix_cache", True))
 
 
 def run(setup: sim.Setup, dep, requests, rate, ttft_slo: float, tpot_slo: float,
@@ -58,7 +60,7 @@ def run(setup: sim.Setup, dep, requests, rate, ttft_slo: float, tpot_slo: float,
   history = next(iter(res.share_history.values()), [])
   return results.run_record(dep.mode, "simulator", dep, rate, res.requests,
                             ttft_slo, tpot_slo, history, latency_model=latency_model,
-                            utilization=res.utilization, **extra)
+                            utilization=res.utilization, prefix_cache=res.prefix, **extra)
 
 
 def run_seeds(setup: sim.Setup, dep, make, rate, cfg) -> list[dict]:

@@ -24,6 +24,17 @@ The JAX executor (`serving.executor`) runs real programs on the wall clock; the
 latency-model executor (`sim.simulator`) advances a virtual clock. Both call the
 same entry points in the order events happen, so one trace gives one sequence of
 decisions in both (tests check this step by step).
+
+Prefix caching (`docs/prefix_cache.md`). Cache-aware routing (`routing`
+"cache_aware", the default): when some candidate instance holds part of the
+arrival's prompt in its prefix cache, the arrival goes to the one with the lowest
+prefill backlog, `backlog = queued prompt tokens + uncached prompt tokens of this
+request` (Mooncake's Conductor estimates TTFT this way, in time; llm-d's and
+SGLang's routers weigh the same two things): the tokens that instance must compute
+before this request's first token. Ties go to the least loaded. When no candidate
+holds any of it, the least loaded wins, as with "least_loaded". The score ignores
+decode load: colocated replicas with one hot prefix can be unbalanced by it.
+Conditional disaggregation is `DisaggregatedCoordinator`'s.
 """
 
 from __future__ import annotations
@@ -34,7 +45,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 from pdserve_jax.core import deploy
 from pdserve_jax.core.policies import (ChunkedPrefillScheduler, DecodeScheduler,
                                           PrefillFirstScheduler, PrefillScheduler,
-                                          check_fits, least_loaded, move_handoffs)
+                                          cached_tokens, check_fits, least_loaded,
+                                          move_handoffs)
 from pdserve_jax.core.request import Request
 from pdserve_jax.core.share import (ModelPartitioner, ModelPartitionerConfig, PartitionerConfig,
                                    ShareController, SloPartitioner, SmShares)
@@ -79,11 +91,14 @@ def _virtual(group: str, v: int, pp: int) -> str:
 class Coordinator:
   """The shared machinery; one subclass per mode."""
 
-  def __init__(self, ex: Executor, on_end: Optional[OnEnd] = None):
+  def __init__(self, ex: Executor, on_end: Optional[OnEnd] = None,
+               routing: str = "cache_aware"):
     self.ex = ex
     self.on_end = on_end
+    self.routing = routing
     self.instances: list[Instance] = []
     self._copies: dict[Request, tuple[Instance, Instance]] = {}
+    self.cache_routed = 0  # arrivals placed by the backlog score (a cache held some)
 
   # -- entry points the executors call -------------------------------------------
 
@@ -94,8 +109,8 @@ class Coordinator:
 
   def add(self, req: Request, now: float) -> None:
     """An arrival; raises ValueError (and keeps nothing) if it cannot be served.
-    Here: queued on the least-loaded instance still alive."""
-    inst = self._pick(self.instances, "instance")
+    Here: queued on the instance `routing` picks among those still alive."""
+    inst = self._place(self.instances, req, "instance")
     inst.sched.add(req)
     self._launch(inst, now)
 
@@ -137,6 +152,9 @@ class Coordinator:
     if not inst.lost:
       return
     inst.lost = False
+    # The pool came back empty: no page registered before the loss may be mapped
+    # again (its KV is gone), so the prefix cache forgets them.
+    inst.sched.allocator.forget()
     self._relaunch(now)
 
   def unservable(self) -> Optional[str]:
@@ -153,6 +171,18 @@ class Coordinator:
     if inst is None:
       raise ValueError(f"every {what} is lost")
     return inst
+
+  def _place(self, candidates, req: Request, what: str,
+             sched_of=lambda c: c.sched):
+    """Where an arrival goes among `candidates` still alive: cache-aware routing (see
+    the module docstring) or the least loaded; ValueError when none is alive."""
+    alive = self._alive(candidates)
+    if self.routing == "cache_aware" and len(alive) > 1 and req.prefix_keys:
+      best = by_backlog(alive, req, sched_of)
+      if best is not None:
+        self.cache_routed += 1
+        return best
+    return self._pick(alive, what)
 
   def _end_with_error(self, reqs, now: float) -> None:
     """`reqs`, held nowhere now, end (with an error unless they had a reason)."""
@@ -205,6 +235,24 @@ class Coordinator:
     return out
 
   def share_history(self) -> dict:
+    return {}
+
+  def prefix_stats(self) -> dict:
+    """Prefix-cache counters over every pool (`PageAllocator.cache_stats`), their
+    rates, and this coordinator's decisions: arrivals routed by the cache, and (when
+    disaggregated) local prefills and the pages KV copies moved and did not move."""
+    allocs = self.allocators()
+    out: dict = {"enabled": any(a.prefix_cache for a in allocs)}
+    for a in allocs:
+      for k, v in a.cache_stats().items():
+        out[k] = out.get(k, 0) + v
+    out["hit_rate"] = out["hit_tokens"] / out["lookup_tokens"] if out["lookup_tokens"] else 0.0
+    out["request_hit_rate"] = out["hit_lookups"] / out["lookups"] if out["lookups"] else 0.0
+    out["cache_routed"] = self.cache_routed
+    out.update(self._more_stats())
+    return out
+
+  def _more_stats(self) -> dict:
     return {}
 
   def copy_pairs(self) -> list[tuple[str, str]]:
@@ -265,11 +313,27 @@ class Coordinator:
     return out
 
 
+def by_backlog(candidates, req: Request, sched_of=lambda c: c.sched):
+  """The candidate with the lowest prefill backlog for `req` (queued prompt tokens
+  plus `req`'s uncached ones; ties: the least loaded, then the first), or None when
+  no candidate's cache holds any of `req`'s prompt."""
+  best, best_key, any_hit = None, None, False
+  for i, c in enumerate(candidates):
+    sched = sched_of(c)
+    hit = cached_tokens(sched.allocator, req)
+    any_hit = any_hit or hit > 0
+    key = (sched.pending_prefill_tokens() + req.prefill_len - hit,
+           c.num_waiting + c.num_running, i)
+    if best_key is None or key < best_key:
+      best, best_key = c, key
+  return best if any_hit else None
+
+
 class ColocatedCoordinator(Coordinator):
-  """Replicas serving both phases; arrivals go to the least loaded."""
+  """Replicas serving both phases; arrivals placed by `dep.routing`."""
 
   def __init__(self, dep: deploy.Colocated, ex, on_end=None):
-    super().__init__(ex, on_end)
+    super().__init__(ex, on_end, dep.routing)
     spec = dep.instance
     if dep.policy == "chunked":
       make: Callable = lambda a: ChunkedPrefillScheduler(a, spec.max_batch,
@@ -290,6 +354,15 @@ class DisaggregatedCoordinator(Coordinator):
   preempted on a decode instance goes back to the least loaded prefill instance,
   at the front of its queue, to recompute its KV.
 
+  Prefix caching: prefill instances map cached prefixes; with `decode_cache`,
+  decode instances keep a cache of the prompts handed to them and a copy moves
+  only the pages the decode side lacks (whole, streamed or migrated alike: the
+  destination's `copy_skip`). Conditional disaggregation
+  (`conditional_threshold` > 0): an arrival first picks the decode instance it
+  would join (by `routing`); if at most the threshold of its prompt tokens are
+  uncached there, it is prefilled there and never visits a prefill instance. A
+  request preempted on a decode instance is placed the same way.
+
   Layer-wise streaming (`kv_transfer="layerwise"`): when a prefill step launches and
   no hand-off waits, each request it finishes prefilling (oldest first, while decode
   pages last) gets its decode instance and pages at once, and its KV streams there
@@ -300,8 +373,9 @@ class DisaggregatedCoordinator(Coordinator):
   """
 
   def __init__(self, dep: deploy.Disaggregated, ex, on_end=None):
-    super().__init__(ex, on_end)
+    super().__init__(ex, on_end, dep.routing)
     p, d = dep.instance_specs()
+    self.threshold = dep.conditional_threshold
     self.streaming = dep.streams_kv
     # Streamed copies in before their step ended. Ordered, as every container the
     # decisions walk: a set of requests iterates by address, which differs between
@@ -313,7 +387,14 @@ class DisaggregatedCoordinator(Coordinator):
           a, p.max_batch, p.max_step_tokens, p.page_policy), PREFILL)
     for k in range(dep.num_decode):
       self.decodes += self._make("decode", d, k, lambda a: DecodeScheduler(
-          a, d.max_batch, d.page_policy, d.max_decode_tokens), DECODE)
+          a, d.max_batch, d.page_policy, d.max_decode_tokens, self.threshold > 0,
+          d.max_step_tokens), DECODE)
+    if not dep.decode_cache:
+      for inst in self.decodes:
+        inst.sched.allocator.prefix_cache = False
+    self.local_prefills = 0  # arrivals and recomputations prefilled on a decode instance
+    self.copied_pages = 0  # pages KV copies moved
+    self.copy_pages_saved = 0  # pages hand-offs found in a decode cache instead
 
   def _entry_instances(self):
     return [self.prefills[0], self.decodes[0]]  # every pool of a kind is alike
@@ -332,11 +413,40 @@ class DisaggregatedCoordinator(Coordinator):
 
   def add(self, req, now):
     self.check(req)
-    inst = self._pick(self.prefills, "prefill instance")
+    self._pick(self.prefills, "prefill instance")
     if not self._alive(self.decodes):
       raise ValueError("every decode instance is lost")
+    if self._local(req, now, fresh=True) is not None:
+      return
+    inst = self._place(self.prefills, req, "prefill instance")
     inst.sched.add(req)
     self._launch(inst, now)
+
+  def _local(self, req: Request, now: float, fresh: bool) -> Optional[Instance]:
+    """Conditional disaggregation: queues `req` for a prefill on the decode instance
+    it would join when few enough of its tokens are uncached there; returns that
+    instance (to launch), or None when `req` goes to a prefill instance."""
+    if not self.threshold:
+      return None
+    decodes = self._alive(self.decodes)
+    dst = None
+    if self.routing == "cache_aware" and len(decodes) > 1 and req.prefix_keys:
+      dst = by_backlog(decodes, req)
+    dst = dst or least_loaded(decodes)
+    if dst is None or req.prefill_len - cached_tokens(dst.sched.allocator, req) > \
+        self.threshold:
+      return None
+    if fresh:
+      dst.sched.add_local(req)
+      self._launch(dst, now)
+    else:
+      dst.sched.requeue_local(req)  # its caller launches it
+    self.local_prefills += 1
+    return dst
+
+  def _more_stats(self):
+    return {"local_prefills": self.local_prefills, "kv_copy_pages": self.copied_pages,
+            "kv_copy_pages_saved": self.copy_pages_saved}
 
   def _after_step(self, inst, finished, now, seconds):
     if self._landed and inst.phase == PREFILL:
@@ -371,9 +481,8 @@ class DisaggregatedCoordinator(Coordinator):
       dst = least_loaded(decodes, lambda d: d.sched.can_accept(r))
       if dst is None:
         break  # decode memory is full: the rest hand off when the step ends
-      dst.sched.reserve(r)
+      self._reserve(r, inst, dst)
       inst.sched.stream(r)
-      self._copies[r] = (inst, dst)
       step.streams.append((r, dst))
 
   def _pull(self, now: float) -> None:
@@ -399,9 +508,19 @@ class DisaggregatedCoordinator(Coordinator):
       if dst is None:
         return  # decode memory is full: hand-offs wait in prefill memory
       src.sched.take_handoff()
-      dst.sched.reserve(req)
-      self._copies[req] = (src, dst)
+      self._reserve(req, src, dst)
       self.ex.start_copy(req, src, dst, now)
+
+  def _reserve(self, req: Request, src: Instance, dst: Instance) -> None:
+    """Takes `req`'s pages on decode instance `dst` for a KV copy from `src` (a
+    hand-off, a stream or a migration), mapping what `dst`'s cache holds: the copy
+    moves only the pages after `dst.sched.copy_skip(req)`, which the executors
+    honour, and the counters say how many pages moved and how many did not."""
+    dst.sched.reserve(req)
+    skip = dst.sched.copy_skip(req)
+    self.copied_pages += len(src.sched.allocator.pages(req)) - skip
+    self.copy_pages_saved += skip
+    self._copies[req] = (src, dst)
 
   def copy_done(self, req, now, failed: bool = False):
     """`req`'s KV copy landed, or (`failed`) could not: then, or when its decode
@@ -484,13 +603,24 @@ class DisaggregatedCoordinator(Coordinator):
     super()._relaunch(now)
 
   def _recompute(self, inst, reqs, now):
+    remote: list = []
+    local: dict = {}
+    for r in reversed(reqs):  # each joins a queue's front: the oldest ends up first
+      dst = self._local(r, now, fresh=False)
+      if dst is None:
+        remote.append(r)
+      else:
+        local[dst] = None
     target = least_loaded(self._alive(self.prefills))
-    if target is None:
-      self._end_with_error(reqs, now)
-      return
-    for r in reversed(reqs):  # oldest ends up first
-      target.sched.requeue(r)
-    self._launch(target, now)
+    if remote and target is None:
+      self._end_with_error(remote[::-1], now)
+    elif remote:
+      for r in remote:
+        target.sched.requeue(r)
+      self._launch(target, now)
+    for dst in local:
+      if dst is not inst:  # `inst` is launching its next step: its caller goes on
+        self._launch(dst, now)
 
 
 class _Unit:
@@ -543,7 +673,7 @@ class SemiPDCoordinator(Coordinator):
 
   def __init__(self, dep: deploy.SemiPD, ex, ttft_slo=None, tpot_slo=None,
                start_time: float = 0.0, on_end=None):
-    super().__init__(ex, on_end)
+    super().__init__(ex, on_end, dep.routing)
     if dep.partitioner is not None and (ttft_slo is None or tpot_slo is None):
       raise ValueError("semi-PD's online partitioner needs ttft_slo and tpot_slo")
     self.concurrent = dep.concurrent
@@ -574,9 +704,14 @@ class SemiPDCoordinator(Coordinator):
     return SloPartitioner(ttft_slo, tpot_slo, cfg, x / (x + y), start_time)
 
   def add(self, req, now):
-    unit = least_loaded([u for u in self.units if not (u.prefill.lost or u.decode.lost)])
-    if unit is None:
+    live = [u for u in self.units if not (u.prefill.lost or u.decode.lost)]
+    if not live:
       raise ValueError("every semi-PD replica is lost")
+    unit = None
+    if self.routing == "cache_aware" and len(live) > 1 and req.prefix_keys:
+      unit = by_backlog(live, req, lambda u: u.prefill.sched)
+      self.cache_routed += unit is not None
+    unit = unit or least_loaded(live)
     unit.prefill.sched.add(req)
     self._kick(unit, now)
 

@@ -21,6 +21,11 @@ from pdserve_jax.core.share import (ModelPartitionerConfig, PartitionerConfig, S
                                    SmShares)
 
 POLICIES = ("prefill_first", "chunked")
+# How a coordinator places an arrival among instances of one kind (`core.coordinator`):
+# "cache_aware" (the default) by the prefill backlog score when some instance holds
+# part of the prompt in its prefix cache, else least loaded; "least_loaded" always
+# by queued + running requests.
+ROUTINGS = ("cache_aware", "least_loaded")
 # The one mode vocabulary: every app, config, result file and the planner use these
 # names, and `deployment.mode` gives a deployment's.
 MODES = ("colocated_prefill_first", "colocated_chunked", "disaggregated", "semi_pd")
@@ -82,6 +87,11 @@ class InstanceSpec:
     return f"tp{self.tp}pp{self.pp}"
 
 
+def _check_routing(routing) -> None:
+  if routing not in ROUTINGS:
+    raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+
+
 class _Replicas:
   """Shared by the deployments made of `replicas` copies of one `instance`."""
   instance: InstanceSpec
@@ -94,14 +104,17 @@ class _Replicas:
   def _check_replicas(self) -> None:
     self.instance.check()
     _positive_int("replicas", self.replicas)
+    _check_routing(getattr(self, "routing", ROUTINGS[0]))
 
 
 @dataclasses.dataclass(frozen=True)
 class Colocated(_Replicas):
-  """`replicas` instances, each serving both phases with one `policy`."""
+  """`replicas` instances, each serving both phases with one `policy`; arrivals
+  placed by `routing` (`ROUTINGS`)."""
   instance: InstanceSpec = InstanceSpec()
   replicas: int = 1
   policy: str = "prefill_first"
+  routing: str = "cache_aware"
 
   @property
   def mode(self) -> str:
@@ -136,6 +149,19 @@ class Disaggregated:
   `elastic`: instances may change role at run time, driven by a `RoleController`
   with these knobs (`core.elastic`, `core.roles`); each then holds the programs of
   both phases. None: the prefill:decode split is fixed.
+
+  Prefix caching: `routing` places arrivals among prefill instances (`ROUTINGS`).
+  `decode_cache`: decode instances keep a prefix cache of the prompts handed to
+  them, and a hand-off (whole, streamed or migrated) moves only the pages the
+  decode side lacks; an elastic group keeps one pool and its cache in either role,
+  so it needs `decode_cache`. `conditional_threshold` (conditional disaggregation,
+  as Dynamo and llm-d do; 0: off): a request whose uncached prompt tokens on the
+  decode instance it would join are at most this many is prefilled there, as chunks
+  of that instance's steps (`decode.max_step_tokens` a step), with no prefill
+  instance and no KV copy.
+
+  The prefix-cache fields come last so that positional calls written before them
+  keep their meaning.
   """
   prefill: InstanceSpec = InstanceSpec()
   decode: InstanceSpec = InstanceSpec()
@@ -145,6 +171,9 @@ class Disaggregated:
   kv_transfer: str = "whole"
   layer_groups: int = 2
   elastic: Optional[ElasticConfig] = None
+  routing: str = "cache_aware"
+  decode_cache: bool = True
+  conditional_threshold: int = 0
 
   mode = "disaggregated"
 
@@ -168,6 +197,14 @@ class Disaggregated:
   def check(self) -> None:
     _positive_int("num_prefill", self.num_prefill)
     _positive_int("num_decode", self.num_decode)
+    _check_routing(self.routing)
+    t = self.conditional_threshold
+    if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+      raise ValueError(f"conditional_threshold must be an int >= 0, got {t!r}")
+    if t and self.decode.max_step_tokens < self.decode.max_batch + 1:
+      raise ValueError(f"conditional disaggregation prefills on decode instances: "
+                       f"decode.max_step_tokens ({self.decode.max_step_tokens}) must "
+                       f"exceed decode.max_batch ({self.decode.max_batch})")
     if self.kv_transfer not in KV_TRANSFERS:
       raise ValueError(f"kv_transfer must be one of {KV_TRANSFERS}, got {self.kv_transfer!r}")
     _positive_int("layer_groups", self.layer_groups)
@@ -177,6 +214,11 @@ class Disaggregated:
         raise ValueError(f"an elastic deployment of {self.num_prefill + self.num_decode} "
                          f"instances cannot keep min_prefill={self.elastic.min_prefill} and "
                          f"min_decode={self.elastic.min_decode}")
+      if not self.decode_cache:
+        # The cache belongs to a pool, and an elastic group's one pool serves both
+        # roles: it cannot be cached for prefill and not for decode.
+        raise ValueError("decode_cache=False does not combine with elastic roles: a "
+                         "group keeps one KV pool, and its prefix cache, in either role")
     p, d = self.instance_specs()
     p.check("prefill")
     d.check("decode")
@@ -193,7 +235,10 @@ class Disaggregated:
             f"decode {self.decode.describe()}" + ("" if self.same_node else
                                                   ", KV over network")
             + (f", KV layerwise x{self.layer_groups}" if self.streams_kv else "")
-            + (", elastic" if self.elastic is not None else ""))
+            + (", elastic" if self.elastic is not None else "")
+            + (f", local prefill <= {self.conditional_threshold} uncached"
+               if self.conditional_threshold else "")
+            + ("" if self.decode_cache else ", no decode cache"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +264,7 @@ class SemiPD(_Replicas):
   decode_scaling: ShareScaling = ShareScaling()
   decode_share: Optional[float] = None
   work_conserving: bool = False
+  routing: str = "cache_aware"
 
   mode = "semi_pd"
 
@@ -283,4 +329,5 @@ Deployment = Union[Colocated, Disaggregated, SemiPD, PhaseOnly]
 
 __all__ = ["InstanceSpec", "Colocated", "Disaggregated", "SemiPD", "PhaseOnly",
            "PartitionerConfig", "ModelPartitionerConfig", "ShareScaling", "SmShares",
-           "ElasticConfig", "PAGE_POLICIES", "POLICIES", "MODES", "COLOCATED", "KV_TRANSFERS"]
+           "ElasticConfig", "PAGE_POLICIES", "POLICIES", "MODES", "COLOCATED", "KV_TRANSFERS",
+           "ROUTINGS"]

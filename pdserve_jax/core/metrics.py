@@ -5,7 +5,10 @@ arrival; TPOT = (last token - first token) / (output tokens - 1), undefined for 
 single output token; end-to-end latency = finish - arrival. A request attains the
 SLOs when its TTFT and TPOT are within them; a single-token request meets TPOT
 trivially, and an unfinished request attains nothing. Goodput is the highest arrival
-rate whose attainment stays at or above a target, found by bisection.
+rate whose attainment stays at or above a target, found by bisection. Prefix
+reuse: the prefill tokens a prefix cache held at admission (`Request.num_cached`)
+against those computed (`Request.num_computed`), over requests and their
+recomputations.
 """
 
 from __future__ import annotations
@@ -61,8 +64,8 @@ def _finish(r: Request) -> float:
 
 def summarize(reqs: Sequence[Request], ttft_slo: Optional[float] = None,
               tpot_slo: Optional[float] = None) -> dict:
-  """A JSON-ready summary: counts, throughput, TTFT/TPOT/latency statistics, and
-  SLO attainment when both SLOs are given."""
+  """A JSON-ready summary: counts, throughput, TTFT/TPOT/latency statistics, prefix
+  reuse, and SLO attainment when both SLOs are given."""
   if not reqs:
     raise ValueError("summary of no requests")
   finished = [r for r in reqs if r.finish_time is not None]
@@ -77,6 +80,10 @@ def summarize(reqs: Sequence[Request], ttft_slo: Optional[float] = None,
   out["ttft_s"] = _stats([t for t in (r.ttft for r in finished) if t is not None])
   out["tpot_s"] = _stats([t for t in (r.tpot for r in finished) if t is not None])
   out["latency_s"] = _stats([t for t in (r.latency for r in finished) if t is not None])
+  cached, computed = sum(r.num_cached for r in reqs), sum(r.num_computed for r in reqs)
+  out["prefix_hit_tokens"], out["prefill_tokens_computed"] = cached, computed
+  out["prefix_hit_rate"] = cached / (cached + computed) if cached + computed else 0.0
+  out["prefix_hit_requests"] = sum(r.num_cached > 0 for r in reqs) / len(reqs)
   if ttft_slo is not None and tpot_slo is not None:
     out["ttft_slo_s"], out["tpot_slo_s"] = ttft_slo, tpot_slo
     out["attainment"] = attainment(reqs, ttft_slo, tpot_slo)

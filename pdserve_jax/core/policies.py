@@ -28,11 +28,23 @@ Preempted requests of a colocated scheduler rejoin the front of its own queue; a
 decode-only scheduler hands them back (`take_preempted`) for its coordinator to
 send to a prefill scheduler.
 
+Prefix cache (when the allocator has one and requests carry `prefix_keys`): a
+prefill admission maps the longest cached prefix of the prompt's full pages and
+its chunk starts there (`num_prefilled` = the cached tokens); at least the last
+prompt token is always computed, since it samples, so a page-aligned prompt never
+writes into a shared page. A finished chunk registers the full prompt pages it
+completed. Preemption and abort free pages as before: registered ones stay cached,
+so a recomputation (or the next of n samples) maps them again. A request whose next
+uncached page an admitted request is computing waits at the head of the queue
+until that page is registered (SGLang's in-batch prefix deduplication), so n
+samples of one prompt, or a burst sharing a system prompt, compute it once.
+
 Schedulers:
   `PrefillFirstScheduler` (vLLM's classic colocated policy),
   `ChunkedPrefillScheduler` (Sarathi-Serve's token budget per step),
   `PrefillScheduler` (prefill only: DistServe's prefill side, semi-PD's prefill
-    phase) and `DecodeScheduler` (decode only).
+    phase) and `DecodeScheduler` (decode only; optionally prefilling prompts with
+    few uncached tokens itself, conditional disaggregation).
 """
 
 from __future__ import annotations
@@ -88,6 +100,61 @@ def _context(reqs) -> int:
   return sum(r.context_len for r in reqs)
 
 
+def cache_limit(req: Request, page_size: int) -> int:
+  """Cached pages a prefill of `req` may map: its full prompt pages, but never its
+  last token's (that token is computed: it samples the next one)."""
+  return min(len(req.prefix_keys or ()), (req.prefill_len - 1) // page_size)
+
+
+def cached_tokens(allocator: PageAllocator, req: Request) -> int:
+  """Tokens of `req`'s prefill that `allocator`'s cache holds now."""
+  if not req.prefix_keys or not allocator.prefix_cache:
+    return 0
+  hits = allocator.lookup(req.prefix_keys, cache_limit(req, allocator.page_size))
+  return len(hits) * allocator.page_size
+
+
+class _Queue(collections.deque):
+  """A FIFO of requests that keeps the sum of their prefill lengths (`tokens`), the
+  prompt work waiting in it, for cache-aware routing. A request's prefill length
+  does not change while it waits."""
+
+  def __init__(self):
+    super().__init__()
+    self.tokens = 0
+
+  def append(self, r):
+    super().append(r)
+    self.tokens += r.prefill_len
+
+  def appendleft(self, r):
+    super().appendleft(r)
+    self.tokens += r.prefill_len
+
+  def popleft(self):
+    r = super().popleft()
+    self.tokens -= r.prefill_len
+    return r
+
+  def remove(self, r):
+    super().remove(r)
+    self.tokens -= r.prefill_len
+
+  # Elastic roles take queued requests from either end and clear whole queues.
+  def pop(self, *index):
+    r = super().pop(*index)
+    self.tokens -= r.prefill_len
+    return r
+
+  def clear(self):
+    super().clear()
+    self.tokens = 0
+
+  def extend(self, reqs):
+    for r in reqs:
+      self.append(r)
+
+
 class _Scheduler:
   """Waiting queue, the in-flight step, page growth with preemption, and the shared
   effect of a finished step.
@@ -110,7 +177,7 @@ class _Scheduler:
     self.max_decode_tokens = max_decode_tokens
     self._lifetime = page_policy == "reserve"
     self._watermark = max(1, int(allocator.capacity * WATERMARK))
-    self._waiting: collections.deque[Request] = collections.deque()
+    self._waiting: _Queue = _Queue()
     self._in_flight: Optional[Step] = None
     self._ctx = 0
     self._recount = False
@@ -136,6 +203,11 @@ class _Scheduler:
   def _requeue(self, req: Request) -> None:
     """Where a preempted request goes: by default the front of this queue."""
     self._waiting.appendleft(req)
+
+  def pending_prefill_tokens(self) -> int:
+    """Prompt tokens queued or partly prefilled here: the prefill work ahead of a
+    request that joins now (cache-aware routing's load)."""
+    return self._waiting.tokens
 
   # -- steps --------------------------------------------------------------------
 
@@ -166,6 +238,9 @@ class _Scheduler:
           raise RuntimeError(f"request {r.request_id}: chunk starts at {c.start} but "
                              f"{r.num_prefilled} tokens are cached")
         r.num_prefilled = c.end
+        r.num_computed += c.end - c.start
+        if r.prefix_keys is not None:
+          self.allocator.commit(r, r.prefix_keys, min(c.end, r.prompt_len))
         if c.end == r.prefill_len:
           r.num_output += 1
           r.token_times.append(now)
@@ -203,17 +278,38 @@ class _Scheduler:
 
   # -- pages --------------------------------------------------------------------
 
-  def _fits_now(self, req: Request, tokens: int, watermark: bool) -> bool:
-    """Whether `req` can hold `tokens` tokens now, keeping the watermark free
-    (on-demand admissions into a pool others use)."""
+  def _fits_now(self, req: Request, tokens: int, watermark: bool, hits=()) -> bool:
+    """Whether `req` can hold `tokens` tokens now, mapping the cached pages `hits`
+    when it holds none, keeping the watermark free (on-demand admissions into a pool
+    others use)."""
     alloc = self.allocator
-    need = pages_for(tokens, alloc.page_size) - len(alloc.pages(req))
+    have = alloc.pages(req)
+    need = (pages_for(tokens, alloc.page_size) - len(have)) if have else \
+        alloc.cost(hits, tokens)
     if watermark and not self._lifetime and alloc.num_free < alloc.capacity:
       need += self._watermark
     return need <= alloc.num_free
 
-  def _admitted(self, req: Request, tokens: int) -> None:
-    self.allocator.ensure(req, tokens)
+  def _lookup(self, req: Request) -> Optional[list[int]]:
+    """The cached pages a prefill admission of `req` maps, or None when it should
+    wait: an admitted request is computing the next page it would compute."""
+    alloc = self.allocator
+    keys = req.prefix_keys
+    if not keys or not alloc.prefix_cache:
+      return []
+    limit = cache_limit(req, alloc.page_size)
+    hits = alloc.lookup(keys, limit)
+    return None if alloc.pending(keys, len(hits), limit) else hits
+
+  def _admitted(self, req: Request, tokens: int, hits=()) -> None:
+    """Admits a prefill of `req` holding `tokens` tokens of pages, the cached `hits`
+    among them: its prefill starts after them."""
+    alloc = self.allocator
+    alloc.admit(req, hits, tokens, req.prefix_keys or (), req.prefill_len)
+    if hits:
+      cached = len(hits) * alloc.page_size
+      req.num_prefilled = cached
+      req.num_cached += cached
     req.admitted_seq = next(_admissions)
 
   def _track(self, req: Request) -> None:
@@ -349,15 +445,19 @@ def _admit_prompts(sched, room: int, reservation: Callable[[Request], int],
   waiting = sched._waiting
   while waiting and len(chunks) < room:
     req = waiting[0]
-    n = req.prefill_len
+    hits = sched._lookup(req)
+    if hits is None:
+      break
+    start = len(hits) * sched.allocator.page_size
+    n = req.prefill_len - start
     if chunks and tokens + n > sched.max_step_tokens:
       break
     need = reservation(req)
-    if not sched._fits_now(req, need, watermark):
+    if not sched._fits_now(req, need, watermark, hits):
       break
-    sched._admitted(req, need)
+    sched._admitted(req, need, hits)
     waiting.popleft()
-    chunks.append(PrefillChunk(req, 0, n))
+    chunks.append(PrefillChunk(req, start, req.prefill_len))
     tokens += n
   return chunks
 
@@ -477,36 +577,14 @@ class ChunkedPrefillScheduler(_Scheduler):
     check_fits(self.allocator, req, req.lifetime_tokens)
     self._waiting.append(req)
 
+  def pending_prefill_tokens(self) -> int:
+    return self._waiting.tokens + _left(self._prefilling)
+
   def schedule(self) -> Optional[Step]:
     self._check_schedulable()
     self._grow_due()
-    budget = self.max_step_tokens - len(self._decoding_batch)
-    chunks = []
-    for r in list(self._prefilling):
-      if budget <= 0:
-        break
-      if not self.allocator.pages(r):
-        continue  # preempted by an older request's growth in this loop
-      n = min(r.prefill_len - r.num_prefilled, budget)
-      if not self._lifetime and not self._grow(r, r.num_prefilled + n):
-        continue
-      chunks.append(PrefillChunk(r, r.num_prefilled, r.num_prefilled + n))
-      budget -= n
-    waiting = self._waiting
-    while (waiting and budget > 0
-           and len(self._prefilling) + len(self._decoding_batch) < self.max_batch):
-      req = waiting[0]
-      n = min(req.prefill_len, budget)
-      need = req.lifetime_tokens if self._lifetime else n
-      if not self._fits_now(req, need, watermark=True):
-        break
-      self._admitted(req, need)
-      waiting.popleft()
-      self._prefilling.append(req)
-      chunks.append(PrefillChunk(req, 0, n))
-      budget -= n
-    # Chunks of requests preempted later in this loop are dropped.
-    chunks = [c for c in chunks if self.allocator.pages(c.request)]
+    chunks = _chunks(self, self._waiting, self.max_step_tokens - len(self._decoding_batch),
+                     len(self._decoding_batch))
     self._settle()
     if not chunks and not self._decoding_batch:
       return None
@@ -516,19 +594,7 @@ class ChunkedPrefillScheduler(_Scheduler):
     done, gone = self._advance(step, now)
     self._ctx += len(step.decodes) - gone
     self._release(done)
-    if step.prefills:
-      moved = [c.request for c in step.prefills if c.last and c.request.finish_time is None]
-      self._ctx += _context(moved)
-      self._prefilling = [r for r in self._prefilling if not r.prefill_done
-                          and r.finish_time is None]
-      if done:
-        self._decoding_batch = [r for r in self._decoding_batch if r.finish_time is None]
-      if moved:
-        self._decoding_batch = self._decoding_batch + moved
-        for r in moved:
-          self._track(r)
-    elif done:
-      self._decoding_batch = [r for r in self._decoding_batch if r.finish_time is None]
+    self._decoding_batch = _after_chunks(self, step, done, self._decoding_batch)
     self._settle()
     return done
 
@@ -539,6 +605,66 @@ class ChunkedPrefillScheduler(_Scheduler):
   @property
   def idle(self) -> bool:
     return not self._waiting and not self._prefilling and not self._decoding_batch
+
+
+def _left(reqs) -> int:
+  """Prefill tokens `reqs` (partly prefilled) still have to compute."""
+  return sum(r.prefill_len - r.num_prefilled for r in reqs)
+
+
+def _chunks(sched, prompts: _Queue, budget: int, decoding: int) -> list[PrefillChunk]:
+  """Sarathi-Serve's prompt chunks of one step within `budget` tokens: requests in
+  `sched._prefilling` (partly prefilled, FCFS) continue first, then `prompts` are
+  admitted FCFS while the batch (`decoding` requests plus those prefilling) stays
+  under `sched.max_batch` and pages allow, each from its cached prefix on."""
+  chunks = []
+  alloc = sched.allocator
+  for r in list(sched._prefilling):
+    if budget <= 0:
+      break
+    if not alloc.pages(r):
+      continue  # preempted by an older request's growth in this loop
+    n = min(r.prefill_len - r.num_prefilled, budget)
+    if not sched._lifetime and not sched._grow(r, r.num_prefilled + n):
+      continue
+    chunks.append(PrefillChunk(r, r.num_prefilled, r.num_prefilled + n))
+    budget -= n
+  while prompts and budget > 0 and len(sched._prefilling) + decoding < sched.max_batch:
+    req = prompts[0]
+    hits = sched._lookup(req)
+    if hits is None:
+      break
+    start = len(hits) * alloc.page_size
+    n = min(req.prefill_len - start, budget)
+    need = req.lifetime_tokens if sched._lifetime else start + n
+    if not sched._fits_now(req, need, True, hits):
+      break
+    sched._admitted(req, need, hits)
+    prompts.popleft()
+    sched._prefilling.append(req)
+    chunks.append(PrefillChunk(req, start, start + n))
+    budget -= n
+  # Chunks of requests preempted later in this loop are dropped.
+  return [c for c in chunks if alloc.pages(c.request)]
+
+
+def _after_chunks(sched, step: Step, done, decoding: list[Request]) -> list[Request]:
+  """After a step of `_chunks` and decodes: prefills that finished join the decode
+  batch `decoding` (returned, a new list when it changed), ended requests leave."""
+  if step.prefills:
+    moved = [c.request for c in step.prefills if c.last and c.request.finish_time is None]
+    sched._ctx += _context(moved)
+    sched._prefilling = [r for r in sched._prefilling if not r.prefill_done
+                         and r.finish_time is None]
+    if done:
+      decoding = [r for r in decoding if r.finish_time is None]
+    if moved:
+      decoding = decoding + moved
+      for r in moved:
+        sched._track(r)
+  elif done:
+    decoding = [r for r in decoding if r.finish_time is None]
+  return decoding
 
 
 class PrefillScheduler(_Scheduler):
@@ -595,7 +721,7 @@ class PrefillScheduler(_Scheduler):
 
   def requeue(self, req: Request) -> None:
     """A request preempted elsewhere joins the front of the queue to recompute."""
-    if req.num_prefilled or not req.num_recompute:
+    if req.num_prefilled or not req.num_preemptions:
       raise ValueError(f"request {req.request_id} was not preempted")
     self._waiting.appendleft(req)
 
@@ -685,7 +811,8 @@ class PrefillScheduler(_Scheduler):
     then the rest in arrival order."""
     merged = list(self._waiting) + list(reqs)
     merged.sort(key=lambda r: (r.num_recompute == 0, r.arrival_time))
-    self._waiting = collections.deque(merged)
+    self._waiting = _Queue()
+    self._waiting.extend(merged)
 
   @property
   def num_running(self) -> int:
@@ -706,27 +833,53 @@ class DecodeScheduler(_Scheduler):
   the copy is done. Steps decode up to `max_batch` admitted requests, FCFS; the
   rest wait with their pages held. Requests preempted here leave through
   `take_preempted` to be recomputed by a prefill scheduler.
+
+  With a prefix cache on its pool, `reserve` maps the cached pages of the request's
+  prompt: the copy moves only the other pages (`copy_skip` of them are in place),
+  and `admit` registers the copied prompt pages, so later hand-offs sharing the
+  prefix move less.
+
+  With `local_prefill` (conditional disaggregation), prompts the coordinator sends
+  here (`add_local`) are prefilled in chunks within `max_step_tokens` beside the
+  decodes, Sarathi-Serve's way, from their cached prefix on; they then decode here.
   """
 
   def __init__(self, allocator: PageAllocator, max_batch: int,
-               page_policy: str = "on_demand", max_decode_tokens: Optional[int] = None):
+               page_policy: str = "on_demand", max_decode_tokens: Optional[int] = None,
+               local_prefill: bool = False, max_step_tokens: int = 4096):
     super().__init__(allocator, page_policy, max_decode_tokens)
+    if local_prefill and max_decode_tokens is not None:
+      raise ValueError("local prefill (conditional disaggregation) and a decode token cap "
+                       "(max_decode_tokens) do not combine")
     check_limit("max_batch", max_batch)
     self.max_batch = max_batch
-    self._reserved: dict[Request, None] = {}
+    self.local_prefill = local_prefill
+    if local_prefill and max_step_tokens < max_batch + 1:
+      raise ValueError(f"local prefill needs max_step_tokens={max_step_tokens} > "
+                       f"max_batch={max_batch}, or a full decode batch leaves no room")
+    self.max_step_tokens = max_step_tokens
+    self._reserved: dict[Request, int] = {}  # KV in flight -> pages already in place
     self._running: list[Request] = []
     self._preempted: list[Request] = []
+    self._local: _Queue = _Queue()  # prompts to prefill here, FCFS
+    self._prefilling: list[Request] = []
     self._leaving: dict[Request, None] = {}  # detached, their KV being copied out
 
   def _decoding(self):
     return self._running
 
   def _holders(self):
-    return self._running + list(self._waiting)
+    return self._prefilling + self._running + list(self._waiting)
 
   def _drop(self, req):
     if req in self._running:
       self._running = [r for r in self._running if r is not req]
+      return True
+    if req in self._prefilling:
+      self._prefilling.remove(req)
+      return True
+    if req in self._local:
+      self._local.remove(req)
       return True
     return False
 
@@ -745,12 +898,23 @@ class DecodeScheduler(_Scheduler):
     # the next token's.
     return req.lifetime_tokens if self._lifetime else max(req.kv_len, req.prefill_len) + 1
 
+  def _cached(self, req: Request) -> list[int]:
+    """Pages of `req`'s prompt this pool's cache holds (all its full prompt pages
+    may be mapped: a decode writes after them)."""
+    keys = req.prefix_keys
+    if not keys or not self.allocator.prefix_cache:
+      return []
+    return self.allocator.lookup(keys, len(keys))
+
   def check_fits(self, req: Request) -> None:
     """Raises ValueError when `req` could never fit this instance's KV pool."""
     check_fits(self.allocator, req, req.lifetime_tokens, "decode")
 
   def can_accept(self, req: Request) -> bool:
-    return self._fits_now(req, self._tokens(req), watermark=True)
+    tokens = self._tokens(req)
+    # Cached pages only lower the need: look them up when the pool is short.
+    return self._fits_now(req, tokens, True) or self._fits_now(req, tokens, True,
+                                                               self._cached(req))
 
   def reserve(self, req: Request) -> None:
     """Allocates `req`'s pages here (see the class docstring); raises OutOfPages
@@ -758,8 +922,14 @@ class DecodeScheduler(_Scheduler):
     self.check_fits(req)
     if req in self._reserved or self.allocator.pages(req):
       raise ValueError(f"request {req.request_id} already holds pages here")
-    self.allocator.ensure(req, self._tokens(req))
-    self._reserved[req] = None
+    hits = self._cached(req)
+    self.allocator.admit(req, hits, self._tokens(req))
+    self._reserved[req] = len(hits)
+
+  def copy_skip(self, req: Request) -> int:
+    """Leading pages of `req`'s KV already in place here (from the cache): a copy
+    moves only the pages after them."""
+    return self._reserved.get(req, 0)
 
   def can_adopt(self, req: Request) -> bool:
     """Whether `req`, holding its prefill's pages in this allocator (a hand-off of a
@@ -817,13 +987,40 @@ class DecodeScheduler(_Scheduler):
       raise ValueError(f"request {req.request_id} is not ready to decode "
                        f"(prefilled {req.num_prefilled}/{req.prefill_len}, "
                        f"output {req.num_output}/{req.max_tokens})")
+    if req.prefix_keys is not None:
+      self.allocator.commit(req, req.prefix_keys, req.prompt_len)
     req.admitted_seq = next(_admissions)
     self._waiting.append(req)
+
+  # -- local prefill (conditional disaggregation) ------------------------------------
+
+  def add_local(self, req: Request) -> None:
+    """Queues a fresh request to be prefilled here."""
+    self._check_local()
+    _check_fresh(req)
+    self.check_fits(req)
+    self._local.append(req)
+
+  def requeue_local(self, req: Request) -> None:
+    """A preempted request joins the front of the local queue to recompute."""
+    self._check_local()
+    if req.num_prefilled or not req.num_preemptions:
+      raise ValueError(f"request {req.request_id} was not preempted")
+    self._local.appendleft(req)
+
+  def _check_local(self) -> None:
+    if not self.local_prefill:
+      raise RuntimeError("this decode scheduler does not prefill (local_prefill=False)")
+
+  def pending_prefill_tokens(self) -> int:
+    return self._local.tokens + _left(self._prefilling)
+
+  # -- steps --------------------------------------------------------------------------
 
   def schedule(self) -> Optional[Step]:
     self._check_schedulable()
     waiting = self._waiting
-    room = self.max_batch - len(self._running)
+    room = self.max_batch - len(self._running) - len(self._prefilling)
     if waiting and room > 0:
       joined = [waiting.popleft() for _ in range(min(room, len(waiting)))]
       self._running = self._running + joined
@@ -834,36 +1031,48 @@ class DecodeScheduler(_Scheduler):
       batch = self._capped_batch(self._running) if self._running else []
       return self._begin(Step([], batch)) if batch else None
     self._grow_due()
+    chunks = []
+    if self._local or self._prefilling:
+      chunks = _chunks(self, self._local, self.max_step_tokens - len(self._running),
+                       len(self._running))
     self._settle()
-    if not self._running:
+    if not chunks and not self._running:
       return None
-    return self._begin(Step([], self._running, self._ctx))
+    return self._begin(Step(chunks, self._running, self._ctx))
 
   def complete(self, step: Step, now: float) -> list[Request]:
-    if step.prefills:
+    if step.prefills and not self.local_prefill:
       raise RuntimeError("a decode scheduler's step has no prefills")
     done, gone = self._advance(step, now)
     self._ctx += len(step.decodes) - gone
     if self.max_decode_tokens is not None:
       self._running = self._rotate(self._running, step)
-    if done:
+    if step.prefills:
+      self._release(done)
+      self._running = _after_chunks(self, step, done, self._running)
+    elif done:
       self._release(done)
       self._running = [r for r in self._running if r.finish_time is None]
     self._settle()
     return done
 
+  def held(self) -> list[Request]:
+    return list(dict.fromkeys(super().held() + list(self._local)))
+
   @property
   def num_waiting(self) -> int:
-    """Requests reserved (KV in flight) or admitted but not yet in the batch."""
-    return len(self._reserved) + len(self._waiting)
+    """Requests reserved (KV in flight), admitted but not yet in the batch, or queued
+    to prefill here."""
+    return len(self._reserved) + len(self._waiting) + len(self._local)
 
   @property
   def num_running(self) -> int:
-    return len(self._running)
+    return len(self._running) + len(self._prefilling)
 
   @property
   def idle(self) -> bool:
-    return not (self._reserved or self._waiting or self._running)
+    return not (self._reserved or self._waiting or self._running or self._local
+                or self._prefilling)
 
 
 def move_handoffs(prefill: PrefillScheduler, decode: DecodeScheduler) -> int:

@@ -3,13 +3,18 @@
 A `Request` is the unit every scheduler, executor and metric works on. It is mutable
 (the scheduler advances it step by step) and hashes by identity, so it can key the
 page allocator. It holds no arrays: executor data (token ids, sampling parameters)
-travels opaquely in `payload`, which no scheduler reads.
+travels opaquely in `payload`, which no scheduler reads. What a prefix cache needs
+of the prompt travels as `prefix_keys` (one key per full page, `core.prefix`): the
+engine makes them from the token ids, the simulator from `blocks` (a trace's block
+hashes).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional, Sequence
+
+from pdserve_jax.core.prefix import Blocks
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -34,6 +39,12 @@ class Request:
       the next point where a scheduler holds it, producing nothing more.
     admitted_seq: order of the latest admission to a batch; preemption takes the
       newest first.
+    prefix_keys: one key per full page of the prompt at the pool's page size
+      (`core.prefix`); None: the prefix cache ignores this request.
+    blocks: the prompt's block hashes (a trace's, or a synthetic workload's), from
+      which the simulator makes `prefix_keys` at its page size.
+    num_cached: prefill tokens mapped from a prefix cache, over every admission.
+    num_computed: prefill tokens computed, over every admission.
   """
   request_id: int
   prompt_len: int
@@ -49,6 +60,10 @@ class Request:
   num_preemptions: int = 0
   end_reason: str | None = None
   admitted_seq: int = -1
+  prefix_keys: Optional[Sequence] = None
+  blocks: Optional[Blocks] = None
+  num_cached: int = 0
+  num_computed: int = 0
 
   def __post_init__(self):
     if self.prompt_len < 1:
@@ -130,6 +145,7 @@ class Request:
     return self.finish_time - self.arrival_time
 
   def fresh(self) -> Request:
-    """A copy with the same shape, arrival and payload and no progress."""
+    """A copy with the same shape, arrival, payload and prefix and no progress."""
     return Request(self.request_id, self.prompt_len, self.max_tokens,
-                   self.arrival_time, self.payload)
+                   self.arrival_time, self.payload, prefix_keys=self.prefix_keys,
+                   blocks=self.blocks)

@@ -21,6 +21,13 @@ from the SLO attainment of each phase (or asked for with `move`):
     overlap with decoding). Once G holds nothing, its prefill twin joins the prefill
     instances.
 
+Prefix caching: a migration, like a hand-off, copies only the pages the destination's
+cache lacks (`copy_skip`). With conditional disaggregation every decode twin prefills
+locally as the decode instances born so do; a decode group moving to prefill first
+prefills the prompts queued on it locally (no new ones come), then migrates them with
+the rest. A group keeps one pool, and its prefix cache, in either role, so a cache on
+prefill pools only (`decode_cache=False`) is refused for elastic deployments.
+
 Pools and weights stay; only which scheduler feeds the group changes. The group to
 move is the least loaded of its role (the quickest drain); a lost group never moves.
 The last instance of a role (the controller's minimum) never leaves it. Limits: one
@@ -83,7 +90,10 @@ class ElasticCoordinator(DisaggregatedCoordinator):
       twins = []
       for i in born:  # after every birth instance, so the executor pairs them in order
         alloc = i.sched.allocator
-        sched = (DecodeScheduler(alloc, d.max_batch, d.page_policy) if role == PREFILL else
+        # A decode twin prefills locally as the decode instances born so do
+        # (conditional disaggregation), so arrivals may go to a group moved to decode.
+        sched = (DecodeScheduler(alloc, d.max_batch, d.page_policy, None, self.threshold > 0,
+                                 d.max_step_tokens) if role == PREFILL else
                  PrefillScheduler(alloc, p.max_batch, p.max_step_tokens, p.page_policy))
         twin = Instance(f"{i.name}:{DECODE if role == PREFILL else PREFILL}", name, sched,
                         i.spec, DECODE if role == PREFILL else PREFILL)
@@ -200,8 +210,7 @@ class ElasticCoordinator(DisaggregatedCoordinator):
       if dst is None:
         return  # decode memory is full: the rest decode here meanwhile
       inst.sched.detach(r)
-      dst.sched.reserve(r)
-      self._copies[r] = (inst, dst)
+      self._reserve(r, inst, dst)  # the copy skips what dst's cache holds
       self.ex.start_copy(r, inst, dst, now)
 
   # -- the moves --------------------------------------------------------------------

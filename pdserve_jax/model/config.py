@@ -122,6 +122,10 @@ PRESETS = {c.name: c for c in [
            rope_theta=500000.0),
     _llama("llama3-70b", 128256, 8192, 28672, 80, 64, 8, max_position_embeddings=8192,
            rope_theta=500000.0),
+    # Llama 3.1 8B: Llama 3's shapes with a 128k context (its RoPE scaled, HF rope_type
+    # "llama3"); holds every prompt of Mooncake's conversation trace.
+    _llama("llama3.1-8b", 128256, 4096, 14336, 32, 32, 8, max_position_embeddings=131072,
+           rope_theta=500000.0, rope_scaling=RopeScaling()),
     _opt("opt-13b", 5120, 40, 40),
     _opt("opt-66b", 9216, 64, 72),
     _opt("opt-175b", 12288, 96, 96),

@@ -32,6 +32,9 @@ class EngineConfig:
   tpot_slo: float = 0.1
   # Requests submitted and not yet finished; `submit` beyond it raises EngineOverloaded.
   max_queued: int = 1024
+  # Prefix caching: full prompt pages are kept and shared by prompts that start with
+  # the same tokens (`core.pages`, docs/prefix_cache.md).
+  prefix_cache: bool = True
 
   def check(self) -> None:
     for f in ("page_size", "max_seq_len", "min_token_bucket", "max_queued"):
@@ -43,6 +46,8 @@ class EngineConfig:
     if self.max_seq_len % self.page_size:
       raise ValueError(f"max_seq_len={self.max_seq_len} must be a multiple of "
                        f"page_size={self.page_size}")
+    if not isinstance(self.prefix_cache, bool):
+      raise ValueError(f"prefix_cache must be a bool, got {self.prefix_cache!r}")
     if not self.ttft_slo > 0 or not self.tpot_slo > 0:
       raise ValueError(f"SLOs must be positive, got ttft_slo={self.ttft_slo}, "
                        f"tpot_slo={self.tpot_slo}")

@@ -42,6 +42,7 @@ from pdserve_jax.core import coordinator as C
 from pdserve_jax.core import deploy, metrics, seam
 from pdserve_jax.core import sampling as validate
 from pdserve_jax.core.pages import PageAllocator
+from pdserve_jax.core.prefix import block_tokens, token_keys
 from pdserve_jax.core.request import Request
 from pdserve_jax.core.sampling import SamplingParams
 from pdserve_jax.serving.config import EngineConfig, check_servable, max_prompt_len
@@ -322,9 +323,11 @@ class Engine:
           seeds = [(params.seed + i) % validate.SEED_LIMIT for i in range(params.n)]
         eos = () if params.ignore_eos else self.model.eos_token_ids
         stop_ids = frozenset(params.stop_token_ids) | frozenset(eos)
+        keys = token_keys(ids, self.config.page_size) if self.config.prefix_cache else None
         reqs = [Request(next(self._ids), len(ids), params.max_tokens, when,
                         payload=RequestOutput(ids, dataclasses.replace(params, seed=seed),
-                                              stop_ids, detokenize)) for seed in seeds]
+                                              stop_ids, detokenize), prefix_keys=keys)
+                for seed in seeds]
         # Pool sizes never change, so this thread may read them.
         self.coordinator.check(reqs[0])
         groups.append((reqs, prompt_text))
@@ -396,7 +399,9 @@ class Engine:
                    sampling: Optional[SamplingParams] = None, seed: int = 0,
                    timeout: Optional[float] = None) -> WorkloadReport:
     """Replays `requests` (arrival offsets in seconds, prompt_len, max_tokens; the
-    prompt's token ids in `payload` if given, else random ones) on the wall clock.
+    prompt's token ids in `payload` if given, else made from its `blocks` if given
+    (`core.prefix.block_tokens`: shared blocks give shared tokens), else random
+    ones) on the wall clock.
     By default each request decodes its `max_tokens` (greedy, EOS ignored), as
     serving benchmarks do, so the workload's output lengths hold."""
     if not requests:
@@ -406,7 +411,12 @@ class Engine:
     vocab = self.model.config.vocab_size
     plan = []
     for r in sorted(requests, key=lambda r: r.arrival_time):
-      prompt = r.payload if r.payload is not None else rng.integers(0, vocab, r.prompt_len)
+      if r.payload is not None:
+        prompt = r.payload
+      elif r.blocks is not None:
+        prompt = block_tokens(r.blocks, r.prompt_len, vocab, seed)
+      else:
+        prompt = rng.integers(0, vocab, r.prompt_len)
       params = dataclasses.replace(base, max_tokens=r.max_tokens)
       plan.append((r.arrival_time, list(prompt), params))
     start = self.clock()
@@ -441,12 +451,17 @@ class Engine:
     return sum(a.capacity - a.num_free for a in self.allocators())
 
   def stats(self) -> dict:
-    """Requests ended by kind, preemptions, unfinished requests, pages in use. Read
-    between steps; counters may lag by the step in flight."""
+    """Requests ended by kind, preemptions, unfinished requests, pages in use (held
+    by requests; cached pages nobody holds count as free), and the prefix cache's
+    counters as `prefix_*` (`Coordinator.prefix_stats`: lookups and hits in
+    admissions and tokens, hit rates, evictions, cached pages, arrivals routed by
+    the cache, local prefills, KV pages copied and saved). Read between steps;
+    counters may lag by the step in flight."""
     with self._lock:
       live = len(self._live)
+    prefix = {f"prefix_{k}": v for k, v in self.coordinator.prefix_stats().items()}
     return dict(self.counts, preemptions=self.coordinator.num_preemptions, unfinished=live,
-                pages_in_use=self.pages_in_use())
+                pages_in_use=self.pages_in_use(), **prefix)
 
   def close(self, timeout: Optional[float] = None) -> None:
     """Stops taking requests and serves those in flight; after `timeout` seconds

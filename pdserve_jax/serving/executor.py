@@ -197,7 +197,8 @@ class JaxExecutor:
       if hasattr(runner, "on_back"):  # a worker process that may restart (`cluster`)
         runner.on_back = functools.partial(self._back, group)  # type: ignore[attr-defined]
       self._group_runners[group] = [runner]
-    return PageAllocator(num_pages, self.cfg.page_size, reserved=1)
+    return PageAllocator(num_pages, self.cfg.page_size, reserved=1,
+                         prefix_cache=self.cfg.prefix_cache)
 
   def bind(self, coordinator: Coordinator) -> None:
     """The i-th instance of a group runs on its i-th runner (semi-PD's two phases
@@ -256,10 +257,12 @@ class JaxExecutor:
 
   def _programs(self) -> Dict[str, Tuple[bool, bool]]:
     """Per device group: whether its instances run packed calls (any prefill) and
-    decode calls (any decode)."""
+    decode calls (any decode). A decode instance that prefills prompts itself
+    (conditional disaggregation) runs both."""
     roles: Dict[str, set] = {}
     for inst in self._instances:
-      roles.setdefault(inst.group, set()).add(inst.phase)
+      local = getattr(inst.sched, "local_prefill", False)
+      roles.setdefault(inst.group, set()).add(None if local else inst.phase)
     return {g: (r != {"decode"}, r != {"prefill"}) for g, r in roles.items()}
 
   def program_counts(self) -> Dict[str, int]:
@@ -310,7 +313,14 @@ class JaxExecutor:
     """Dispatches `step`'s calls; adds to `taken` each request whose KV stream a call
     took (its `done` is the runner's to call)."""
     runner, pages = self._runner[inst.name], inst.sched.allocator.pages
-    streams = {req: self._stream(req, inst, dst) for req, dst in step.streams}
+    streams = {}
+    for req, dst in step.streams:
+      stream = self._stream(req, inst, dst)
+      if stream is None:  # nothing to move: it has landed (the coordinator waits for the step)
+        taken.add(req)
+        self._copied(req, inst, dst)(None)
+      else:
+        streams[req] = stream
     started = self.clock()  # the host's share of a step counts: it is serving time too
     shape, calls = runner.shape, []
     if step.prefills:
@@ -370,6 +380,7 @@ class JaxExecutor:
     held: Dict[Request, None] = {}
     for other in self._instances:
       if self._runner[other.name] is runner:
+        other.sched.allocator.forget()  # the cached KV went with the pool
         held.update(dict.fromkeys(other.sched.allocator.owners()))
     for r in held:
       r.payload.error = r.payload.error or RuntimeError(
@@ -385,24 +396,36 @@ class JaxExecutor:
       self._post(seam.CopyDone(req, error))
     return done
 
-  def _pages(self, req: Request, src: Instance, dst: Instance) -> Tuple[np.ndarray, np.ndarray]:
-    """`req`'s pages on `src` and the first as many of its pages on `dst`, padded to
-    a transfer bucket with the scratch page."""
-    src_pages = src.sched.allocator.pages(req)
+  def _pages(self, req: Request, src: Instance, dst: Instance
+             ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """`req`'s pages on `src` to move and as many of its pages on `dst`, padded to a
+    transfer bucket with the scratch page; None when there is nothing to move. The
+    first `skip` pages are in place already: the decode side's prefix cache holds
+    them (whole copies, streams and migrations alike)."""
+    skip = dst.sched.copy_skip(req)
+    src_pages = src.sched.allocator.pages(req)[skip:]
+    if not src_pages:
+      return None
     n = bk.bucket(len(src_pages), self.page_buckets, "pages per transfer")
     pad = [SCRATCH_PAGE] * (n - len(src_pages))
-    dst_pages = dst.sched.allocator.pages(req)[:len(src_pages)]
+    dst_pages = dst.sched.allocator.pages(req)[skip:skip + len(src_pages)]
     return np.array(src_pages + pad), np.array(dst_pages + pad)
 
-  def _stream(self, req: Request, src: Instance, dst: Instance) -> KvStream:
-    return KvStream(self._runner[dst.name], *self._pages(req, src, dst),
-                    self._copied(req, src, dst))
+  def _stream(self, req: Request, src: Instance, dst: Instance) -> Optional[KvStream]:
+    """`req`'s KV stream, or None when the decode side's cache holds all of it."""
+    pages = self._pages(req, src, dst)
+    if pages is None:
+      return None
+    return KvStream(self._runner[dst.name], *pages, self._copied(req, src, dst))
 
   def start_copy(self, req: Request, src: Instance, dst: Instance, now: float) -> None:
     done = self._copied(req, src, dst)
     try:
-      self._runner[src.name].copy_to(self._runner[dst.name], *self._pages(req, src, dst),
-                                     done)
+      pages = self._pages(req, src, dst)
+      if pages is None:
+        done(None)  # the decode side's cache holds all of it
+        return
+      self._runner[src.name].copy_to(self._runner[dst.name], *pages, done)
     except Exception as e:  # noqa: BLE001 - this request fails; its pages come back
       done(e)
 

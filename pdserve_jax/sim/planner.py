@@ -17,7 +17,14 @@ runs, divided by the devices used. The planner searches:
     set, the best disaggregated placement with instances that change role online;
   * semi-PD: the best fixed prefill share on a grid, then the online partitioner
     starting from it;
-  * colocated, prefill-first and chunked prefill: the baseline.
+  * colocated, prefill-first and chunked prefill: the baseline;
+  * conditional disaggregation: the best disaggregated placement with each of
+    `conditional_thresholds` (prompts with at most that many uncached tokens are
+    prefilled on their decode instance, in chunked steps).
+
+With `setup.prefix_cache` and requests that carry prefix blocks, every simulated
+run reuses cached prefixes, and the capacity estimates count only the prompt
+tokens an infinite cache would not hold (`core.prefix.reuse_bound`).
 
 Each mode's search keeps only what can win. Configs go in order of a capacity
 estimated from the latency model at mean lengths (prompt batches at the token
@@ -50,6 +57,7 @@ import numpy as np
 from pdserve_jax.core import deploy
 from pdserve_jax.core.elastic import ElasticConfig
 from pdserve_jax.core.metrics import check_slos
+from pdserve_jax.core.prefix import reuse_bound
 from pdserve_jax.core.request import Request
 from pdserve_jax.core.share import PartitionerConfig, ShareScaling
 from pdserve_jax.sim import goodput as search
@@ -92,6 +100,8 @@ class PlanSpec:
     min_seeds, max_seeds: the seed counts of those measurements.
     max_tie_seeds: the seeds a candidate tied with the best may get (None: twice
       `max_seeds`).
+    conditional_thresholds: uncached-token thresholds of conditional
+      disaggregation to try on the best disaggregated placement (none: not tried).
   """
   setup: sim.Setup
   workload: Workload
@@ -117,6 +127,7 @@ class PlanSpec:
   layer_groups: int = 0
   elastic: Optional[ElasticConfig] = None
   max_tie_seeds: Optional[int] = None
+  conditional_thresholds: tuple[int, ...] = ()
 
   @property
   def devices_per_node(self) -> int:
@@ -240,6 +251,11 @@ class _Planner:
     p = np.array([r.prompt_len for r in sample], dtype=np.float64)
     o = np.array([r.max_tokens for r in sample], dtype=np.float64)
     self.mean_prompt, self.mean_sq_prompt, self.mean_out = p.mean(), (p * p).mean(), o.mean()
+    # Prompt tokens a prefill computes, when a prefix cache holds what repeats.
+    self.computed_share = 1.0
+    if spec.setup.prefix_cache and all(r.blocks is not None for r in sample):
+      self.computed_share = 1.0 - reuse_bound([r.blocks for r in sample],
+                                              [r.prompt_len for r in sample])
     self.longest = max(sample, key=lambda r: r.lifetime_tokens)
     self.skipped = {}
     self.configs = self._configs()
@@ -290,8 +306,10 @@ class _Planner:
       return self._estimates[key]
     model = self.spec.setup.latency(tp, pp)
     if phase == "prefill":
-      k = max(1, int(self.spec.max_step_tokens // self.mean_prompt))
-      est = k / model.prefill_totals(k, k * self.mean_prompt, k * self.mean_sq_prompt)
+      prompt = max(1.0, self.mean_prompt * self.computed_share)
+      k = max(1, int(self.spec.max_step_tokens // prompt))
+      est = k / model.prefill_totals(k, k * prompt,
+                                     k * self.mean_sq_prompt * self.computed_share)
     else:
       ctx = self.mean_prompt + self.mean_out / 2
       cap = sim.kv_capacity_tokens(self.spec.setup, tp, pp) / pp
@@ -415,6 +433,21 @@ class _Planner:
                                  (ptp + dtp) * pp, None, est))
     return self._search(cands)
 
+  def conditional(self, dis: list[Candidate]) -> list[Candidate]:
+    """The best of `dis` (disaggregated candidates) with each conditional threshold;
+    its decode instances then take chunked steps, as colocated chunked prefill."""
+    thresholds = [t for t in self.spec.conditional_thresholds if t > 0]
+    top = max((c for c in dis if c.goodput is not None), key=lambda c: c.per_device,
+              default=None)
+    if top is None or not thresholds:
+      return []
+    d = top.deployment
+    decode = self._instance(d.decode.tp, d.decode.pp, chunked=True)
+    cands = [Candidate("disaggregated", "conditional", dataclasses.replace(
+        d, decode=decode, conditional_threshold=t), top.num_devices, None, top.capacity,
+        f"prefill on decode at <= {t} uncached tokens") for t in thresholds]
+    return self._search(cands)
+
   def disaggregated_variants(self, cands: list[Candidate]) -> list[Candidate]:
     """The best of `cands` of each algorithm with layer-wise KV streaming, and the
     best of all with elastic roles, as the spec asks; each must beat its original."""
@@ -504,8 +537,8 @@ def plan(spec: PlanSpec, modes: Sequence[str] = deploy.MODES,
   p = _Planner(spec, progress)
   cands = []
   if "disaggregated" in modes:
-    disagg = p.disaggregated_alg1() + p.disaggregated_alg2()
-    cands += disagg + p.disaggregated_variants(disagg)
+    dis = p.disaggregated_alg1() + p.disaggregated_alg2()
+    cands += dis + p.disaggregated_variants(dis) + p.conditional(dis)
   if "semi_pd" in modes:
     cands += p.semi_pd()
   for policy in policies:  # each its own search, so each policy has a best

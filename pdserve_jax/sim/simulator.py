@@ -30,15 +30,24 @@ when the prefill has computed its layers (the step's time split evenly over the
 groups): it ends at max(prefill end + one group's copy, first group's end + every
 group's copy), each group paying the link latency. Elastic deployments need no
 more here: their coordinator moves instances between roles on the same pipes.
+Every copy (whole, streamed or migrated) moves only the pages the destination's
+prefix cache lacks (`copy_skip`).
 Limits: KV copies do not contend for links or for the compute they overlap with;
 a step's stages are equal (the latency model's time / pp each), and a prefill in
 layer groups costs what the latency model says of the whole step.
+
+Prefix caching (`Setup.prefix_cache`, on by default) runs the engine's cache: each
+request's `prefix_keys` come from its `blocks` (a trace's block hashes) at the
+setup's page size, or are kept as an engine made them (a replay). Keys cost a
+little per page: with Mooncake's 512-token blocks, pages of 512 tokens keep one
+key per block (what `benchmarks/sim_speed.py` times).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import gc
 import heapq
 import itertools
@@ -52,6 +61,7 @@ from pdserve_jax.core.pages import PageAllocator
 from pdserve_jax.model.config import ModelConfig
 from pdserve_jax.core import coordinator as C
 from pdserve_jax.core import metrics
+from pdserve_jax.core.prefix import Blocks, block_keys
 from pdserve_jax.core.request import Request
 from pdserve_jax.core.step import DECODE, PREFILL
 from pdserve_jax.sim.hardware import HardwareSpec
@@ -84,6 +94,9 @@ class Setup:
   # `step_overhead_s`), as this library's engine thread does: a step waits for it
   # while the host handles another instance's step. False: each instance has its own.
   shared_host: bool = False
+  # Prefix caching in every pool (`core.pages`); requests need `blocks` or
+  # `prefix_keys` to use it.
+  prefix_cache: bool = True
 
   def __post_init__(self):
     if not 0 < self.memory_utilization <= 1:
@@ -114,7 +127,8 @@ def kv_capacity_tokens(setup: Setup, tp: int, pp: int) -> int:
 class SimResult:
   """Finished request copies, the span from first arrival to last finish, busy
   fraction per device group (per stage with pipelines), semi-PD share histories,
-  preemptions, and with `record_steps` each instance's steps (`Step.describe`)."""
+  preemptions, prefix-cache counters (`Coordinator.prefix_stats`), and with
+  `record_steps` each instance's steps (`Step.describe`)."""
   requests: list[Request]
   makespan: float
   num_devices: int
@@ -126,6 +140,7 @@ class SimResult:
   recomputed_tokens: int = 0
   # Per device group, the largest share of its KV pool held when a step started.
   peak_kv: dict[str, float] = dataclasses.field(default_factory=dict)
+  prefix: Optional[dict] = None
 
   def attainment(self, ttft_slo: float, tpot_slo: float) -> float:
     return metrics.attainment(self.requests, ttft_slo, tpot_slo)
@@ -136,7 +151,8 @@ class SimResult:
     out.update(num_devices=self.num_devices, makespan_s=self.makespan,
                utilization=self.utilization, num_preemptions=self.num_preemptions,
                recomputed_tokens=self.recomputed_tokens, peak_kv=self.peak_kv,
-               share_history={k: [list(p) for p in v] for k, v in self.share_history.items()})
+               share_history={k: [list(p) for p in v] for k, v in self.share_history.items()},
+               prefix_cache=self.prefix)
     return out
 
 
@@ -162,10 +178,14 @@ class _Pipe:
   KV pool.
   """
   __slots__ = ("name", "pp", "sim", "free_at", "last_done", "waiting", "busy_time",
-               "wake_at", "model", "resume")
+               "wake_at", "model", "resume", "decode_time")
 
   def __init__(self, name, pp, sim, model, resume):
     self.name, self.pp, self.sim, self.model, self.resume = name, pp, sim, model, resume
+    # A decode step's time straight from the totals, when the model times steps by
+    # them (most steps decode; this skips a dispatch per step).
+    self.decode_time = (model.decode_totals if model is not None
+                        and type(model).step_time is LatencyModel.step_time else None)
     self.free_at = -math.inf
     self.last_done = -math.inf
     self.waiting = collections.deque()
@@ -240,7 +260,8 @@ class LatencyExecutor:
   def allocator(self, group: str, spec: InstanceSpec, fraction: float) -> PageAllocator:
     setup = self.setup
     tokens = int(kv_capacity_tokens(setup, spec.tp, spec.pp) * fraction)
-    return PageAllocator(max(1, tokens // setup.page_size), setup.page_size)
+    return PageAllocator(max(1, tokens // setup.page_size), setup.page_size,
+                         prefix_cache=setup.prefix_cache)
 
   def bind(self, coord) -> None:
     """One pipe per device group of `coord`'s instances."""
@@ -282,7 +303,10 @@ class LatencyExecutor:
     for c in step.prefills:
       if c.request.num_preemptions:
         self.recomputed_tokens += c.end - c.start
-    stage = pipe.model.step_time(step, inst.sched.allocator.pages)
+    if step.prefills or pipe.decode_time is None:
+      stage = pipe.model.step_time(step, inst.sched.allocator.pages)
+    else:
+      stage = pipe.decode_time(len(step.decodes), step.decode_context)
     if self._sm:
       self._flight[inst.unit][inst.phase] = [inst, stage, 1.0, now, 0, now]
       self._retime(inst.unit, now)
@@ -303,18 +327,19 @@ class LatencyExecutor:
       # The step computes its layer groups in turn over its last stage * pp seconds.
       k = self.layer_groups
       first_group = done - stage * pipe.pp * (k - 1) / k
-      for req, _ in step.streams:
-        group = self._copy_time(req, k)
+      for req, dst in step.streams:
+        group = self._copy_time(req, dst, k)
         self.sim.at(max(done + group, first_group + k * group), self._copied, req)
 
   def _done(self, now, arg):
     self.coord.step_done(arg[0], now, arg[1])
 
-  def _copy_time(self, req, parts: int = 1) -> float:
+  def _copy_time(self, req, dst, parts: int = 1) -> float:
     """Seconds to move one of `parts` equal shares of `req`'s KV (its prefill's, or
-    all it has cached when it migrates between decode instances) over the link."""
-    tokens = max(req.kv_len, req.prefill_len)
-    return transfer_time(tokens * self.kv_bytes / parts, self.bandwidth,
+    all it has cached when it migrates between decode instances) over the link, but
+    for the leading pages `dst`'s prefix cache holds already (`copy_skip`)."""
+    tokens = max(req.kv_len, req.prefill_len) - dst.sched.copy_skip(req) * self.setup.page_size
+    return transfer_time(max(tokens, 0) * self.kv_bytes / parts, self.bandwidth,
                          self.setup.hardware.link_latency_s)
 
   def _replayed_copy(self, req) -> None:
@@ -351,7 +376,7 @@ class LatencyExecutor:
     if self.replay is not None:
       self._replayed_copy(req)
       return
-    self.sim.at(now + self._copy_time(req), self._copied, req)
+    self.sim.at(now + self._copy_time(req, dst), self._copied, req)
 
   def _copied(self, now, req):
     self.coord.copy_done(req, now)
@@ -387,6 +412,10 @@ def simulate(requests: Sequence[Request], setup: Setup, deployment,
   else:
     reqs = sorted((r.fresh() for r in requests), key=lambda r: replay.arrivals[r.request_id])
     times = [replay.arrivals[r.request_id] for r in reqs]
+  if setup.prefix_cache:
+    for r in reqs:
+      if r.blocks is not None and r.prefix_keys is None:
+        r.prefix_keys = _keys(r.blocks, r.prompt_len, setup.page_size)
   if isinstance(deployment, Disaggregated) and deployment.streams_kv:
     deployment.check_layers(setup.model.num_layers)
   sim = _Simulation()
@@ -411,7 +440,14 @@ def simulate(requests: Sequence[Request], setup: Setup, deployment,
   util = {name: (p.busy_time / span if span > 0 else 0.0) for name, p in ex.pipes.items()}
   return SimResult(reqs, span, deployment.num_devices, util, coord.share_history(),
                    coord.num_preemptions, dict(ex.steps) if ex.steps is not None else None,
-                   ex.recomputed_tokens, {g: h / c for g, (h, c) in ex._peak.items()})
+                   ex.recomputed_tokens, {g: h / c for g, (h, c) in ex._peak.items()},
+                   coord.prefix_stats())
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _keys(blocks: Blocks, prompt_len: int, page_size: int) -> tuple:
+  """`block_keys`, kept: the planner simulates one workload many times."""
+  return tuple(block_keys(blocks, prompt_len, page_size))
 
 
 # simdistserve/base/worker.py, Worker._enter_decodes: "decode_max_tokens = 50000",
