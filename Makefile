@@ -26,22 +26,26 @@ lint: $(STAMP)
 # JAX's persistent compilation cache in a folder emptied at each run: every program
 # is still compiled once per run, and the many tests (and notebook kernels, which
 # inherit the environment) that build identical programs load them instead of
-# compiling them again (test_text.py: 56 s without, 36 s with).
+# compiling them again (test_text.py: 56 s without, 36 s with). A size bound turns on
+# jax's file lock, so the processes sharing it never read an entry half written.
 TEST_CACHE := $(CURDIR)/.test_jax_cache
 TEST_ENV := JAX_COMPILATION_CACHE_DIR=$(TEST_CACHE) JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
-	JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+	JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0 JAX_COMPILATION_CACHE_MAX_SIZE=20000000000
 
-# Under coverage (`[tool.coverage]` in pyproject.toml: the library's lines run in the
-# pytest process); the report is printed whether the tests pass or not, and gates
-# nothing. Python 3.11's tracer (no sys.monitoring) slows pure-Python simulation about
-# 5x (test_planner + test_simulator: 12 s plain, 65 s traced), so those two files run
-# after, untraced; engine tests, dominated by XLA, cost about the same either way.
+# Two pytest workers (pytest-xdist), a test file each at a time, so module fixtures
+# are shared as in one process: the suite alone keeps about one of two cores busy
+# (a compile, a subprocess, a simulator loop), 24 min serially on this 2-core host.
+# Under coverage (pytest-cov with `[tool.coverage]` in pyproject.toml: the library's
+# lines run in the workers); the report is printed whether the tests pass or not, and
+# gates nothing. Python 3.11's tracer (no sys.monitoring) slows pure-Python simulation
+# about 5x (test_planner + test_simulator: 12 s plain, 65 s traced), so those two
+# files run after, untraced; engine tests, dominated by XLA, cost about the same.
 UNTRACED := tests/test_planner.py tests/test_simulator.py
+PYTEST := $(TEST_ENV) $(BIN)/python -m pytest -q -x -p no:cacheprovider
 test: $(STAMP)
 	rm -rf $(TEST_CACHE) .coverage
-	$(TEST_ENV) $(BIN)/python -m coverage run -m pytest -q -x tests \
-	  $(addprefix --ignore=,$(UNTRACED)) && $(TEST_ENV) $(BIN)/python -m pytest -q -x \
-	  $(UNTRACED); status=$$?; $(BIN)/python -m coverage report; exit $$status
+	$(PYTEST) -n 2 --dist loadfile --cov --cov-report=term tests \
+	  $(addprefix --ignore=,$(UNTRACED)) && $(PYTEST) $(UNTRACED)
 
 # Skips the tests marked slow (engines in every mode, profiling, notebooks).
 test-fast: $(STAMP)
