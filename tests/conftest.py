@@ -1,6 +1,7 @@
 """Test set-up: 8 virtual CPU devices, set before jax is imported anywhere."""
 
 import os
+import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
@@ -33,3 +34,13 @@ def demo_prompts(seed: int, count: int, max_words: int) -> list:
 
 def pytest_report_header(config):
   return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
+
+
+def wait_for(cond, seconds, what):
+  """Polls `cond` every 50 ms; fails the test naming `what` if it is not true in time."""
+  deadline = time.monotonic() + seconds
+  while time.monotonic() < deadline:
+    if cond():
+      return
+    time.sleep(0.05)
+  pytest.fail(f"not within {seconds} s: {what}")

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import numpy as np
@@ -21,6 +20,7 @@ import pytest
 import pdserve_jax as pdj
 from pdserve_jax.api import app as api
 from pdserve_jax.model.demo import DEMO_DIR
+from conftest import wait_for
 
 MAX_QUEUED = 6
 BODY_LIMIT = 64 << 10
@@ -46,7 +46,7 @@ def served():
   thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
   thread.start()
   url = "http://127.0.0.1:%d" % sock.getsockname()[1]
-  _wait_for(lambda: _get(url + "/health") == 200, 60, "the server answers")
+  wait_for(lambda: _get(url + "/health") == 200, 60, "the server answers")
   yield engine, app, url, demo
   server.should_exit = True
   thread.join(30)
@@ -58,15 +58,6 @@ def _get(url):
     return httpx.get(url, timeout=10).status_code
   except httpx.HTTPError:
     return None
-
-
-def _wait_for(cond, seconds, what):
-  deadline = time.monotonic() + seconds
-  while time.monotonic() < deadline:
-    if cond():
-      return
-    time.sleep(0.05)
-  pytest.fail(f"not within {seconds} s: {what}")
 
 
 def _raw(url, head: bytes, body: bytes = b"") -> socket.socket:
@@ -155,9 +146,9 @@ def test_a_non_streamed_request_is_aborted_when_its_client_leaves(served):
   before = _counts(engine)
   body = json.dumps(LONG).encode()
   s = _raw(url, _post_head("/v1/completions", len(body)), body)
-  _wait_for(lambda: engine.stats()["unfinished"] == 1, 60, "the request runs")
+  wait_for(lambda: engine.stats()["unfinished"] == 1, 60, "the request runs")
   s.close()
-  _wait_for(lambda: engine.stats()["unfinished"] == 0, 60, "the request ends")
+  wait_for(lambda: engine.stats()["unfinished"] == 0, 60, "the request ends")
   after = _counts(engine)
   assert after["aborted"] == before["aborted"] + 1 and after["finished"] == before["finished"]
   assert after["pages_in_use"] == 0
@@ -171,7 +162,7 @@ def test_a_stream_dropped_after_its_first_chunk_is_aborted(served):
                     timeout=60) as r:
     first = next(r.iter_lines())
     assert first.startswith("data: ")
-  _wait_for(lambda: engine.stats()["unfinished"] == 0, 60, "the stream's request ends")
+  wait_for(lambda: engine.stats()["unfinished"] == 0, 60, "the stream's request ends")
   after = _counts(engine)
   assert after["aborted"] == before["aborted"] + 1 and after["pages_in_use"] == 0
 
@@ -212,7 +203,7 @@ def test_a_full_queue_gets_429_with_retry_after(served):
   finally:
     for h in held:
       h.cancel()
-  _wait_for(lambda: engine.stats()["unfinished"] == 0, 60, "the held requests end")
+  wait_for(lambda: engine.stats()["unfinished"] == 0, 60, "the held requests end")
 
 
 # --- defect 5: the surface clients use ------------------------------------------------------
@@ -354,7 +345,7 @@ def _metric(text, name, label):
 def test_metrics_counts_equal_the_engine_s(served):
   """Defect 10 (/metrics showed 409 where the engine counted 436 + 73)."""
   engine, _, url, _ = served
-  _wait_for(lambda: engine.stats()["unfinished"] == 0, 60, "nothing in flight")
+  wait_for(lambda: engine.stats()["unfinished"] == 0, 60, "nothing in flight")
   httpx.post(url + "/v1/completions", json={"prompt": "a", "max_tokens": 2}, timeout=60)
   text = httpx.get(url + "/metrics", timeout=10).text
   stats = engine.stats()

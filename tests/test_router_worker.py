@@ -18,7 +18,7 @@ import pytest
 import pdserve_jax as pdj
 from pdserve_jax.cluster.router import ClusterSettings, WorkerPlacement
 from pdserve_jax.cluster.worker import Worker
-from conftest import demo_prompts
+from conftest import demo_prompts, wait_for
 
 # A worker silent for TIMEOUT seconds is lost; a KV copy not landed in COPY_TIMEOUT is
 # recomputed. Both far above what a loaded 2-core machine takes to answer a ping or
@@ -80,15 +80,6 @@ def cluster(demo):
       w.stop()
 
 
-def _wait_for(cond, seconds, what):
-  deadline = time.monotonic() + seconds
-  while time.monotonic() < deadline:
-    if cond():
-      return
-    time.sleep(0.05)
-  pytest.fail(f"not within {seconds} s: {what}")
-
-
 def _outcomes(handles):
   """Each handle's token ids, or the exception its request ended with."""
   out = []
@@ -104,7 +95,7 @@ def _served_after(engine, prompts):
   """Every request after a fault: the reference tokens, and no page left held."""
   ids, want = prompts
   assert _outcomes([engine.submit(p, GREEDY) for p in ids]) == want
-  _wait_for(lambda: engine.pages_in_use() == 0, 30, "every page freed")
+  wait_for(lambda: engine.pages_in_use() == 0, 30, "every page freed")
 
 
 def test_the_workers_serve_the_single_process_tokens(cluster, prompts):
@@ -179,7 +170,7 @@ def test_a_pull_past_the_copy_timeout_is_recomputed_and_lands_nowhere(cluster, p
     results = _outcomes([engine.submit(p, GREEDY) for p in ids])
     assert blocked, "no pull was delayed"
     assert results == want
-    _wait_for(lambda: sum(s.worker.skipped_scatters for s in workers["decode"]) > skipped,
+    wait_for(lambda: sum(s.worker.skipped_scatters for s in workers["decode"]) > skipped,
               60, "the late pull lands and is skipped")
   finally:
     for served in workers["decode"]:
@@ -202,7 +193,7 @@ def test_a_lost_decode_worker_s_requests_are_recomputed_and_it_comes_back(
   caplog.set_level(logging.ERROR)
   d0 = engine.coordinator.decodes[0]
   handles = [engine.submit(p, GREEDY) for p in ids]
-  _wait_for(lambda: d0.num_running >= 2, 120, "decode0 holds requests")
+  wait_for(lambda: d0.num_running >= 2, 120, "decode0 holds requests")
   old = workers["decode"][0]
   old.stop()
   results = [h.result(300) for h in handles]
@@ -214,12 +205,12 @@ def test_a_lost_decode_worker_s_requests_are_recomputed_and_it_comes_back(
   assert "closed its connection" in caplog.text
 
   wrong = Served(demo, "prefill", old.address)
-  _wait_for(lambda: "serves prefill, not decode" in caplog.text, 120,
+  wait_for(lambda: "serves prefill, not decode" in caplog.text, 120,
             "the wrong worker is refused")
   assert engine.health()["decode0"] == "lost"
   wrong.stop()
   workers["decode"][0] = Served(demo, "decode", old.address)
-  _wait_for(lambda: engine.health()["decode0"] == "ok", 300, "decode0 is taken back")
+  wait_for(lambda: engine.health()["decode0"] == "ok", 300, "decode0 is taken back")
   _served_after(engine, prompts)
 
 
@@ -255,7 +246,7 @@ def test_a_hung_decode_worker_is_lost_then_taken_back_when_it_answers(cluster, p
   hangs = worker._sock = _Hangs(worker._sock)
   d1 = engine.coordinator.decodes[1]
   handles = [engine.submit(p, GREEDY) for p in ids]
-  _wait_for(lambda: d1.num_running >= 2, 120, "decode1 holds requests")
+  wait_for(lambda: d1.num_running >= 2, 120, "decode1 holds requests")
   hangs.hang.set()
   results = [h.result(300) for h in handles]
   assert [list(r.token_ids) for r in results] == want
@@ -263,7 +254,7 @@ def test_a_hung_decode_worker_is_lost_then_taken_back_when_it_answers(cluster, p
   assert engine.health()["decode1"] == "lost"
   assert "decode1 lost" in caplog.text and "sent nothing for" in caplog.text
   hangs.resume.set()
-  _wait_for(lambda: engine.health()["decode1"] == "ok", 300, "decode1 is taken back")
+  wait_for(lambda: engine.health()["decode1"] == "ok", 300, "decode1 is taken back")
   _served_after(engine, prompts)
 
 
