@@ -101,7 +101,7 @@ def engine_on_off():
                                                               max_step_tokens=512),
                                              pdj.InstanceSpec(max_batch=16))}
   for name, dep in deps.items():
-    rows = {}
+    rows, began = {}, time.perf_counter()
     for cache in (False, True):
       cfg = pdj.EngineConfig(page_size=16, num_pages=256, max_seq_len=512,
                              prefix_cache=cache)
@@ -116,7 +116,8 @@ def engine_on_off():
           f"{off_ttft * 1e3:.0f} ms off ({on_ttft / off_ttft:.2f}x); hit rate "
           f"{st['prefix_hit_rate']:.1%}" + (
               f"; KV pages copied {st['prefix_kv_copy_pages']}, found in the decode cache "
-              f"{st['prefix_kv_copy_pages_saved']}" if name == "disaggregated" else ""))
+              f"{st['prefix_kv_copy_pages_saved']}" if name == "disaggregated" else "")
+          + f" ({time.perf_counter() - began:.0f} s, both engines)")
 
 
 def decode_cache(trace):

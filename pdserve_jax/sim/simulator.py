@@ -322,7 +322,9 @@ class LatencyExecutor:
       stage = self._overlap(pipe, now, stage)
     pipe.free_at = now + stage
     pipe.busy_time += stage
-    done = max(now + stage * pipe.pp, pipe.last_done + stage)
+    done, behind = now + stage * pipe.pp, pipe.last_done + stage
+    if behind > done:
+      done = behind
     pipe.last_done = done
     self.sim.at(done, self._done, (inst, stage))
     if step.streams:
