@@ -75,7 +75,8 @@ class PlanSpec:
 
   Attributes:
     setup: model, hardware and latency source.
-    workload: rate (requests/s) -> requests, the same lengths at every rate.
+    workload: rate (requests/s) -> requests, the same lengths at every rate (and the
+      same requests for the same rate: the planner simulates each rate once).
     ttft_slo, tpot_slo: seconds.
     num_nodes: nodes of `setup.hardware.devices_per_node` devices.
     tp_options, pp_options: parallel degrees to try; tp stays within a node.
