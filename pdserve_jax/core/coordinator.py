@@ -240,7 +240,8 @@ class Coordinator:
   def prefix_stats(self) -> dict:
     """Prefix-cache counters over every pool (`PageAllocator.cache_stats`), their
     rates, and this coordinator's decisions: arrivals routed by the cache, and (when
-    disaggregated) local prefills and the pages KV copies moved and did not move."""
+    disaggregated) local prefills, the pages KV copies moved and did not move, and
+    the copies streamed layer by layer."""
     allocs = self.allocators()
     out: dict = {"enabled": any(a.prefix_cache for a in allocs)}
     for a in allocs:
@@ -395,6 +396,7 @@ class DisaggregatedCoordinator(Coordinator):
     self.local_prefills = 0  # arrivals and recomputations prefilled on a decode instance
     self.copied_pages = 0  # pages KV copies moved
     self.copy_pages_saved = 0  # pages hand-offs found in a decode cache instead
+    self.streams = 0  # KV copies that left with their prefill step (layer-wise)
 
   def _entry_instances(self):
     return [self.prefills[0], self.decodes[0]]  # every pool of a kind is alike
@@ -446,7 +448,7 @@ class DisaggregatedCoordinator(Coordinator):
 
   def _more_stats(self):
     return {"local_prefills": self.local_prefills, "kv_copy_pages": self.copied_pages,
-            "kv_copy_pages_saved": self.copy_pages_saved}
+            "kv_copy_pages_saved": self.copy_pages_saved, "kv_streams": self.streams}
 
   def _after_step(self, inst, finished, now, seconds):
     if self._landed and inst.phase == PREFILL:
@@ -484,6 +486,7 @@ class DisaggregatedCoordinator(Coordinator):
       self._reserve(r, inst, dst)
       inst.sched.stream(r)
       step.streams.append((r, dst))
+      self.streams += 1
 
   def _pull(self, now: float) -> None:
     decodes = self._alive(self.decodes)
