@@ -4,9 +4,13 @@ their ZeroMQ channel, KV moving through `jax.experimental.transfer` on loopback,
 and a real `Engine` on top. Each test names the failure path of issues 23 and 24
 it reaches and the bug that would make it fail.
 
-One engine (1 prefill + 2 decode workers) serves the module; the tests run in
-file order and each leaves it serving (every worker back, no page held). Losses
-are made by stopping a worker's socket (it goes silent, as a killed process does).
+One engine (1 prefill + 2 decode workers) serves the module, streaming KV layer by
+layer (issue 22: the prefill worker offers each of 2 layer groups as it dispatches
+it, the decode worker pulls each with the call; hand-offs that cannot stream move
+whole, a group at a time), so every fault below meets streamed and whole copies
+alike; the tests run in file order and each leaves it serving (every worker back,
+no page held). Losses are made by stopping a worker's socket (it goes silent, as a
+killed process does).
 """
 
 import logging
@@ -70,7 +74,8 @@ def cluster(demo):
       demo.config.name, "auto", {k: [w.address for w in v] for k, v in workers.items()},
       ClusterSettings(heartbeat_s=0.2, timeout_s=TIMEOUT, copy_timeout_s=COPY_TIMEOUT))
   spec = pdj.InstanceSpec(tp=1, max_batch=8, max_step_tokens=128)
-  dep = pdj.Disaggregated(spec, spec, num_prefill=1, num_decode=2)
+  dep = pdj.Disaggregated(spec, spec, num_prefill=1, num_decode=2, kv_transfer="layerwise",
+                          layer_groups=2)
   ec = pdj.EngineConfig(max_seq_len=96, num_pages=48, page_size=16, min_token_bucket=64)
   engine = pdj.Engine(demo, dep, ec, placement=placement)
   yield engine, workers
@@ -99,9 +104,13 @@ def _served_after(engine, prompts):
 
 
 def test_the_workers_serve_the_single_process_tokens(cluster, prompts):
+  """Catches: a streamed layer group landing in the wrong layers or pages, or a
+  request admitted before its last group landed (other tokens); streams silently
+  not used (the count of copies that left with their prefill step)."""
   engine, _ = cluster
   _served_after(engine, prompts)
   assert engine.health() == {"prefill0": "ok", "decode0": "ok", "decode1": "ok"}
+  assert engine.stats()["prefix_kv_streams"] > 0
 
 
 def test_a_decode_that_raises_in_the_worker_fails_its_step_only(cluster, prompts):

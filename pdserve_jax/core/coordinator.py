@@ -378,10 +378,10 @@ class DisaggregatedCoordinator(Coordinator):
     p, d = dep.instance_specs()
     self.threshold = dep.conditional_threshold
     self.streaming = dep.streams_kv
-    # Streamed copies in before their step ended. Ordered, as every container the
-    # decisions walk: a set of requests iterates by address, which differs between
-    # the engine and the simulator (and from run to run).
-    self._landed: dict[Request, None] = {}
+    # Streamed copies settled before their step ended, and whether each failed.
+    # Ordered, as every container the decisions walk: a set of requests iterates by
+    # address, which differs between the engine and the simulator (and from run to run).
+    self._landed: dict[Request, bool] = {}
     self.prefills, self.decodes = [], []
     for k in range(dep.num_prefill):
       self.prefills += self._make("prefill", p, k, lambda a: PrefillScheduler(
@@ -456,8 +456,7 @@ class DisaggregatedCoordinator(Coordinator):
       # landed first: each admission may launch its decode instance's next step.
       landed = [r for r in self._landed if self._copies[r][0] is inst]
       for r in sorted(landed, key=lambda r: r.admitted_seq):
-        del self._landed[r]
-        self.copy_done(r, now)
+        self.copy_done(r, now, self._landed.pop(r))
     if inst.phase == PREFILL or finished:
       self._pull(now)
     self._launch(inst, now)
@@ -528,13 +527,13 @@ class DisaggregatedCoordinator(Coordinator):
   def copy_done(self, req, now, failed: bool = False):
     """`req`'s KV copy landed, or (`failed`) could not: then, or when its decode
     instance was lost meanwhile, it is recomputed (`_recompute_lost`). A copy
-    streamed ahead of its prefill step's end is settled when that step ends (a
-    failed one then ends its request: it is still in that step)."""
+    streamed ahead of its prefill step's end is settled when that step ends: a
+    failed one (across processes, a pull from a decode worker that was lost or timed
+    out) is then recomputed as a failed hand-off is, unless its step failed too
+    (then its request ended with the step's error)."""
     src, dst = self._copies[req]
     if src.step is not None and req in src.step.requests:
-      if failed:
-        req.end_reason = req.end_reason or "error"
-      self._landed[req] = None  # streamed ahead of its step's end: admitted when it ends
+      self._landed[req] = failed  # streamed ahead of its step's end: settled when it ends
       return
     del self._copies[req]
     src.sched.release_handoff(req)
