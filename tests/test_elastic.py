@@ -9,6 +9,8 @@ event that pages are conserved and held only by live requests and that produced
 tokens are never lost; `drain` that every request ended exactly once.
 """
 
+import dataclasses
+
 import pytest
 from hypothesis import event, given, settings, strategies as st
 
@@ -29,9 +31,10 @@ def streaming(num_pages=17, n_prefill=1, n_decode=1, **kw) -> Harness:
   return Harness(dep, num_pages, **(SLOS if dep.elastic else {}))
 
 
-def elastic(n_prefill=1, n_decode=1, num_pages=17, window=1000, slos=SLOS, **kw) -> Harness:
+def elastic(n_prefill=1, n_decode=1, num_pages=17, window=1000, slos=SLOS, decode=SPEC,
+            **kw) -> Harness:
   """An elastic deployment; the default window keeps its controller from moving."""
-  dep = deploy.Disaggregated(SPEC, SPEC, n_prefill, n_decode,
+  dep = deploy.Disaggregated(SPEC, decode, n_prefill, n_decode,
                              elastic=ElasticConfig(window=window), **kw)
   return Harness(dep, num_pages, **slos)
 
@@ -156,8 +159,12 @@ def test_streamed_requests_preempted_on_decode_recompute_and_stream_again():
 def test_move_prefill_to_decode_hands_its_queue_on_and_keeps_its_finished_prompts():
   """A prefill group moving to decode: its queued prompts go to the other prefill
   group, its step in flight ends, then its decode twin serves the prompts it
-  finished, in place (their KV stays in its pool: no copy)."""
-  h = elastic(n_prefill=2, n_decode=1)
+  finished, in place (their KV stays in its pool: no copy). The decode twin keeps
+  the deployment's decode limits: a twin built without its `max_decode_tokens`
+  would let a moved group's decode steps attend over more tokens than the cap (a
+  cap far above this test's contexts, so the decisions are those without one)."""
+  h = elastic(n_prefill=2, n_decode=1,
+              decode=dataclasses.replace(SPEC, max_decode_tokens=4096))
   c = h.coord
   h.hold("decode0")  # hand-offs stay in prefill memory
   a = h.submit(8, 4)
@@ -173,6 +180,7 @@ def test_move_prefill_to_decode_hands_its_queue_on_and_keeps_its_finished_prompt
   h.complete(p0)  # a prefilled; p0 drained: its decode twin serves
   twin = c._twin[p0]
   assert twin in c.decodes and a in twin.sched.held() and pages_of(h, a)[p0.group] == 3
+  assert twin.sched.max_decode_tokens == c.decodes[0].sched.max_decode_tokens == 4096
   assert not h.ex.copies or all(r is not a for r, *_ in h.ex.copies)
   assert c.role_history[-1][1:] == (1, 2)
   h.drain()
