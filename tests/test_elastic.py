@@ -74,6 +74,26 @@ def test_stream_starts_with_the_prefill_and_admits_when_both_ended(lands):
   assert a.finish_reason == "length"
 
 
+def test_stream_failed_before_its_step_ended_is_recomputed_when_the_step_ends():
+  """Across worker processes a stream can fail while its prefill runs (a pull from a
+  decode worker lost or past the copy time-out; the prefill itself fine): at the
+  step's end the request is recomputed, as a failed hand-off is, and finishes
+  (the harness checks after every event that no page is left behind). Catches
+  ending it with an error although it could be served, or admitting KV that never
+  landed."""
+  h = streaming()
+  a = h.submit(8, 4)
+  src, step = h.step_of(a)
+  h.ex.copies = [c for c in h.ex.copies if c[0] is not a]
+  h.coord.copy_done(a, h._tick(), failed=True)  # the executor's report, step running
+  assert a.end_reason is None and h.step_of(a) == (src, step)
+  h.complete(src)
+  assert a.num_preemptions == 1 and a.end_reason is None
+  assert h.step_of(a)[0] is src  # its prompt and token prefilled again (and streamed)
+  h.drain()
+  assert a.finish_reason == "length" and a.num_output == 4
+
+
 @pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0), (1, 2, 0)])
 def test_streams_landed_before_their_step_are_admitted_in_the_steps_order(order):
   """Copies that land while their prefill step runs are admitted when it ends in

@@ -103,17 +103,9 @@ def test_elastic_moves_to_decode_keep_greedy_tokens_and_compile_nothing_after_wa
   assert counter.count == 0, f"{counter.count} compilations after warm-up"
 
 
-def test_elastic_roles_refused_across_processes_and_streaming_served():
-  """Elastic roles need a worker serving both roles, which `cluster.worker` is not;
-  streaming runs across processes (`test_cluster.py`, `test_router_worker.py`).
-  Catches: an elastic deployment placed on workers, streaming refused there."""
+def test_layer_groups_must_divide_the_layers():
+  """Catches: a deployment whose groups would split the layers unevenly served."""
   from pdserve_jax.serving.config import check_servable
 
-  elastic = pdj.Disaggregated(num_decode=2, elastic=ElasticConfig())
-  with pytest.raises(ValueError, match="elastic roles run in one process: a worker "
-                     "process serves one role"):
-    check_servable(elastic, CFG, None, in_process=False)
-  check_servable(elastic, CFG, 8)
-  check_servable(pdj.Disaggregated(kv_transfer="layerwise"), CFG, None, in_process=False)
   with pytest.raises(ValueError, match="layer_groups=3 does not divide the model's 4 layers"):
     check_servable(pdj.Disaggregated(kv_transfer="layerwise", layer_groups=3), CFG, 8)

@@ -288,3 +288,43 @@ def test_a_worker_of_the_wrong_role_or_model_is_refused_at_start(cluster, demo):
       pdj.Engine(demo, dep, ec, placement=placement)
   finally:
     other.stop()
+
+
+def test_elastic_roles_move_a_decode_worker_to_prefill_with_the_greedy_tokens(cluster, prompts,
+                                                                             demo):
+  """Issue 22, elastic roles across processes: the module's three workers serve a new
+  router's elastic deployment (a worker takes a new router's set-up; the module's
+  engine is idle from here on). With a TTFT SLO no step can meet, the controller
+  moves a decode group to prefill once 4 requests were seen: the requests it holds
+  migrate to the other decode worker (a KV copy between two decode workers), and
+  then its worker prefills on the same weights and pool. Catches: a worker that
+  cannot run its other role's program, a migration that lands in the wrong pages
+  (other tokens), a page leaked over the move. (Whole copies and no warm-up keep it
+  short: programs compile on first use, only the shapes used; the module's engine
+  streams.)"""
+  from pdserve_jax.core.elastic import ElasticConfig
+
+  _, workers = cluster
+  ids, want = (p[:8] for p in prompts)
+  placement = WorkerPlacement(
+      demo.config.name, "auto", {k: [w.address for w in v] for k, v in workers.items()},
+      ClusterSettings(heartbeat_s=0.2, timeout_s=TIMEOUT, copy_timeout_s=120.0))
+  spec = pdj.InstanceSpec(tp=1, max_batch=4, max_step_tokens=128)  # 3 decode shapes
+  dep = pdj.Disaggregated(spec, spec, num_decode=2, elastic=ElasticConfig(window=4))
+  ec = pdj.EngineConfig(max_seq_len=96, num_pages=48, page_size=16, min_token_bucket=64,
+                        warmup=False, ttft_slo=1e-4, tpot_slo=10.0)
+  engine = pdj.Engine(demo, dep, ec, placement=placement)
+  try:
+    copies, start_copy = [], engine.executor.start_copy
+
+    def recorded(req, src, dst, now):  # the engine thread's copies, as it starts them
+      copies.append((src.phase, dst.phase))
+      start_copy(req, src, dst, now)
+
+    engine.executor.start_copy = recorded
+    assert _outcomes([engine.submit(p, GREEDY) for p in ids]) == want
+    assert [h[1:] for h in engine.coordinator.role_history] == [(1, 2), (2, 1)]
+    assert ("decode", "decode") in copies, copies  # a migration between decode workers
+    wait_for(lambda: engine.pages_in_use() == 0, 30, "every page freed")
+  finally:
+    engine.close(timeout=30)

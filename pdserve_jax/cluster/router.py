@@ -40,8 +40,7 @@ Workers serve one role each: "prefill" or "decode" (disaggregated), or "replica"
 
 Limits: JSON rows cost host time per step (fine for research-sized batches);
 pp > 1 instances are not served across processes; a worker is known by the
-address the router was given (a new address needs a router restart); a worker
-serves one role, so elastic roles are not served across processes.
+address the router was given (a new address needs a router restart).
 """
 
 from __future__ import annotations
@@ -306,7 +305,7 @@ class RemoteRunner:
     self.copy_timeout_s, self._copy_ids = copy_timeout_s, copy_ids
     self.setup = setup  # the "setup" command, sent again to a restarted worker
     self.warmup_msg: Optional[dict] = None  # and the "warmup" one
-    self.warm_scatters: List[dict] = []  # and the peers' "warm_scatter" ones
+    self.warm_movers: List[dict] = []  # and the "warm_movers" ones
     self.on_back: Callable[[], None] = lambda: None  # set by the executor
 
   @staticmethod
@@ -364,8 +363,8 @@ class RemoteRunner:
             + len(self.shape.compiled_decode_shapes()) * decode)
 
   def warmup(self, packed, decode, copy_pages, progress) -> None:
-    self.warmup_msg = {"op": "warmup", "packed": packed, "decode": decode,
-                       "page_buckets": list(copy_pages)}
+    # The KV movers compile with their pairs (`warm_copies`).
+    self.warmup_msg = {"op": "warmup", "packed": packed, "decode": decode}
     reply = self._channel.call(self.link, self.warmup_msg, self._channel.connect_timeout_s)
     for _ in range(reply["programs"]):
       progress()
@@ -379,16 +378,19 @@ class RemoteRunner:
                           np.asarray(reply["top_logprobs"], np.float32).reshape(n, -1))
 
   def warm_copies(self, dst: Runner, copy_pages) -> None:
-    """Each worker compiled its own gathers and whole-pool scatters in `warmup`; a
-    destination of layer groups compiles their scatters too."""
-    groups = self.layer_groups()
-    if len(groups) == 1:
-      return
+    """A copy from here to `dst` gathers each of this runner's layer groups here and
+    scatters each into `dst`'s pool: both compile now, once per worker (an elastic
+    group's worker is a source and a destination alike)."""
     dst = _remote(dst)
-    msg = {"op": "warm_scatter", "layers": [[g.start, g.stop] for g in groups],
-           "page_buckets": list(copy_pages)}
-    self._channel.call(dst.link, msg, self._channel.connect_timeout_s)
-    dst.warm_scatters.append(msg)
+    self._warm_movers({"gather": True, "scatter": []}, copy_pages)
+    dst._warm_movers({"gather": False,
+                      "scatter": [[g.start, g.stop] for g in self.layer_groups()]}, copy_pages)
+
+  def _warm_movers(self, what: dict, copy_pages) -> None:
+    msg = dict(what, op="warm_movers", page_buckets=list(copy_pages))
+    if msg not in self.warm_movers:  # once per worker
+      self._channel.call(self.link, msg, self._channel.connect_timeout_s)
+      self.warm_movers.append(msg)
 
   def copy_to(self, dst: Runner, src_pages: np.ndarray, dst_pages: np.ndarray,
               done: Callable[[Optional[BaseException]], None]) -> None:
@@ -510,7 +512,6 @@ class WorkerPlacement:
   coordinator asks for is the next free worker of its role."""
 
   device_count: Optional[int] = None  # the workers' devices are theirs to count
-  in_process = False
 
   def __init__(self, model_name: str, attn_impl: str, workers: Dict[str, List[str]],
                settings: ClusterSettings = ClusterSettings()):
@@ -582,7 +583,7 @@ class WorkerPlacement:
   def _readmit(self, runner: RemoteRunner) -> None:
     link, start = runner.link, time.monotonic()
     try:
-      warmups = ([runner.warmup_msg] if runner.warmup_msg else []) + runner.warm_scatters
+      warmups = ([runner.warmup_msg] if runner.warmup_msg else []) + runner.warm_movers
       self._admit(link, runner.setup, True, tuple(warmups))
     except Exception as e:  # noqa: BLE001 - it stays lost; the log says why
       logging.error("worker %s answered again but was not taken back: %s", link.address, e)

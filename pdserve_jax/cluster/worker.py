@@ -79,7 +79,7 @@ ROLES = ("prefill", "decode", "replica")
 
 # Commands that run programs or move pool data: every process of an instance runs them.
 DEVICE_OPS = ("setup", "warmup", "packed", "decode", "scatter", "score", "offer",
-              "warm_scatter")
+              "warm_movers")
 
 
 def _host(a) -> np.ndarray:
@@ -263,24 +263,18 @@ class Worker:
     return {"num_pages": self.runner.shape.num_pages}
 
   def _op_warmup(self, ident, msg) -> dict:
-    n = self.runner.warmup(msg["packed"], msg["decode"])
-    for size in msg["page_buckets"] if self.role != "replica" else ():  # the KV movers
-      scratch = np.zeros(size, np.int32)
-      for pool in self.runner.pools:
-        if self.role == "prefill":
-          jax.block_until_ready(self._gathered(scratch, pool))
-        else:
-          self._warm_scatter(pool, pool.layers, scratch)
-    jax.block_until_ready([pool.arrays for pool in self.runner.pools])
-    return {"programs": n}
+    return {"programs": self.runner.warmup(msg["packed"], msg["decode"])}
 
-  def _op_warm_scatter(self, ident, msg) -> dict:
-    """Compiles the scatters of a peer's layer groups (`layers`: [first, end) each)
-    for transfers of each of `page_buckets` pages."""
+  def _op_warm_movers(self, ident, msg) -> dict:
+    """Compiles KV movers for transfers of each of `page_buckets` pages: with
+    `gather`, the offers' gathers of each of this runner's layer groups; the
+    scatters of a peer's layer groups (`scatter`: [first, end) each)."""
     for size in msg["page_buckets"]:
-      for lo, hi in msg["layers"]:
-        self._warm_scatter(self._pool_of(range(lo, hi)), range(lo, hi),
-                           np.zeros(size, np.int32))
+      scratch = np.zeros(size, np.int32)
+      for pool in self.runner.pools if msg["gather"] else ():
+        jax.block_until_ready(self._gathered(scratch, pool))
+      for lo, hi in msg["scatter"]:
+        self._warm_scatter(self._pool_of(range(lo, hi)), range(lo, hi), scratch)
     jax.block_until_ready([pool.arrays for pool in self.runner.pools])
     return {}
 
