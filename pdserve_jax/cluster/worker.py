@@ -2,7 +2,10 @@
 
 Roles: "prefill" and "decode" (the disaggregated mode's instances, which move KV
 between them), "replica" (a colocated replica or a semi-PD instance: both phases
-on one pool, no KV copies).
+on one pool, no KV copies). The role names the instance the router first gives a
+worker; the worker runs whatever programs and copies it is sent, so an elastic
+group (`Disaggregated.elastic`) serves the other phase on it later, and its
+requests migrate out as any KV copy does.
 
 The worker holds one instance's devices, mesh, weights, KV pool and programs (an
 `InstanceRunner`) and does what the router's `WorkerPlacement` asks over a ZeroMQ
