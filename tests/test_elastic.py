@@ -21,7 +21,7 @@ from pdserve_jax.core.pages import pages_for
 from pdserve_jax.core.request import Request
 from pdserve_jax.core.step import DECODE, PREFILL
 from test_coordinator import (EVENTS, MAX_OUT, MAX_PROMPT, PAGE, SLOS, Harness,
-                              ManualExecutor, _fits, _pick, _refused, assert_freed, pages_of)
+                              ManualExecutor, _arrive, _pick, assert_freed, pages_of)
 
 SPEC = InstanceSpec(max_batch=4, max_step_tokens=32)
 
@@ -406,11 +406,11 @@ MOVES = st.lists(st.one_of(st.tuples(st.just("move"), st.sampled_from([PREFILL, 
 @given(deployments(), EVENTS, MOVES, st.randoms(use_true_random=False))
 def test_random_events_with_streams_and_moves(deployment, events, moves, rng):
   """Random arrivals, step and copy completions (streamed copies landing before or
-  after their step), stop tokens, aborts, device holds, failed steps and copies and
-  role moves, in any order (no instance is lost: both run in one process only):
-  pages stay consistent after every event (no page leaked, none held by an ended
-  request), and once drained every request has ended exactly once, every pool is
-  full and every group serves one role."""
+  after their step), stop tokens, aborts, device holds, failed steps and copies,
+  lost instances (a worker process died: a prefill's streams in flight fail with
+  its step) and role moves, in any order: pages stay consistent after every event
+  (no page leaked, none held by an ended request), and once drained every request
+  has ended exactly once, every pool is full and every group serves one role."""
   dep, pages = deployment
   h = Harness(dep, pages, **(SLOS if dep.elastic else {}))
   groups = sorted({i.group for i in h.coord.instances})
@@ -420,15 +420,11 @@ def test_random_events_with_streams_and_moves(deployment, events, moves, rng):
   moved = 0
   for kind, *args in seq:
     if kind == "submit":
-      prompt, out = args
-      if _fits(h, prompt, out):
-        h.submit(prompt, out)
-      else:
-        _refused(h, prompt, out)
+      _arrive(h, *args)
     elif kind == "burst":
       prompt, out, n = args
       for _ in range(n):
-        h.submit(prompt, out)
+        _arrive(h, prompt, out)
     elif kind == "step" and h.ex.steps:
       inst, step = _pick(h.ex.steps, args[0])
       samplers = [c.request for c in step.prefills if c.last] + list(step.decodes)
@@ -444,6 +440,8 @@ def test_random_events_with_streams_and_moves(deployment, events, moves, rng):
       h.release(_pick(sorted(h.ex.held), args[0]))
     elif kind == "fail" and h.ex.steps:  # a step that could not run (in one process too)
       h.fail(_pick(h.ex.steps, args[0])[0])
+    elif kind == "lose":  # a worker process died (both run across processes)
+      h.lose(_pick(groups, args[0]))
     elif kind == "move" and dep.elastic is not None:
       moved += h.coord.move(args[0], h._tick()) is not None
       h.check()

@@ -382,6 +382,9 @@ class DisaggregatedCoordinator(Coordinator):
     # Ordered, as every container the decisions walk: a set of requests iterates by
     # address, which differs between the engine and the simulator (and from run to run).
     self._landed: dict[Request, bool] = {}
+    # Streams whose prefill step was dropped (its instance lost): their first token
+    # never came, so their copies count as failed, whenever they settle.
+    self._orphans: dict[Request, None] = {}
     self.prefills, self.decodes = [], []
     for k in range(dep.num_prefill):
       self.prefills += self._make("prefill", p, k, lambda a: PrefillScheduler(
@@ -535,6 +538,9 @@ class DisaggregatedCoordinator(Coordinator):
     if src.step is not None and req in src.step.requests:
       self._landed[req] = failed  # streamed ahead of its step's end: settled when it ends
       return
+    if req in self._orphans:
+      del self._orphans[req]
+      failed = True
     del self._copies[req]
     src.sched.release_handoff(req)
     if (failed or dst.lost) and not req.done:
@@ -554,12 +560,21 @@ class DisaggregatedCoordinator(Coordinator):
   def lose(self, inst, now):
     """Every request `inst` held (but those in a KV copy, which `copy_done` settles)
     is recomputed on a live prefill instance, or ends with an error when none is
-    left or it was recomputed `MAX_RECOMPUTES` times."""
+    left or it was recomputed `MAX_RECOMPUTES` times. The streams of its step in
+    flight fail (its first tokens never come): those already landed now, the others
+    when their copies settle."""
     inst.lost = True
     held = inst.sched.held()
+    streams = [r for r, _ in inst.step.streams] if inst.step is not None else []
     if inst.step is not None:
       inst.step = None
       inst.sched.drop_step()  # its tokens never come: its requests go on elsewhere
+    for r in streams:
+      if r in self._landed:
+        del self._landed[r]
+        self.copy_done(r, now, failed=True)
+      else:
+        self._orphans[r] = None
     again = []
     if inst.phase == PREFILL:
       while (r := inst.sched.take_handoff()) is not None:
