@@ -14,6 +14,7 @@ killed process does).
 """
 
 import logging
+import re
 import threading
 import time
 
@@ -150,6 +151,48 @@ def test_a_decode_that_raises_in_the_worker_fails_its_step_only(cluster, prompts
   finally:
     runner.decode, runner.pools_lost = real_decode, real_lost
   assert engine.health()["decode0"] == "ok"  # a failed command is no lost worker
+
+
+def test_a_prefill_that_fails_between_layer_groups_fails_its_streams_at_once(
+    cluster, prompts, caplog):
+  """Issue 22: a prefill call that raises after its first layer group was dispatched
+  and offered. The worker offers an error in place of the group it never offered,
+  so the decode worker's pull for it fails at once (its error names the failed
+  call) instead of waiting for an offer that never comes; the step's requests end
+  with the error, later ones get the reference tokens, no page stays held. Catches:
+  a pull that waits for good (a thread and the copy's pages held until the copy
+  time-out, or for ever), a stream reported landed without its last group."""
+  engine, workers = cluster
+  ids, want = prompts
+  runner = workers["prefill"][0].worker.runner
+  calls = {"n": 0}
+  real_packed = runner.packed
+
+  def failing_packed(*args, after_stage=None, **kwargs):
+    def after_first_group(pool):
+      after_stage(pool)
+      if calls["n"] == 0:
+        calls["n"] += 1
+        raise RuntimeError("injected prefill failure")
+
+    return real_packed(*args, after_stage=after_stage and after_first_group, **kwargs)
+
+  caplog.set_level(logging.WARNING)
+  runner.packed = failing_packed
+  try:
+    results = _outcomes([engine.submit(p, GREEDY) for p in ids])
+  finally:
+    runner.packed = real_packed
+  failed = [r for r in results if isinstance(r, Exception)]
+  assert calls["n"] == 1 and failed, "the injected failure was not reached"
+  assert all("injected prefill failure" in str(r) for r in failed), failed
+  assert all(r == w for r, w in zip(results, want) if not isinstance(r, Exception))
+  # The decode worker's log (its threads run here): the pull failed on the error
+  # offered, whichever of the call's and the pull's answers the router saw first.
+  assert re.search(r"KV pull \d+ failed: .*the prefill call failed: injected prefill "
+                   "failure", caplog.text), caplog.text
+  wait_for(lambda: engine.pages_in_use() == 0, 30, "every page freed")
+  _served_after(engine, prompts)
 
 
 def test_a_pull_past_the_copy_timeout_is_recomputed_and_lands_nowhere(cluster, prompts):

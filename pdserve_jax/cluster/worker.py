@@ -407,6 +407,7 @@ class Worker:
     try:
       buf = self._pull_own(msg)
     except Exception as e:  # noqa: BLE001 - the router fails this request only
+      logging.warning("KV pull %d failed: %s", msg["uuid"], e)
       self._cancelled_pull(msg["uuid"])
       self._replies.put((ident, {"id": msg["id"], "ok": False,
                                  "error": f"pull failed: {type(e).__name__}: {e}"}))
