@@ -70,9 +70,9 @@ class Cluster:
   instance span that many processes x 8 / `processes` devices (one 8-device mesh,
   jax.distributed with gloo collectives)."""
 
-  def __init__(self, num_prefill, num_decode, processes=1):
+  def __init__(self, num_prefill, num_decode, processes=1, router_args=()):
     self.workers = {"prefill": [], "decode": []}
-    extra = []
+    extra = list(router_args)
     for role, count in (("prefill", num_prefill), ("decode", num_decode)):
       for _ in range(count):
         if processes == 1:
@@ -256,15 +256,24 @@ class TestOnePrefillOneDecode:
 def test_prefill_and_decode_instances_over_two_processes_give_the_same_tokens(
     prompts_and_tokens):
   """Each instance spans 2 processes x 4 virtual CPU devices (one 8-device mesh,
-  gloo collectives): the prefill instance all-gathers each offer to its leader, and
-  every decode process pulls its own copy of every KV hand-off."""
+  gloo collectives), and KV streams layer by layer (issue 22; the worker processes
+  of `TestOnePrefillOneDecode` copy it whole): the prefill instance offers each of
+  its 2 layer groups as that group's program is dispatched, all-gathered to its
+  leader, and every decode process pulls its own copy of each group and scatters
+  it into those layers' pages; hand-offs that could not stream move whole, a
+  group at a time. Catches: a group offered under the wrong transfer id or layers
+  (wrong tokens, or a pull that never lands: a hang), a request admitted before
+  its last group landed, streams silently not used (`prefix_kv_streams` counts
+  those that left with their prefill step)."""
   prompts, want = prompts_and_tokens
-  cluster = Cluster(1, 1, processes=2)
+  cluster = Cluster(1, 1, processes=2, router_args=[
+      "--config.disaggregated.kv_transfer=layerwise", "--config.disaggregated.layer_groups=2"])
   try:
     assert _ask_all(cluster.client(), prompts) == want
     h = cluster.health()
-    assert h["deployment"] == "1x prefill tp8pp1 + 1x decode tp8pp1"
+    assert h["deployment"] == "1x prefill tp8pp1 + 1x decode tp8pp1, KV layerwise x2"
     assert h["status"] == "ok" and h["pages_in_use"] == 0
+    assert h["prefix_kv_streams"] > 0, h
   finally:
     cluster.close()
 

@@ -9,6 +9,8 @@ event that pages are conserved and held only by live requests and that produced
 tokens are never lost; `drain` that every request ended exactly once.
 """
 
+import dataclasses
+
 import pytest
 from hypothesis import event, given, settings, strategies as st
 
@@ -19,7 +21,7 @@ from pdserve_jax.core.pages import pages_for
 from pdserve_jax.core.request import Request
 from pdserve_jax.core.step import DECODE, PREFILL
 from test_coordinator import (EVENTS, MAX_OUT, MAX_PROMPT, PAGE, SLOS, Harness,
-                              ManualExecutor, _fits, _pick, _refused, assert_freed, pages_of)
+                              ManualExecutor, _arrive, _pick, assert_freed, pages_of)
 
 SPEC = InstanceSpec(max_batch=4, max_step_tokens=32)
 
@@ -29,9 +31,10 @@ def streaming(num_pages=17, n_prefill=1, n_decode=1, **kw) -> Harness:
   return Harness(dep, num_pages, **(SLOS if dep.elastic else {}))
 
 
-def elastic(n_prefill=1, n_decode=1, num_pages=17, window=1000, slos=SLOS, **kw) -> Harness:
+def elastic(n_prefill=1, n_decode=1, num_pages=17, window=1000, slos=SLOS, decode=SPEC,
+            **kw) -> Harness:
   """An elastic deployment; the default window keeps its controller from moving."""
-  dep = deploy.Disaggregated(SPEC, SPEC, n_prefill, n_decode,
+  dep = deploy.Disaggregated(SPEC, decode, n_prefill, n_decode,
                              elastic=ElasticConfig(window=window), **kw)
   return Harness(dep, num_pages, **slos)
 
@@ -69,6 +72,26 @@ def test_stream_starts_with_the_prefill_and_admits_when_both_ended(lands):
   assert h.step_of(a)[0] is dst  # decoding
   h.drain()
   assert a.finish_reason == "length"
+
+
+def test_stream_failed_before_its_step_ended_is_recomputed_when_the_step_ends():
+  """Across worker processes a stream can fail while its prefill runs (a pull from a
+  decode worker lost or past the copy time-out; the prefill itself fine): at the
+  step's end the request is recomputed, as a failed hand-off is, and finishes
+  (the harness checks after every event that no page is left behind). Catches
+  ending it with an error although it could be served, or admitting KV that never
+  landed."""
+  h = streaming()
+  a = h.submit(8, 4)
+  src, step = h.step_of(a)
+  h.ex.copies = [c for c in h.ex.copies if c[0] is not a]
+  h.coord.copy_done(a, h._tick(), failed=True)  # the executor's report, step running
+  assert a.end_reason is None and h.step_of(a) == (src, step)
+  h.complete(src)
+  assert a.num_preemptions == 1 and a.end_reason is None
+  assert h.step_of(a)[0] is src  # its prompt and token prefilled again (and streamed)
+  h.drain()
+  assert a.finish_reason == "length" and a.num_output == 4
 
 
 @pytest.mark.parametrize("order", [(0, 1, 2), (2, 1, 0), (1, 2, 0)])
@@ -156,8 +179,12 @@ def test_streamed_requests_preempted_on_decode_recompute_and_stream_again():
 def test_move_prefill_to_decode_hands_its_queue_on_and_keeps_its_finished_prompts():
   """A prefill group moving to decode: its queued prompts go to the other prefill
   group, its step in flight ends, then its decode twin serves the prompts it
-  finished, in place (their KV stays in its pool: no copy)."""
-  h = elastic(n_prefill=2, n_decode=1)
+  finished, in place (their KV stays in its pool: no copy). The decode twin keeps
+  the deployment's decode limits: a twin built without its `max_decode_tokens`
+  would let a moved group's decode steps attend over more tokens than the cap (a
+  cap far above this test's contexts, so the decisions are those without one)."""
+  h = elastic(n_prefill=2, n_decode=1,
+              decode=dataclasses.replace(SPEC, max_decode_tokens=4096))
   c = h.coord
   h.hold("decode0")  # hand-offs stay in prefill memory
   a = h.submit(8, 4)
@@ -173,6 +200,7 @@ def test_move_prefill_to_decode_hands_its_queue_on_and_keeps_its_finished_prompt
   h.complete(p0)  # a prefilled; p0 drained: its decode twin serves
   twin = c._twin[p0]
   assert twin in c.decodes and a in twin.sched.held() and pages_of(h, a)[p0.group] == 3
+  assert twin.sched.max_decode_tokens == c.decodes[0].sched.max_decode_tokens == 4096
   assert not h.ex.copies or all(r is not a for r, *_ in h.ex.copies)
   assert c.role_history[-1][1:] == (1, 2)
   h.drain()
@@ -378,11 +406,11 @@ MOVES = st.lists(st.one_of(st.tuples(st.just("move"), st.sampled_from([PREFILL, 
 @given(deployments(), EVENTS, MOVES, st.randoms(use_true_random=False))
 def test_random_events_with_streams_and_moves(deployment, events, moves, rng):
   """Random arrivals, step and copy completions (streamed copies landing before or
-  after their step), stop tokens, aborts, device holds, failed steps and copies and
-  role moves, in any order (no instance is lost: both run in one process only):
-  pages stay consistent after every event (no page leaked, none held by an ended
-  request), and once drained every request has ended exactly once, every pool is
-  full and every group serves one role."""
+  after their step), stop tokens, aborts, device holds, failed steps and copies,
+  lost instances (a worker process died: a prefill's streams in flight fail with
+  its step) and role moves, in any order: pages stay consistent after every event
+  (no page leaked, none held by an ended request), and once drained every request
+  has ended exactly once, every pool is full and every group serves one role."""
   dep, pages = deployment
   h = Harness(dep, pages, **(SLOS if dep.elastic else {}))
   groups = sorted({i.group for i in h.coord.instances})
@@ -392,15 +420,11 @@ def test_random_events_with_streams_and_moves(deployment, events, moves, rng):
   moved = 0
   for kind, *args in seq:
     if kind == "submit":
-      prompt, out = args
-      if _fits(h, prompt, out):
-        h.submit(prompt, out)
-      else:
-        _refused(h, prompt, out)
+      _arrive(h, *args)
     elif kind == "burst":
       prompt, out, n = args
       for _ in range(n):
-        h.submit(prompt, out)
+        _arrive(h, prompt, out)
     elif kind == "step" and h.ex.steps:
       inst, step = _pick(h.ex.steps, args[0])
       samplers = [c.request for c in step.prefills if c.last] + list(step.decodes)
@@ -416,6 +440,8 @@ def test_random_events_with_streams_and_moves(deployment, events, moves, rng):
       h.release(_pick(sorted(h.ex.held), args[0]))
     elif kind == "fail" and h.ex.steps:  # a step that could not run (in one process too)
       h.fail(_pick(h.ex.steps, args[0])[0])
+    elif kind == "lose":  # a worker process died (both run across processes)
+      h.lose(_pick(groups, args[0]))
     elif kind == "move" and dep.elastic is not None:
       moved += h.coord.move(args[0], h._tick()) is not None
       h.check()

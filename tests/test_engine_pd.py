@@ -103,13 +103,9 @@ def test_elastic_moves_to_decode_keep_greedy_tokens_and_compile_nothing_after_wa
   assert counter.count == 0, f"{counter.count} compilations after warm-up"
 
 
-def test_streaming_and_elastic_refused_across_processes():
+def test_layer_groups_must_divide_the_layers():
+  """Catches: a deployment whose groups would split the layers unevenly served."""
   from pdserve_jax.serving.config import check_servable
 
-  for dep in (pdj.Disaggregated(kv_transfer="layerwise"),
-              pdj.Disaggregated(num_decode=2, elastic=ElasticConfig())):
-    with pytest.raises(ValueError, match="run in one process"):
-      check_servable(dep, CFG, None, in_process=False)
-    check_servable(dep, CFG, 8)
   with pytest.raises(ValueError, match="layer_groups=3 does not divide the model's 4 layers"):
     check_servable(pdj.Disaggregated(kv_transfer="layerwise", layer_groups=3), CFG, 8)

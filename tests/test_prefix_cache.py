@@ -562,8 +562,6 @@ def test_random_events_with_shared_prefixes(deployment, events):
   once drained every request ended once and every page is free or cached."""
   dep, pages = deployment
   elastic = isinstance(dep, deploy.Disaggregated) and dep.elastic is not None
-  # Streaming and elastic roles run in one process only: no worker is ever lost.
-  one_process = elastic or isinstance(dep, deploy.Disaggregated) and dep.streams_kv
   h = CacheHarness(dep, pages, **(SLOS if elastic else {}))
   groups = sorted({i.group for i in h.coord.instances})
   salt = 0
@@ -594,7 +592,7 @@ def test_random_events_with_shared_prefixes(deployment, events):
     elif kind == "move" and elastic:
       h.coord.move(args[0], h._tick())
       h.check()
-    elif kind == "lose" and not one_process:
+    elif kind == "lose":
       h.lose(groups[args[0] % len(groups)])
     elif kind == "back":  # its worker restarted, with an empty pool: each instance back
       lost = sorted({i.group for i in h.coord.instances if i.lost})

@@ -4,12 +4,17 @@ their ZeroMQ channel, KV moving through `jax.experimental.transfer` on loopback,
 and a real `Engine` on top. Each test names the failure path of issues 23 and 24
 it reaches and the bug that would make it fail.
 
-One engine (1 prefill + 2 decode workers) serves the module; the tests run in
-file order and each leaves it serving (every worker back, no page held). Losses
-are made by stopping a worker's socket (it goes silent, as a killed process does).
+One engine (1 prefill + 2 decode workers) serves the module, streaming KV layer by
+layer (issue 22: the prefill worker offers each of 2 layer groups as it dispatches
+it, the decode worker pulls each with the call; hand-offs that cannot stream move
+whole, a group at a time), so every fault below meets streamed and whole copies
+alike; the tests run in file order and each leaves it serving (every worker back,
+no page held). Losses are made by stopping a worker's socket (it goes silent, as a
+killed process does).
 """
 
 import logging
+import re
 import threading
 import time
 
@@ -70,7 +75,8 @@ def cluster(demo):
       demo.config.name, "auto", {k: [w.address for w in v] for k, v in workers.items()},
       ClusterSettings(heartbeat_s=0.2, timeout_s=TIMEOUT, copy_timeout_s=COPY_TIMEOUT))
   spec = pdj.InstanceSpec(tp=1, max_batch=8, max_step_tokens=128)
-  dep = pdj.Disaggregated(spec, spec, num_prefill=1, num_decode=2)
+  dep = pdj.Disaggregated(spec, spec, num_prefill=1, num_decode=2, kv_transfer="layerwise",
+                          layer_groups=2)
   ec = pdj.EngineConfig(max_seq_len=96, num_pages=48, page_size=16, min_token_bucket=64)
   engine = pdj.Engine(demo, dep, ec, placement=placement)
   yield engine, workers
@@ -99,9 +105,13 @@ def _served_after(engine, prompts):
 
 
 def test_the_workers_serve_the_single_process_tokens(cluster, prompts):
+  """Catches: a streamed layer group landing in the wrong layers or pages, or a
+  request admitted before its last group landed (other tokens); streams silently
+  not used (the count of copies that left with their prefill step)."""
   engine, _ = cluster
   _served_after(engine, prompts)
   assert engine.health() == {"prefill0": "ok", "decode0": "ok", "decode1": "ok"}
+  assert engine.stats()["prefix_kv_streams"] > 0
 
 
 def test_a_decode_that_raises_in_the_worker_fails_its_step_only(cluster, prompts):
@@ -141,6 +151,48 @@ def test_a_decode_that_raises_in_the_worker_fails_its_step_only(cluster, prompts
   finally:
     runner.decode, runner.pools_lost = real_decode, real_lost
   assert engine.health()["decode0"] == "ok"  # a failed command is no lost worker
+
+
+def test_a_prefill_that_fails_between_layer_groups_fails_its_streams_at_once(
+    cluster, prompts, caplog):
+  """Issue 22: a prefill call that raises after its first layer group was dispatched
+  and offered. The worker offers an error in place of the group it never offered,
+  so the decode worker's pull for it fails at once (its error names the failed
+  call) instead of waiting for an offer that never comes; the step's requests end
+  with the error, later ones get the reference tokens, no page stays held. Catches:
+  a pull that waits for good (a thread and the copy's pages held until the copy
+  time-out, or for ever), a stream reported landed without its last group."""
+  engine, workers = cluster
+  ids, want = prompts
+  runner = workers["prefill"][0].worker.runner
+  calls = {"n": 0}
+  real_packed = runner.packed
+
+  def failing_packed(*args, after_stage=None, **kwargs):
+    def after_first_group(pool):
+      after_stage(pool)
+      if calls["n"] == 0:
+        calls["n"] += 1
+        raise RuntimeError("injected prefill failure")
+
+    return real_packed(*args, after_stage=after_stage and after_first_group, **kwargs)
+
+  caplog.set_level(logging.WARNING)
+  runner.packed = failing_packed
+  try:
+    results = _outcomes([engine.submit(p, GREEDY) for p in ids])
+  finally:
+    runner.packed = real_packed
+  failed = [r for r in results if isinstance(r, Exception)]
+  assert calls["n"] == 1 and failed, "the injected failure was not reached"
+  assert all("injected prefill failure" in str(r) for r in failed), failed
+  assert all(r == w for r, w in zip(results, want) if not isinstance(r, Exception))
+  # The decode worker's log (its threads run here): the pull failed on the error
+  # offered, whichever of the call's and the pull's answers the router saw first.
+  assert re.search(r"KV pull \d+ failed: .*the prefill call failed: injected prefill "
+                   "failure", caplog.text), caplog.text
+  wait_for(lambda: engine.pages_in_use() == 0, 30, "every page freed")
+  _served_after(engine, prompts)
 
 
 def test_a_pull_past_the_copy_timeout_is_recomputed_and_lands_nowhere(cluster, prompts):
@@ -279,3 +331,43 @@ def test_a_worker_of_the_wrong_role_or_model_is_refused_at_start(cluster, demo):
       pdj.Engine(demo, dep, ec, placement=placement)
   finally:
     other.stop()
+
+
+def test_elastic_roles_move_a_decode_worker_to_prefill_with_the_greedy_tokens(cluster, prompts,
+                                                                             demo):
+  """Issue 22, elastic roles across processes: the module's three workers serve a new
+  router's elastic deployment (a worker takes a new router's set-up; the module's
+  engine is idle from here on). With a TTFT SLO no step can meet, the controller
+  moves a decode group to prefill once 4 requests were seen: the requests it holds
+  migrate to the other decode worker (a KV copy between two decode workers), and
+  then its worker prefills on the same weights and pool. Catches: a worker that
+  cannot run its other role's program, a migration that lands in the wrong pages
+  (other tokens), a page leaked over the move. (Whole copies and no warm-up keep it
+  short: programs compile on first use, only the shapes used; the module's engine
+  streams.)"""
+  from pdserve_jax.core.elastic import ElasticConfig
+
+  _, workers = cluster
+  ids, want = (p[:8] for p in prompts)
+  placement = WorkerPlacement(
+      demo.config.name, "auto", {k: [w.address for w in v] for k, v in workers.items()},
+      ClusterSettings(heartbeat_s=0.2, timeout_s=TIMEOUT, copy_timeout_s=120.0))
+  spec = pdj.InstanceSpec(tp=1, max_batch=4, max_step_tokens=128)  # 3 decode shapes
+  dep = pdj.Disaggregated(spec, spec, num_decode=2, elastic=ElasticConfig(window=4))
+  ec = pdj.EngineConfig(max_seq_len=96, num_pages=48, page_size=16, min_token_bucket=64,
+                        warmup=False, ttft_slo=1e-4, tpot_slo=10.0)
+  engine = pdj.Engine(demo, dep, ec, placement=placement)
+  try:
+    copies, start_copy = [], engine.executor.start_copy
+
+    def recorded(req, src, dst, now):  # the engine thread's copies, as it starts them
+      copies.append((src.phase, dst.phase))
+      start_copy(req, src, dst, now)
+
+    engine.executor.start_copy = recorded
+    assert _outcomes([engine.submit(p, GREEDY) for p in ids]) == want
+    assert [h[1:] for h in engine.coordinator.role_history] == [(1, 2), (2, 1)]
+    assert ("decode", "decode") in copies, copies  # a migration between decode workers
+    wait_for(lambda: engine.pages_in_use() == 0, 30, "every page freed")
+  finally:
+    engine.close(timeout=30)

@@ -182,7 +182,7 @@ def test_same_steps_with_the_prefix_cache(model, name):
   res = sim.simulate(report.requests, setup, dep, replay=replay, record_steps=True)
   assert res.steps == by_engine
   for key in ("lookups", "hit_tokens", "evictions", "cached_pages", "cache_routed",
-              "local_prefills", "kv_copy_pages", "kv_copy_pages_saved"):
+              "local_prefills", "kv_copy_pages", "kv_copy_pages_saved", "kv_streams"):
     assert res.prefix.get(key) == stats.get(f"prefix_{key}"), key
   assert stats["prefix_hit_tokens"] > 0 and stats["prefix_evictions"] > 0, stats
   if name != "semi_pd":  # two instances of a kind to route between

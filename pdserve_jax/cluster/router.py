@@ -7,8 +7,13 @@ executor a `RemoteRunner` per instance, each a `cluster.worker` process that hol
 the devices, weights, pool and programs. A step goes out as the rows the runner would get (tokens,
 positions, page tables, sampling rows) and its sampled tokens come back; a KV
 copy is an offer on the source worker (`await_pull` under the request's transfer
-id) and a pull on the destination, after which the router frees the source pages
-(the acknowledgement).
+id, one per layer group) and a pull on the destination per offer, after which the
+router frees the source pages (the acknowledgement). With layer-wise streaming a
+packed call carries its requests' streams: the prefill worker offers each layer
+group's pages as it dispatches that group, and the router sends the decode worker
+the pulls together with the call, so each group lands while later groups compute;
+the stream is reported done (the executor's `KvStream.done`, as in one process)
+when the last group landed.
 
 ZeroMQ carries the control messages (JSON, one DEALER socket per worker, owned by
 one I/O thread): it frames messages and needs no hand-made wire protocol. A worker
@@ -42,6 +47,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import functools
 import itertools
 import logging
 import queue
@@ -299,36 +305,66 @@ class RemoteRunner:
     self.copy_timeout_s, self._copy_ids = copy_timeout_s, copy_ids
     self.setup = setup  # the "setup" command, sent again to a restarted worker
     self.warmup_msg: Optional[dict] = None  # and the "warmup" one
+    self.warm_movers: List[dict] = []  # and the "warm_movers" ones
     self.on_back: Callable[[], None] = lambda: None  # set by the executor
 
-  def _call(self, program: str, rows, starts, tables, sampling) -> _RemotePending:
+  @staticmethod
+  def _rows(program: str, rows, starts, tables, sampling) -> dict:
     names = ("chunks", "starts") if program == "packed" else ("tokens", "positions")
-    msg = {"op": program, names[0]: [list(r) for r in rows] if program == "packed" else
-           list(rows), names[1]: list(starts), "tables": [list(t) for t in tables],
-           "sampling": wire.sampling_to_json(sampling)}
+    return {"op": program, names[0]: [list(r) for r in rows] if program == "packed" else
+            list(rows), names[1]: list(starts), "tables": [list(t) for t in tables],
+            "sampling": wire.sampling_to_json(sampling)}
+
+  def _send(self, msg: dict) -> cf.Future:
     fut = self._channel.request(self.link, msg)
     fut.add_done_callback(self._note_reset)
-    return _RemotePending(fut)
+    return fut
+
+  def layer_groups(self) -> List[range]:
+    """The layers of each of this runner's layer groups (one offer each per copy)."""
+    n, groups = self.link.info["layers"], self.shape.layer_groups
+    return [range(g * n // groups, (g + 1) * n // groups) for g in range(groups)]
 
   def _note_reset(self, fut: cf.Future) -> None:
     if getattr(fut.exception(), "pool_reset", False):
       self.link.pool_reset = True
 
   def packed(self, chunks, starts, tables, sampling, streams=()) -> _RemotePending:
-    if streams:  # `check_servable` refuses such deployments across processes
-      raise NotImplementedError("layer-wise KV streaming between worker processes")
-    return self._call("packed", chunks, starts, tables, sampling)
+    """A packed call; each of `streams` goes to its worker layer group by layer group
+    (see the module docstring)."""
+    dsts = [_remote(s.dst) for s in streams]  # before any copy starts its clock
+    copies = [_Copy(self, dst, s.done) for s, dst in zip(streams, dsts)]
+    msg = self._rows("packed", chunks, starts, tables, sampling)
+    if copies:
+      msg["streams"] = [{"pages": s.src_pages.tolist(), "uuids": c.uuids}
+                        for s, c in zip(streams, copies)]
+    fut = self._send(msg)
+    refused = fut.done()  # at once, by a lost worker: no pull goes out
+    if not refused:
+      for s, c in zip(streams, copies):
+        c.pull(s.dst_pages)
+
+    def failed(fut: cf.Future) -> None:
+      # The worker offered errors for the groups it did not offer, which fail their
+      # pulls; this ends the copies at once, whichever answer comes first.
+      if fut.exception() is not None:
+        for c in copies:
+          c.finish(fut.exception(), pulls_sent=not refused)
+
+    fut.add_done_callback(failed)
+    return _RemotePending(fut)
 
   def decode(self, tokens, positions, tables, sampling) -> _RemotePending:
-    return self._call("decode", tokens, positions, tables, sampling)
+    return _RemotePending(self._send(self._rows("decode", tokens, positions, tables,
+                                                sampling)))
 
   def num_programs(self, packed: bool, decode: bool) -> int:
     return (len(self.shape.compiled_packed_shapes()) * packed
             + len(self.shape.compiled_decode_shapes()) * decode)
 
   def warmup(self, packed, decode, copy_pages, progress) -> None:
-    self.warmup_msg = {"op": "warmup", "packed": packed, "decode": decode,
-                       "page_buckets": list(copy_pages)}
+    # The KV movers compile with their pairs (`warm_copies`).
+    self.warmup_msg = {"op": "warmup", "packed": packed, "decode": decode}
     reply = self._channel.call(self.link, self.warmup_msg, self._channel.connect_timeout_s)
     for _ in range(reply["programs"]):
       progress()
@@ -342,65 +378,118 @@ class RemoteRunner:
                           np.asarray(reply["top_logprobs"], np.float32).reshape(n, -1))
 
   def warm_copies(self, dst: Runner, copy_pages) -> None:
-    pass  # each worker compiled its own gather or scatter in `warmup`
+    """A copy from here to `dst` gathers each of this runner's layer groups here and
+    scatters each into `dst`'s pool: both compile now, once per worker (an elastic
+    group's worker is a source and a destination alike)."""
+    dst = _remote(dst)
+    self._warm_movers({"gather": True, "scatter": []}, copy_pages)
+    dst._warm_movers({"gather": False,
+                      "scatter": [[g.start, g.stop] for g in self.layer_groups()]}, copy_pages)
+
+  def _warm_movers(self, what: dict, copy_pages) -> None:
+    msg = dict(what, op="warm_movers", page_buckets=list(copy_pages))
+    if msg not in self.warm_movers:  # once per worker
+      self._channel.call(self.link, msg, self._channel.connect_timeout_s)
+      self.warm_movers.append(msg)
 
   def copy_to(self, dst: Runner, src_pages: np.ndarray, dst_pages: np.ndarray,
               done: Callable[[Optional[BaseException]], None]) -> None:
-    """An offer on this worker (`await_pull` under the copy's transfer ids) and a pull
-    on `dst`'s; `done` once it landed, failed, or `copy_timeout_s` passed."""
-    if not isinstance(dst, RemoteRunner):
-      raise TypeError(f"a worker copies KV to workers, not {type(dst).__name__}")
-    # One transfer id per destination process: each pulls its own copy.
-    processes = dst.link.info.get("processes", 1)
-    uuid = next(self._copy_ids) * MAX_PROCESSES
-    settled, lock = threading.Event(), threading.Lock()
-    calls: Dict[str, cf.Future] = {}  # "offer" and "pull", once sent
-
-    def finish(error: Optional[BaseException]) -> None:
-      with lock:
-        if settled.is_set():
-          return
-        settled.set()
-      timer.cancel()
-      done(error)
+    """An offer on this worker (`await_pull` under the copy's transfer ids) and, once
+    it is made, the pulls on `dst`'s; `done` once they landed, one failed, or
+    `copy_timeout_s` passed."""
+    copy = _Copy(self, _remote(dst), done)
 
     def offered(fut):
       if fut.exception() is not None:
-        finish(fut.exception())
-        return
-      # Sent even after a time-out (then cancelled first): the pull drains the offer
-      # from the source's memory and lands nowhere.
-      with lock:
-        calls["pull"] = self._channel.request(dst.link, {
-            "op": "pull", "uuid": uuid, "src": self.link.info["transfer"],
-            "pages": dst_pages.tolist()})
-      calls["pull"].add_done_callback(lambda f: finish(f.exception()))
+        copy.finish(fut.exception(), pulls_sent=False)
+      else:
+        # Sent even after a time-out (then cancelled first): the pulls drain the
+        # offers from the source's memory and land nowhere.
+        copy.pull(dst_pages)
 
-    def timed_out():
-      error = TimeoutError(f"not landed within {self.copy_timeout_s:g} s")
-      # Before the engine hears of it (and reuses the destination pages): the late
-      # pull must not scatter (`cluster.worker`), and no answer is awaited.
-      with lock:
-        self._channel.request(dst.link, {"op": "cancel_pull", "uuid": uuid})
-        for link, name in ((self.link, "offer"), (dst.link, "pull")):
-          if name in calls:
-            self._channel.forget(link, calls[name], error)
-      finish(error)
-
-    timer = threading.Timer(self.copy_timeout_s, timed_out)
-    timer.daemon = True
-    timer.start()
-    with lock:
-      calls["offer"] = self._channel.request(self.link, {
-          "op": "offer", "uuids": [uuid + i for i in range(processes)],
-          "pages": src_pages.tolist()})
-    calls["offer"].add_done_callback(offered)
+    offer = self._channel.request(self.link, {"op": "offer", "uuids": copy.uuids,
+                                              "pages": src_pages.tolist()})
+    copy.track(self.link, offer)
+    offer.add_done_callback(offered)
 
   def pools_lost(self) -> bool:
     return self.link.pool_reset
 
   def reset_pools(self) -> None:
     self.link.pool_reset = False  # the worker reset its pool when the command failed
+
+
+def _remote(dst: Runner) -> RemoteRunner:
+  if not isinstance(dst, RemoteRunner):
+    raise TypeError(f"a worker copies KV to workers, not {type(dst).__name__}")
+  return dst
+
+
+class _Copy:
+  """One request's KV copy between two workers: an offer and a pull per layer group
+  of the source (a transfer id each, per destination process), the time-out that
+  gives up on it, and `done` called once: when every group landed, or with the
+  first failure. A copy given up on cancels its pulls on the destination before
+  `done` (and so before the engine reuses the pages): a late one lands nowhere."""
+
+  def __init__(self, src: RemoteRunner, dst: RemoteRunner,
+               done: Callable[[Optional[BaseException]], None]):
+    self._channel, self._src, self._dst, self._done = src._channel, src, dst, done
+    processes = dst.link.info.get("processes", 1)
+    self.groups = src.layer_groups()
+    # Per group, one transfer id per destination process: each pulls its own copy.
+    self.uuids = [[u + i for i in range(processes)] for u in
+                  (next(src._copy_ids) * MAX_PROCESSES for _ in self.groups)]
+    self._lock = threading.Lock()
+    self._settled = False
+    self._answered: set = set()  # groups whose pull answered (landed or failed)
+    self._calls: List[tuple] = []  # (link, future) of every command sent
+    self._timer = threading.Timer(src.copy_timeout_s, self._timed_out)
+    self._timer.daemon = True
+    self._timer.start()
+
+  def track(self, link: Link, fut: cf.Future) -> None:
+    with self._lock:
+      self._calls.append((link, fut))
+
+  def pull(self, dst_pages: np.ndarray) -> None:
+    """Sends the pull of every group to the destination."""
+    for g, (layers, uuids) in enumerate(zip(self.groups, self.uuids)):
+      fut = self._channel.request(self._dst.link, {
+          "op": "pull", "uuid": uuids[0], "src": self._src.link.info["transfer"],
+          "pages": dst_pages.tolist(), "layers": [layers.start, layers.stop]})
+      self.track(self._dst.link, fut)
+      fut.add_done_callback(functools.partial(self._pulled, g))
+
+  def _pulled(self, group: int, fut: cf.Future) -> None:
+    with self._lock:
+      self._answered.add(group)
+      last = len(self._answered) == len(self.groups)
+    if fut.exception() is not None:
+      self.finish(fut.exception())
+    elif last:
+      self.finish(None)
+
+  def _timed_out(self) -> None:
+    self.finish(TimeoutError(f"not landed within {self._src.copy_timeout_s:g} s"))
+
+  def finish(self, error: Optional[BaseException], pulls_sent: bool = True) -> None:
+    """Settles the copy (once); `pulls_sent=False`: its offer failed, so no pull
+    will ever be sent."""
+    with self._lock:
+      if self._settled:
+        return
+      self._settled = True
+      # Before the engine hears of a failure (and reuses the destination pages): no
+      # group still to land may scatter (`cluster.worker`), and no answer is awaited.
+      for g, uuids in enumerate(self.uuids):
+        if error is not None and pulls_sent and g not in self._answered:
+          self._channel.request(self._dst.link, {"op": "cancel_pull", "uuid": uuids[0]})
+      for link, fut in self._calls:
+        if error is not None and not fut.done():
+          self._channel.forget(link, fut, error)
+    self._timer.cancel()
+    self._done(error)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -423,7 +512,6 @@ class WorkerPlacement:
   coordinator asks for is the next free worker of its role."""
 
   device_count: Optional[int] = None  # the workers' devices are theirs to count
-  in_process = False
 
   def __init__(self, model_name: str, attn_impl: str, workers: Dict[str, List[str]],
                settings: ClusterSettings = ClusterSettings()):
@@ -460,8 +548,7 @@ class WorkerPlacement:
     self._runners[id(link)] = runner
     return runner
 
-  def _admit(self, link: Link, setup: dict, returning: bool,
-             warmup: Optional[dict] = None) -> None:
+  def _admit(self, link: Link, setup: dict, returning: bool, warmup: tuple = ()) -> None:
     """Checks the worker at `link` (role, model) and sets it up; raises ValueError
     when it is not the worker wanted, WorkerLost when it does not answer."""
     channel, timeout = self._channel, self._channel.connect_timeout_s
@@ -473,8 +560,8 @@ class WorkerPlacement:
                        f"{self.model_name!r}")
     link.info = info
     channel.call(link, setup, timeout, returning)
-    if warmup is not None:
-      channel.call(link, warmup, timeout, returning)
+    for msg in warmup:
+      channel.call(link, msg, timeout, returning)
 
   def sibling(self, runner: Runner, shape: RunnerShape) -> Runner:
     raise ValueError("pipeline stages (pp > 1) are not served across processes")
@@ -496,7 +583,8 @@ class WorkerPlacement:
   def _readmit(self, runner: RemoteRunner) -> None:
     link, start = runner.link, time.monotonic()
     try:
-      self._admit(link, runner.setup, True, runner.warmup_msg)
+      warmups = ([runner.warmup_msg] if runner.warmup_msg else []) + runner.warm_movers
+      self._admit(link, runner.setup, True, tuple(warmups))
     except Exception as e:  # noqa: BLE001 - it stays lost; the log says why
       logging.error("worker %s answered again but was not taken back: %s", link.address, e)
       self._channel.still_lost(link)

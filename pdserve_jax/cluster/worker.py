@@ -2,7 +2,10 @@
 
 Roles: "prefill" and "decode" (the disaggregated mode's instances, which move KV
 between them), "replica" (a colocated replica or a semi-PD instance: both phases
-on one pool, no KV copies).
+on one pool, no KV copies). The role names the instance the router first gives a
+worker; the worker runs whatever programs and copies it is sent, so an elastic
+group (`Disaggregated.elastic`) serves the other phase on it later, and its
+requests migrate out as any KV copy does.
 
 The worker holds one instance's devices, mesh, weights, KV pool and programs (an
 `InstanceRunner`) and does what the router's `WorkerPlacement` asks over a ZeroMQ
@@ -13,7 +16,18 @@ a peer's offer into its own pages. KV moves with `jax.experimental.transfer`: th
 prefill side gathers the pages into a buffer and offers it under the request's
 transfer id (`await_pull`); the decode side pulls it, lays it out on its own mesh
 and scatters it into its pool. The buffer is staged on one device of each side, so
-any tp meets any tp.
+any tp meets any tp. A runner whose layers run as groups (`layer_groups`) offers
+each group's pages as an offer of its own, under a transfer id per (request,
+group), and the decode side pulls and scatters each group on its own.
+
+Layer-wise KV streaming: a packed call may carry streams (the router's
+`RemoteRunner.packed`): right after each layer group's program is dispatched, the
+worker gathers that group's pages of each stream and offers them (`await_pull`
+takes the buffer before it is computed, so the offer costs the dispatch nothing
+and the copy overlaps the later groups). The router has sent the decode worker
+its pulls with the call: each waits for its offer (a pull may come before it) and
+scatters its group as soon as it lands. A call that fails offers an error in
+place of each group it did not offer, so no pull waits for good.
 
 Three kinds of threads: the socket thread answers heartbeats at once (a busy
 worker still proves it is alive) and sends every reply; the command thread runs
@@ -67,7 +81,8 @@ ROLES = ("prefill", "decode", "replica")
 
 
 # Commands that run programs or move pool data: every process of an instance runs them.
-DEVICE_OPS = ("setup", "warmup", "packed", "decode", "scatter", "score", "offer")
+DEVICE_OPS = ("setup", "warmup", "packed", "decode", "scatter", "score", "offer",
+              "warm_movers")
 
 
 def _host(a) -> np.ndarray:
@@ -233,7 +248,8 @@ class Worker:
 
   def _op_hello(self, ident, msg) -> dict:
     return {"role": self.role, "devices": jax.device_count(), "processes": self.processes,
-            "transfer": self.transfer_address, "model": self.model.config.name}
+            "transfer": self.transfer_address, "model": self.model.config.name,
+            "layers": self.model.config.num_layers}
 
   def _op_setup(self, ident, msg) -> dict:
     spec = deploy.InstanceSpec(**msg["spec"])
@@ -250,22 +266,76 @@ class Worker:
     return {"num_pages": self.runner.shape.num_pages}
 
   def _op_warmup(self, ident, msg) -> dict:
-    n = self.runner.warmup(msg["packed"], msg["decode"])
-    pool = self.runner.pool
-    for size in msg["page_buckets"] if self.role != "replica" else ():  # the KV movers
+    return {"programs": self.runner.warmup(msg["packed"], msg["decode"])}
+
+  def _op_warm_movers(self, ident, msg) -> dict:
+    """Compiles KV movers for transfers of each of `page_buckets` pages: with
+    `gather`, the offers' gathers of each of this runner's layer groups; the
+    scatters of a peer's layer groups (`scatter`: [first, end) each)."""
+    for size in msg["page_buckets"]:
       scratch = np.zeros(size, np.int32)
-      if self.role == "prefill":
-        jax.block_until_ready(self._gathered(scratch))
-      else:
-        zeros = np.zeros(pool.shape[:2] + (size,) + pool.shape[3:], pool.dtype)
-        pool.scatter(jax.device_put({"k": zeros, "v": zeros}, pool.pool_shardings), scratch)
-    jax.block_until_ready(pool.arrays)
-    return {"programs": n}
+      for pool in self.runner.pools if msg["gather"] else ():
+        jax.block_until_ready(self._gathered(scratch, pool))
+      for lo, hi in msg["scatter"]:
+        self._warm_scatter(self._pool_of(range(lo, hi)), range(lo, hi), scratch)
+    jax.block_until_ready([pool.arrays for pool in self.runner.pools])
+    return {}
+
+  def _warm_scatter(self, pool, layers: range, scratch: np.ndarray) -> None:
+    zeros = np.zeros((len(layers),) + pool.shape[1:2] + scratch.shape + pool.shape[3:],
+                     pool.dtype)
+    pool.scatter(jax.device_put({"k": zeros, "v": zeros}, pool.pool_shardings), scratch,
+                 layers)
+
+  def _pool_of(self, layers: range):
+    """The pool that holds every layer of `layers` (a peer's layer group)."""
+    for pool in self.runner.pools:
+      if pool.layers.start <= layers.start and layers.stop <= pool.layers.stop:
+        return pool
+    held = [(p.layers.start, p.layers.stop) for p in self.runner.pools]
+    raise ValueError(f"no pool of this worker holds layers [{layers.start}, {layers.stop}) "
+                     f"whole; its pools hold {held}")
 
   def _op_packed(self, ident, msg) -> dict:
-    out = self.runner.packed(msg["chunks"], msg["starts"], msg["tables"],
-                             wire.sampling_from_json(msg["sampling"]))
+    """A packed call; with `streams` ({"pages", "uuids": per layer group, the transfer
+    ids of each destination process}), each group's pages of each stream are offered
+    as soon as the group's program is dispatched."""
+    streams = msg.get("streams", [])
+    offered = [0]  # layer groups offered so far
+
+    def offer(pool):
+      for s in streams:
+        buf = self._gathered(np.asarray(s["pages"], np.int32), pool)
+        if self.process == 0:
+          for uuid in s["uuids"][offered[0]]:
+            self._transfer.await_pull(uuid, [buf["k"], buf["v"]])
+      offered[0] += 1
+
+    try:
+      out = self.runner.packed(msg["chunks"], msg["starts"], msg["tables"],
+                               wire.sampling_from_json(msg["sampling"]),
+                               after_stage=offer if streams else None)
+    except Exception as e:
+      self._offer_errors(streams, offered[0], e)
+      raise
     return sampled_to_json(out, len(msg["chunks"]))
+
+  def _offer_errors(self, streams: list, first: int, error: BaseException) -> None:
+    """Offers an error in place of each layer group from `first` on that a failed call
+    did not offer: the decode worker's pulls for them fail now instead of waiting."""
+    if self.process != 0 or not streams:
+      return
+    from jax.experimental import transfer
+
+    for group in range(first, len(self.runner.pools)):
+      pool = self.runner.pools[group]
+      for s in streams:
+        spec = jax.ShapeDtypeStruct(
+            (pool.shape[0], pool.shape[1], len(s["pages"])) + pool.shape[3:], pool.dtype,
+            sharding=jax.sharding.SingleDeviceSharding(self._device))
+        failed = transfer.make_error_array(spec, f"the prefill call failed: {error}")
+        for uuid in s["uuids"][group]:
+          self._transfer.await_pull(uuid, [failed, failed])
 
   def _op_decode(self, ident, msg) -> dict:
     out = self.runner.decode(msg["tokens"], msg["positions"], msg["tables"],
@@ -278,10 +348,10 @@ class Worker:
 
     return wire.sampled_json(prompt_logprobs(self.runner, msg["tokens"])._asdict())
 
-  def _gathered(self, pages: np.ndarray) -> dict:
-    """The pages' KV as one buffer on this process's first device. Across processes
-    every process runs this (an all-gather over the instance's mesh)."""
-    pool = self.runner.pool
+  def _gathered(self, pages: np.ndarray, pool) -> dict:
+    """The pages' KV in `pool` (one layer group's) as one buffer on this process's
+    first device. Across processes every process runs this (an all-gather over the
+    instance's mesh)."""
     if self.processes == 1:
       return stage_pages(pool, pages, self._device)
     if self._replicate is None:
@@ -291,14 +361,17 @@ class Worker:
     return jax.device_put(buf, self._device)
 
   def _op_offer(self, ident, msg) -> dict:
-    """Gathers the pages and offers them under each transfer id (one per destination
-    process); the pages may be reused at once (the buffer is a copy). A follower
-    only takes its part in the gather."""
-    buf = self._gathered(np.asarray(msg["pages"], np.int32))
-    jax.block_until_ready(buf)  # a failed gather fails this command, not a later pull
+    """Gathers the pages of each layer group and offers them under each of its
+    transfer ids (`uuids`: per group, one per destination process); the pages may be
+    reused at once (the buffers are copies). A follower only takes its part in the
+    gathers."""
+    pages = np.asarray(msg["pages"], np.int32)
+    bufs = [self._gathered(pages, pool) for pool in self.runner.pools]
+    jax.block_until_ready(bufs)  # a failed gather fails this command, not a later pull
     if self.process == 0:
-      for uuid in msg["uuids"]:
-        self._transfer.await_pull(uuid, [buf["k"], buf["v"]])
+      for buf, uuids in zip(bufs, msg["uuids"]):
+        for uuid in uuids:
+          self._transfer.await_pull(uuid, [buf["k"], buf["v"]])
     return {}
 
   def _cancelled_pull(self, uuid: int) -> bool:
@@ -326,13 +399,15 @@ class Worker:
     conn = self._conns.get(msg["src"])
     if conn is None:
       conn = self._conns[msg["src"]] = self._transfer.connect(msg["src"])
-    return pull_pages(conn, msg["uuid"] + self.process, self.runner.pool,
-                      len(msg["pages"]), self._device)
+    layers = range(*msg["layers"])
+    return pull_pages(conn, msg["uuid"] + self.process, self._pool_of(layers),
+                      len(msg["pages"]), self._device, layers)
 
   def _pull(self, ident, msg) -> None:
     try:
       buf = self._pull_own(msg)
     except Exception as e:  # noqa: BLE001 - the router fails this request only
+      logging.warning("KV pull %d failed: %s", msg["uuid"], e)
       self._cancelled_pull(msg["uuid"])
       self._replies.put((ident, {"id": msg["id"], "ok": False,
                                  "error": f"pull failed: {type(e).__name__}: {e}"}))
@@ -341,7 +416,8 @@ class Worker:
 
   def _op_scatter(self, ident, msg) -> dict:
     buf = msg["buffer"] if "buffer" in msg else self._pull_own(msg)  # a follower pulls now
-    land_pages(self.runner.pool, buf, msg["pages"], self.processes > 1)
+    layers = range(*msg["layers"])
+    land_pages(self._pool_of(layers), buf, msg["pages"], self.processes > 1, layers)
     return {}
 
 
@@ -369,16 +445,18 @@ def start_transfer_server(device, host: str, streams: int,
 
 
 def stage_pages(pool, pages, device) -> dict:
-  """The listed pages of every layer, gathered on the pool's mesh and staged whole on
-  `device` (one buffer each for K and V, which any tp on the other side can take).
-  Returns at once (async dispatch)."""
+  """The listed pages of every layer of `pool`, gathered on the pool's mesh and staged
+  whole on `device` (one buffer each for K and V, which any tp on the other side can
+  take). Returns at once (async dispatch)."""
   return jax.device_put(pool.gather(np.asarray(pages, np.int32)), device)
 
 
-def pull_pages(conn, uuid: int, pool, num_pages: int, device) -> dict:
-  """Pulls an offer of `num_pages` pages of `pool`'s layout onto `device`; returns once
-  the bytes have landed."""
-  shape = (pool.shape[0], pool.shape[1], num_pages, pool.shape[3], pool.shape[4])
+def pull_pages(conn, uuid: int, pool, num_pages: int, device,
+               layers: Optional[range] = None) -> dict:
+  """Pulls an offer of `num_pages` pages of `layers` (default: all of `pool`'s) in
+  `pool`'s layout onto `device`; returns once the bytes have landed."""
+  num_layers = pool.shape[0] if layers is None else len(layers)
+  shape = (num_layers, pool.shape[1], num_pages, pool.shape[3], pool.shape[4])
   spec = jax.ShapeDtypeStruct(shape, pool.dtype,
                               sharding=jax.sharding.SingleDeviceSharding(device))
   k, v = conn.pull(uuid, [spec, spec])
@@ -386,10 +464,12 @@ def pull_pages(conn, uuid: int, pool, num_pages: int, device) -> dict:
   return {"k": k, "v": v}
 
 
-def land_pages(pool, buf: dict, pages, spans_processes: bool) -> None:
-  """Lays a pulled buffer out on the pool's mesh and scatters it into `pages`; returns
-  once the pool is written."""
+def land_pages(pool, buf: dict, pages, spans_processes: bool,
+               layers: Optional[range] = None) -> None:
+  """Lays a pulled buffer (of `layers`, default all of `pool`'s) out on the pool's
+  mesh and scatters it into `pages`; returns once the pool is written."""
   if spans_processes:  # onto the global mesh from each process's host copy
     buf = {k: np.asarray(a) for k, a in buf.items()}
-  pool.scatter(jax.device_put(buf, pool.pool_shardings), np.asarray(pages, np.int32))
+  pool.scatter(jax.device_put(buf, pool.pool_shardings), np.asarray(pages, np.int32),
+               layers)
   jax.block_until_ready(pool.arrays)

@@ -241,7 +241,8 @@ class Coordinator:
   def prefix_stats(self) -> dict:
     """Prefix-cache counters over every pool (`PageAllocator.cache_stats`), their
     rates, and this coordinator's decisions: arrivals routed by the cache, and (when
-    disaggregated) local prefills and the pages KV copies moved and did not move."""
+    disaggregated) local prefills, the pages KV copies moved and did not move, and
+    the copies streamed layer by layer."""
     allocs = self.allocators()
     out: dict = {"enabled": any(a.prefix_cache for a in allocs)}
     for a in allocs:
@@ -378,10 +379,13 @@ class DisaggregatedCoordinator(Coordinator):
     p, d = dep.instance_specs()
     self.threshold = dep.conditional_threshold
     self.streaming = dep.streams_kv
-    # Streamed copies in before their step ended. Ordered, as every container the
-    # decisions walk: a set of requests iterates by address, which differs between
-    # the engine and the simulator (and from run to run).
-    self._landed: dict[Request, None] = {}
+    # Streamed copies settled before their step ended, and whether each failed.
+    # Ordered, as every container the decisions walk: a set of requests iterates by
+    # address, which differs between the engine and the simulator (and from run to run).
+    self._landed: dict[Request, bool] = {}
+    # Streams whose prefill step was dropped (its instance lost): their first token
+    # never came, so their copies count as failed, whenever they settle.
+    self._orphans: dict[Request, None] = {}
     self.prefills, self.decodes = [], []
     for k in range(dep.num_prefill):
       self.prefills += self._make("prefill", p, k, lambda a: PrefillScheduler(
@@ -396,6 +400,7 @@ class DisaggregatedCoordinator(Coordinator):
     self.local_prefills = 0  # arrivals and recomputations prefilled on a decode instance
     self.copied_pages = 0  # pages KV copies moved
     self.copy_pages_saved = 0  # pages hand-offs found in a decode cache instead
+    self.streams = 0  # KV copies that left with their prefill step (layer-wise)
 
   def _entry_instances(self):
     return [self.prefills[0], self.decodes[0]]  # every pool of a kind is alike
@@ -448,7 +453,7 @@ class DisaggregatedCoordinator(Coordinator):
 
   def _more_stats(self):
     return {"local_prefills": self.local_prefills, "kv_copy_pages": self.copied_pages,
-            "kv_copy_pages_saved": self.copy_pages_saved}
+            "kv_copy_pages_saved": self.copy_pages_saved, "kv_streams": self.streams}
 
   def _after_step(self, inst, finished, now, seconds):
     if self._landed and inst.phase == PREFILL:
@@ -456,8 +461,7 @@ class DisaggregatedCoordinator(Coordinator):
       # landed first: each admission may launch its decode instance's next step.
       landed = [r for r in self._landed if self._copies[r][0] is inst]
       for r in sorted(landed, key=lambda r: r.admitted_seq):
-        del self._landed[r]
-        self.copy_done(r, now)
+        self.copy_done(r, now, self._landed.pop(r))
     if inst.phase == PREFILL or finished:
       self._pull(now)
     self._launch(inst, now)
@@ -486,6 +490,7 @@ class DisaggregatedCoordinator(Coordinator):
       self._reserve(r, inst, dst)
       inst.sched.stream(r)
       step.streams.append((r, dst))
+      self.streams += 1
 
   def _pull(self, now: float) -> None:
     decodes = self._alive(self.decodes)
@@ -527,14 +532,17 @@ class DisaggregatedCoordinator(Coordinator):
   def copy_done(self, req, now, failed: bool = False):
     """`req`'s KV copy landed, or (`failed`) could not: then, or when its decode
     instance was lost meanwhile, it is recomputed (`_recompute_lost`). A copy
-    streamed ahead of its prefill step's end is settled when that step ends (a
-    failed one then ends its request: it is still in that step)."""
+    streamed ahead of its prefill step's end is settled when that step ends: a
+    failed one (across processes, a pull from a decode worker that was lost or timed
+    out) is then recomputed as a failed hand-off is, unless its step failed too
+    (then its request ended with the step's error)."""
     src, dst = self._copies[req]
     if src.step is not None and req in src.step.requests:
-      if failed:
-        req.end_reason = req.end_reason or "error"
-      self._landed[req] = None  # streamed ahead of its step's end: admitted when it ends
+      self._landed[req] = failed  # streamed ahead of its step's end: settled when it ends
       return
+    if req in self._orphans:
+      del self._orphans[req]
+      failed = True
     del self._copies[req]
     src.sched.release_handoff(req)
     if (failed or dst.lost) and not req.done:
@@ -554,12 +562,21 @@ class DisaggregatedCoordinator(Coordinator):
   def lose(self, inst, now):
     """Every request `inst` held (but those in a KV copy, which `copy_done` settles)
     is recomputed on a live prefill instance, or ends with an error when none is
-    left or it was recomputed `MAX_RECOMPUTES` times."""
+    left or it was recomputed `MAX_RECOMPUTES` times. The streams of its step in
+    flight fail (its first tokens never come): those already landed now, the others
+    when their copies settle."""
     inst.lost = True
     held = inst.sched.held()
+    streams = [r for r, _ in inst.step.streams] if inst.step is not None else []
     if inst.step is not None:
       inst.step = None
       inst.sched.drop_step()  # its tokens never come: its requests go on elsewhere
+    for r in streams:
+      if r in self._landed:
+        del self._landed[r]
+        self.copy_done(r, now, failed=True)
+      else:
+        self._orphans[r] = None
     again = []
     if inst.phase == PREFILL:
       while (r := inst.sched.take_handoff()) is not None:

@@ -763,6 +763,14 @@ class PrefillScheduler(_Scheduler):
                        "in flight")
     self._streamed.add(req)
 
+  def drop_step(self) -> None:
+    """As `_Scheduler.drop_step`; the requests streamed out of the dropped step join
+    the copies out (their pages held until `release_handoff`), as at a step's end."""
+    super().drop_step()
+    streamed, self._streamed = self._streamed, set()
+    self._running = [r for r in self._running if r not in streamed]
+    self._transferring.update(dict.fromkeys(sorted(streamed, key=_seq)))
+
   def complete(self, step: Step, now: float) -> list[Request]:
     if step.decodes:
       raise RuntimeError("a prefill scheduler's step has no decodes")

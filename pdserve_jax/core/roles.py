@@ -92,8 +92,8 @@ class ElasticCoordinator(DisaggregatedCoordinator):
         alloc = i.sched.allocator
         # A decode twin prefills locally as the decode instances born so do
         # (conditional disaggregation), so arrivals may go to a group moved to decode.
-        sched = (DecodeScheduler(alloc, d.max_batch, d.page_policy, None, self.threshold > 0,
-                                 d.max_step_tokens) if role == PREFILL else
+        sched = (DecodeScheduler(alloc, d.max_batch, d.page_policy, d.max_decode_tokens,
+                                 self.threshold > 0, d.max_step_tokens) if role == PREFILL else
                  PrefillScheduler(alloc, p.max_batch, p.max_step_tokens, p.page_policy))
         twin = Instance(f"{i.name}:{DECODE if role == PREFILL else PREFILL}", name, sched,
                         i.spec, DECODE if role == PREFILL else PREFILL)

@@ -3,8 +3,7 @@ whether an engine can serve a deployment here.
 
 Limits: SM-partitioned semi-PD (`concurrent=True`) is refused with the reason, as
 JAX has no MPS-style SM caps; pipeline stages and layer groups must divide the
-model's layers, and tp must divide or be a multiple of its KV heads; layer-wise KV
-streaming and elastic roles run with instances in this process only.
+model's layers, and tp must divide or be a multiple of its KV heads.
 """
 
 from __future__ import annotations
@@ -53,12 +52,9 @@ class EngineConfig:
                        f"tpot_slo={self.tpot_slo}")
 
 
-def check_servable(deployment, model_config, num_devices: Optional[int] = None,
-                   in_process: bool = True) -> None:
+def check_servable(deployment, model_config, num_devices: Optional[int] = None) -> None:
   """Raises ValueError naming why the engine cannot run `deployment` for a model of
-  `model_config`; with `num_devices`, also when it needs more devices than that;
-  with `in_process=False` (instances in worker processes), also when it streams KV
-  layer by layer or moves instances between roles."""
+  `model_config`; with `num_devices`, also when it needs more devices than that."""
   if not isinstance(deployment, (deploy.Colocated, deploy.Disaggregated, deploy.SemiPD)):
     raise ValueError(f"the engine serves Colocated, Disaggregated or SemiPD deployments, "
                      f"got {type(deployment).__name__}")
@@ -74,10 +70,6 @@ def check_servable(deployment, model_config, num_devices: Optional[int] = None,
   if isinstance(deployment, deploy.SemiPD) and deployment.concurrent:
     raise ValueError("SM-partitioned semi-PD (concurrent=True) needs MPS-style SM caps, "
                      "which JAX lacks; the engine time-shares (concurrent=False)")
-  if not in_process and isinstance(deployment, deploy.Disaggregated) and (
-      deployment.streams_kv or deployment.elastic is not None):
-    raise ValueError("layer-wise KV streaming and elastic roles run in one process; "
-                     "across worker processes use kv_transfer='whole' and elastic=None")
   if num_devices is not None and deployment.num_devices > num_devices:
     raise ValueError(f"{deployment.describe()} needs {deployment.num_devices} devices; "
                      f"{num_devices} available")

@@ -241,7 +241,7 @@ class Engine:
       from pdserve_jax.serving.local import LocalPlacement  # loads jax
 
       placement = LocalPlacement(model, config.attn_impl)
-    check_servable(deployment, model.config, placement.device_count, placement.in_process)
+    check_servable(deployment, model.config, placement.device_count)
     self.model, self.deployment, self.config = model, deployment, config
     self.tokenizer = model.tokenizer
     self._seeds = np.random.default_rng()  # OS entropy: fresh seeds per engine

@@ -125,8 +125,6 @@ class Placement(Protocol):
 
   #: Devices instances may use, or None when unknown here (other processes).
   device_count: Optional[int]
-  #: Whether its runners live in this process (KV streams and shared runners work).
-  in_process: bool
 
   def open(self, group: str, spec: InstanceSpec, shape: RunnerShape,
            lost: Callable[[BaseException], None]) -> Runner:

@@ -159,7 +159,6 @@ class LocalPlacement:
     self.model, self.attn_impl = model, attn_impl
     self._devices = list(jax.devices() if devices is None else devices)
     self.device_count: Optional[int] = len(self._devices)
-    self.in_process = True
     self._watchers: Dict[str, Watcher] = {}
     self._copy_watchers: Dict[str, Watcher] = {}
     self._lock = threading.Lock()
