@@ -44,13 +44,13 @@ UNTRACED := tests/test_planner.py tests/test_simulator.py
 PYTEST := $(TEST_ENV) $(BIN)/python -m pytest -q -x -p no:cacheprovider
 test: $(STAMP)
 	rm -rf $(TEST_CACHE) .coverage
-	$(PYTEST) -n 2 --dist loadfile --cov --cov-report=term tests \
+	$(PYTEST) -n 2 --dist loadfile --cov --cov-report=term -m "not tpu_extra" tests \
 	  $(addprefix --ignore=,$(UNTRACED)) && $(PYTEST) $(UNTRACED)
 
 # Skips the tests marked slow (engines in every mode, profiling, notebooks).
 test-fast: $(STAMP)
 	rm -rf $(TEST_CACHE)
-	$(TEST_ENV) $(BIN)/python -m pytest -q -x -m "not slow" tests
+	$(TEST_ENV) $(BIN)/python -m pytest -q -x -m "not slow and not tpu_extra" tests
 
 # The TPU compile checks alone (kernels, and the whole Llama-3-8B programs for a v5e-8).
 test-tpu: $(STAMP)

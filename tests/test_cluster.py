@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 import pdserve_jax as pdj
-from conftest import demo_prompts
+from conftest import TEST_XLA_FLAGS, demo_prompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A busy 2-core machine running four JAX processes can leave a worker silent for
@@ -42,8 +42,9 @@ def _start(role, *args, devices=8, wait=True, port=0):
                            f"--port={port}", *CONFIG, *args],
                           cwd=ROOT, stdout=subprocess.PIPE if wait else subprocess.DEVNULL,
                           stderr=log, text=True,
-                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_"
-                                   f"device_count={devices}"))
+                          env=dict(os.environ, XLA_FLAGS=" ".join(
+                              (f"--xla_force_host_platform_device_count={devices}",
+                               *TEST_XLA_FLAGS[1:]))))
   if not wait:
     return proc, None
   for _ in range(100):  # gloo prints its connections to stdout first

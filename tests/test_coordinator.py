@@ -652,6 +652,34 @@ def _pick(seq, k: int):
   return seq[k % len(seq)]
 
 
+def apply_event(h: Harness, kind: str, args, groups, fail: bool = True, lose: bool = True):
+  """One of EVENTS done to `h`: "fail" and "lose" only where asked for; an event with
+  nothing to act on (no step, copy or request yet) does nothing."""
+  if kind == "submit":
+    _arrive(h, *args)
+  elif kind == "burst":
+    prompt, out, n = args
+    for _ in range(n):
+      _arrive(h, prompt, out)
+  elif kind == "step" and h.ex.steps:
+    inst, step = _pick(h.ex.steps, args[0])
+    samplers = [c.request for c in step.prefills if c.last] + list(step.decodes)
+    stop = args[1]
+    h.complete(inst, stop=[_pick(samplers, stop)] if stop >= 0 and samplers else [])
+  elif kind in ("copy", "copy_fail") and h.ex.copies:
+    h.finish_copy(_pick(h.ex.copies, args[0])[0], failed=kind == "copy_fail")
+  elif kind == "abort" and h.reqs:
+    h.abort(_pick(h.reqs, args[0]))
+  elif kind == "hold":
+    h.hold(_pick(groups, args[0]))
+  elif kind == "release" and h.ex.held:
+    h.release(_pick(sorted(h.ex.held), args[0]))
+  elif kind == "fail" and fail and h.ex.steps:
+    h.fail(_pick(h.ex.steps, args[0])[0])
+  elif kind == "lose" and lose:
+    h.lose(_pick(groups, args[0]))
+
+
 _submit = st.tuples(st.just("submit"), st.integers(1, MAX_PROMPT),
                     st.integers(1, MAX_OUT))
 _step = st.tuples(st.just("step"), st.integers(0, 7), st.integers(-1, 7))  # which, stop
@@ -685,29 +713,7 @@ def test_random_events(deployment, events):
   # The engine runs no SM-partitioned semi-PD, so nothing reports its faults.
   faults = not getattr(dep, "concurrent", False)
   for kind, *args in events:
-    if kind == "submit":
-      _arrive(h, *args)
-    elif kind == "burst":
-      prompt, out, n = args
-      for _ in range(n):
-        _arrive(h, prompt, out)
-    elif kind == "step" and h.ex.steps:
-      inst, step = _pick(h.ex.steps, args[0])
-      samplers = [c.request for c in step.prefills if c.last] + list(step.decodes)
-      stop = args[1]
-      h.complete(inst, stop=[_pick(samplers, stop)] if stop >= 0 and samplers else [])
-    elif kind in ("copy", "copy_fail") and h.ex.copies:
-      h.finish_copy(_pick(h.ex.copies, args[0])[0], failed=kind == "copy_fail")
-    elif kind == "abort" and h.reqs:
-      h.abort(_pick(h.reqs, args[0]))
-    elif kind == "hold":
-      h.hold(_pick(groups, args[0]))
-    elif kind == "release" and h.ex.held:
-      h.release(_pick(sorted(h.ex.held), args[0]))
-    elif kind == "fail" and faults and h.ex.steps:
-      h.fail(_pick(h.ex.steps, args[0])[0])
-    elif kind == "lose" and faults:
-      h.lose(_pick(groups, args[0]))
+    apply_event(h, kind, args, groups, fail=faults, lose=faults)
   h.drain()
   # Coverage, shown by pytest --hypothesis-show-statistics.
   event(f"{dep.mode}, {len(h.reqs) // 10 * 10}+ requests")

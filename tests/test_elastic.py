@@ -21,7 +21,7 @@ from pdserve_jax.core.pages import pages_for
 from pdserve_jax.core.request import Request
 from pdserve_jax.core.step import DECODE, PREFILL
 from test_coordinator import (EVENTS, MAX_OUT, MAX_PROMPT, PAGE, SLOS, Harness,
-                              ManualExecutor, _arrive, _pick, assert_freed, pages_of)
+                              ManualExecutor, apply_event, assert_freed, pages_of)
 
 SPEC = InstanceSpec(max_batch=4, max_step_tokens=32)
 
@@ -239,6 +239,36 @@ def test_move_decode_to_prefill_migrates_its_requests():
   assert all(r.finish_reason == "length" for r in h.reqs)
 
 
+def test_group_lost_while_moving_keeps_its_role_and_serves_it_once_readmitted():
+  """A decode group lost while it drains toward prefill: the move is called off and
+  the group is listed as decode again, so once its worker is back it takes hand-offs.
+  Catches the move's cancellation leaving the group in no role's list (readmitted, it
+  would never serve again)."""
+  h = elastic(n_prefill=1, n_decode=2)
+  c = h.coord
+  a, b = h.submit(8, 6), h.submit(8, 6)
+  h.run_until(lambda: a.num_output >= 2 and b.num_output >= 2)
+  d0, d1 = c.decodes
+  assert c.move(PREFILL, h.now) == d0.group
+  assert any(g.target == PREFILL for g in c.groups), "moved at once: nothing to lose mid-way"
+  h.lose(d0.group)
+  assert all(g.target is None for g in c.groups) and c.decodes == [d0, d1]
+  for inst in c.instances:
+    if inst.group == d0.group:
+      c.readmit(inst, h._tick())
+  h.check()
+  reqs = [h.submit(8, 4) for _ in range(6)]
+  handed_to = set()
+
+  def ended():
+    handed_to.update(dst for _, _, dst in h.ex.copies)
+    return all(r.finish_time is not None for r in reqs)
+  h.run_until(ended)
+  h.drain()
+  assert all(r.finish_reason == "length" for r in reqs)
+  assert d0 in handed_to, "the readmitted decode group took no hand-off"
+
+
 def test_new_prefill_group_takes_the_newest_queued_prompts():
   """A group that starts prefilling levels the queues: it takes the newest prompts
   queued on the busiest prefill group (they hold no pages), keeping their order."""
@@ -419,32 +449,12 @@ def test_random_events_with_streams_and_moves(deployment, events, moves, rng):
     seq.insert(rng.randint(0, len(seq)), m)
   moved = 0
   for kind, *args in seq:
-    if kind == "submit":
-      _arrive(h, *args)
-    elif kind == "burst":
-      prompt, out, n = args
-      for _ in range(n):
-        _arrive(h, prompt, out)
-    elif kind == "step" and h.ex.steps:
-      inst, step = _pick(h.ex.steps, args[0])
-      samplers = [c.request for c in step.prefills if c.last] + list(step.decodes)
-      stop = args[1]
-      h.complete(inst, stop=[_pick(samplers, stop)] if stop >= 0 and samplers else [])
-    elif kind in ("copy", "copy_fail") and h.ex.copies:
-      h.finish_copy(_pick(h.ex.copies, args[0])[0], failed=kind == "copy_fail")
-    elif kind == "abort" and h.reqs:
-      h.abort(_pick(h.reqs, args[0]))
-    elif kind == "hold":
-      h.hold(_pick(groups, args[0]))
-    elif kind == "release" and h.ex.held:
-      h.release(_pick(sorted(h.ex.held), args[0]))
-    elif kind == "fail" and h.ex.steps:  # a step that could not run (in one process too)
-      h.fail(_pick(h.ex.steps, args[0])[0])
-    elif kind == "lose":  # a worker process died (both run across processes)
-      h.lose(_pick(groups, args[0]))
-    elif kind == "move" and dep.elastic is not None:
-      moved += h.coord.move(args[0], h._tick()) is not None
-      h.check()
+    if kind == "move":
+      if dep.elastic is not None:
+        moved += h.coord.move(args[0], h._tick()) is not None
+        h.check()
+    else:  # "lose" too: a worker process died (both run across processes)
+      apply_event(h, kind, args, groups)
   h.drain()
   if dep.elastic is not None:
     c = h.coord

@@ -22,7 +22,7 @@ from pdserve_jax.sim import latency as L
 from pdserve_jax.sim import simulator as sim
 from pdserve_jax.core.elastic import ElasticConfig
 from pdserve_jax.core.step import DECODE, PREFILL
-from test_coordinator import PAGE, SLOS, Harness, ManualExecutor
+from test_coordinator import PAGE, SLOS, Harness, ManualExecutor, apply_event
 
 # --- page keys ----------------------------------------------------------------------
 
@@ -575,25 +575,10 @@ def test_random_events_with_shared_prefixes(deployment, events):
       tokens = _tokens(family, length, length, salt)
       for _ in range(n):
         h.submit_tokens(tokens, out)
-    elif kind == "step" and h.ex.steps:
-      inst, step = h.ex.steps[args[0] % len(h.ex.steps)]
-      samplers = [c.request for c in step.prefills if c.last] + list(step.decodes)
-      stop = [samplers[args[1] % len(samplers)]] if args[1] >= 0 and samplers else []
-      h.complete(inst, stop=stop)
-    elif kind == "copy" and h.ex.copies:
-      h.finish_copy(h.ex.copies[args[0] % len(h.ex.copies)][0])
-    elif kind == "abort" and h.reqs:
-      h.abort(h.reqs[args[0] % len(h.reqs)])
-    elif kind == "hold":
-      h.hold(groups[args[0] % len(groups)])
-    elif kind == "release" and h.ex.held:
-      held = sorted(h.ex.held)
-      h.release(held[args[0] % len(held)])
-    elif kind == "move" and elastic:
-      h.coord.move(args[0], h._tick())
-      h.check()
-    elif kind == "lose":
-      h.lose(groups[args[0] % len(groups)])
+    elif kind == "move":
+      if elastic:
+        h.coord.move(args[0], h._tick())
+        h.check()
     elif kind == "back":  # its worker restarted, with an empty pool: each instance back
       lost = sorted({i.group for i in h.coord.instances if i.lost})
       if lost:
@@ -602,6 +587,8 @@ def test_random_events_with_shared_prefixes(deployment, events):
           if inst.group == lost[args[0] % len(lost)]:
             h.coord.readmit(inst, now)
         h.check()
+    else:  # a step or copy ending, an abort, a hold or its release, a lost instance
+      apply_event(h, kind, args, groups)
   for inst in h.coord.instances:  # every worker restarted, so the rest can drain
     if inst.lost:
       h.coord.readmit(inst, h._tick())

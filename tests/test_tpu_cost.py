@@ -9,7 +9,6 @@ scanned loop's body once: the builder unrolls it). No timing of this machine.
 import copy
 import importlib.util
 import json
-import os
 
 import pytest
 
@@ -139,7 +138,6 @@ def test_built_table_grows_with_tokens_and_layers():
   """The tiny model's programs compiled for a v5e at 1 and 2 layers (unrolled):
   flops grow with tokens and rows, a layer adds flops (the scan counted once
   would add none) and at least its weights' bytes."""
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # beside other compiles
   from jax.experimental import topologies
 
   from pdserve_jax.runtime.buckets import RunnerShape

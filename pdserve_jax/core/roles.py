@@ -251,7 +251,12 @@ class ElasticCoordinator(DisaggregatedCoordinator):
       if g.target is None:
         continue
       if g.lost:
-        g.target = None  # a lost group serves nothing; the controller may judge again
+        # The move is called off: the group keeps its role and is listed for it again,
+        # so it serves that role once readmitted; the controller may judge again.
+        g.target = None
+        listed = self.prefills if g.role == PREFILL else self.decodes
+        listed += g.twins[g.role]
+        listed.sort(key=self.instances.index)
         self.controller.moved(now, self._count(PREFILL), self._count(DECODE))
         continue
       old = g.twins[g.role]
