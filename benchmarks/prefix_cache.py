@@ -7,15 +7,21 @@
     instance alone holds the cache, so nothing but its size limits it. For scale:
     one H100 with Llama 3.1 8B's weights holds about 0.43M tokens of KV.
 (b) The engine (a random `llama-30m` on this machine's CPU, 8 virtual devices) on a
-    prefix-heavy synthetic workload: two-turn sessions, 90% on one 384-token system
-    prompt. Prompt tokens computed and TTFT P50, cache on over cache off, colocated
-    and disaggregated (whose hand-offs then skip what the decode side holds).
+    prefix-heavy synthetic workload: 32 requests of two-turn sessions at 2/s, 90% on
+    one 192-token system prompt. Prompt tokens computed and TTFT P50, cache on over
+    cache off, colocated and disaggregated (whose hand-offs then skip what the decode
+    side holds). Sized for a 2-core CPU: on CPU the attention is the reference
+    kernel, whose prompt steps cost each token a pass over a whole page table
+    (`max_seq_len`), so the pool is 512 tokens a sequence; and the cache-on engine of
+    each mode loads the programs its cache-off twin compiled (JAX's persistent
+    compilation cache, in a fresh temporary folder). Compiling is never timed (engines
+    warm up before the workload starts).
 (c) Decode-side caches in disaggregation (simulator, Llama 3.1 8B on H100s): KV pages
     a hand-off moves, with and without a decode cache, and what that does to the
     time between the first and second token (the copy sits there), on the
     synthetic workload and on Mooncake's trace.
 
-Usage: python benchmarks/prefix_cache.py [--skip_engine]
+Usage: python benchmarks/prefix_cache.py [--skip_engine | --engine_only]
 """
 
 import importlib.util
@@ -46,10 +52,11 @@ def _setup(page_size=512, **kw):
                    **kw)
 
 
-def _synthetic(n, rate, seed=0):
-  return W.shared_prefix(n, rate, W.Uniform(16, 96), W.Uniform(8, 24), system_prompt_len=384,
-                         system_prompt_share=0.9, turns=2, think_time=1.0, block_size=16,
-                         max_total_tokens=1024, seed=seed)
+def _synthetic(n, rate, seed=0, system_prompt_len=384, max_total_tokens=1024):
+  return W.shared_prefix(n, rate, W.Uniform(16, 96), W.Uniform(8, 24),
+                         system_prompt_len=system_prompt_len, system_prompt_share=0.9,
+                         turns=2, think_time=1.0, block_size=16,
+                         max_total_tokens=max_total_tokens, seed=seed)
 
 
 def mooncake_hit_rates():
@@ -72,25 +79,34 @@ def mooncake_hit_rates():
 
 
 def engine_on_off():
+  import tempfile
+
+  from pdserve_jax.cli.common import use_compilation_cache
+
+  # The cache-off and cache-on engines of a mode run the same programs: the second
+  # loads them from here instead of compiling them again.
+  use_compilation_cache(tempfile.mkdtemp(prefix="pdserve-prefix-bench-"))
   import pdserve_jax as pdj
 
   model = pdj.random_model(get_preset("llama-30m"), seed=0)
-  reqs = _synthetic(48, 4.0)
-  print(f"(b) engine, llama-30m (random weights) on {os.cpu_count()} CPU cores, "
-        f"{len(reqs)} requests of two-turn sessions, 90% on one 384-token system prompt")
+  reqs = _synthetic(32, 2.0, system_prompt_len=192, max_total_tokens=512)
+  print(f"(b) engine, llama-30m (random weights) on {os.cpu_count()} CPU cores (load "
+        f"average {os.getloadavg()[0]:.1f}), {len(reqs)} requests of two-turn sessions "
+        f"at 2/s, 90% on one 192-token system prompt, {sum(r.prompt_len for r in reqs):,} "
+        "prompt tokens")
   deps = {"colocated chunked": pdj.Colocated(pdj.InstanceSpec(max_batch=16,
-                                                               max_step_tokens=512),
+                                                               max_step_tokens=256),
                                               policy="chunked"),
           "disaggregated": pdj.Disaggregated(pdj.InstanceSpec(max_batch=16,
-                                                              max_step_tokens=1024),
+                                                              max_step_tokens=512),
                                              pdj.InstanceSpec(max_batch=16))}
   for name, dep in deps.items():
-    rows = {}
+    rows, began = {}, time.perf_counter()
     for cache in (False, True):
-      cfg = pdj.EngineConfig(page_size=16, num_pages=512, max_seq_len=1024,
+      cfg = pdj.EngineConfig(page_size=16, num_pages=256, max_seq_len=512,
                              prefix_cache=cache)
       with pdj.Engine(model, dep, cfg) as engine:
-        report = engine.run_workload([r.fresh() for r in reqs], timeout=1800)
+        report = engine.run_workload([r.fresh() for r in reqs], timeout=900)
         stats = engine.stats()
       rows[cache] = (sum(r.num_computed for r in report.requests),
                      report.summary["ttft_s"]["p50"], stats)
@@ -100,7 +116,8 @@ def engine_on_off():
           f"{off_ttft * 1e3:.0f} ms off ({on_ttft / off_ttft:.2f}x); hit rate "
           f"{st['prefix_hit_rate']:.1%}" + (
               f"; KV pages copied {st['prefix_kv_copy_pages']}, found in the decode cache "
-              f"{st['prefix_kv_copy_pages_saved']}" if name == "disaggregated" else ""))
+              f"{st['prefix_kv_copy_pages_saved']}" if name == "disaggregated" else "")
+          + f" ({time.perf_counter() - began:.0f} s, both engines)")
 
 
 def decode_cache(trace):
@@ -125,8 +142,9 @@ def decode_cache(trace):
 
 def main():
   start = time.perf_counter()
-  trace = mooncake_hit_rates()
-  decode_cache(trace)
+  if "--engine_only" not in sys.argv:
+    trace = mooncake_hit_rates()
+    decode_cache(trace)
   if "--skip_engine" not in sys.argv:
     engine_on_off()
   print(f"({time.perf_counter() - start:.0f} s)")

@@ -31,8 +31,20 @@ def _spec(**kw):
   return P.PlanSpec(**base)
 
 
-def test_plan_structure_and_ranking():
+def test_plan_structure_and_ranking(monkeypatch):
+  # Each (deployment, workload) is simulated once: catches the planner simulating a
+  # candidate at the best rate so far and then again as its bisection's first rate.
+  runs: list = []
+
+  def counted(reqs, setup, dep, *args, **kw):
+    runs.append((repr(dep), len(reqs), reqs[-1].arrival_time))
+    return simulate(reqs, setup, dep, *args, **kw)
+
+  simulate = sim.simulate
+  monkeypatch.setattr(sim, "simulate", counted)
+  monkeypatch.setattr(goodput, "simulate", counted)
   plan = P.plan(_spec())
+  assert runs and len(set(runs)) == len(runs)
   evaluated = [c for c in plan.candidates if c.goodput is not None]
   assert evaluated and all(c.goodput > 0 for c in evaluated)
   per_dev = [c.per_device for c in evaluated]

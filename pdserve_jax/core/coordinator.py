@@ -119,7 +119,8 @@ class Coordinator:
     has marked stop tokens (and cancelled requests whose results were bad)."""
     step, inst.step = inst.step, None
     finished = inst.sched.complete(step, now)
-    self._end(finished, now)
+    if finished:
+      self._end(finished, now)
     self._after_step(inst, finished, now, seconds)
 
   def fail(self, inst: Instance, now: float) -> None:
@@ -418,7 +419,8 @@ class DisaggregatedCoordinator(Coordinator):
 
   def add(self, req, now):
     self.check(req)
-    self._pick(self.prefills, "prefill instance")
+    if not self._alive(self.prefills):
+      raise ValueError("every prefill instance is lost")
     if not self._alive(self.decodes):
       raise ValueError("every decode instance is lost")
     if self._local(req, now, fresh=True) is not None:

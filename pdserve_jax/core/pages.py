@@ -50,6 +50,7 @@ class PageAllocator:
     self.num_pages = num_pages
     self.page_size = page_size
     self.reserved = reserved
+    self.capacity = num_pages - reserved  # pages that may be handed out
     self.prefix_cache = prefix_cache
     self._free: List[int] = list(range(num_pages - 1, reserved - 1, -1))
     self._owned: Dict[Hashable, List[int]] = {}
@@ -69,10 +70,6 @@ class PageAllocator:
     self.lookups = self.hit_lookups = 0
     self.lookup_tokens = self.hit_tokens = 0
     self.evictions = 0
-
-  @property
-  def capacity(self) -> int:
-    return self.num_pages - self.reserved
 
   @property
   def num_free(self) -> int:
@@ -111,7 +108,7 @@ class PageAllocator:
   def grow(self, owner: Hashable, num_tokens: int) -> bool:
     """`ensure` if enough pages are free (True), else nothing changes (False)."""
     have = self._owned.get(owner)
-    need = pages_for(num_tokens, self.page_size) - (len(have) if have else 0)
+    need = -(-num_tokens // self.page_size) - (len(have) if have else 0)  # `pages_for`
     if need <= 0:
       return True
     free = self._free

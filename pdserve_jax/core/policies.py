@@ -176,6 +176,9 @@ class _Scheduler:
       check_limit("max_decode_tokens", max_decode_tokens)
     self.max_decode_tokens = max_decode_tokens
     self._lifetime = page_policy == "reserve"
+    # Per-page growth tracking (`_track`) is off under "reserve" (nothing grows) and
+    # under a decode cap (growth is checked per request and step: `_capped_batch`).
+    self._tracks = not self._lifetime and max_decode_tokens is None
     self._watermark = max(1, int(allocator.capacity * WATERMARK))
     self._waiting: _Queue = _Queue()
     self._in_flight: Optional[Step] = None
@@ -250,10 +253,9 @@ class _Scheduler:
         r.finish_time = now
         done.append(r)
     gone = 0
-    for r in step.decodes:
+    for r in step.decodes:  # one token each: the simulator's innermost loop
       if r.end_reason is None:
-        n = r.num_output + 1
-        r.num_output = n
+        n = r.num_output = r.num_output + 1
         r.token_times.append(now)
         if n >= r.max_tokens or r.stopped:
           r.finish_time = now
@@ -283,9 +285,11 @@ class _Scheduler:
     when it holds none, keeping the watermark free (on-demand admissions into a pool
     others use)."""
     alloc = self.allocator
-    have = alloc.pages(req)
-    need = (pages_for(tokens, alloc.page_size) - len(have)) if have else \
-        alloc.cost(hits, tokens)
+    have = len(alloc.pages(req))
+    if hits and not have:
+      need = alloc.cost(hits, tokens)
+    else:
+      need = pages_for(tokens, alloc.page_size) - have
     if watermark and not self._lifetime and alloc.num_free < alloc.capacity:
       need += self._watermark
     return need <= alloc.num_free
@@ -314,11 +318,15 @@ class _Scheduler:
 
   def _track(self, req: Request) -> None:
     """Notes the decode step at which `req` first writes past its pages."""
-    if self._lifetime or self.max_decode_tokens is not None:
-      return  # (capped batches grow per request and step: `_capped_batch`)
-    have = len(self.allocator.pages(req)) * self.allocator.page_size
-    due = self._decode_steps + max(have - req.kv_len, 0)
-    self._due.setdefault(due, []).append(req)
+    if not self._tracks:
+      return
+    alloc = self.allocator
+    due = self._decode_steps + max(len(alloc.pages(req)) * alloc.page_size - req.kv_len, 0)
+    bucket = self._due.get(due)
+    if bucket is None:
+      self._due[due] = [req]
+    else:
+      bucket.append(req)
     self._due_of[req] = due
 
   def _grow_due(self) -> None:
@@ -327,11 +335,24 @@ class _Scheduler:
     bucket = self._due.pop(k, None)
     if not bucket:
       return
-    due_of = self._due_of
-    for r in sorted(bucket, key=_seq):
-      if due_of.get(r) == k and self._grow(r, r.context_len):
-        del due_of[r]
-        self._track(r)
+    if len(bucket) > 1:
+      bucket.sort(key=_seq)
+    # `_track` written out (a decode crosses a page boundary every page_size steps).
+    due, due_of, alloc = self._due, self._due_of, self.allocator
+    pages, page_size = alloc.pages, alloc.page_size
+    for r in bucket:
+      if due_of.get(r) != k:
+        continue  # tracked again or gone since
+      tokens = r.context_len
+      if not alloc.grow(r, tokens) and not self._grow(r, tokens):
+        continue
+      nxt = k + max(len(pages(r)) * page_size - r.kv_len, 0)
+      later = due.get(nxt)
+      if later is None:
+        due[nxt] = [r]
+      else:
+        later.append(r)
+      due_of[r] = nxt
 
   def _grow(self, req: Request, tokens: int) -> bool:
     """Grows `req` to `tokens` tokens of pages, preempting newer requests, newest
@@ -920,9 +941,11 @@ class DecodeScheduler(_Scheduler):
 
   def can_accept(self, req: Request) -> bool:
     tokens = self._tokens(req)
+    if self._fits_now(req, tokens, True):
+      return True
     # Cached pages only lower the need: look them up when the pool is short.
-    return self._fits_now(req, tokens, True) or self._fits_now(req, tokens, True,
-                                                               self._cached(req))
+    hits = self._cached(req)
+    return bool(hits) and self._fits_now(req, tokens, True, hits)
 
   def reserve(self, req: Request) -> None:
     """Allocates `req`'s pages here (see the class docstring); raises OutOfPages

@@ -101,7 +101,8 @@ class Request:
     """Tokens whose KV is cached now: the prefilled tokens plus every output token
     fed back since. The newest output token is not fed yet, so a decode step
     writes one more entry and attends over `kv_len + 1` tokens."""
-    return self.num_prefilled + max(self.num_output - 1 - self.num_recompute, 0)
+    fed = self.num_output - 1 - self.num_recompute
+    return self.num_prefilled + fed if fed > 0 else self.num_prefilled
 
   @property
   def context_len(self) -> int:

@@ -53,13 +53,16 @@ def _completion_rate(res) -> float:
 def goodput(make_requests: Callable[[float], Sequence[Request]], setup: Setup, deployment,
             ttft_slo: float, tpot_slo: float, target: float = 0.9,
             lo: Optional[float] = None, hi: Optional[float] = None,
-            tol: float = 0.02) -> float:
+            tol: float = 0.02,
+            attainment: Optional[Callable[[float], float]] = None) -> float:
   """Highest rate (requests/s, whole deployment) whose attainment is >= `target`,
   by bisection; `make_requests(rate)` builds the workload at a rate.
 
   The search stays at or below `hi`, by default the deployment's saturation
   throughput on the workload (see `saturation_throughput`); `lo` defaults to a
   quarter of `hi`, and the bracket moves down from it when it misses the SLOs.
+  `attainment(rate)`, when given, stands for simulating the workload at a rate (a
+  caller that keeps the results it simulated already).
   """
   metrics.check_slos(ttft_slo, tpot_slo)
   if hi is None:
@@ -72,7 +75,7 @@ def goodput(make_requests: Callable[[float], Sequence[Request]], setup: Setup, d
     return simulate(make_requests(rate), setup, deployment, ttft_slo, tpot_slo).attainment(
         ttft_slo, tpot_slo)
 
-  return metrics.goodput_search(att, target, lo, hi, tol, grow=False)
+  return metrics.goodput_search(attainment or att, target, lo, hi, tol, grow=False)
 
 
 

@@ -75,7 +75,8 @@ class PlanSpec:
 
   Attributes:
     setup: model, hardware and latency source.
-    workload: rate (requests/s) -> requests, the same lengths at every rate.
+    workload: rate (requests/s) -> requests, the same lengths at every rate (and the
+      same requests for the same rate: the planner simulates each rate once).
     ttft_slo, tpot_slo: seconds.
     num_nodes: nodes of `setup.hardware.devices_per_node` devices.
     tp_options, pp_options: parallel degrees to try; tp stays within a node.
@@ -261,6 +262,7 @@ class _Planner:
     self.configs = self._configs()
     self.phase = {"prefill": {}, "decode": {}}
     self._estimates = {}
+    self._attained: dict = {}  # (deployment, rate) -> attainment (`_attainment`)
 
   # --- configs and estimates -----------------------------------------------------------
 
@@ -324,10 +326,18 @@ class _Planner:
     self._estimates[key] = est
     return est
 
+  def _attainment(self, deployment, rate) -> float:
+    """SLO attainment of `deployment` at `rate`, simulated once: a candidate checked
+    at the best rate so far starts its bisection at that same rate."""
+    key = (repr(deployment), rate)  # a repr names every field of a frozen deployment
+    if key not in self._attained:
+      s = self.spec
+      res = sim.simulate(s.workload(rate), s.setup, deployment, s.ttft_slo, s.tpot_slo)
+      self._attained[key] = res.attainment(s.ttft_slo, s.tpot_slo)
+    return self._attained[key]
+
   def _attains(self, deployment, rate) -> bool:
-    s = self.spec
-    res = sim.simulate(s.workload(rate), s.setup, deployment, s.ttft_slo, s.tpot_slo)
-    return res.attainment(s.ttft_slo, s.tpot_slo) >= s.target
+    return self._attainment(deployment, rate) >= self.spec.target
 
   def _capacity(self, deployment) -> float:
     s = self.spec
@@ -337,7 +347,8 @@ class _Planner:
   def _goodput(self, deployment, capacity, floor=0.0) -> float:
     return search.goodput(self.spec.workload, self.spec.setup, deployment, self.spec.ttft_slo,
                        self.spec.tpot_slo, self.spec.target, lo=floor, hi=capacity,
-                       tol=self.spec.tol)
+                       tol=self.spec.tol,
+                       attainment=lambda rate: self._attainment(deployment, rate))
 
   def _search(self, cands: list[Candidate], best: float = 0.0) -> list[Candidate]:
     """Finds the candidate with the best goodput per device.

@@ -178,7 +178,7 @@ class _Pipe:
   KV pool.
   """
   __slots__ = ("name", "pp", "sim", "free_at", "last_done", "waiting", "busy_time",
-               "wake_at", "model", "resume", "decode_time")
+               "wake_at", "model", "resume", "decode_time", "peak_held")
 
   def __init__(self, name, pp, sim, model, resume):
     self.name, self.pp, self.sim, self.model, self.resume = name, pp, sim, model, resume
@@ -191,6 +191,7 @@ class _Pipe:
     self.waiting = collections.deque()
     self.busy_time = 0.0  # per stage
     self.wake_at = None
+    self.peak_held = -1  # the most KV pages held when a step started here
 
   def wait(self, inst):
     if inst not in self.waiting:
@@ -289,7 +290,8 @@ class LatencyExecutor:
     pipe = self.pipes[inst.group]
     alloc = inst.sched.allocator
     held = alloc.capacity - alloc.num_free
-    if held > self._peak.get(inst.group, (-1,))[0]:
+    if held > pipe.peak_held:
+      pipe.peak_held = held
       self._peak[inst.group] = (held, alloc.capacity)
     if self.steps is not None:
       self.steps[inst.name].append(step.describe())
@@ -320,7 +322,9 @@ class LatencyExecutor:
       stage = self._overlap(pipe, now, stage)
     pipe.free_at = now + stage
     pipe.busy_time += stage
-    done = max(now + stage * pipe.pp, pipe.last_done + stage)
+    done, behind = now + stage * pipe.pp, pipe.last_done + stage
+    if behind > done:
+      done = behind
     pipe.last_done = done
     self.sim.at(done, self._done, (inst, stage))
     if step.streams:
