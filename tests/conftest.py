@@ -9,10 +9,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # (test_warmup[colocated_chunked]: 36 s of CPU at the default level, 24 s at 0). It
 # does not change results: XLA fixes the order of every reduction and fast-math is off.
 # Subprocesses (workers, notebook kernels, apps) inherit it.
-TEST_XLA_FLAGS = ("--xla_force_host_platform_device_count=8",
-                  "--xla_backend_optimization_level=0")
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a test process of `devices` virtual CPU devices."""
+  return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAG}"
+
+
 flags = os.environ.get("XLA_FLAGS", "")
-for flag in TEST_XLA_FLAGS:
+for flag in xla_flags(8).split():
   if flag.split("=")[0] not in flags:
     flags = f"{flags} {flag}".strip()
 os.environ["XLA_FLAGS"] = flags
@@ -49,11 +55,12 @@ def pytest_report_header(config):
   return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
 
 
-def wait_for(cond, seconds, what):
-  """Polls `cond` every 50 ms; fails the test naming `what` if it is not true in time."""
+def wait_for(cond, seconds, what, every=0.05):
+  """Polls `cond` every `every` seconds; fails the test naming `what` if it is not
+  true in time."""
   deadline = time.monotonic() + seconds
   while time.monotonic() < deadline:
     if cond():
       return
-    time.sleep(0.05)
+    time.sleep(every)
   pytest.fail(f"not within {seconds} s: {what}")

@@ -11,13 +11,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 
 import httpx
 import pytest
 
 import pdserve_jax as pdj
-from conftest import TEST_XLA_FLAGS, demo_prompts
+from conftest import demo_prompts, wait_for, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A busy 2-core machine running four JAX processes can leave a worker silent for
@@ -42,9 +41,7 @@ def _start(role, *args, devices=8, wait=True, port=0):
                            f"--port={port}", *CONFIG, *args],
                           cwd=ROOT, stdout=subprocess.PIPE if wait else subprocess.DEVNULL,
                           stderr=log, text=True,
-                          env=dict(os.environ, XLA_FLAGS=" ".join(
-                              (f"--xla_force_host_platform_device_count={devices}",
-                               *TEST_XLA_FLAGS[1:]))))
+                          env=dict(os.environ, XLA_FLAGS=xla_flags(devices)))
   if not wait:
     return proc, None
   for _ in range(100):  # gloo prints its connections to stdout first
@@ -160,15 +157,6 @@ def _responses(cluster) -> int:
   return int(m.group(1)) if m else 0
 
 
-def _wait_for(cond, seconds, what):
-  deadline = time.monotonic() + seconds
-  while time.monotonic() < deadline:
-    if cond():
-      return
-    time.sleep(0.2)
-  pytest.fail(f"not within {seconds} s: {what}")
-
-
 def _port(address):
   return int(address.rsplit(":", 1)[1])
 
@@ -224,8 +212,8 @@ class TestOnePrefillOneDecode:
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
       futures = [pool.submit(_stream_tokens, client, p, 80, started) for p in prompts[:16]]
       assert started.wait(300)
-      _wait_for(lambda: cluster.health()["instance_pages"][name] > 0, 60,
-                f"{name} holds requests")
+      wait_for(lambda: cluster.health()["instance_pages"][name] > 0, 60,
+               f"{name} holds requests", every=0.2)
       os.kill(proc.pid, signal.SIGKILL)
       proc.wait()
       results = [f.result(timeout=300) for f in futures]  # a hang fails here
@@ -238,8 +226,8 @@ class TestOnePrefillOneDecode:
     assert errors, "no request was held by the killed worker"
     if role == "prefill":  # those already decoding finish
       assert len(errors) < len(results), results
-    _wait_for(lambda: httpx.get(cluster.url + "/health", timeout=10).status_code == 503, 60,
-              f"/health says 503 with {name} lost")
+    wait_for(lambda: httpx.get(cluster.url + "/health", timeout=10).status_code == 503, 60,
+             f"/health says 503 with {name} lost", every=0.2)
     assert cluster.health()["lost_instances"] == [name]
     # Refused at once while it is out: 503 (not 500), when to retry, and why.
     r = httpx.post(cluster.url + "/v1/completions", timeout=30,
@@ -247,8 +235,8 @@ class TestOnePrefillOneDecode:
     assert r.status_code == 503 and "retry-after" in r.headers, r.text
     assert f"every {role} instance is lost" in r.text and f"instance {name} was lost" in r.text
     cluster.workers[role][0] = _start(role, port=_port(address))
-    _wait_for(lambda: httpx.get(cluster.url + "/health", timeout=10).status_code == 200, 300,
-              f"the router takes {name} back")
+    wait_for(lambda: httpx.get(cluster.url + "/health", timeout=10).status_code == 200, 300,
+             f"the router takes {name} back", every=0.2)
     assert _ask_all(client, prompts) == want
     h = cluster.health()
     assert h["status"] == "ok" and h["pages_in_use"] == 0 and h["unfinished"] == 0

@@ -87,10 +87,7 @@ class RooflineLatencyModel(LatencyModel):
   def decode_totals(self, batch, context):
     flops = (self._body_flops + self._lm_flops) * batch + self._attn_flops * context
     bytes_ = self._weight_bytes + self._kv_bytes * (context + batch) + self._act_bytes * batch
-    # `_time` written out: most simulated steps are decodes.
-    return (max(flops / self._flops_rate, bytes_ / self._bytes_rate)
-            + batch * (self._ar_per_token + self._pp_per_token) + self._ar_fixed
-            + self.step_overhead_s)
+    return self._time(flops, bytes_, batch)
 
   def mixed_totals(self, num_seqs, tokens, sq_tokens, batch, context):
     flops = (self._body_flops * (tokens + batch) + self._lm_flops * (num_seqs + batch)
