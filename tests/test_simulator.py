@@ -7,6 +7,7 @@ import pytest
 
 from pdserve_jax import workloads as W
 from pdserve_jax.model.config import get_preset
+from pdserve_jax.core import coordinator as C
 from pdserve_jax.core.request import Request
 from pdserve_jax.sim import hardware as H
 from pdserve_jax.sim import latency as L
@@ -216,3 +217,67 @@ def test_shared_host_serialises_the_instances_host_work():
   firsts = lambda setup: sorted(r.token_times[0] for r in sim.simulate(reqs, setup, dep).requests)
   assert firsts(own) == pytest.approx([0.1, 0.1])
   assert firsts(dataclasses.replace(own, shared_host=True)) == pytest.approx([0.1, 0.11])
+
+
+def _outcome(reqs, setup, dep):
+  res = sim.simulate(reqs, setup, dep, record_steps=True)
+  per_request = [(r.request_id, r.token_times, r.finish_time, r.num_preemptions,
+                  r.num_cached, r.num_computed) for r in res.requests]
+  return res.steps, per_request, res.summary(), res.num_preemptions
+
+
+@pytest.mark.parametrize("dep, kv_tokens", [
+    (sim.Disaggregated(num_decode=2), None),
+    (sim.Disaggregated(), 4000),  # decode pool short: growth preempts
+    (sim.Disaggregated(num_decode=2, conditional_threshold=300), 6000),
+    (sim.Disaggregated(decode=sim.InstanceSpec(max_batch=4)), None),  # joiners wait
+    (sim.Disaggregated(kv_transfer="layerwise", decode_cache=False), None),
+])
+def test_back_to_back_decode_steps_change_no_decision_and_no_time(dep, kv_tokens,
+                                                                    monkeypatch):
+  """The simulator's fast path (a decode instance's steps handled back to back when
+  nothing comes between them, runs that change nothing at once: `LatencyExecutor._done`)
+  gives the steps, token times, preemptions and counters of handling each step
+  through the heap and the coordinator. Catches a run that goes past a finishing
+  request, a page due, a joining request or another instance's event, or that
+  times or counts a step differently (peak pages, busy time)."""
+  reqs = W.shared_prefix(250, 8.0, W.Uniform(20, 300), W.Uniform(1, 300),
+                         system_prompt_len=600, system_prompt_share=0.8, turns=2,
+                         think_time=1.0, max_total_tokens=2048, seed=3)
+  setup = dataclasses.replace(SETUP, kv_tokens=kv_tokens)
+  ran = {"skipped": 0, "repeated": 0}
+  skip, repeat = C.Coordinator.skip, C.Coordinator.repeat
+
+  def counting_skip(self, inst, times):
+    ran["skipped"] += len(times)
+    return skip(self, inst, times)
+
+  def counting_repeat(self, inst, now, seconds):
+    step = repeat(self, inst, now, seconds)
+    ran["repeated"] += step is not None
+    return step
+
+  monkeypatch.setattr(C.Coordinator, "skip", counting_skip)
+  monkeypatch.setattr(C.Coordinator, "repeat", counting_repeat)
+  fast = _outcome(reqs, setup, dep)
+  assert ran["skipped"] > 100 and ran["repeated"] > 100  # the fast path ran
+  if kv_tokens == 4000:
+    assert fast[3] > 0  # and met preemptions
+  monkeypatch.setattr(C.DisaggregatedCoordinator, "repeats", lambda self, inst: False)
+  ran["skipped"] = 0
+  slow = _outcome(reqs, setup, dep)
+  assert ran["skipped"] == 0
+  assert fast == slow
+
+
+def test_peak_kv_counts_pages_reserved_while_decode_steps_run_back_to_back():
+  """A prompt copied to the decode instance while its one batch slot is taken holds
+  its pages there beside the running request's: the peak counts both, though the
+  decode steps then run back to back, no page growing (a fast path that noted pages
+  only at steps through the general launch saw each request alone)."""
+  a, b = Request(0, 512, 400, 0.0), Request(1, 1024, 10, 1.0)
+  setup = dataclasses.replace(SETUP, kv_tokens=10_000, page_size=512)  # 19 pages
+  dep = sim.Disaggregated(decode=sim.InstanceSpec(max_batch=1))
+  res = sim.simulate([a, b], setup, dep)
+  assert res.requests[1].token_times[1] > res.requests[0].finish_time  # b waited for a
+  assert res.peak_kv["decode0"] == pytest.approx((2 + 3) / 19)  # a's 912 tokens, b's 1025

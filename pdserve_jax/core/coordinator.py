@@ -123,6 +123,35 @@ class Coordinator:
       self._end(finished, now)
     self._after_step(inst, finished, now, seconds)
 
+  def repeats(self, inst: Instance) -> bool:
+    """Whether this coordinator does nothing after a step of `inst` that finished
+    nobody but launch `inst`'s next step (so `repeat` may stand for `step_done`)."""
+    return False
+
+  def repeat(self, inst: Instance, now: float, seconds: float) -> Optional[Step]:
+    """`step_done`, for an executor that launches `inst`'s next step itself when the
+    step finished nobody (`repeats(inst)` must hold, and the executor's `can_launch`
+    be true): then the next step is scheduled and returned (None: none), launched by
+    the caller; otherwise all of `step_done` is done and None returned."""
+    step, inst.step = inst.step, None
+    finished = inst.sched.complete(step, now)
+    if finished:
+      self._end(finished, now)
+      self._after_step(inst, finished, now, seconds)
+      return None
+    if inst.lost:
+      return None
+    nxt = inst.sched.schedule()
+    return nxt if self._take_step(inst, nxt, now) else None
+
+  def skip(self, inst: Instance, times) -> Step:
+    """`repeat` at each of `times`, at once, for steps that decode the same batch
+    with nothing else to decide: `inst`'s step and those its scheduler begins after
+    it end at `times` (at most `inst.sched.steady()` of them, so each finishes
+    nobody); the next step is begun and returned (`repeats(inst)` must hold)."""
+    inst.step = inst.sched.skip(times)
+    return inst.step
+
   def fail(self, inst: Instance, now: float) -> None:
     """`inst`'s step could not run: its requests end with an error, the rest go on."""
     assert inst.step is not None, f"{inst.name} has no step in flight"
@@ -281,6 +310,15 @@ class Coordinator:
     if inst.step is not None or inst.lost or not self.ex.can_launch(inst, now):
       return False
     step = inst.sched.schedule()
+    if not self._take_step(inst, step, now):
+      return False
+    self.ex.launch(inst, step, now)
+    return True
+
+  def _take_step(self, inst: Instance, step: Optional[Step], now: float) -> bool:
+    """`step`, just scheduled on `inst`, becomes its step in flight, about to launch
+    (False: None, nothing to launch); requests its scheduling preempted go to be
+    recomputed first."""
     if inst.phase == DECODE:
       preempted = inst.sched.take_preempted()
       if preempted:
@@ -289,7 +327,6 @@ class Coordinator:
       return False
     inst.step = step
     self._prepare(inst, step, now)
-    self.ex.launch(inst, step, now)
     return True
 
   def _prepare(self, inst: Instance, step: Step, now: float) -> None:
@@ -454,6 +491,9 @@ class DisaggregatedCoordinator(Coordinator):
   def _more_stats(self):
     return {"local_prefills": self.local_prefills, "kv_copy_pages": self.copied_pages,
             "kv_copy_pages_saved": self.copy_pages_saved, "kv_streams": self.streams}
+
+  def repeats(self, inst):
+    return inst.phase == DECODE  # `_after_step` below pulls only after finishes
 
   def _after_step(self, inst, finished, now, seconds):
     if self._landed and inst.phase == PREFILL:

@@ -187,6 +187,11 @@ class _Scheduler:
     self._decode_steps = 0
     self._due: dict[int, list[Request]] = {}
     self._due_of: dict[Request, int] = {}
+    # `steady`'s bounds: the decode step number at which the first request of the
+    # batch `_steady_for` finishes (None: to recount), and one before which no
+    # page is due (`_due` has no key in [`_decode_steps`, `_grow_from`)).
+    self._steady_for: Optional[list[Request]] = None
+    self._finish_at = self._grow_from = 0
     self.num_preemptions = 0
 
   # -- hooks of the subclasses -------------------------------------------------
@@ -322,6 +327,8 @@ class _Scheduler:
       return
     alloc = self.allocator
     due = self._decode_steps + max(len(alloc.pages(req)) * alloc.page_size - req.kv_len, 0)
+    if due < self._grow_from:
+      self._grow_from = due
     bucket = self._due.get(due)
     if bucket is None:
       self._due[due] = [req]
@@ -411,6 +418,7 @@ class _Scheduler:
     devices are gone); its requests stay held here until `remove`d."""
     self._in_flight = None
     self._recount = True
+    self._steady_for = None
 
   # -- abort ----------------------------------------------------------------------
 
@@ -419,6 +427,7 @@ class _Scheduler:
     pages freed, False when it is in the step in flight (it ends when that step
     completes, if cancelled), None when it is not held here."""
     if self._in_flight is not None and req in self._in_flight.requests:
+      self._steady_for = None  # it is cancelled: it ends with the step
       return False
     if self._drop(req):
       pass
@@ -1070,6 +1079,50 @@ class DecodeScheduler(_Scheduler):
     if not chunks and not self._running:
       return None
     return self._begin(Step(chunks, self._running, self._ctx))
+
+  # -- back-to-back decode steps (the simulator's fast path) ---------------------------
+
+  def steady(self) -> int:
+    """How many steps, the one in flight first, would each complete finishing nobody
+    and be followed by `schedule()` beginning the same batch with nothing else to
+    decide (nothing joins, grows, is prefilled here, preempted or recounted), if
+    nothing else happened meanwhile."""
+    step = self._in_flight
+    if step is None or step.prefills or step.decodes is not self._running \
+        or (self._waiting and len(self._running) < self.max_batch) or self._local \
+        or self._prefilling or self._recount or self._preempted or not self._running \
+        or self.max_decode_tokens is not None:
+      return 0
+    # `schedule` after the i-th of them grows the pages due at `now + i - 1`.
+    now, due = self._decode_steps, self._due
+    if now in due:
+      return 0
+    if self._steady_for is not step.decodes:
+      # Kept while the batch stays: each step adds one to both `now` and every
+      # request's output. Requests are cancelled through `remove`, which recounts.
+      self._finish_at = now + min(
+          [r.max_tokens - r.num_output if r.end_reason is None and not r.stopped else 0
+           for r in step.decodes])
+      self._steady_for = step.decodes
+    end = self._finish_at - 1
+    g = max(self._grow_from, now + 1)
+    while g < end and g not in due:
+      g += 1
+    self._grow_from = g
+    return max(min(end, g) - now, 0)
+
+  def skip(self, times: Sequence[float]) -> Step:
+    """Completes the step in flight at `times[0]` and the steps `schedule` would
+    begin after it at the later times, as `complete` and `schedule` would (at most
+    `steady()` of them), and begins the next: returned."""
+    k, running = len(times), self._running
+    for r in running:
+      r.num_output += k
+      r.token_times.extend(times)
+    self._ctx += k * len(running)
+    self._decode_steps += k - 1  # `_begin` counts the last
+    self._in_flight = None
+    return self._begin(Step([], running, self._ctx))
 
   def complete(self, step: Step, now: float) -> list[Request]:
     if step.prefills and not self.local_prefill:

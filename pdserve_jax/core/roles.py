@@ -144,6 +144,9 @@ class ElasticCoordinator(DisaggregatedCoordinator):
       self._observe(step, now)
     self._settle(now)
 
+  def repeats(self, inst):
+    return False  # every step end is observed and may settle a move
+
   def copy_done(self, req, now, failed=False):
     super().copy_done(req, now, failed)
     self._settle(now)

@@ -36,6 +36,17 @@ Limits: KV copies do not contend for links or for the compute they overlap with;
 a step's stages are equal (the latency model's time / pp each), and a prefill in
 layer groups costs what the latency model says of the whole step.
 
+Back-to-back decode steps: most events are a decode instance's step ending with
+its next step begun at once. For a decode instance of one stage alone on its pipe
+(disaggregated; not elastic, replayed, SM-partitioned, shared-host or stretched),
+a step that would end before any other event is handled at once instead of through
+the heap, and a run of steps that decode the same batch with nothing to decide
+(nobody finishes, joins or needs a page: `DecodeScheduler.steady`) ends together
+(`skip`): each request gets its run's token times in one list extension. Nothing
+else changes: the same steps, times and counters as one by one (tests compare
+both). Of the 326,000 decode steps of Mooncake's first 10,000 requests (1 prefill +
+1 decode instance), 292,000 end in such runs.
+
 Prefix caching (`Setup.prefix_cache`, on by default) runs the engine's cache: each
 request's `prefix_keys` come from its `blocks` (a trace's block hashes) at the
 setup's page size, or are kept as an engine made them (a replay). Keys cost a
@@ -215,20 +226,28 @@ class _Simulation:
   def __init__(self):
     self.heap = []
     self.seq = itertools.count()
+    self.next_arrival = math.inf  # the time of the arrival not yet handled
 
   def at(self, t, fn, arg):
     heapq.heappush(self.heap, (t, next(self.seq), fn, arg))
 
+  def first(self, t) -> bool:
+    """Whether an event pushed now at `t` would be the next one handled (before any
+    other at or before `t`, and before arrivals at `t`)."""
+    return (not self.heap or self.heap[0][0] > t) and t <= self.next_arrival
+
   def run(self, reqs, times, on_arrival):
     heap, pop = self.heap, heapq.heappop
     i, n = 0, len(reqs)
+    self.next_arrival = times[0] if n else math.inf
     while i < n or heap:
       if heap and (i == n or heap[0][0] <= times[i]):
         t, _, fn, arg = pop(heap)
         fn(t, arg)
       else:
-        on_arrival(reqs[i], times[i])
         i += 1
+        self.next_arrival = times[i] if i < n else math.inf
+        on_arrival(reqs[i - 1], times[i - 1])
 
 
 class LatencyExecutor:
@@ -249,6 +268,7 @@ class LatencyExecutor:
     self.recomputed_tokens = 0
     self._peak: dict[str, tuple[int, int]] = {}  # group -> (pages held, capacity)
     self._host_free = -math.inf  # with a shared host: when it is next free
+    self._chained: set = set()  # see `bind`
     if isinstance(dep, Disaggregated):
       # Each device pair moves its shard of the KV at once.
       self.kv_bytes = setup.model.kv_bytes_per_token(setup.dtype_bytes)
@@ -275,6 +295,16 @@ class LatencyExecutor:
           models[s.tp, s.pp] = self.setup.latency(s.tp, s.pp)
         self.pipes[inst.group] = _Pipe(inst.group, s.pp, self.sim, models[s.tp, s.pp],
                                        self._resume)
+    # Decode instances whose steps may run back to back (`_done`): alone on their
+    # pipe of one stage, timed from the decode totals, in a coordinator that
+    # `repeats` them, on an unreplayed clock with no shared host, SM shares or stretch.
+    simple = (self.replay is None and not self._sm and not self._stretch
+              and not self.setup.shared_host)
+    per_group = collections.Counter(inst.group for inst in coord.instances)
+    self._chained = {inst for inst in coord.instances
+                     if simple and coord.repeats(inst) and per_group[inst.group] == 1
+                     and self.pipes[inst.group].pp == 1
+                     and self.pipes[inst.group].decode_time is not None}
 
   def _resume(self, inst, now):
     self.coord.resume(inst, now)
@@ -286,13 +316,32 @@ class LatencyExecutor:
       return False
     return True
 
-  def launch(self, inst, step, now) -> None:
-    pipe = self.pipes[inst.group]
+  def _note_peak(self, pipe, inst) -> None:
     alloc = inst.sched.allocator
     held = alloc.capacity - alloc.num_free
     if held > pipe.peak_held:
       pipe.peak_held = held
       self._peak[inst.group] = (held, alloc.capacity)
+
+  def launch(self, inst, step, now) -> None:
+    timed = self._start(inst, step, now)
+    if timed is None:
+      return
+    done, stage = timed
+    self.sim.at(done, self._done, (inst, stage))
+    if step.streams:
+      # The step computes its layer groups in turn over its last stage * pp seconds.
+      pipe, k = self.pipes[inst.group], self.layer_groups
+      first_group = done - stage * pipe.pp * (k - 1) / k
+      for req, dst in step.streams:
+        group = self._copy_time(req, dst, k)
+        self.sim.at(max(done + group, first_group + k * group), self._copied, req)
+
+  def _start(self, inst, step, now) -> Optional[tuple[float, float]]:
+    """Starts `step` on `inst`'s pipe at `now`: (when it ends, its stage seconds),
+    or None when its end is already on the clock (replayed, or SM-partitioned)."""
+    pipe = self.pipes[inst.group]
+    self._note_peak(pipe, inst)
     if self.steps is not None:
       self.steps[inst.name].append(step.describe())
     if self.replay is not None:
@@ -301,7 +350,7 @@ class LatencyExecutor:
       self.sim.at(done, self._done, (inst, seconds))
       for req, _ in step.streams:
         self._replayed_copy(req)
-      return
+      return None
     for c in step.prefills:
       if c.request.num_preemptions:
         self.recomputed_tokens += c.end - c.start
@@ -312,7 +361,7 @@ class LatencyExecutor:
     if self._sm:
       self._flight[inst.unit][inst.phase] = [inst, stage, 1.0, now, 0, now]
       self._retime(inst.unit, now)
-      return
+      return None
     if self.setup.shared_host:
       # The step's host part runs when the one host thread is free; it waits until then.
       start = max(now, self._host_free)
@@ -326,17 +375,56 @@ class LatencyExecutor:
     if behind > done:
       done = behind
     pipe.last_done = done
-    self.sim.at(done, self._done, (inst, stage))
-    if step.streams:
-      # The step computes its layer groups in turn over its last stage * pp seconds.
-      k = self.layer_groups
-      first_group = done - stage * pipe.pp * (k - 1) / k
-      for req, dst in step.streams:
-        group = self._copy_time(req, dst, k)
-        self.sim.at(max(done + group, first_group + k * group), self._copied, req)
+    return done, stage
 
   def _done(self, now, arg):
-    self.coord.step_done(arg[0], now, arg[1])
+    inst, stage = arg
+    if inst not in self._chained:
+      self.coord.step_done(inst, now, stage)
+      return
+    # Back to back: while `inst`'s next step would end before any other event, that
+    # step's end is handled here at once, as the heap would hand it back next: the
+    # same events in the same order, without the general path and the heap. A step
+    # that finishes nobody (`Coordinator.repeat`) is followed by its scheduler's
+    # next one, launched here; runs of steps that decode the same batch with nothing
+    # else to decide (`steady`) end together (`Coordinator.skip`).
+    coord, sim, sched = self.coord, self.sim, inst.sched
+    pipe = self.pipes[inst.group]
+    decode_time, steps = pipe.decode_time, self.steps
+    popped = True  # events ran during the step in flight: pages may have been taken
+    while True:
+      # `inst`'s step in flight ends at `now`.
+      m = sched.steady()
+      if m:
+        if popped:
+          self._note_peak(pipe, inst)  # as `_start` does; the run changes no pages
+        step = inst.step
+        batch, ctx = len(step.decodes), step.decode_context
+        desc = step.describe() if steps is not None else None
+        times = [now]
+        while True:  # the next step begins at times[-1]
+          ctx += batch
+          stage = decode_time(batch, ctx)
+          done = times[-1] + stage
+          pipe.busy_time += stage
+          if desc is not None:
+            steps[inst.name].append(desc)
+          if len(times) == m or not sim.first(done):
+            break
+          times.append(done)
+        coord.skip(inst, times)
+        pipe.free_at = pipe.last_done = done
+      else:
+        step = coord.repeat(inst, now, stage)
+        if step is None:
+          return
+        timed = self._start(inst, step, now)
+        assert timed is not None  # a chained instance is neither replayed nor SM-shared
+        done, stage = timed
+      if not sim.first(done):
+        sim.at(done, self._done, (inst, stage))
+        return
+      now, popped = done, False
 
   def _copy_time(self, req, dst, parts: int = 1) -> float:
     """Seconds to move one of `parts` equal shares of `req`'s KV (its prefill's, or
