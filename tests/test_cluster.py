@@ -298,3 +298,59 @@ def test_colocated_and_semi_pd_replicas_behind_the_router(replica_workers, promp
   finally:
     router.kill()
     router.wait()
+
+
+def test_a_killed_replica_worker_fails_only_its_requests_and_is_taken_back(
+    replica_workers, prompts_and_tokens):
+  """Issue 24 for replicas (run last on these workers: it kills one). 16 long streamed
+  requests over two colocated replicas; replica worker 0 is SIGKILLed once it
+  provably holds some. A replica's requests cannot move (their KV died with it), so
+  each it held ends with an error naming it; the other replica's requests get the
+  single-process tokens, none hangs; the router keeps serving (/health 200, the lost
+  instance listed), later requests get the reference tokens on the survivor and no
+  page stays held; the same command restarts the worker and the router takes it
+  back. Catches: a loss that fails the survivor's requests or the router, an error
+  that does not say which instance, a hang, pages of the lost replica counted as held,
+  a restarted replica never taken back."""
+  prompts, want = prompts_and_tokens
+  router, url = _start("router", "--replicas=" + ",".join(a for _, a in replica_workers),
+                       "--config.mode=colocated_prefill_first")
+  try:
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    health = lambda: httpx.get(url + "/health", timeout=10).json()
+    demo = pdj.load_demo()
+    ids = [demo.tokenizer.encode(p) for p in prompts[:16]]
+    long_want = [list(w) for w in pdj.greedy_reference(demo, ids, 80)]
+    started = threading.Event()
+    proc, address = replica_workers[0]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+      futures = [pool.submit(_stream_tokens, client, p, 80, started) for p in prompts[:16]]
+      assert started.wait(300)
+      wait_for(lambda: health()["instance_pages"]["colocated0"] > 0, 60,
+               "colocated0 holds requests", every=0.2)
+      os.kill(proc.pid, signal.SIGKILL)
+      proc.wait()
+      results = [f.result(timeout=300) for f in futures]  # a hang fails here
+    errors = [r for r in results if isinstance(r, Exception)]
+    for r, w in zip(results, long_want):
+      if isinstance(r, Exception):
+        assert "colocated0" in str(r), r
+      else:
+        assert r == w
+    assert errors and len(errors) < len(results), results
+    wait_for(lambda: health()["lost_instances"] == ["colocated0"], 60, "colocated0 lost",
+             every=0.2)
+    assert httpx.get(url + "/health", timeout=10).status_code == 200  # colocated1 serves
+    assert _ask_all(client, prompts) == want
+    wait_for(lambda: health()["pages_in_use"] == 0, 30, "every page freed", every=0.2)
+    replica_workers[0] = _start("replica", port=_port(address))
+    wait_for(lambda: health()["lost_instances"] == [], 300, "the router takes it back",
+             every=0.2)
+    assert _ask_all(client, prompts) == want
+    h = health()
+    assert h["status"] == "ok" and h["pages_in_use"] == 0 and h["unfinished"] == 0
+  finally:
+    router.kill()
+    router.wait()
