@@ -14,6 +14,9 @@ and reports back. Two Protocols name every call across the seam:
 Executors report back by calling the coordinator's entry points (`step_done`,
 `copy_done`, `resume`, ...) directly (the simulator, on its virtual clock) or by
 posting `Event`s to the engine's inbox, which the one engine thread handles in order.
+The simulator alone also calls `repeat` and `skip` for the decode instances the
+coordinator `repeats`: `step_done` and the launch of the next step in one, for steps
+it runs back to back (`sim.simulator`).
 The events are frozen records, one type per kind, so the inbox carries nothing else.
 
 No jax here: `make lint` type-checks this folder and the executors against it.
