@@ -4,6 +4,8 @@ import dataclasses
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pdserve_jax import workloads as W
 from pdserve_jax.model.config import get_preset
@@ -281,3 +283,30 @@ def test_peak_kv_counts_pages_reserved_while_decode_steps_run_back_to_back():
   res = sim.simulate([a, b], setup, dep)
   assert res.requests[1].token_times[1] > res.requests[0].finish_time  # b waited for a
   assert res.peak_kv["decode0"] == pytest.approx((2 + 3) / 19)  # a's 912 tokens, b's 1025
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10**6), page_size=st.sampled_from([1, 4, 16, 64]),
+       tokens=st.integers(600, 6000), max_batch=st.integers(1, 24),
+       num_decode=st.integers(1, 3), threshold=st.sampled_from([0, 64, 512]),
+       cap=st.sampled_from([None, 3000]), rate=st.sampled_from([2.0, 8.0, 30.0]))
+def test_back_to_back_decode_steps_match_one_by_one_on_random_runs(
+    seed, page_size, tokens, max_batch, num_decode, threshold, cap, rate):
+  """As above, on random shared-prefix workloads, pool sizes, page sizes, decode
+  batches, instance counts, conditional prefill and decode caps: the fast path and
+  the general one give the same steps, token times and counters."""
+  if threshold and cap:
+    cap = None  # local prefill and a decode cap do not combine
+  reqs = W.shared_prefix(60, rate, W.Uniform(4, 200), W.Uniform(1, 120),
+                         system_prompt_len=100, system_prompt_share=0.7, turns=2,
+                         think_time=0.5, max_total_tokens=tokens // 2, seed=seed)
+  setup = dataclasses.replace(SETUP, kv_tokens=tokens, page_size=page_size)
+  decode = sim.InstanceSpec(max_batch=max_batch, max_decode_tokens=cap,
+                            max_step_tokens=max(512, max_batch + 1))
+  dep = sim.Disaggregated(decode=decode, num_decode=num_decode,
+                          conditional_threshold=threshold)
+  fast = _outcome(reqs, setup, dep)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(C.DisaggregatedCoordinator, "repeats", lambda self, inst: False)
+    slow = _outcome(reqs, setup, dep)
+  assert fast == slow
