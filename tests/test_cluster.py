@@ -267,6 +267,30 @@ def test_prefill_and_decode_instances_over_two_processes_give_the_same_tokens(
     cluster.close()
 
 
+def test_elastic_roles_from_the_command_line_move_a_decode_worker_to_prefill(
+    prompts_and_tokens):
+  """Elastic roles set from the command line (issue 22): a router started with
+  `--config.disaggregated.elastic=True` over 1 prefill and 2 decode worker processes,
+  its TTFT SLO unmeetable (1 us, TPOT's 100 s) and the controller's window 4: once 4
+  requests have their first token, every TTFT sample has missed, so one decode group
+  moves to prefill (what it holds migrates by KV copy to the other decode worker),
+  and no more (one decode instance is the minimum). The 32 greedy requests get the
+  single-process tokens; /health counts 2 prefill and 1 decode instances after 1
+  move, and no page held. Catches: the flags not reaching the router's deployment,
+  a move across worker processes that loses or corrupts a request, pages left held."""
+  prompts, want = prompts_and_tokens
+  c = Cluster(1, 2, router_args=["--config.disaggregated.elastic=True",
+                                 "--config.disaggregated.elastic_controller.window=4",
+                                 "--config.ttft_slo=0.000001", "--config.tpot_slo=100"])
+  try:
+    assert _ask_all(c.client(), prompts) == want
+    h = c.health()
+    assert (h["elastic_moves"], h["elastic_prefill"], h["elastic_decode"]) == (1, 2, 1), h
+    assert h["status"] == "ok" and h["pages_in_use"] == 0 and h["unfinished"] == 0
+  finally:
+    c.close()
+
+
 @pytest.fixture(scope="module")
 def replica_workers():
   """Two replica workers, served in turn by a colocated and a semi-PD router (a

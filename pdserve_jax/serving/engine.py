@@ -44,6 +44,7 @@ from pdserve_jax.core import sampling as validate
 from pdserve_jax.core.pages import PageAllocator
 from pdserve_jax.core.prefix import block_tokens, token_keys
 from pdserve_jax.core.request import Request
+from pdserve_jax.core.roles import ElasticCoordinator
 from pdserve_jax.core.sampling import SamplingParams
 from pdserve_jax.serving.config import EngineConfig, check_servable, max_prompt_len
 from pdserve_jax.serving.executor import JaxExecutor, Placement, wall_clock
@@ -455,13 +456,20 @@ class Engine:
     by requests; cached pages nobody holds count as free), and the prefix cache's
     counters as `prefix_*` (`Coordinator.prefix_stats`: lookups and hits in
     admissions and tokens, hit rates, evictions, cached pages, arrivals routed by
-    the cache, local prefills, KV pages copied and saved). Read between steps;
-    counters may lag by the step in flight."""
+    the cache, local prefills, KV pages copied and saved); with elastic roles, the
+    instances serving each phase (`elastic_prefill`, `elastic_decode`, as of the
+    last completed move) and the moves completed (`elastic_moves`). Read between
+    steps; counters may lag by the step in flight."""
     with self._lock:
       live = len(self._live)
     prefix = {f"prefix_{k}": v for k, v in self.coordinator.prefix_stats().items()}
-    return dict(self.counts, preemptions=self.coordinator.num_preemptions, unfinished=live,
-                pages_in_use=self.pages_in_use(), **prefix)
+    out = dict(self.counts, preemptions=self.coordinator.num_preemptions, unfinished=live,
+               pages_in_use=self.pages_in_use(), **prefix)
+    if isinstance(self.coordinator, ElasticCoordinator):
+      history = self.coordinator.role_history
+      out.update(elastic_prefill=history[-1][1], elastic_decode=history[-1][2],
+                 elastic_moves=len(history) - 1)
+    return out
 
   def close(self, timeout: Optional[float] = None) -> None:
     """Stops taking requests and serves those in flight; after `timeout` seconds
