@@ -267,6 +267,10 @@ class Coordinator:
   def share_history(self) -> dict:
     return {}
 
+  def role_stats(self) -> dict:
+    """With elastic roles, the instances serving each phase and the moves made."""
+    return {}
+
   def prefix_stats(self) -> dict:
     """Prefix-cache counters over every pool (`PageAllocator.cache_stats`), their
     rates, and this coordinator's decisions: arrivals routed by the cache, and (when

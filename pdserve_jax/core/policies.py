@@ -353,6 +353,7 @@ class _Scheduler:
       tokens = r.context_len
       if not alloc.grow(r, tokens) and not self._grow(r, tokens):
         continue
+      # Past k, where a key was due: `_grow_from` <= k needs no lowering, unlike in `_track`.
       nxt = k + max(len(pages(r)) * page_size - r.kv_len, 0)
       later = due.get(nxt)
       if later is None:

@@ -135,6 +135,12 @@ class ElasticCoordinator(DisaggregatedCoordinator):
     """(time, prefill instances, decode instances) at the start and every move."""
     return list(self.controller.history)
 
+  def role_stats(self):
+    """The instances serving each phase as of the last completed move, and the moves."""
+    history = self.role_history
+    return {"elastic_prefill": history[-1][1], "elastic_decode": history[-1][2],
+            "elastic_moves": len(history) - 1}
+
   # -- entry points ---------------------------------------------------------------
 
   def step_done(self, inst, now, seconds):

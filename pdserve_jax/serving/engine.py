@@ -44,7 +44,6 @@ from pdserve_jax.core import sampling as validate
 from pdserve_jax.core.pages import PageAllocator
 from pdserve_jax.core.prefix import block_tokens, token_keys
 from pdserve_jax.core.request import Request
-from pdserve_jax.core.roles import ElasticCoordinator
 from pdserve_jax.core.sampling import SamplingParams
 from pdserve_jax.serving.config import EngineConfig, check_servable, max_prompt_len
 from pdserve_jax.serving.executor import JaxExecutor, Placement, wall_clock
@@ -463,13 +462,8 @@ class Engine:
     with self._lock:
       live = len(self._live)
     prefix = {f"prefix_{k}": v for k, v in self.coordinator.prefix_stats().items()}
-    out = dict(self.counts, preemptions=self.coordinator.num_preemptions, unfinished=live,
-               pages_in_use=self.pages_in_use(), **prefix)
-    if isinstance(self.coordinator, ElasticCoordinator):
-      history = self.coordinator.role_history
-      out.update(elastic_prefill=history[-1][1], elastic_decode=history[-1][2],
-                 elastic_moves=len(history) - 1)
-    return out
+    return dict(self.counts, preemptions=self.coordinator.num_preemptions, unfinished=live,
+                pages_in_use=self.pages_in_use(), **prefix, **self.coordinator.role_stats())
 
   def close(self, timeout: Optional[float] = None) -> None:
     """Stops taking requests and serves those in flight; after `timeout` seconds
