@@ -57,6 +57,13 @@ def _start(role, *args, devices=8, wait=True, port=0):
   return proc, m.group(1)
 
 
+def _client(url):
+  """The official `openai` client on our server at `url`."""
+  import openai
+
+  return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -92,10 +99,7 @@ class Cluster:
     return httpx.get(self.url + "/health", timeout=10).json()
 
   def client(self):
-    import openai
-
-    return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0,
-                         timeout=120)
+    return _client(self.url)
 
   def close(self):
     for proc, _ in [(self.router, None)] + [w for ws in self.workers.values() for w in ws]:
@@ -177,6 +181,32 @@ def _stream_tokens(client, prompt, max_tokens, started):
     return e
 
 
+def _kill_while_serving(client, health, name, proc, prompts):
+  """16 greedy requests of 80 tokens streamed at once; `proc`, the worker of instance
+  `name`, is SIGKILLed once tokens stream and `health()` counts pages `name` holds.
+  Checks each request got the single-process tokens or an error naming `name`, and
+  returns those errors and all the outcomes."""
+  demo = pdj.load_demo()
+  # 80 tokens: the longest prompt (43 tokens) + 80 fits max_seq_len=128.
+  ids = [demo.tokenizer.encode(p) for p in prompts[:16]]
+  want = [list(w) for w in pdj.greedy_reference(demo, ids, 80)]
+  started = threading.Event()
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    futures = [pool.submit(_stream_tokens, client, p, 80, started) for p in prompts[:16]]
+    assert started.wait(300)
+    wait_for(lambda: health()["instance_pages"][name] > 0, 60, f"{name} holds requests",
+             every=0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    results = [f.result(timeout=300) for f in futures]  # a hang fails here
+  for r, w in zip(results, want):
+    if isinstance(r, Exception):
+      assert name in str(r), r
+    else:
+      assert r == w
+  return [r for r in results if isinstance(r, Exception)], results
+
+
 class TestOnePrefillOneDecode:
   """One router, one prefill and one decode worker process for every test here."""
 
@@ -202,27 +232,9 @@ class TestOnePrefillOneDecode:
     error that does not say which instance, a wrong token after recomputation."""
     prompts, want = prompts_and_tokens
     client = cluster.client()
-    demo = pdj.load_demo()
-    # 80 tokens: the longest prompt (43 tokens) + 80 fits max_seq_len=128.
-    ids = [demo.tokenizer.encode(p) for p in prompts[:16]]
-    long_want = [list(w) for w in pdj.greedy_reference(demo, ids, 80)]
-    started = threading.Event()
     name = f"{role}0"
     proc, address = cluster.workers[role][0]
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-      futures = [pool.submit(_stream_tokens, client, p, 80, started) for p in prompts[:16]]
-      assert started.wait(300)
-      wait_for(lambda: cluster.health()["instance_pages"][name] > 0, 60,
-               f"{name} holds requests", every=0.2)
-      os.kill(proc.pid, signal.SIGKILL)
-      proc.wait()
-      results = [f.result(timeout=300) for f in futures]  # a hang fails here
-    errors = [r for r in results if isinstance(r, Exception)]
-    for r, w in zip(results, long_want):
-      if isinstance(r, Exception):
-        assert name in str(r), r
-      else:
-        assert r == w
+    errors, results = _kill_while_serving(client, cluster.health, name, proc, prompts)
     assert errors, "no request was held by the killed worker"
     if role == "prefill":  # those already decoding finish
       assert len(errors) < len(results), results
@@ -312,9 +324,7 @@ def test_colocated_and_semi_pd_replicas_behind_the_router(replica_workers, promp
   router, url = _start("router", "--replicas=" + ",".join(a for _, a in replica_workers),
                        f"--config.mode={mode}")
   try:
-    import openai
-
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client = _client(url)
     assert _ask_all(client, prompts) == want
     h = httpx.get(url + "/health", timeout=10).json()
     assert h["status"] == "ok" and h["pages_in_use"] == 0
@@ -340,29 +350,10 @@ def test_a_killed_replica_worker_fails_only_its_requests_and_is_taken_back(
   router, url = _start("router", "--replicas=" + ",".join(a for _, a in replica_workers),
                        "--config.mode=colocated_prefill_first")
   try:
-    import openai
-
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client = _client(url)
     health = lambda: httpx.get(url + "/health", timeout=10).json()
-    demo = pdj.load_demo()
-    ids = [demo.tokenizer.encode(p) for p in prompts[:16]]
-    long_want = [list(w) for w in pdj.greedy_reference(demo, ids, 80)]
-    started = threading.Event()
     proc, address = replica_workers[0]
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-      futures = [pool.submit(_stream_tokens, client, p, 80, started) for p in prompts[:16]]
-      assert started.wait(300)
-      wait_for(lambda: health()["instance_pages"]["colocated0"] > 0, 60,
-               "colocated0 holds requests", every=0.2)
-      os.kill(proc.pid, signal.SIGKILL)
-      proc.wait()
-      results = [f.result(timeout=300) for f in futures]  # a hang fails here
-    errors = [r for r in results if isinstance(r, Exception)]
-    for r, w in zip(results, long_want):
-      if isinstance(r, Exception):
-        assert "colocated0" in str(r), r
-      else:
-        assert r == w
+    errors, results = _kill_while_serving(client, health, "colocated0", proc, prompts)
     assert errors and len(errors) < len(results), results
     wait_for(lambda: health()["lost_instances"] == ["colocated0"], 60, "colocated0 lost",
              every=0.2)
